@@ -1,0 +1,146 @@
+"""Ling 2.0 model and training configs.
+
+Tiny pre-training on the embedded corpus (2 CPU cores, under 10 minutes):
+
+  python -m experiments.train --config=configs/ling2.py:tiny --workdir=/tmp/ling_tiny
+
+Variants: `tiny`, `small` (~100M total), and the released sizes `mini`, `flash`, `1t`.
+Any field can be overridden on the command line, e.g. `--config.train.num_steps=200`.
+Model field names follow the released Hugging Face `config.json` of `BailingMoeV2ForCausalLM`.
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+from ling_jax import data
+
+
+def model_config(variant: str) -> ml_collections.ConfigDict:
+  """Returns the model config of one Ling 2.0 variant (HF `config.json` names)."""
+  m = ml_collections.ConfigDict()
+  # Shared by every released size (ling2_spec.md section 1).
+  m.vocab_size = 157_184
+  m.head_dim = 128
+  m.num_experts = 256
+  m.num_experts_per_tok = 8
+  m.num_shared_experts = 1
+  m.n_group = 8
+  m.topk_group = 4
+  m.routed_scaling_factor = 2.5
+  m.score_function = "sigmoid"
+  m.moe_router_enable_expert_bias = True
+  m.rms_norm_eps = 1e-6
+  m.rope_theta = 600_000.0
+  m.partial_rotary_factor = 0.5
+  # Ling-1T states `rotary_dim` instead of `partial_rotary_factor`; it wins when set.
+  m.rotary_dim = config_dict.placeholder(int)
+  m.rope_scaling = config_dict.placeholder(dict)
+  m.max_position_embeddings = 32_768
+  m.use_qk_norm = True
+  m.tie_word_embeddings = False
+  m.initializer_range = 0.006
+  m.num_nextn_predict_layers = 1  # MTP depth.
+  # Compute settings (not in the HF config).
+  m.dtype = "bfloat16"
+  m.param_dtype = "float32"
+  m.attention_impl = "xla"  # "xla" (einsum, fp32 softmax) or "cudnn" (fused, GPU only).
+  m.remat_policy = "none"  # "none", "full", "dots" (save matmul outputs).
+  m.moe_backend = "auto"  # grouped-matmul backend, see kernels/grouped_matmul.py.
+
+  if variant == "mini":
+    m.num_hidden_layers, m.hidden_size = 20, 2048
+    m.intermediate_size, m.moe_intermediate_size = 5120, 512
+    m.num_attention_heads, m.num_key_value_heads = 16, 4
+    m.first_k_dense_replace = 1
+  elif variant == "flash":
+    m.num_hidden_layers, m.hidden_size = 32, 4096
+    m.intermediate_size, m.moe_intermediate_size = 9216, 1024
+    m.num_attention_heads, m.num_key_value_heads = 32, 4
+    m.first_k_dense_replace = 1
+  elif variant == "1t":
+    m.num_hidden_layers, m.hidden_size = 80, 8192
+    m.intermediate_size, m.moe_intermediate_size = 18432, 2048
+    m.num_attention_heads, m.num_key_value_heads = 64, 8
+    m.first_k_dense_replace = 4
+    m.rotary_dim = 64
+  elif variant == "small":
+    # About 100M total parameters with a byte vocabulary; same ratios as mini.
+    m.vocab_size = 512
+    m.num_hidden_layers, m.hidden_size = 8, 512
+    m.intermediate_size, m.moe_intermediate_size = 1408, 128
+    m.num_attention_heads, m.num_key_value_heads, m.head_dim = 8, 2, 64
+    m.first_k_dense_replace = 1
+    m.num_experts, m.num_experts_per_tok, m.n_group, m.topk_group = 64, 8, 8, 4
+    m.max_position_embeddings = 4096
+  elif variant == "tiny":
+    # Trains on 2 CPU cores in minutes, with every Ling 2.0 feature switched on.
+    m.vocab_size = 512  # Byte tokenizer (258 ids) padded up.
+    m.num_hidden_layers, m.hidden_size = 4, 128
+    m.intermediate_size, m.moe_intermediate_size = 384, 64
+    m.num_attention_heads, m.num_key_value_heads, m.head_dim = 4, 2, 32
+    m.first_k_dense_replace = 1
+    m.num_experts, m.num_experts_per_tok, m.n_group, m.topk_group = 16, 4, 4, 2
+    m.max_position_embeddings = 2048
+    m.rope_theta = 10_000.0
+    m.dtype = "float32"  # CPUs have no fast bf16 matmul; bf16 is twice as slow there.
+  else:
+    raise ValueError(
+        f"Unknown Ling 2.0 variant {variant!r}: use one of tiny, small, mini, flash, 1t "
+        "(e.g. --config=configs/ling2.py:tiny).")
+  return m
+
+
+def train_config(variant: str) -> ml_collections.ConfigDict:
+  """Returns optimiser, schedule and loop settings for a variant."""
+  t = ml_collections.ConfigDict()
+  t.seed = 0
+  t.num_steps = 2000
+  t.batch_size = 16  # Global batch, in sequences.
+  t.seq_len = 256
+  t.grad_accum_steps = 1
+  t.learning_rate = 3e-3
+  t.schedule = "wsm"  # "wsm" (warmup, then constant), "cosine", "wsd".
+  t.warmup_steps = 100
+  t.decay_fraction = 0.2  # WSD only: the share of steps spent decaying.
+  t.min_lr_ratio = 0.1  # cosine/WSD floor.
+  t.b1, t.b2, t.eps = 0.9, 0.95, 1e-8
+  t.weight_decay = 0.1
+  t.grad_clip_norm = 1.0
+  t.mtp_loss_weight = 0.1
+  t.router_z_loss_coef = 0.0  # The open recipe uses 3.5e-6.
+  t.expert_bias_update_rate = 1e-3  # 1e-4 after context extension.
+  t.max_consecutive_nan_steps = 5
+  t.log_every = 50
+  t.eval_every = 500
+  t.eval_batches = 8
+  t.checkpoint_every = 500
+  t.keep_checkpoints = 3
+  t.peak_tflops = config_dict.placeholder(float)  # Per device; None: from the device kind.
+  t.compilation_cache_dir = "~/.cache/ling_jax/xla"  # Persistent XLA cache; "" turns it off.
+  if variant in ("mini", "flash", "1t"):
+    t.seq_len = 4096
+    t.warmup_steps = 2000
+    t.learning_rate = {"mini": 3.36e-4, "flash": 2.61e-4, "1t": 1.86e-4}[variant]
+    t.batch_size = {"mini": 4400, "flash": 8352, "1t": 18144}[variant]
+  elif variant == "small":
+    t.learning_rate = 1.5e-3
+    t.seq_len = 512
+    t.batch_size = 32
+  elif variant == "tiny":
+    t.num_steps = 600
+    t.seq_len = 128
+    t.eval_every = 200
+    t.checkpoint_every = 100
+    # A short run needs a faster balancer than the 1e-3 of a 10T-token one (ling2_spec.md s3).
+    t.expert_bias_update_rate = 1e-2
+  return t
+
+
+def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
+  """Returns the full experiment config for `arg` (a variant name)."""
+  config = ml_collections.ConfigDict()
+  config.variant = arg
+  config.model = model_config(arg)
+  config.train = train_config(arg)
+  config.data = data.default_data_config()
+  return config

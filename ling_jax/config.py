@@ -1,0 +1,97 @@
+"""Config checks and derived quantities, run before anything is traced."""
+
+from typing import Any
+
+import jax.numpy as jnp
+
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+  """Bad user input (a config field, a flag, a workdir): the message names it and the fix."""
+
+
+def fail(field: str, problem: str, fix: str) -> None:
+  """Raises ConfigError for `config.<field>` with the problem and the fix."""
+  raise ConfigError(f"config.{field}: {problem}. Fix: {fix}.")
+
+
+def _fail(field: str, problem: str, fix: str) -> None:
+  fail(f"model.{field}", problem, fix)
+
+
+def rotary_dim(m: Any) -> int:
+  """Returns how many of the head dims RoPE rotates (`rotary_dim` wins over the factor)."""
+  if m.get("rotary_dim") is not None:
+    return int(m.rotary_dim)
+  return int(m.head_dim * m.partial_rotary_factor)
+
+
+def num_moe_layers(m: Any) -> int:
+  """Returns the number of MoE layers in the trunk (after the leading dense ones)."""
+  return m.num_hidden_layers - m.first_k_dense_replace
+
+
+def validate_model_config(m: Any) -> None:
+  """Raises ValueError naming the field and the fix when a model config is inconsistent."""
+  positive = ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size",
+              "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+              "num_experts", "num_experts_per_tok", "n_group", "topk_group")
+  for field in positive:
+    value = m.get(field)
+    if not isinstance(value, int) or value <= 0:
+      _fail(field, f"must be a positive integer, got {value!r}", f"set {field} > 0")
+  for field in ("num_shared_experts", "first_k_dense_replace", "num_nextn_predict_layers"):
+    if not isinstance(m.get(field), int) or m.get(field) < 0:
+      _fail(field, f"must be a non-negative integer, got {m.get(field)!r}", f"set {field} >= 0")
+  if m.num_attention_heads % m.num_key_value_heads:
+    _fail("num_attention_heads",
+          f"{m.num_attention_heads} query heads are not divisible by "
+          f"num_key_value_heads={m.num_key_value_heads}",
+          "use a number of query heads that is a multiple of the KV heads")
+  if m.num_experts % m.n_group:
+    _fail("num_experts", f"{m.num_experts} experts do not split into n_group={m.n_group} groups",
+          "make num_experts a multiple of n_group")
+  if m.topk_group > m.n_group:
+    _fail("topk_group", f"keeps {m.topk_group} groups but there are only n_group={m.n_group}",
+          "set topk_group <= n_group")
+  if m.num_experts_per_tok % m.topk_group:
+    _fail("num_experts_per_tok",
+          f"top_k={m.num_experts_per_tok} is not divisible by topk_group={m.topk_group}",
+          "make num_experts_per_tok a multiple of topk_group")
+  per_group = m.num_experts // m.n_group
+  if m.num_experts_per_tok > m.topk_group * per_group:
+    _fail("num_experts_per_tok",
+          f"top_k={m.num_experts_per_tok} exceeds the {m.topk_group * per_group} experts in the "
+          "kept groups", "raise topk_group or lower num_experts_per_tok")
+  if per_group < 2 and m.n_group > 1:
+    _fail("n_group", "group scores sum the top-2 experts of a group, so groups need >= 2 experts",
+          "lower n_group")
+  rd = rotary_dim(m)
+  if rd > m.head_dim:
+    _fail("rotary_dim", f"rotates {rd} dims but head_dim={m.head_dim}",
+          "set rotary_dim (or partial_rotary_factor * head_dim) <= head_dim")
+  if rd % 2:
+    _fail("rotary_dim", f"must be even, got {rd}", "use an even rotary_dim")
+  if m.first_k_dense_replace > m.num_hidden_layers:
+    _fail("first_k_dense_replace",
+          f"{m.first_k_dense_replace} dense layers outnumber the {m.num_hidden_layers} layers",
+          "set first_k_dense_replace <= num_hidden_layers")
+  if m.score_function != "sigmoid":
+    _fail("score_function", f"only 'sigmoid' is implemented, got {m.score_function!r}",
+          "use score_function='sigmoid'")
+  if m.tie_word_embeddings:
+    _fail("tie_word_embeddings", "Ling 2.0 unties the LM head; tying is not implemented",
+          "set tie_word_embeddings=False")
+  for field in ("dtype", "param_dtype"):
+    if m.get(field) not in _DTYPES:
+      _fail(field, f"unknown dtype {m.get(field)!r}", f"use one of {_DTYPES}")
+  if m.attention_impl not in ("xla", "cudnn"):
+    _fail("attention_impl", f"unknown {m.attention_impl!r}", "use 'xla' or 'cudnn'")
+  if m.remat_policy not in ("none", "full", "dots"):
+    _fail("remat_policy", f"unknown {m.remat_policy!r}", "use 'none', 'full' or 'dots'")
+
+
+def dtype_of(name: str) -> jnp.dtype:
+  """Returns the jnp dtype for a config dtype name."""
+  return jnp.dtype(name)

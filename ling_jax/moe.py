@@ -1,0 +1,59 @@
+"""Dropless Ling 2.0 MoE block: fp32 sigmoid router, routed experts and one shared expert.
+
+Key: B batch, L length, T tokens (B*L), D model dim, E experts, F expert width, K experts per token.
+
+Collections: `params` (trained), `moe_state` (the fp32 expert bias, updated by the train step, never
+by the optimiser), `moe_stats` (written on every call: per-expert token counts and router z-loss).
+"""
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from kernels import dispatch
+from ling_jax import config as config_lib
+from ling_jax import layers
+from ling_jax import router
+
+STATE = "moe_state"
+STATS = "moe_stats"
+
+
+class MoE(nn.Module):
+  """Routed experts plus shared experts (added with weight 1), without the residual."""
+  m: Any
+
+  @nn.compact
+  def __call__(self, x_BLD: jax.Array, token_mask_BL: jax.Array) -> jax.Array:
+    m = self.m
+    batch, length, d = x_BLD.shape
+    e, f = m.num_experts, m.moe_intermediate_size
+    param_dtype, dtype = config_lib.dtype_of(m.param_dtype), config_lib.dtype_of(m.dtype)
+    init = layers.kernel_init(m)
+    w_router_DE = self.param("router", init, (d, e), param_dtype)
+    w_gate_up_EDF2 = self.param("wi_gate_up", init, (e, d, 2 * f), param_dtype)
+    w_down_EFD = self.param("wo", init, (e, f, d), param_dtype)
+    bias_E = self.variable(STATE, "expert_bias", jnp.zeros, (e,), jnp.float32).value
+    if not m.moe_router_enable_expert_bias:
+      bias_E = jnp.zeros_like(bias_E)
+
+    x_TD = x_BLD.reshape(batch * length, d)
+    # The router always runs in fp32, whatever the activation dtype.
+    logits_TE = jnp.dot(x_TD.astype(jnp.float32), w_router_DE.astype(jnp.float32),
+                        precision=jax.lax.Precision.HIGHEST)
+    routing = router.route_tokens(
+        logits_TE, bias_E, top_k=m.num_experts_per_tok, n_group=m.n_group,
+        topk_group=m.topk_group, routed_scaling_factor=m.routed_scaling_factor,
+        token_mask_T=token_mask_BL.reshape(-1))
+    self.variable(STATS, "counts", jnp.zeros, (e,), jnp.float32).value = routing.counts_E
+    self.variable(STATS, "z_loss", jnp.zeros, (), jnp.float32).value = routing.z_loss
+
+    y_TD = dispatch.expert_ffn(x_TD.astype(dtype), routing.expert_ids_TK, routing.weights_TK,
+                               w_gate_up_EDF2.astype(dtype), w_down_EFD.astype(dtype),
+                               backend=m.moe_backend)
+    y_BLD = y_TD.reshape(batch, length, d)
+    if m.num_shared_experts:
+      y_BLD = y_BLD + layers.SwiGLU(m, f * m.num_shared_experts, name="shared_experts")(x_BLD)
+    return y_BLD

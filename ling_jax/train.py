@@ -1,0 +1,221 @@
+"""Train state, optimiser, schedules, losses and the jit-able train and eval steps.
+
+Key: A accumulation steps, B batch, L length, V vocabulary.
+"""
+
+import math
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from flax import traverse_util
+
+from ling_jax import model as model_lib
+from ling_jax import moe
+from ling_jax import router
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a resumed run needs besides the data iterator."""
+  step: jax.Array  # Optimiser steps taken (skipped NaN steps included), int32.
+  params: Any  # Trained weights, fp32.
+  opt_state: Any  # AdamW moments.
+  moe_state: Any  # Expert biases, fp32, updated from token counts, never by the optimiser.
+  nan_skips: jax.Array  # Steps skipped so far because the loss or gradients were not finite.
+  nan_streak: jax.Array  # Consecutive skipped steps up to now.
+
+
+def make_schedule(t: Any) -> optax.Schedule:
+  """Returns the learning-rate schedule: WSM (warmup, then constant), cosine or WSD."""
+  warmup = optax.linear_schedule(0.0, t.learning_rate, max(t.warmup_steps, 1))
+  stable_steps = max(t.num_steps - t.warmup_steps, 1)
+  floor = t.learning_rate * t.min_lr_ratio
+  if t.schedule == "wsm":
+    rest = optax.constant_schedule(t.learning_rate)
+  elif t.schedule == "cosine":
+    rest = optax.cosine_decay_schedule(t.learning_rate, stable_steps, alpha=t.min_lr_ratio)
+  elif t.schedule == "wsd":
+    decay_steps = max(int(t.num_steps * t.decay_fraction), 1)
+    rest = optax.join_schedules(
+        [optax.constant_schedule(t.learning_rate),
+         optax.linear_schedule(t.learning_rate, floor, decay_steps)],
+        [max(stable_steps - decay_steps, 0)])
+  else:
+    raise ValueError(f"config.train.schedule: unknown {t.schedule!r}. "
+                     "Fix: use 'wsm', 'cosine' or 'wsd'.")
+  return optax.join_schedules([warmup, rest], [t.warmup_steps])
+
+
+def _decay_mask(params: Any) -> Any:
+  """Returns True for weights that get weight decay: everything but norm scales."""
+  flat = traverse_util.flatten_dict(params)
+  return traverse_util.unflatten_dict({k: k[-1] != "scale" for k in flat})
+
+
+def make_optimizer(t: Any) -> optax.GradientTransformation:
+  """Returns global-norm clipping followed by AdamW on the schedule."""
+  return optax.chain(
+      optax.clip_by_global_norm(t.grad_clip_norm),
+      optax.adamw(make_schedule(t), b1=t.b1, b2=t.b2, eps=t.eps,
+                  weight_decay=t.weight_decay, mask=_decay_mask))
+
+
+def init_state(m: Any, t: Any, rng: jax.Array) -> TrainState:
+  """Returns a fresh train state."""
+  variables = model_lib.init_variables(m, rng)
+  params = variables["params"]
+  return TrainState(
+      step=jnp.zeros((), jnp.int32), params=params,
+      opt_state=make_optimizer(t).init(params),
+      moe_state=variables.get(moe.STATE, {}),
+      nan_skips=jnp.zeros((), jnp.int32), nan_streak=jnp.zeros((), jnp.int32))
+
+
+def cross_entropy_sum(logits_BLV: jax.Array, targets_BL: jax.Array,
+                      mask_BL: jax.Array) -> jax.Array:
+  """Returns the summed token cross-entropy (nats) over positions where mask is 1."""
+  logz_BL = jax.nn.logsumexp(logits_BLV, axis=-1)
+  target_logits_BL = jnp.take_along_axis(logits_BLV, targets_BL[..., None], axis=-1)[..., 0]
+  return jnp.sum((logz_BL - target_logits_BL) * mask_BL)
+
+
+def loss_masks(batch: dict, depth: int) -> jax.Array:
+  """Returns the mask of positions with a depth-`depth` target in the same document.
+
+  Depth 0 is the main next-token loss; depth d >= 1 is MTP, whose target is token t + d + 1.
+  Padding (segment 0) and an optional `loss_mask` (e.g. prompt tokens in SFT) are excluded.
+  """
+  seg_BL = batch["segment_ids"]
+  mask_BL = seg_BL != 0
+  if "loss_mask" in batch:
+    mask_BL &= batch["loss_mask"] != 0
+  if depth:
+    mask_BL &= model_lib.shift_left(seg_BL, depth) == seg_BL
+    if "loss_mask" in batch:
+      mask_BL &= model_lib.shift_left(batch["loss_mask"], depth) != 0
+  return mask_BL.astype(jnp.float32)
+
+
+def _stats_sum(stats: dict, name: str) -> jax.Array:
+  flat = traverse_util.flatten_dict(stats)
+  return sum((jnp.sum(v) for k, v in flat.items() if k[-1] == name), jnp.zeros(()))
+
+
+def loss_fn(params: Any, moe_state: Any, batch: dict, denominators: jax.Array, m: Any,
+            t: Any) -> tuple[jax.Array, dict]:
+  """Returns the training loss of one micro-batch and its metrics.
+
+  Losses are sums divided by the token counts of the WHOLE (accumulated) batch, so that summing
+  micro-batch gradients gives exactly the full-batch gradient.
+  """
+  out, stats = model_lib.apply(m, {"params": params, moe.STATE: moe_state}, batch["inputs"],
+                               batch["positions"], batch["segment_ids"], batch["targets"])
+  ce = cross_entropy_sum(out.logits_BLV, batch["targets"], loss_masks(batch, 0))
+  loss = ce / denominators[0]
+  mtp_ce = jnp.zeros(())
+  for depth, logits_BLV in enumerate(out.mtp_logits, start=1):
+    mtp_targets_BL = model_lib.shift_left(batch["targets"], depth)
+    mtp_ce += cross_entropy_sum(logits_BLV, mtp_targets_BL, loss_masks(batch, depth)
+                                ) / denominators[depth]
+  if out.mtp_logits:
+    mtp_ce = mtp_ce / len(out.mtp_logits)
+    loss += t.mtp_loss_weight * mtp_ce
+  num_micro = t.grad_accum_steps
+  z_loss = _stats_sum(stats, "z_loss") / num_micro
+  loss += t.router_z_loss_coef * z_loss
+  counts = {k[:-1] + ("expert_bias",): v
+            for k, v in traverse_util.flatten_dict(stats).items() if k[-1] == "counts"}
+  return loss, {"ce": ce / denominators[0], "mtp_ce": mtp_ce, "z_loss": z_loss,
+                "counts": traverse_util.unflatten_dict(counts)}
+
+
+def _split_micro(batch: dict, num_micro: int) -> dict:
+  return jax.tree.map(lambda x: x.reshape(num_micro, x.shape[0] // num_micro, *x.shape[1:]),
+                      batch)
+
+
+def accumulate_gradients(state: TrainState, batch: dict, *, m: Any,
+                         t: Any) -> tuple[jax.Array, dict, Any]:
+  """Returns (loss, aux metrics, gradients) of `batch`, summed over its micro-batches."""
+  num_micro = t.grad_accum_steps
+  depths = 1 + m.num_nextn_predict_layers
+  denominators = jnp.stack([jnp.maximum(jnp.sum(loss_masks(batch, d)), 1.0)
+                            for d in range(depths)])
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def micro_step(carry, micro_batch):
+    (loss, aux), grads = grad_fn(state.params, state.moe_state, micro_batch, denominators, m, t)
+    return jax.tree.map(jnp.add, carry, (loss, aux, grads)), None
+
+  micro_batches = _split_micro(batch, num_micro)
+  aux_shapes = jax.eval_shape(
+      lambda: loss_fn(state.params, state.moe_state, jax.tree.map(lambda x: x[0], micro_batches),
+                      denominators, m, t)[1])
+  init = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype),
+                      (jax.ShapeDtypeStruct((), jnp.float32), aux_shapes, state.params))
+  (loss, aux, grads), _ = jax.lax.scan(micro_step, init, micro_batches)
+  aux["tokens"] = denominators[0]
+  return loss, aux, grads
+
+
+def train_step(state: TrainState, batch: dict, *, m: Any, t: Any) -> tuple[TrainState, dict]:
+  """Returns the state after one optimiser step on `batch` and that step's metrics.
+
+  The batch is split into `grad_accum_steps` micro-batches whose gradients are summed. A step
+  whose loss or gradients are not finite leaves params, optimiser state and expert bias unchanged.
+  """
+  loss, aux, grads = accumulate_gradients(state, batch, m=m, t=t)
+  grad_norm = optax.global_norm(grads)
+  # One scalar test: a NaN or Inf anywhere in the gradients makes their norm non-finite.
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  optimizer = make_optimizer(t)
+  updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
+  new_params = optax.apply_updates(state.params, updates)
+  new_moe_state = jax.tree.map(
+      lambda b, c: router.update_expert_bias(b, c, t.expert_bias_update_rate),
+      state.moe_state, aux["counts"])
+  keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+  new_state = TrainState(
+      step=state.step + 1,
+      params=keep(new_params, state.params),
+      opt_state=keep(new_opt_state, state.opt_state),
+      moe_state=keep(new_moe_state, state.moe_state),
+      nan_skips=state.nan_skips + (~finite).astype(jnp.int32),
+      nan_streak=jnp.where(finite, 0, state.nan_streak + 1))
+  violations = [router.max_violation(c) for c in jax.tree.leaves(aux["counts"])]
+  metrics = {
+      "loss": loss, "ce": aux["ce"], "mtp_ce": aux["mtp_ce"], "z_loss": aux["z_loss"],
+      "grad_norm": grad_norm, "lr": make_schedule(t)(state.step),
+      "max_violation": (jnp.max(jnp.concatenate([jnp.atleast_1d(v) for v in violations]))
+                        if violations else jnp.zeros(())),
+      "skipped": (~finite).astype(jnp.int32), "nan_streak": new_state.nan_streak,
+      "tokens": aux["tokens"],
+      # Tokens per expert of every MoE layer (MTP blocks last), for load heatmaps.
+      "expert_load": (jnp.concatenate([c.reshape(-1, c.shape[-1])
+                                       for c in jax.tree.leaves(aux["counts"])])
+                      if violations else jnp.zeros((0, 0))),
+  }
+  return new_state, metrics
+
+
+def eval_step(params: Any, moe_state: Any, batch: dict, *, m: Any) -> dict:
+  """Returns summed cross-entropy (nats) and token counts of the main and MTP heads."""
+  out, _ = model_lib.apply(m, {"params": params, moe.STATE: moe_state}, batch["inputs"],
+                           batch["positions"], batch["segment_ids"], batch["targets"])
+  mask_BL = loss_masks(batch, 0)
+  result = {"ce_sum": cross_entropy_sum(out.logits_BLV, batch["targets"], mask_BL),
+            "tokens": jnp.sum(mask_BL)}
+  if out.mtp_logits:
+    mtp_mask_BL = loss_masks(batch, 1)
+    result["mtp_ce_sum"] = cross_entropy_sum(
+        out.mtp_logits[0], model_lib.shift_left(batch["targets"], 1), mtp_mask_BL)
+    result["mtp_tokens"] = jnp.sum(mtp_mask_BL)
+  return result
+
+
+def bits(nats: float) -> float:
+  """Returns nats in bits."""
+  return nats / math.log(2)

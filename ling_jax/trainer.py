@@ -1,0 +1,217 @@
+"""The pre-training loop: data, resumable checkpoints, evaluation, metrics and NaN guard."""
+
+import functools
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from flax import traverse_util
+
+from ling_jax import checkpoint as checkpoint_lib
+from ling_jax import config as config_lib
+from ling_jax import data as data_lib
+from ling_jax import metrics as metrics_lib
+from ling_jax import scaling
+from ling_jax import tokenizer as tokenizer_lib
+from ling_jax import train as train_lib
+
+
+class NonFiniteLossError(RuntimeError):
+  """Raised when too many consecutive steps had a non-finite loss or gradient."""
+
+
+def validate_config(config: Any) -> None:
+  """Checks the whole experiment config; raises ValueError naming the field and the fix."""
+  config_lib.validate_model_config(config.model)
+  t = config.train
+  for field in ("num_steps", "batch_size", "seq_len", "grad_accum_steps", "log_every",
+                "eval_every", "checkpoint_every", "keep_checkpoints"):
+    if not isinstance(t[field], int) or t[field] <= 0:
+      config_lib.fail(f"train.{field}", f"must be a positive integer, got {t[field]!r}",
+                      "set it > 0")
+  if t.batch_size % (t.grad_accum_steps * jax.process_count()):
+    config_lib.fail("train.batch_size", f"{t.batch_size} sequences do not split into "
+          f"{t.grad_accum_steps} micro-batches on {jax.process_count()} processes",
+          "make batch_size a multiple of grad_accum_steps * process count")
+  if t.warmup_steps < 0 or t.learning_rate <= 0:
+    config_lib.fail("train.learning_rate", "needs learning_rate > 0 and warmup_steps >= 0",
+          "fix the schedule fields")
+  if t.schedule not in ("wsm", "cosine", "wsd"):
+    config_lib.fail("train.schedule", f"unknown {t.schedule!r}", "use 'wsm', 'cosine' or 'wsd'")
+  if t.seq_len > config.model.max_position_embeddings:
+    config_lib.fail("train.seq_len", f"{t.seq_len} exceeds max_position_embeddings="
+          f"{config.model.max_position_embeddings}", "shorten seq_len or raise the model's limit")
+  data_lib.validate_data_config(config.data)
+
+
+def model_signature(m: Any) -> dict[str, Any]:
+  """Returns what must match between a checkpoint and the model that resumes from it."""
+  from ling_jax import params as params_lib  # Imports the model; keep module import light.
+  variables = params_lib.abstract_variables(m)
+  return {"/".join(k): list(v.shape)
+          for k, v in traverse_util.flatten_dict(variables).items()}
+
+
+def _evaluate(eval_fn, params: Any, moe_state: Any, batches: list[dict]) -> dict[str, float]:
+  totals: dict[str, float] = {}
+  for batch in batches:
+    for k, v in jax.device_get(eval_fn(params, moe_state, batch)).items():
+      totals[k] = totals.get(k, 0.0) + float(v)
+  result = {"val_loss": totals["ce_sum"] / max(totals["tokens"], 1.0)}
+  # With the byte tokenizer a token is a byte, so bits per token are bits per byte.
+  result["val_bits_per_token"] = train_lib.bits(result["val_loss"])
+  if "mtp_ce_sum" in totals:
+    result["val_mtp_loss"] = totals["mtp_ce_sum"] / max(totals["mtp_tokens"], 1.0)
+  return result
+
+
+def enable_compilation_cache(path: str | None) -> None:
+  """Keeps compiled programs in `path` across runs (a resumed job skips recompiling)."""
+  if path and jax.config.jax_compilation_cache_dir is None:
+    jax.config.update("jax_compilation_cache_dir", os.path.expanduser(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
+def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
+  """Trains (or resumes) the configured model in `workdir`; returns the final metrics."""
+  validate_config(config)
+  enable_compilation_cache(config.train.get("compilation_cache_dir"))
+  m, t = config.model, config.train
+  tokenizer = tokenizer_lib.make_tokenizer(config.data)
+  if tokenizer.vocab_size > m.vocab_size:
+    config_lib.fail("model.vocab_size", f"{m.vocab_size} is smaller than the tokenizer's "
+          f"{tokenizer.vocab_size} ids", f"set --config.model.vocab_size={tokenizer.vocab_size}"
+          " or larger")
+  # Data first: a bad source fails here, before the workdir is touched.
+  train_iter = data_lib.make_train_iterator(
+      config.data, seq_len=t.seq_len, batch_size=t.batch_size // jax.process_count(),
+      seed=t.seed, process_index=jax.process_index(), process_count=jax.process_count())
+  eval_batches = data_lib.make_eval_batches(
+      config.data, seq_len=t.seq_len, batch_size=t.batch_size // jax.process_count(),
+      max_batches=t.eval_batches, process_index=jax.process_index(),
+      process_count=jax.process_count())
+  os.makedirs(workdir, exist_ok=True)
+  ckpt = checkpoint_lib.Checkpointer(workdir, save_every=t.checkpoint_every,
+                                     keep=t.keep_checkpoints, model_signature=model_signature(m))
+  init_fn = functools.partial(train_lib.init_state, m, t, jax.random.key(t.seed))
+  restored = ckpt.restore_latest(jax.eval_shape(init_fn))  # Raises for another model's workdir.
+  if restored is None:
+    step, state = 0, jax.jit(init_fn)()
+    metrics_lib.log("Starting from scratch in %s", workdir)
+  else:
+    step, state, data_state = restored
+    train_iter.set_state(data_state)
+    metrics_lib.log("Resumed from step %d in %s", step, workdir)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+
+  step_fn = jax.jit(functools.partial(train_lib.train_step, m=m, t=t), donate_argnums=0)
+  eval_fn = jax.jit(functools.partial(train_lib.eval_step, m=m))
+  writer = metrics_lib.MetricWriter(workdir, enabled=jax.process_index() == 0)
+  flops_per_step = scaling.flops_per_token(m, t.seq_len) * t.batch_size * t.seq_len
+  peak = scaling.peak_flops_per_device(jax.devices()[0].device_kind, t.peak_tflops)
+  metrics_lib.log("Model: %s; %.3g FLOPs/token; peak/device %s", config.variant,
+                  flops_per_step / (t.batch_size * t.seq_len),
+                  f"{peak / 1e12:.0f} TFLOP/s" if peak else "unknown (MFU n/a; set "
+                  "--config.train.peak_tflops)")
+
+  final: dict[str, float] = {}
+  first_step, last_time, last_step, pending = step, time.time(), step, None
+  with checkpoint_lib.install_preemption_handler() as preempted:
+    while step < t.num_steps:
+      batch = next(train_iter)
+      state, step_metrics = step_fn(state, batch)
+      step += 1
+      # Check the previous step's streak: reading it does not wait on the step just queued.
+      if pending is not None and int(pending["nan_streak"]) >= t.max_consecutive_nan_steps:
+        raise NonFiniteLossError(
+            f"{int(pending['nan_streak'])} consecutive steps up to step {step - 1} had a "
+            "non-finite loss or gradient; params were left unchanged by them. Lower "
+            "config.train.learning_rate or check the data; the last good checkpoint is in "
+            f"{ckpt.directory}.")
+      pending = step_metrics
+      if step == first_step + 1:  # Keep compilation out of the throughput figures.
+        jax.block_until_ready(step_metrics)
+        metrics_lib.log("First step (compilation included) took %.1f s", time.time() - last_time)
+        last_time, last_step = time.time(), step
+      if step % t.log_every == 0 or step == t.num_steps:
+        scalars = {k: float(v) for k, v in jax.device_get(step_metrics).items() if v.ndim == 0}
+        now = time.time()
+        sec_per_step = (now - last_time) / max(step - last_step, 1)
+        last_time, last_step = now, step
+        scalars["tokens_per_sec"] = t.batch_size * t.seq_len / sec_per_step
+        scalars["mfu"] = (flops_per_step / sec_per_step / (peak * jax.device_count())
+                          if peak else None)
+        scalars["nan_skips"] = float(state.nan_skips)
+        scalars["eta_sec"] = sec_per_step * (t.num_steps - step)
+        metrics_lib.log("%s", metrics_lib.progress_line(step, t.num_steps, scalars))
+        writer.write(step, scalars)
+        final.update(scalars)
+      if step % t.eval_every == 0 or step == t.num_steps:
+        result = _evaluate(eval_fn, state.params, state.moe_state, eval_batches)
+        metrics_lib.log("step %d | val loss %.4f | val bits/token %.4f", step,
+                        result["val_loss"], result["val_bits_per_token"])
+        writer.write(step, result)
+        final.update(result)
+        last_time = time.time()  # Keep evaluation out of the throughput figures.
+      ckpt.save(step, state, data_state=train_iter.get_state())
+      if preempted():
+        ckpt.save(step, state, data_state=train_iter.get_state(), force=True)
+        ckpt.wait()
+        metrics_lib.log("Stopped by a signal at step %d; checkpoint saved. Run the same "
+                        "command to resume.", step)
+        break
+    else:
+      ckpt.save(step, state, data_state=train_iter.get_state(), force=True)
+  ckpt.close()
+  writer.close()
+  final["step"] = step
+  final["nan_skips"] = float(np.asarray(state.nan_skips))
+  return final
+
+
+def abstract_state(config: Any) -> train_lib.TrainState:
+  """Returns the ShapeDtypeStructs of the train state of `config`, for restoring."""
+  return jax.eval_shape(functools.partial(train_lib.init_state, config.model, config.train,
+                                          jax.random.key(config.train.seed)))
+
+
+def restore_params(config: Any, workdir: str, step: int | None = None) -> tuple[int, Any, Any]:
+  """Returns (step, params, moe_state) of a checkpoint in `workdir` (newest when step is None)."""
+  ckpt = checkpoint_lib.Checkpointer(workdir, save_every=1, keep=1_000_000)
+  target = abstract_state(config)
+  if step is None:
+    restored = ckpt.restore_latest(target)
+    if restored is None:
+      raise config_lib.ConfigError(f"--workdir: no checkpoint in {workdir}. Fix: train first, "
+                                   "or point --workdir at a run directory.")
+    step, state, _ = restored
+  else:
+    state, _ = ckpt.restore(step, target)
+  ckpt.close()
+  return step, state.params, state.moe_state
+
+
+
+def evaluate_params(config: Any, params: Any, moe_state: Any) -> dict[str, float]:
+  """Returns the validation loss (nats and bits per token) of params on the config's data."""
+  t = config.train
+  batches = data_lib.make_eval_batches(config.data, seq_len=t.seq_len, batch_size=t.batch_size,
+                                       max_batches=t.eval_batches)
+  eval_fn = jax.jit(functools.partial(train_lib.eval_step, m=config.model))
+  return _evaluate(eval_fn, params, moe_state, batches)
+
+
+def load_config(workdir: str) -> Any:
+  """Returns the config a run in `workdir` was started with (saved as `config.json`)."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise config_lib.ConfigError(f"--workdir: {path} does not exist. Fix: point --workdir at a "
+                                 "directory made by experiments.train, or pass --config.")
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))

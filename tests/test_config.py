@@ -1,0 +1,46 @@
+"""Bad model configs fail with a ValueError naming the field, before anything is traced."""
+
+import jax
+import pytest
+
+from configs import ling2
+from ling_jax import config as config_lib
+from ling_jax import model
+
+
+@pytest.mark.parametrize("variant", ["tiny", "small", "mini", "flash", "1t"])
+def test_released_and_small_configs_are_valid(variant):
+  config_lib.validate_model_config(ling2.model_config(variant))
+
+
+def test_1t_uses_rotary_dim_and_others_the_factor():
+  assert config_lib.rotary_dim(ling2.model_config("1t")) == 64
+  assert config_lib.rotary_dim(ling2.model_config("mini")) == 64
+
+
+@pytest.mark.parametrize("field, value, fragment", [
+    ("num_key_value_heads", 3, "num_attention_heads"),
+    ("num_experts_per_tok", 3, "num_experts_per_tok"),
+    ("n_group", 3, "num_experts"),
+    ("topk_group", 5, "topk_group"),
+    ("rotary_dim", 40, "rotary_dim"),
+    ("first_k_dense_replace", 5, "first_k_dense_replace"),
+    ("hidden_size", 0, "hidden_size"),
+    ("dtype", "float8", "dtype"),
+    ("remat_policy", "sometimes", "remat_policy"),
+])
+def test_bad_config_names_the_field(field, value, fragment, monkeypatch):
+  m = ling2.model_config("tiny")
+  m[field] = value
+
+  def traced(*args, **kwargs):
+    raise AssertionError("the model was traced before the config was checked")
+
+  monkeypatch.setattr(model.Ling2, "init", traced)
+  with pytest.raises(ValueError, match=f"config.model.{fragment}.*Fix:"):
+    model.init_variables(m, jax.random.key(0))
+
+
+def test_unknown_variant():
+  with pytest.raises(ValueError, match="tiny, small, mini, flash, 1t"):
+    ling2.get_config("huge")

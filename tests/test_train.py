@@ -1,0 +1,140 @@
+"""Train step: gradient accumulation, NaN guard, expert-bias update, schedules, loss masks."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import ling2
+from ling_jax import train
+
+
+def _micro_config():
+  c = ling2.get_config("tiny")
+  c.model.num_hidden_layers, c.model.hidden_size = 2, 32
+  c.model.num_attention_heads, c.model.num_key_value_heads, c.model.head_dim = 2, 1, 16
+  c.model.intermediate_size, c.model.moe_intermediate_size = 64, 16
+  c.model.num_experts, c.model.num_experts_per_tok, c.model.n_group, c.model.topk_group = 8, 2, 2, 1
+  c.model.dtype = "float32"
+  c.train.batch_size, c.train.seq_len, c.train.warmup_steps = 4, 16, 0
+  c.train.learning_rate = 1e-2
+  return c
+
+
+def _batch(c, seed=0):
+  rng = np.random.default_rng(seed)
+  b, length = c.train.batch_size, c.train.seq_len
+  seg = np.ones((b, length), np.int32)
+  seg[0, length // 2:] = 2  # Two documents in row 0 ...
+  seg[1, length - 3:] = 0  # ... and padding at the end of row 1.
+  pos = np.zeros((b, length), np.int32)
+  for r in range(b):
+    for i in range(1, length):
+      pos[r, i] = pos[r, i - 1] + 1 if seg[r, i] == seg[r, i - 1] else 0
+  tokens = rng.integers(0, 258, (b, length + 1)).astype(np.int32)
+  return {"inputs": tokens[:, :-1] * (seg != 0), "targets": tokens[:, 1:] * (seg != 0),
+          "positions": pos * (seg != 0), "segment_ids": seg}
+
+
+@pytest.fixture(scope="module")
+def setup():
+  c = _micro_config()
+  return c, train.init_state(c.model, c.train, jax.random.key(0)), _batch(c)
+
+
+def _step(c, state, batch):
+  return jax.jit(functools.partial(train.train_step, m=c.model, t=c.train))(state, batch)
+
+
+def test_grad_accumulation_matches_full_batch(setup):
+  c, state, batch = setup
+  c2 = c.copy_and_resolve_references()
+  c2.train.grad_accum_steps = 2
+  grads = {}
+  for cfg in (c, c2):
+    fn = jax.jit(functools.partial(train.accumulate_gradients, m=cfg.model, t=cfg.train))
+    grads[cfg.train.grad_accum_steps] = fn(state, batch)
+  (loss1, aux1, g1), (loss2, aux2, g2) = grads[1], grads[2]
+  np.testing.assert_allclose(loss1, loss2, rtol=1e-5)
+  np.testing.assert_allclose(aux1["mtp_ce"], aux2["mtp_ce"], rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-8), g1, g2)
+  jax.tree.map(np.testing.assert_array_equal, aux1["counts"], aux2["counts"])
+  # The micro-batches really differ: each alone gives another gradient.
+  half = jax.tree.map(lambda x: x[:2], batch)
+  c3 = c.copy_and_resolve_references()
+  c3.train.batch_size = 2
+  _, _, g_half = jax.jit(functools.partial(train.accumulate_gradients, m=c3.model, t=c3.train))(
+      state, half)
+  assert not np.allclose(g_half["lm_head"]["kernel"], g1["lm_head"]["kernel"], rtol=1e-3)
+
+
+def test_step_updates_params_and_expert_bias(setup):
+  c, state, batch = setup
+  new, metrics = _step(c, state, batch)
+  assert int(new.step) == 1 and int(metrics["skipped"]) == 0
+  bias = new.moe_state["moe_layers"]["mlp"]["expert_bias"]
+  assert bias.shape == (1, 8) and np.any(bias != 0)
+  np.testing.assert_allclose(np.mean(bias, -1), 0.0, atol=1e-7)
+  # The bias steps are exactly +-rate (or a zero-mean combination of them), never a gradient.
+  assert np.max(np.abs(bias)) <= 2 * c.train.expert_bias_update_rate
+  changed = jax.tree.map(lambda a, b: bool(np.any(a != b)), new.params, state.params)
+  assert all(jax.tree.leaves(changed))
+
+
+def test_non_finite_step_is_skipped(setup):
+  c, state, batch = setup
+  bad_params = jax.tree.map(lambda x: x, state.params)
+  bad_params["lm_head"]["kernel"] = bad_params["lm_head"]["kernel"].at[0, 0].set(jnp.nan)
+  bad = state.replace(params=bad_params)
+  new, metrics = _step(c, bad, batch)
+  assert int(metrics["skipped"]) == 1 and int(new.nan_skips) == 1 and int(new.nan_streak) == 1
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), new.params, bad.params)
+  jax.tree.map(np.testing.assert_array_equal, new.opt_state, bad.opt_state)
+  jax.tree.map(np.testing.assert_array_equal, new.moe_state, bad.moe_state)
+  again, _ = _step(c, new, batch)
+  assert int(again.nan_streak) == 2
+  # A good step resets the streak but keeps the total.
+  good, _ = _step(c, again.replace(params=state.params), batch)
+  assert int(good.nan_streak) == 0 and int(good.nan_skips) == 2
+
+
+def test_loss_masks():
+  batch = {"segment_ids": jnp.array([[1, 1, 1, 2, 2, 0]])}
+  np.testing.assert_array_equal(train.loss_masks(batch, 0), [[1, 1, 1, 1, 1, 0]])
+  # MTP depth 1: the target two ahead must be in the same document.
+  np.testing.assert_array_equal(train.loss_masks(batch, 1), [[1, 1, 0, 1, 0, 0]])
+  batch["loss_mask"] = jnp.array([[0, 1, 1, 1, 1, 1]])
+  np.testing.assert_array_equal(train.loss_masks(batch, 0), [[0, 1, 1, 1, 1, 0]])
+
+
+def test_cross_entropy_sum_against_numpy():
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(2, 3, 5)).astype(np.float32)
+  targets = rng.integers(0, 5, (2, 3))
+  mask = np.array([[1, 1, 0], [1, 0, 1]], np.float32)
+  logp = logits - np.log(np.sum(np.exp(logits), -1, keepdims=True))
+  want = -np.sum(np.take_along_axis(logp, targets[..., None], -1)[..., 0] * mask)
+  got = train.cross_entropy_sum(jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(mask))
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+@pytest.mark.parametrize("schedule", ["wsm", "cosine", "wsd"])
+def test_schedules(schedule):
+  t = ling2.get_config("tiny").train
+  t.schedule, t.num_steps, t.warmup_steps, t.learning_rate = schedule, 100, 10, 1.0
+  lr = train.make_schedule(t)
+  np.testing.assert_allclose([lr(0), lr(5), lr(10)], [0.0, 0.5, 1.0], atol=1e-6)
+  if schedule == "wsm":
+    np.testing.assert_allclose([lr(50), lr(99)], [1.0, 1.0])
+  elif schedule == "cosine":
+    assert 0.1 - 1e-6 <= float(lr(99)) < 0.2 and float(lr(50)) < 1.0
+  else:
+    np.testing.assert_allclose(lr(60), 1.0)
+    assert float(lr(99)) < 0.2
+
+
+def test_no_weight_decay_on_norm_scales():
+  mask = train._decay_mask({"a": {"scale": 1, "kernel": 2}, "embed": {"embedding": 3}})
+  assert mask == {"a": {"scale": False, "kernel": True}, "embed": {"embedding": True}}
