@@ -30,7 +30,9 @@ def main(argv):
   except config_lib.ConfigError as e:  # Bad input: one clear line, no traceback.
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
-  metrics.log("Done: %s", {k: round(v, 4) for k, v in result.items() if v is not None})
+  metrics.log("Done at step %d: val loss %.4f nats/token (%.3f bits/token), %d non-finite steps "
+              "skipped. Checkpoints and metrics are in %s", result["step"], result["val_loss"],
+              result["val_bits_per_token"], result["nan_skips"], _WORKDIR.value)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,367 @@
+"""Checks and times the Mosaic GPU grouped matmul against the baselines, in one run on an H200.
+
+Run on the GPU machine (see ../shared/device.md; gpu_baselines.py copied into .bench/):
+  PYTHONPATH=$PWD:/tmp/site python3 experiments/bench_kernels.py --shapes=mini
+
+Prints a correctness section (relative error against fp32 references, every output element
+checked, tail rows included), then one line per timing, then a table of TFLOP/s and ratios to
+tokamax's Mosaic GPU kernel and to cuBLAS's batched einsum at perfect balance, all measured in
+this run. Writes $OUT/bench_kernels.json.
+
+Shape key: M rows (tokens x top_k), K contraction dim, N output dim, G experts.
+"""
+
+import json
+import os
+import statistics
+import sys
+import time
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app
+from absl import flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from kernels import grouped_matmul as gmm_lib  # noqa: E402
+from kernels import grouped_matmul_mgpu as mgpu  # noqa: E402
+
+_SHAPES = flags.DEFINE_list("shapes", ["mini"], "Expert shapes: mini, flash, 1t.")
+_CONFIGS = flags.DEFINE_list(
+    "configs", ["table", "ws_chain:128:64:64:4", "ws:128:64:64:5", "pipe:128:128:64:4"],
+    "Kernel tilings to time: 'table' (the checked-in TILE_CONFIGS) or "
+    "body:tile_m:tile_n:tile_k:stages.")
+_WGRAD_CONFIGS = flags.DEFINE_list(
+    "wgrad_configs", ["table", "64:256:64:4"],
+    "Weight-gradient tilings: 'table' or tile_k:tile_n:chunk:stages.")
+_BASELINES = flags.DEFINE_bool(
+    "baselines", True, "Time tokamax, batched einsum and dense bf16 too.")
+_FFN = flags.DEFINE_bool(
+    "ffn", True, "Time the expert FFN forward+backward through grouped_matmul.")
+_REPEATS = flags.DEFINE_integer("repeats", 20, "Calls per timed batch (median of 3 batches).")
+
+# tokens x top_k, experts, hidden, expert width
+_MODEL_SHAPES = {"mini": (16384 * 8, 256, 2048, 512), "flash": (16384 * 8, 256, 4096, 1024),
+                 "1t": (16384 * 8, 256, 8192, 2048)}
+RESULTS: dict[str, dict] = {}
+
+
+def _bench(f, *args, n=None, warm=3) -> float:
+  """Seconds per call: n calls queued back to back, synchronised once; median of 3 such batches.
+
+  gpu_baselines.py synchronises after every call instead, which adds the host round trip
+  (tens to hundreds of microseconds) to each ~1 ms kernel; queued calls time the GPU alone,
+  as a training step sees it. Every figure in this script's table uses this method.
+  """
+  for _ in range(warm):
+    jax.block_until_ready(f(*args))
+  n = n or _REPEATS.value
+  batches = []
+  for _ in range(3):
+    t0 = time.perf_counter()
+    for _ in range(n):
+      out = f(*args)
+    jax.block_until_ready(out)  # one stream: the last call done means all are
+    batches.append((time.perf_counter() - t0) / n)
+  return statistics.median(batches)
+
+
+def _record(name: str, value: float, unit: str, **extra) -> None:
+  RESULTS[name] = {"value": value, "unit": unit, **extra}
+  print(f"{name:64s} {value:10.2f} {unit}", flush=True)
+
+
+def _parse_config(spec: str, k_dim: int, n_dim: int, transpose: bool) -> mgpu.TileConfig:
+  if spec == "table":
+    return mgpu.tile_config(k_dim, n_dim, transpose, jnp.bfloat16)
+  body, tm, tn, tk, stages = spec.split(":")
+  return mgpu.TileConfig(int(tm), int(tn), int(tk), int(stages), body)
+
+
+def _parse_wgrad_config(spec: str, k_dim: int, n_dim: int) -> mgpu.WgradConfig:
+  if spec == "table":
+    return mgpu.wgrad_config(k_dim, n_dim, jnp.bfloat16)
+  return mgpu.WgradConfig(*map(int, spec.split(":")))
+
+
+def _balanced_sizes(rows: int, groups: int) -> np.ndarray:
+  sizes = np.full(groups, rows // groups, np.int32)
+  sizes[: rows % groups] += 1
+  return sizes
+
+
+def _zipf_sizes(rows: int, groups: int, exponent: float = 1.0, seed: int = 0) -> np.ndarray:
+  """Zipf-like loads: expert of rank r gets rows in proportion to 1 / r**exponent."""
+  weights = 1.0 / np.arange(1, groups + 1) ** exponent
+  sizes = np.floor(rows * weights / weights.sum()).astype(np.int32)
+  sizes[0] += rows - sizes.sum()
+  return np.random.default_rng(seed).permutation(sizes).astype(np.int32)
+
+
+def _np_gmm(lhs_MK, rhs_GKN, sizes_G, transpose):
+  """fp32 reference on upcast bf16 operands; rows past the last group are zero."""
+  lhs_MK, rhs_GKN = np.float32(lhs_MK), np.float32(rhs_GKN)
+  out_dim = rhs_GKN.shape[1] if transpose else rhs_GKN.shape[2]
+  out_MN = np.zeros((lhs_MK.shape[0], out_dim), np.float32)
+  start = 0
+  for g, size in enumerate(sizes_G):
+    w = rhs_GKN[g].T if transpose else rhs_GKN[g]
+    out_MN[start:start + size] = lhs_MK[start:start + size] @ w
+    start += size
+  return out_MN
+
+
+def _rel_err(out, ref) -> float:
+  out, ref = np.float64(out), np.float64(ref)
+  return float(np.linalg.norm(out - ref) / max(np.linalg.norm(ref), 1e-30))
+
+
+def check_correctness(configs, wgrad_configs) -> bool:
+  """Small ragged cases against NumPy, every config and both rhs layouts; then gradients."""
+  ok = True
+  rng = np.random.default_rng(int(time.time()))  # fresh inputs every run
+  cases = {
+      "zeros+tail": (1003, np.array([0, 300, 1, 0, 7, 128, 0, 500], np.int32)),
+      "one group": (640, np.array([0, 0, 640, 0], np.int32)),
+      "all empty": (256, np.zeros(3, np.int32)),
+      "tiny M": (40, np.array([10, 0, 25], np.int32)),
+      "random": (2048, None),
+  }
+  k_dim, n_dim = 256, 512
+  for case, (rows, sizes) in cases.items():
+    if sizes is None:
+      cuts = np.sort(rng.integers(0, rows + 1, 15))
+      sizes = np.diff(np.concatenate([[0], cuts, [rows]])).astype(np.int32)
+    lhs = jnp.asarray(rng.standard_normal((rows, k_dim)), jnp.bfloat16)
+    for transpose in (False, True):
+      shape = (len(sizes), n_dim, k_dim) if transpose else (len(sizes), k_dim, n_dim)
+      rhs = jnp.asarray(rng.standard_normal(shape), jnp.bfloat16)
+      ref = _np_gmm(lhs, rhs, sizes, transpose)
+      for spec in configs:
+        cfg = _parse_config(spec, k_dim, n_dim, transpose)
+        for out_dtype, tol in ((jnp.float32, 1e-5), (jnp.bfloat16, 8e-3)):
+          if not mgpu.supports(lhs, rhs, transpose, out_dtype, cfg):
+            continue
+          out = np.float32(mgpu.gmm(lhs, rhs, jnp.asarray(sizes), transpose_rhs=transpose,
+                                    out_dtype=out_dtype, config=cfg))
+          err = _rel_err(out, ref)
+          # Per row too, so that one unwritten or misrouted row cannot hide in the norm.
+          row_err = np.linalg.norm(out - ref, axis=1) / (np.linalg.norm(ref, axis=1) + 1e-6)
+          row_err = np.where(np.linalg.norm(ref, axis=1) > 0, row_err, np.abs(out).max(axis=1))
+          good = bool(np.isfinite(out).all() and err < tol and row_err.max() < 10 * tol)
+          ok &= good
+          print(f"check {case:11s} T={transpose!s:5s} {spec:18s} {jnp.dtype(out_dtype).name:8s} "
+                f"rel_err={err:.2e} worst_row={row_err.max():.2e} {'ok' if good else 'FAIL'}",
+                flush=True)
+
+    # Weight gradient: per group lhs.T @ dout, into [G, K, N].
+    dout = jnp.asarray(rng.standard_normal((rows, n_dim)), jnp.bfloat16)
+    ref_w = np.zeros((len(sizes), k_dim, n_dim), np.float32)
+    start = 0
+    for g, size in enumerate(sizes):
+      ref_w[g] = np.float32(lhs[start:start + size]).T @ np.float32(dout[start:start + size])
+      start += size
+    for spec in wgrad_configs:
+      cfg = _parse_wgrad_config(spec, k_dim, n_dim)
+      out = np.float32(mgpu.tgmm(lhs, dout, jnp.asarray(sizes), out_dtype=jnp.float32, config=cfg))
+      err = _rel_err(out, ref_w)
+      per_group = [_rel_err(o, r) if np.abs(r).max() > 0 else float(np.abs(o).max())
+                   for o, r in zip(out, ref_w)]
+      good = bool(np.isfinite(out).all() and err < 1e-5 and max(per_group) < 1e-4)
+      ok &= good
+      print(f"check {case:11s} wgrad {spec:18s} float32  rel_err={err:.2e} "
+            f"worst_group={max(per_group):.2e} {'ok' if good else 'FAIL'}", flush=True)
+
+  # Gradients through the registered backend against the reference backend (fwd, dgrad, wgrad).
+  rows, groups = 4096, 16
+  sizes = jnp.asarray(_zipf_sizes(rows - 100, groups, seed=int(rng.integers(1 << 30))))
+  x = jnp.asarray(rng.standard_normal((rows, 512)), jnp.bfloat16)
+  w = jnp.asarray(rng.standard_normal((groups, 512, 1024)) * 0.05, jnp.bfloat16)
+  dy = jnp.asarray(rng.standard_normal((rows, 1024)), jnp.float32)
+
+  def loss(backend, x, w):
+    # bf16 output, so that the cotangent reaching dgrad is bf16 and runs the kernel too.
+    y = gmm_lib.grouped_matmul(x, w, sizes, backend=backend)
+    return jnp.sum(y.astype(jnp.float32) * dy)
+
+  grads = {b: jax.jit(jax.value_and_grad(lambda x, w, b=b: loss(b, x, w), argnums=(0, 1)))(x, w)
+           for b in ("pallas_mosaic_gpu", "reference")}
+  (v0, (dx0, dw0)), (v1, (dx1, dw1)) = grads["pallas_mosaic_gpu"], grads["reference"]
+  for name, a, b in (("loss", v0, v1), ("dgrad", dx0, dx1), ("wgrad", dw0, dw1)):
+    err = _rel_err(np.float32(a), np.float32(b))
+    good = err < 1e-2  # bf16 gradients (dgrad output is bf16)
+    ok &= bool(good)
+    print(f"check grad {name:6s} vs reference backend rel_err={err:.2e} {'ok' if good else 'FAIL'}")
+  print("CORRECTNESS", "PASS" if ok else "FAIL", flush=True)
+  RESULTS["correctness"] = {"value": float(ok), "unit": "pass"}
+  return ok
+
+
+def _import_tokamax():
+  for m in ("xprof", "xprof.cli", "xprof.cli.tools"):  # tokamax imports xprof only to profile
+    sys.modules.setdefault(m, types.ModuleType(m))
+  sys.modules["xprof.cli.tools"].get_kernel_stats_tool = None
+  try:
+    import tokamax
+    return tokamax
+  except ImportError as e:
+    print("tokamax not installed:", e)
+    return None
+
+
+def time_shapes(configs, tokamax) -> list:
+  rows_table = []
+  key = jax.random.PRNGKey(1)
+  for shape in _SHAPES.value:
+    rows, groups, hidden, width = _MODEL_SHAPES[shape]
+    problems = {"up": (hidden, 2 * width, False), "down": (width, hidden, False),
+                "up dgrad": (2 * width, hidden, True), "down dgrad": (hidden, width, True)}
+    for balance, sizes_np in (("balanced", _balanced_sizes(rows, groups)),
+                              ("zipf", _zipf_sizes(rows, groups))):
+      sizes = jnp.asarray(sizes_np)
+      for pname, (k_dim, n_dim, transpose) in problems.items():
+        flops = 2 * rows * k_dim * n_dim
+        lhs = jax.random.normal(key, (rows, k_dim), jnp.bfloat16)
+        rshape = (groups, n_dim, k_dim) if transpose else (groups, k_dim, n_dim)
+        rhs = jax.random.normal(jax.random.PRNGKey(2), rshape, jnp.bfloat16) * 0.02
+        row = {"shape": shape, "balance": balance, "problem": pname, "K": k_dim, "N": n_dim}
+        best = 0.0
+        for spec in configs:
+          cfg = _parse_config(spec, k_dim, n_dim, transpose)
+          f = jax.jit(lambda a, b, s, cfg=cfg, t=transpose: mgpu.gmm(
+              a, b, s, transpose_rhs=t, config=cfg))
+          try:
+            tf = flops / _bench(f, lhs, rhs, sizes) / 1e12
+          except Exception as e:  # keep going: one failing tiling should not hide the others
+            print(f"{shape} {balance} {pname} {spec} failed: {type(e).__name__}: {str(e)[:300]}")
+            continue
+          _record(f"{shape} {balance} {pname} ours {spec}", tf, "TFLOP/s", cfg=str(cfg))
+          row[f"ours {spec}"] = tf
+          best = max(best, tf)
+        row["ours best"] = best
+        if tokamax is not None and not transpose:
+          rd = jax.jit(lambda a, b, s: tokamax.ragged_dot(a, b, s, implementation="mosaic"))
+          try:
+            row["tokamax"] = flops / _bench(rd, lhs, rhs, sizes) / 1e12
+            _record(f"{shape} {balance} {pname} tokamax mosaic", row["tokamax"], "TFLOP/s")
+          except Exception as e:
+            print(f"tokamax {pname} failed: {type(e).__name__}: {str(e)[:300]}")
+        if balance == "balanced" and _BASELINES.value:
+          einsum = jax.jit(lambda x, w, t=transpose: jnp.einsum(
+              "ecd,efd->ecf" if t else "ecd,edf->ecf", x, w))
+          row["einsum"] = flops / _bench(einsum, lhs.reshape(groups, -1, k_dim), rhs) / 1e12
+          _record(f"{shape} {balance} {pname} batched einsum", row["einsum"], "TFLOP/s")
+        rows_table.append(row)
+        del lhs, rhs
+      rows_table.extend(_time_wgrad(shape, balance, sizes, _MODEL_SHAPES[shape]))
+    if _FFN.value:
+      rows_table.append(_time_ffn(shape, tokamax))
+    _write_json(rows_table)  # after each shape, so a run cut short keeps what it measured
+  return rows_table
+
+
+def _write_json(rows_table) -> None:
+  out = os.environ.get("OUT", "/tmp")
+  with open(os.path.join(out, "bench_kernels.json"), "w") as f:
+    json.dump({"results": RESULTS, "table": rows_table, "jax": jax.__version__,
+               "device": str(jax.devices()[0].device_kind)}, f, indent=1)
+
+
+def _time_wgrad(shape, balance, sizes, model_shape) -> list:
+  """Weight gradients: up (x.T @ d_gateup) and down (h.T @ d_out), per group."""
+  rows, groups, hidden, width = model_shape
+  out = []
+  for pname, (k_dim, n_dim) in {"up wgrad": (hidden, 2 * width),
+                                "down wgrad": (width, hidden)}.items():
+    flops = 2 * rows * k_dim * n_dim
+    lhs = jax.random.normal(jax.random.PRNGKey(4), (rows, k_dim), jnp.bfloat16)
+    dout = jax.random.normal(jax.random.PRNGKey(5), (rows, n_dim), jnp.bfloat16)
+    row = {"shape": shape, "balance": balance, "problem": pname, "K": k_dim, "N": n_dim}
+    best = 0.0
+    for spec in _WGRAD_CONFIGS.value:
+      cfg = _parse_wgrad_config(spec, k_dim, n_dim)
+      f = jax.jit(lambda a, b, s, cfg=cfg: mgpu.tgmm(a, b, s, config=cfg))
+      try:
+        tf = flops / _bench(f, lhs, dout, sizes) / 1e12
+      except Exception as e:
+        print(f"{shape} {balance} {pname} {spec} failed: {type(e).__name__}: {str(e)[:300]}")
+        continue
+      _record(f"{shape} {balance} {pname} ours {spec}", tf, "TFLOP/s", cfg=str(cfg))
+      best = max(best, tf)
+    row["ours best"] = best
+    if balance == "balanced" and _BASELINES.value:
+      einsum = jax.jit(lambda x, d: jnp.einsum("ecd,ecf->edf", x, d))
+      row["einsum"] = flops / _bench(
+          einsum, lhs.reshape(groups, -1, k_dim), dout.reshape(groups, -1, n_dim)) / 1e12
+      _record(f"{shape} {balance} {pname} batched einsum", row["einsum"], "TFLOP/s")
+    out.append(row)
+  return out
+
+
+def _time_ffn(shape, tokamax) -> dict:
+  """Expert FFN forward+backward (gate/up GEMM, SwiGLU, down GEMM), balanced groups."""
+  rows, groups, hidden, width = _MODEL_SHAPES[shape]
+  sizes = jnp.asarray(_balanced_sizes(rows, groups))
+  key = jax.random.PRNGKey(3)
+  x = jax.random.normal(key, (rows, hidden), jnp.bfloat16)
+  w_up = jax.random.normal(key, (groups, hidden, 2 * width), jnp.bfloat16) * 0.02
+  w_down = jax.random.normal(key, (groups, width, hidden), jnp.bfloat16) * 0.02
+  flops = 3 * (2 * rows * hidden * 2 * width + 2 * rows * width * hidden)
+  row = {"shape": shape, "balance": "balanced", "problem": "FFN fwd+bwd", "K": hidden, "N": width}
+
+  def make_step(mm):
+    def loss(x, w_up, w_down):
+      gate, up = jnp.split(mm(x, w_up), 2, axis=-1)
+      return jnp.sum(mm(jax.nn.silu(gate) * up, w_down).astype(jnp.float32))
+    return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+
+  ours = make_step(lambda a, b: gmm_lib.grouped_matmul(a, b, sizes, backend="pallas_mosaic_gpu"))
+  row["ours best"] = flops / _bench(ours, x, w_up, w_down, n=10) / 1e12
+  _record(f"{shape} FFN fwd+bwd ours", row["ours best"], "TFLOP/s")
+  if tokamax is not None:
+    tk = make_step(lambda a, b: tokamax.ragged_dot(a, b, sizes, implementation="mosaic"))
+    row["tokamax"] = flops / _bench(tk, x, w_up, w_down, n=10) / 1e12
+    _record(f"{shape} FFN fwd+bwd tokamax mosaic", row["tokamax"], "TFLOP/s")
+  return row
+
+
+def _print_table(rows_table) -> None:
+  print("\n| shape | groups | problem | K | N | ours best | tokamax | ours/tokamax "
+        "| einsum (balanced) | ours/einsum |")
+  print("|---|---|---|---|---|---|---|---|---|---|")
+  for r in rows_table:
+    tk, es = r.get("tokamax"), r.get("einsum")
+    fmt = lambda v: f"{v:.0f}" if v else "-"
+    ratio = lambda a, b: f"{a / b:.2f}x" if a and b else "-"
+    print(f"| {r['shape']} | {r['balance']} | {r['problem']} | {r['K']} | {r['N']} | "
+          f"{fmt(r['ours best'])} | {fmt(tk)} | {ratio(r['ours best'], tk)} | {fmt(es)} | "
+          f"{ratio(r['ours best'], es)} |")
+
+
+def main(argv):
+  del argv
+  print(jax.__version__, jax.devices(), flush=True)
+  configs = _CONFIGS.value
+  print("auto backend on this machine:", gmm_lib._resolve_backend("auto"), flush=True)
+  ok = check_correctness(configs, _WGRAD_CONFIGS.value)
+  tokamax = None
+  if _BASELINES.value:
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                    ".bench"))
+    try:
+      import gpu_baselines
+      gpu_baselines.dense_bf16()
+      RESULTS.update({f"baseline {k}": v for k, v in gpu_baselines.RESULTS.items()})
+    except Exception as e:
+      print("gpu_baselines failed:", type(e).__name__, str(e)[:300])
+    tokamax = _import_tokamax()
+  rows_table = time_shapes(configs, tokamax)
+  _print_table(rows_table)
+  print("CORRECTNESS", "PASS" if ok else "FAIL")
+  _write_json(rows_table)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,200 @@
+"""Tests for kernels/grouped_matmul_mgpu.py on CPU.
+
+The kernels themselves run under Pallas's GPU interpret mode (`plgpu.InterpretGPUParams`), which
+simulates shared memory, TMA copies, barriers and wgmma on the CPU; they are also lowered for CUDA
+(no GPU needed) so that layout and shared-memory errors show up here. Timings and the check on
+real hardware are in experiments/bench_kernels.py.
+
+Key: M rows, K contraction dim, N output dim, G groups, I work items.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from kernels import grouped_matmul as gmm_lib
+from kernels import grouped_matmul_mgpu as mgpu
+
+# Small tiles keep the interpreter fast; the bodies are the same as at full size.
+_SMALL = {
+    "ws": mgpu.TileConfig(tile_m=64, tile_n=64, tile_k=64, stages=2, body="ws"),
+    "ws_chain": mgpu.TileConfig(tile_m=64, tile_n=64, tile_k=64, stages=2, body="ws_chain"),
+    "pipe": mgpu.TileConfig(tile_m=64, tile_n=64, tile_k=64, stages=2, body="pipe"),
+}
+_SMALL_WGRAD = mgpu.WgradConfig(tile_k=64, tile_n=64, chunk=64, stages=2)
+_INTERPRET = plgpu.InterpretGPUParams()
+
+# Group sizes with empty groups, groups smaller than a tile, sizes off the tile, one group with
+# every row, and rows past the last group (which must come out zero).
+_SIZE_CASES = {
+    "ragged_with_tail": (200, [0, 70, 3, 0, 100]),
+    "one_group_all_rows": (192, [0, 192, 0]),
+    "all_empty": (128, [0, 0]),
+    "fewer_rows_than_tile": (20, [5, 0, 15]),
+}
+
+
+def _bf16_np(x):
+  return np.asarray(jnp.asarray(x, jnp.bfloat16).astype(jnp.float32), np.float64)
+
+
+def _np_gmm(lhs_MK, rhs_GXY, sizes_G, transpose):
+  out_dim = rhs_GXY.shape[1] if transpose else rhs_GXY.shape[2]
+  out_MN = np.zeros((lhs_MK.shape[0], out_dim))
+  start = 0
+  for g, size in enumerate(sizes_G):
+    w = rhs_GXY[g].T if transpose else rhs_GXY[g]
+    out_MN[start:start + size] = lhs_MK[start:start + size] @ w
+    start += size
+  return out_MN
+
+
+def _np_tgmm(lhs_MK, rhs_MN, sizes_G):
+  out_GKN = np.zeros((len(sizes_G), lhs_MK.shape[1], rhs_MN.shape[1]))
+  start = 0
+  for g, size in enumerate(sizes_G):
+    out_GKN[g] = lhs_MK[start:start + size].T @ rhs_MN[start:start + size]
+    start += size
+  return out_GKN
+
+
+def _owned_rows(schedule, num_rows):
+  """Expands the schedule into (row -> group) with a count of how often each row is owned."""
+  count_M = np.zeros(num_rows, np.int64)
+  group_M = np.full(num_rows, -1, np.int64)
+  for i in range(int(schedule.num_items[0])):
+    lo = int(schedule.read_start_I[i] + schedule.own_offset_I[i])
+    hi = lo + int(schedule.own_rows_I[i])
+    count_M[lo:hi] += 1
+    group_M[lo:hi] = int(schedule.group_I[i])
+  return count_M, group_M
+
+
+@pytest.mark.parametrize("tile_m", [8, 64, 128])
+@pytest.mark.parametrize("seed", range(4))
+def test_schedule_covers_every_row_once_with_its_group(tile_m, seed):
+  rng = np.random.default_rng(seed)
+  num_groups = int(rng.integers(1, 20))
+  num_rows = int(rng.integers(tile_m, 1000))
+  used = int(rng.integers(0, num_rows + 1))
+  cuts = np.sort(rng.integers(0, used + 1, num_groups - 1))
+  sizes = np.diff(np.concatenate([[0], cuts, [used]])).astype(np.int32)
+  sizes[rng.random(num_groups) < 0.3] = 0  # extra empty groups; rows move to the tail
+  schedule = make = mgpu.make_tile_schedule(jnp.asarray(sizes), num_rows, tile_m)
+  assert make.group_I.shape[0] == -(-num_rows // tile_m) + num_groups  # static bound
+  count_M, group_M = _owned_rows(schedule, num_rows)
+  np.testing.assert_array_equal(count_M, 1)
+  # Row r belongs to the group whose cumulative range holds it; the tail is group G.
+  expected = np.searchsorted(np.cumsum(sizes), np.arange(num_rows), side="right")
+  np.testing.assert_array_equal(group_M, np.minimum(expected, num_groups))
+  # Every item reads a whole in-bounds tile from an 8-row-aligned start, and owns rows inside it.
+  n = int(schedule.num_items[0])
+  start_I = np.asarray(schedule.read_start_I[:n])
+  assert (start_I >= 0).all() and (start_I + tile_m <= num_rows).all()
+  if num_rows % 8 == 0:
+    assert (start_I % 8 == 0).all()
+  off_I, rows_I = np.asarray(schedule.own_offset_I[:n]), np.asarray(schedule.own_rows_I[:n])
+  assert (off_I >= 0).all() and (off_I + rows_I <= tile_m).all() and (rows_I > 0).all()
+  assert (np.asarray(schedule.own_rows_I[n:]) == 0).all()
+
+
+def test_schedule_balanced_is_one_item_per_tile():
+  schedule = mgpu.make_tile_schedule(jnp.full((4,), 256, jnp.int32), 1024, 128)
+  assert int(schedule.num_items[0]) == 8
+  np.testing.assert_array_equal(schedule.group_I[:8], [0, 0, 1, 1, 2, 2, 3, 3])
+  np.testing.assert_array_equal(schedule.own_rows_I[:8], 128)
+
+
+def test_config_table_lookup_and_smem_fit():
+  cfg = mgpu.tile_config(2048, 1024, False, jnp.bfloat16)
+  assert cfg is mgpu.TILE_CONFIGS[(2048, 1024, False, "bfloat16")]
+  assert mgpu.tile_config(96, 96, False, jnp.bfloat16) == mgpu.DEFAULT_TILE_CONFIG
+  for cfg in list(mgpu.TILE_CONFIGS.values()) + [mgpu.DEFAULT_TILE_CONFIG]:
+    for out_itemsize in (2, 4):
+      fitted = cfg.fit_smem(2, out_itemsize)
+      assert fitted.smem_bytes(2, out_itemsize) <= mgpu._SMEM_BUDGET
+      assert fitted.stages >= 2 and fitted.tile_m == cfg.tile_m
+
+
+@pytest.mark.parametrize("body", sorted(_SMALL))
+@pytest.mark.parametrize("transpose", [False, True])
+@pytest.mark.parametrize("case", sorted(_SIZE_CASES))
+def test_gmm_interpret_matches_fp64(body, transpose, case):
+  num_rows, sizes = _SIZE_CASES[case]
+  cfg = _SMALL[body]
+  k_dim, n_dim = 128, 2 * cfg.cta_n
+  rng = np.random.default_rng(hash((body, transpose, case)) % 2**32)
+  lhs = jnp.asarray(rng.standard_normal((num_rows, k_dim)), jnp.bfloat16)
+  shape = (len(sizes), n_dim, k_dim) if transpose else (len(sizes), k_dim, n_dim)
+  rhs = jnp.asarray(rng.standard_normal(shape), jnp.bfloat16)
+  out = mgpu.gmm(lhs, rhs, jnp.asarray(sizes, jnp.int32), transpose_rhs=transpose,
+                 out_dtype=jnp.float32, config=cfg, interpret=_INTERPRET, num_sms=3)
+  assert out.shape == (num_rows, n_dim) and out.dtype == jnp.float32
+  ref = _np_gmm(_bf16_np(lhs), _bf16_np(rhs), sizes, transpose)
+  np.testing.assert_allclose(np.asarray(out, np.float64), ref, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("case", sorted(_SIZE_CASES))
+def test_tgmm_interpret_matches_fp64(case):
+  num_rows, sizes = _SIZE_CASES[case]
+  rng = np.random.default_rng(len(case))
+  lhs = jnp.asarray(rng.standard_normal((num_rows, 128)), jnp.bfloat16)
+  rhs = jnp.asarray(rng.standard_normal((num_rows, 64)), jnp.bfloat16)
+  out = mgpu.tgmm(lhs, rhs, jnp.asarray(sizes, jnp.int32), out_dtype=jnp.float32,
+                  config=_SMALL_WGRAD, interpret=_INTERPRET, num_sms=3)
+  assert out.shape == (len(sizes), 128, 64)
+  ref = _np_tgmm(_bf16_np(lhs), _bf16_np(rhs), sizes)
+  np.testing.assert_allclose(np.asarray(out, np.float64), ref, rtol=1e-5, atol=1e-4)
+
+
+def test_chained_pipeline_needs_whole_rounds_of_the_ring():
+  lhs = jax.ShapeDtypeStruct((512, 192), jnp.bfloat16)  # 3 steps of 64: not a multiple of 2
+  rhs = jax.ShapeDtypeStruct((4, 192, 256), jnp.bfloat16)
+  assert not mgpu.supports(lhs, rhs, False, jnp.bfloat16, _SMALL["ws_chain"])
+  assert mgpu.supports(lhs, rhs, False, jnp.bfloat16, _SMALL["ws"])
+
+
+@pytest.mark.parametrize("transpose", [False, True])
+@pytest.mark.parametrize("shape", ["mini_up", "mini_down"])
+def test_gmm_lowers_for_cuda_at_ling_mini_shapes(transpose, shape):
+  """Layout inference and the shared-memory budget are checked at lowering, without a GPU."""
+  k_dim, n_dim = (2048, 1024) if shape == "mini_up" else (512, 2048)
+  if transpose:
+    k_dim, n_dim = n_dim, k_dim
+  rhs_shape = (256, n_dim, k_dim) if transpose else (256, k_dim, n_dim)
+  f = jax.jit(lambda a, b, s: mgpu.gmm(a, b, s, transpose_rhs=transpose, num_sms=132))
+  lowered = f.trace(jax.ShapeDtypeStruct((8192, k_dim), jnp.bfloat16),
+                    jax.ShapeDtypeStruct(rhs_shape, jnp.bfloat16),
+                    jax.ShapeDtypeStruct((256,), jnp.int32)).lower(lowering_platforms=("cuda",))
+  assert "mosaic_gpu" in lowered.as_text()
+
+
+def test_tgmm_lowers_for_cuda_at_ling_mini_shapes():
+  f = jax.jit(lambda a, b, s: mgpu.tgmm(a, b, s, num_sms=132))
+  lowered = f.trace(jax.ShapeDtypeStruct((8192, 2048), jnp.bfloat16),
+                    jax.ShapeDtypeStruct((8192, 1024), jnp.bfloat16),
+                    jax.ShapeDtypeStruct((256,), jnp.int32)).lower(lowering_platforms=("cuda",))
+  assert "mosaic_gpu" in lowered.as_text()
+
+
+def test_backend_registered_and_auto_stays_reference_on_cpu():
+  assert "pallas_mosaic_gpu" in gmm_lib._BACKENDS
+  assert gmm_lib._resolve_backend("auto") == "reference"
+
+
+def test_backend_falls_back_to_reference_for_uncovered_operands():
+  """fp32 operands have no wgmma path here: the backend must give the reference's answer."""
+  rng = np.random.default_rng(0)
+  lhs = jnp.asarray(rng.standard_normal((50, 24)), jnp.float32)
+  rhs = jnp.asarray(rng.standard_normal((3, 24, 40)), jnp.float32)
+  sizes = jnp.asarray([20, 0, 25], jnp.int32)
+
+  def loss(backend, lhs, rhs):
+    return jnp.sum(gmm_lib.grouped_matmul(lhs, rhs, sizes, backend=backend) ** 2)
+
+  ours = jax.value_and_grad(lambda a, b: loss("pallas_mosaic_gpu", a, b), argnums=(0, 1))(lhs, rhs)
+  ref = jax.value_and_grad(lambda a, b: loss("reference", a, b), argnums=(0, 1))(lhs, rhs)
+  for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(ref)):
+    np.testing.assert_allclose(a, b, rtol=1e-6)
