@@ -19,7 +19,7 @@ train: setup
 	$(VENV)/bin/python -m experiments.train --config=configs/ling2.py:tiny --workdir=$(WORKDIR) $(ARGS)
 
 test: setup
-	$(VENV)/bin/python -m pytest -q -n 2 --durations=15 tests
+	$(VENV)/bin/python -m pytest -q -n 2 --dist loadfile --durations=15 tests
 
 lint: setup
 	$(VENV)/bin/ruff check .

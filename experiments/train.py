@@ -30,9 +30,10 @@ def main(argv):
   except config_lib.ConfigError as e:  # Bad input: one clear line, no traceback.
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
-  metrics.log("Done at step %d: val loss %.4f nats/token (%.3f bits/token), %d non-finite steps "
-              "skipped. Checkpoints and metrics are in %s", result["step"], result["val_loss"],
-              result["val_bits_per_token"], result["nan_skips"], _WORKDIR.value)
+  val = (f"val loss {result['val_loss']:.4f} nats/token ({result['val_bits_per_token']:.3f} "
+         "bits/token)" if "val_loss" in result else "no evaluation yet")
+  metrics.log("Done at step %d: %s, %d non-finite steps skipped. Checkpoints and metrics are in "
+              "%s", result["step"], val, result["nan_skips"], _WORKDIR.value)
 
 
 if __name__ == "__main__":

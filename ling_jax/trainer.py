@@ -170,6 +170,10 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
       ckpt.save(step, state, data_state=train_iter.get_state(), force=True)
   ckpt.close()
   writer.close()
+  if step == first_step and step >= t.num_steps:  # A finished run started again.
+    metrics_lib.log("Nothing to train: %s is already at step %d of %d", workdir, step,
+                    t.num_steps)
+    final.update(_evaluate(eval_fn, state.params, state.moe_state, eval_batches))
   final["step"] = step
   final["nan_skips"] = float(np.asarray(state.nan_skips))
   return final
@@ -179,23 +183,6 @@ def abstract_state(config: Any) -> train_lib.TrainState:
   """Returns the ShapeDtypeStructs of the train state of `config`, for restoring."""
   return jax.eval_shape(functools.partial(train_lib.init_state, config.model, config.train,
                                           jax.random.key(config.train.seed)))
-
-
-def restore_params(config: Any, workdir: str, step: int | None = None) -> tuple[int, Any, Any]:
-  """Returns (step, params, moe_state) of a checkpoint in `workdir` (newest when step is None)."""
-  ckpt = checkpoint_lib.Checkpointer(workdir, save_every=1, keep=1_000_000)
-  target = abstract_state(config)
-  if step is None:
-    restored = ckpt.restore_latest(target)
-    if restored is None:
-      raise config_lib.ConfigError(f"--workdir: no checkpoint in {workdir}. Fix: train first, "
-                                   "or point --workdir at a run directory.")
-    step, state, _ = restored
-  else:
-    state, _ = ckpt.restore(step, target)
-  ckpt.close()
-  return step, state.params, state.moe_state
-
 
 
 def evaluate_params(config: Any, params: Any, moe_state: Any) -> dict[str, float]:

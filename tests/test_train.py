@@ -44,8 +44,19 @@ def setup():
   return c, train.init_state(c.model, c.train, jax.random.key(0)), _batch(c)
 
 
+_JITTED = {}
+
+
+def _jitted(fn, c):
+  """Returns fn jitted for config c, compiled once per distinct config in this module."""
+  key = (fn.__name__, c.to_json())
+  if key not in _JITTED:
+    _JITTED[key] = jax.jit(functools.partial(fn, m=c.model, t=c.train))
+  return _JITTED[key]
+
+
 def _step(c, state, batch):
-  return jax.jit(functools.partial(train.train_step, m=c.model, t=c.train))(state, batch)
+  return _jitted(train.train_step, c)(state, batch)
 
 
 def test_grad_accumulation_matches_full_batch(setup):
@@ -54,8 +65,7 @@ def test_grad_accumulation_matches_full_batch(setup):
   c2.train.grad_accum_steps = 2
   grads = {}
   for cfg in (c, c2):
-    fn = jax.jit(functools.partial(train.accumulate_gradients, m=cfg.model, t=cfg.train))
-    grads[cfg.train.grad_accum_steps] = fn(state, batch)
+    grads[cfg.train.grad_accum_steps] = _jitted(train.accumulate_gradients, cfg)(state, batch)
   (loss1, aux1, g1), (loss2, aux2, g2) = grads[1], grads[2]
   np.testing.assert_allclose(loss1, loss2, rtol=1e-5)
   np.testing.assert_allclose(aux1["mtp_ce"], aux2["mtp_ce"], rtol=1e-5)
@@ -65,8 +75,7 @@ def test_grad_accumulation_matches_full_batch(setup):
   half = jax.tree.map(lambda x: x[:2], batch)
   c3 = c.copy_and_resolve_references()
   c3.train.batch_size = 2
-  _, _, g_half = jax.jit(functools.partial(train.accumulate_gradients, m=c3.model, t=c3.train))(
-      state, half)
+  _, _, g_half = _jitted(train.accumulate_gradients, c3)(state, half)
   assert not np.allclose(g_half["lm_head"]["kernel"], g1["lm_head"]["kernel"], rtol=1e-3)
 
 

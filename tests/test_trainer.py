@@ -99,6 +99,13 @@ def test_main_job_leaves_a_checkpoint_and_clean_console(reference_run):
   assert "orbax" not in result.stdout.lower()
 
 
+def test_finished_run_started_again_reports_and_exits(reference_run, corpus):
+  workdir, _ = reference_run
+  again = _run(workdir, corpus, "--config.train.num_steps=16", "--config.train.checkpoint_every=4")
+  assert again.returncode == 0, again.stdout + again.stderr
+  assert "Nothing to train" in again.stdout and "Done at step 16" in again.stdout
+
+
 def test_kill_and_resume_is_bitwise(reference_run, tmp_path, corpus):
   ref_dir, _ = reference_run
   workdir = str(tmp_path / "killed")
