@@ -16,6 +16,8 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from kernels import grouped_matmul as gmm_lib
 from kernels import grouped_matmul_mgpu as mgpu
+from tests import test_grouped_matmul
+from tests.test_grouped_matmul import _np_tgmm
 
 # Small tiles keep the interpreter fast; the bodies are the same as at full size.
 _SMALL = {
@@ -41,23 +43,8 @@ def _bf16_np(x):
 
 
 def _np_gmm(lhs_MK, rhs_GXY, sizes_G, transpose):
-  out_dim = rhs_GXY.shape[1] if transpose else rhs_GXY.shape[2]
-  out_MN = np.zeros((lhs_MK.shape[0], out_dim))
-  start = 0
-  for g, size in enumerate(sizes_G):
-    w = rhs_GXY[g].T if transpose else rhs_GXY[g]
-    out_MN[start:start + size] = lhs_MK[start:start + size] @ w
-    start += size
-  return out_MN
-
-
-def _np_tgmm(lhs_MK, rhs_MN, sizes_G):
-  out_GKN = np.zeros((len(sizes_G), lhs_MK.shape[1], rhs_MN.shape[1]))
-  start = 0
-  for g, size in enumerate(sizes_G):
-    out_GKN[g] = lhs_MK[start:start + size].T @ rhs_MN[start:start + size]
-    start += size
-  return out_GKN
+  return test_grouped_matmul._np_gmm(
+      lhs_MK, np.swapaxes(rhs_GXY, 1, 2) if transpose else rhs_GXY, sizes_G)
 
 
 def _owned_rows(schedule, num_rows):
