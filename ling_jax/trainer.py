@@ -48,10 +48,9 @@ def validate_config(config: Any) -> None:
   data_lib.validate_data_config(config.data)
 
 
-def model_signature(m: Any) -> dict[str, Any]:
+def model_signature(state: train_lib.TrainState) -> dict[str, Any]:
   """Returns what must match between a checkpoint and the model that resumes from it."""
-  from ling_jax import params as params_lib  # Imports the model; keep module import light.
-  variables = params_lib.abstract_variables(m)
+  variables = {"params": state.params, "moe_state": state.moe_state}
   return {"/".join(k): list(v.shape)
           for k, v in traverse_util.flatten_dict(variables).items()}
 
@@ -83,9 +82,9 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
   m, t = config.model, config.train
   tokenizer = tokenizer_lib.make_tokenizer(config.data)
   if tokenizer.vocab_size > m.vocab_size:
-    config_lib.fail("model.vocab_size", f"{m.vocab_size} is smaller than the tokenizer's "
-          f"{tokenizer.vocab_size} ids", f"set --config.model.vocab_size={tokenizer.vocab_size}"
-          " or larger")
+    config_lib.fail("model.vocab_size",
+                    f"{m.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size} ids",
+                    f"set --config.model.vocab_size={tokenizer.vocab_size} or larger")
   # Data first: a bad source fails here, before the workdir is touched.
   train_iter = data_lib.make_train_iterator(
       config.data, seq_len=t.seq_len, batch_size=t.batch_size // jax.process_count(),
@@ -95,11 +94,13 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
       max_batches=t.eval_batches, process_index=jax.process_index(),
       process_count=jax.process_count())
   os.makedirs(workdir, exist_ok=True)
+  target = abstract_state(config)
   ckpt = checkpoint_lib.Checkpointer(workdir, save_every=t.checkpoint_every,
-                                     keep=t.keep_checkpoints, model_signature=model_signature(m))
-  init_fn = functools.partial(train_lib.init_state, m, t, jax.random.key(t.seed))
-  restored = ckpt.restore_latest(jax.eval_shape(init_fn))  # Raises for another model's workdir.
+                                     keep=t.keep_checkpoints,
+                                     model_signature=model_signature(target))
+  restored = ckpt.restore_latest(target)  # Raises for another model's workdir.
   if restored is None:
+    init_fn = functools.partial(train_lib.init_state, m, t, jax.random.key(t.seed))
     step, state = 0, jax.jit(init_fn)()
     metrics_lib.log("Starting from scratch in %s", workdir)
   else:

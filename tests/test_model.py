@@ -14,8 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import ling2
 from ling_jax import model
+from tests.test_model_reference import _config
+from tests.test_model_reference import _randomise
 
 SEED = 0
 LENGTH = 24
@@ -28,32 +29,11 @@ def _strict_rank_promotion():
     yield
 
 
-def _config(dtype="float32"):
-  m = ling2.model_config("tiny")
-  m.dtype = dtype
-  return m
-
-
-def _randomise(tree, rng, path=()):
-  """Replaces every initial value: O(1) activations, routing that depends on the tokens."""
-  if isinstance(tree, dict):
-    return {k: _randomise(v, rng, path + (k,)) for k, v in tree.items()}
-  if path[-1] == "scale":
-    value = 1.0 + 0.1 * rng.standard_normal(tree.shape)
-  elif path[-1] == "embedding":
-    value = rng.standard_normal(tree.shape)
-  elif path[-1] == "expert_bias":
-    value = 0.15 * rng.standard_normal(tree.shape)
-  else:  # A kernel [..., in, out].
-    value = rng.standard_normal(tree.shape) / np.sqrt(tree.shape[-2])
-  return jnp.asarray(value, tree.dtype)
-
-
 @pytest.fixture(scope="module")
 def variables():
   m = _config()
   shapes = jax.eval_shape(functools.partial(model.init_variables, m), jax.random.PRNGKey(SEED))
-  return _randomise(shapes, np.random.default_rng(SEED))
+  return jax.tree.map(jnp.asarray, _randomise(shapes, np.random.default_rng(SEED)))
 
 
 def _forward(dtype="float32"):

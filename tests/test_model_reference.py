@@ -205,7 +205,7 @@ def _float64(tree):
 # ---------------------------------------------------------------------------------------------
 
 
-def _config(dtype):
+def _config(dtype="float32"):
   m = ling2.model_config("tiny")
   m.dtype = dtype
   return m
