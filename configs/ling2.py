@@ -13,6 +13,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from ling_jax import data
+from ling_jax import sharding
 
 
 def model_config(variant: str) -> ml_collections.ConfigDict:
@@ -46,6 +47,12 @@ def model_config(variant: str) -> ml_collections.ConfigDict:
   m.attention_impl = "xla"  # "xla" (einsum, fp32 softmax) or "cudnn" (fused, GPU only).
   m.remat_policy = "none"  # "none", "full", "dots" (save matmul outputs).
   m.moe_backend = "auto"  # grouped-matmul backend, see kernels/grouped_matmul.py.
+  # Token exchange under expert parallelism: "auto" (ragged on GPU/TPU, padded on CPU, where XLA
+  # has no ragged all-to-all), "ragged" or "padded" (worst-case blocks): expert_parallel.py.
+  m.moe_all_to_all = "auto"
+  # "none" or "fp8_blockwise": E4M3 linear layers with 1x128 / 128x128 scales, Ling's FP8
+  # recipe (ling_jax/fp8.py); router, embedding, LM head, norms and attention core unchanged.
+  m.quant = "none"
 
   if variant == "mini":
     m.num_hidden_layers, m.hidden_size = 20, 2048
@@ -143,4 +150,5 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   config.model = model_config(arg)
   config.train = train_config(arg)
   config.data = data.default_data_config()
+  config.mesh = sharding.default_mesh_config()
   return config

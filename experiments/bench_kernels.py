@@ -6,7 +6,8 @@ Run on the GPU machine (see ../shared/device.md; gpu_baselines.py copied into .b
 Prints a correctness section (relative error against fp32 references, every output element
 checked, tail rows included), then one line per timing, then a table of TFLOP/s and ratios to
 tokamax's Mosaic GPU kernel and to cuBLAS's batched einsum at perfect balance, all measured in
-this run. Writes $OUT/bench_kernels.json.
+this run, and a table of permute / un-permute bandwidth (Pallas and XLA) as a fraction of an
+elementwise copy timed in the same run. Writes $OUT/bench_kernels.json.
 
 Shape key: M rows (tokens x top_k), K contraction dim, N output dim, G experts.
 """
@@ -25,8 +26,10 @@ from absl import app
 from absl import flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from kernels import dispatch  # noqa: E402
 from kernels import grouped_matmul as gmm_lib  # noqa: E402
 from kernels import grouped_matmul_mgpu as mgpu  # noqa: E402
+from kernels import permute_mgpu  # noqa: E402
 
 _SHAPES = flags.DEFINE_list("shapes", ["mini"], "Expert shapes: mini, flash, 1t.")
 _CONFIGS = flags.DEFINE_list(
@@ -40,6 +43,8 @@ _BASELINES = flags.DEFINE_bool(
     "baselines", True, "Time tokamax, batched einsum and dense bf16 too.")
 _FFN = flags.DEFINE_bool(
     "ffn", True, "Time the expert FFN forward+backward through grouped_matmul.")
+_PERMUTE = flags.DEFINE_bool(
+    "permute", True, "Time permute / un-permute (Pallas and XLA) against a copy.")
 _REPEATS = flags.DEFINE_integer("repeats", 20, "Calls per timed batch (median of 3 batches).")
 
 # tokens x top_k, experts, hidden, expert width
@@ -327,6 +332,87 @@ def _time_ffn(shape, tokamax) -> dict:
   return row
 
 
+def time_permute(shape) -> list:
+  """Permute and un-permute at 16384 tokens x top-8, against an elementwise copy of the same run.
+
+  Bandwidth counts the bytes each op must move at least: permute reads the T token rows once and
+  writes the M copies; un-permute reads the M rows and writes T. The copy baseline (y + 1 over the
+  [M, D] array) reads and writes M rows.
+  """
+  rows, groups, hidden, _ = _MODEL_SHAPES[shape]
+  top_k, d = 8, hidden
+  tokens = rows // top_k
+  key = jax.random.PRNGKey(7)
+  ids_TK = jnp.argsort(jax.random.uniform(key, (tokens, groups)), axis=1)[:, :top_k]
+  ids_TK = ids_TK.astype(jnp.int32)
+  weights_TK = jax.random.uniform(key, (tokens, top_k), jnp.float32)
+  x_TD = jax.random.normal(key, (tokens, d), jnp.bfloat16)
+  y_MD = jax.random.normal(jax.random.PRNGKey(8), (rows, d), jnp.bfloat16)
+  sort_idx_M = dispatch.permute(x_TD, ids_TK, groups, backend="reference")[2]
+  src_M = sort_idx_M // top_k
+  inv_M = dispatch._inverse_permutation(sort_idx_M)
+  itemsize = 2
+  perm_bytes = (tokens + rows) * d * itemsize
+  out = []
+
+  copy = jax.jit(lambda a: a + jnp.asarray(1, a.dtype))
+  copy_bw = 2 * rows * d * itemsize / _bench(copy, y_MD) / 1e9
+  _record(f"{shape} copy (y + 1) [M, D]", copy_bw, "GB/s")
+
+  variants = {
+      "permute rows, XLA gather": (jax.jit(lambda x, r: x[r]), (x_TD, src_M)),
+      "un-permute + weights, XLA": (
+          jax.jit(dispatch._combine_rows), (y_MD, inv_M, weights_TK)),
+  }
+  if permute_mgpu.gather_config(rows, d, jnp.bfloat16) is not None:
+    variants["permute rows, Pallas"] = (jax.jit(permute_mgpu.gather_rows), (x_TD, src_M))
+  if permute_mgpu.combine_config(tokens, top_k, d, jnp.bfloat16) is not None:
+    variants["un-permute + weights, Pallas"] = (jax.jit(permute_mgpu.combine_rows),
+                                                (y_MD, inv_M, weights_TK))
+  results = {}
+  for name, (f, args) in variants.items():
+    try:
+      results[name] = f(*args)
+      bw = perm_bytes / _bench(f, *args) / 1e9
+    except Exception as e:
+      print(f"{shape} {name} failed: {type(e).__name__}: {str(e)[:300]}")
+      continue
+    _record(f"{shape} {name}", bw, "GB/s", of_copy=bw / copy_bw)
+    out.append({"shape": shape, "op": name, "GB/s": bw, "of copy": bw / copy_bw})
+  # Correctness in the same run: the kernels against the XLA gathers, every element.
+  for a, b in (("permute rows, Pallas", "permute rows, XLA gather"),
+               ("un-permute + weights, Pallas", "un-permute + weights, XLA")):
+    if a in results:
+      err = _rel_err(np.float32(results[a]), np.float32(results[b]))
+      # Gathers are exact; the weighted sums may round in another order (1 bf16 ulp here and
+      # there, ~1e-5 in norm).
+      good = err < 1e-4
+      print(f"check {shape} {a} vs XLA rel_err={err:.2e} {'ok' if good else 'FAIL'}")
+      RESULTS[f"check {shape} {a}"] = {"value": float(good), "unit": "pass"}
+
+  # Whole ops as the MoE layer calls them (sort, counts, index maps included), forward only;
+  # backend=pallas_mosaic_gpu is the Pallas gather for the permute and XLA for the un-permute.
+  for backend in ("pallas_mosaic_gpu", "reference"):
+    def both(x, ids, w, y, backend=backend):
+      x_MD, sizes_E, sort_idx = dispatch.permute(x, ids, groups, backend=backend)
+      return x_MD, dispatch.unpermute(y, sort_idx, w, backend=backend)
+    f = jax.jit(both)
+    seconds = _bench(f, x_TD, ids_TK, weights_TK, y_MD)
+    bw = 2 * perm_bytes / seconds / 1e9
+    name = f"permute+un-permute with sort, backend={backend}"
+    _record(f"{shape} {name}", bw, "GB/s", of_copy=bw / copy_bw, ms=seconds * 1e3)
+    out.append({"shape": shape, "op": name, "GB/s": bw, "of copy": bw / copy_bw})
+  out.insert(0, {"shape": shape, "op": "copy (y + 1)", "GB/s": copy_bw, "of copy": 1.0})
+  return out
+
+
+def _print_permute_table(rows) -> None:
+  print("\n| shape | op | GB/s | of copy |")
+  print("|---|---|---|---|")
+  for r in rows:
+    print(f"| {r['shape']} | {r['op']} | {r['GB/s']:.0f} | {r['of copy']:.2f} |")
+
+
 def _print_table(rows_table) -> None:
   print("\n| shape | groups | problem | K | N | ours best | tokamax | ours/tokamax "
         "| einsum (balanced) | ours/einsum |")
@@ -357,8 +443,14 @@ def main(argv):
     except Exception as e:
       print("gpu_baselines failed:", type(e).__name__, str(e)[:300])
     tokamax = _import_tokamax()
+  permute_rows = []
+  if _PERMUTE.value:
+    for shape in _SHAPES.value:
+      permute_rows += time_permute(shape)
+    _print_permute_table(permute_rows)
   rows_table = time_shapes(configs, tokamax)
   _print_table(rows_table)
+  _print_permute_table(permute_rows)
   print("CORRECTNESS", "PASS" if ok else "FAIL")
   _write_json(rows_table)
 

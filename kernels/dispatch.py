@@ -4,6 +4,13 @@ Dropless: every (token, expert) pair is computed. The copies are sorted by exper
 FFN is two grouped matmuls; the custom VJPs make both directions of the permutation plain gathers
 (a permutation's transpose is its inverse), never scatter-adds.
 
+The permute's row copies run as an XLA gather, or on Hopper GPUs as the Pallas Mosaic GPU
+kernel `permute_mgpu.gather_rows` (bulk row copies; 1.3x XLA's gather on an H200). `backend`
+picks it as it picks the grouped matmul: "auto" and "pallas_mosaic_gpu" use the kernel on Hopper
+where it covers the shape, "pallas_mosaic_gpu_interpret" runs it in Pallas's GPU interpreter (CPU
+tests), and the rest use XLA. The un-permute, router-weight multiply fused in, is XLA's fused
+gather-reduce everywhere: it beat the Pallas `permute_mgpu.combine_rows` (see `_combine_rows`).
+
 Shape key:
   T: tokens
   K: experts per token (top_k)
@@ -28,19 +35,67 @@ def _inverse_permutation(perm_M: jax.Array) -> jax.Array:
   return jnp.zeros_like(perm_M).at[perm_M].set(iota_M, unique_indices=True)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _copy_tokens(x_TD: jax.Array, sort_idx_M: jax.Array, top_k: int) -> jax.Array:
-  return x_TD[sort_idx_M // top_k]
+def _row_impl(backend: str) -> str:
+  """Which row-move implementation goes with a grouped-matmul backend: xla, pallas, interpret."""
+  if backend == "pallas_mosaic_gpu_interpret":
+    return "interpret"
+  if backend == "pallas_mosaic_gpu" or (backend == "auto" and gmm_lib._is_hopper_gpu()):
+    return "pallas"
+  gmm_lib._resolve_backend(backend)  # unknown names fail here, with the list of backends
+  return "xla"
 
 
-def _copy_tokens_fwd(x_TD, sort_idx_M, top_k):
-  return _copy_tokens(x_TD, sort_idx_M, top_k), sort_idx_M
+def _interpret_error(fn: str, shape, dtype) -> ValueError:
+  return ValueError(
+      f"{fn}: backend 'pallas_mosaic_gpu_interpret' has no permute kernel for {dtype}{shape}. "
+      "Use bf16, fp16 or fp32 rows with D a multiple of 128, or backend='reference'.")
 
 
-def _copy_tokens_bwd(top_k, sort_idx_M, dx_MD):
+def _gather_rows(x_ND: jax.Array, rows_M: jax.Array, impl: str) -> jax.Array:
+  """x[rows]: a Pallas kernel where one covers the shape, else an XLA gather."""
+  if impl != "xla":
+    from kernels import permute_mgpu  # lazy: keeps CPU imports free of Mosaic GPU
+
+    num_sms = gmm_lib.INTERPRET_NUM_SMS if impl == "interpret" else None
+    covered = permute_mgpu.gather_config(
+        rows_M.shape[0], x_ND.shape[1], x_ND.dtype, num_sms) is not None
+    if impl == "pallas" and covered:
+      return permute_mgpu.gather_rows(x_ND, rows_M)
+    if impl == "interpret":
+      if not covered:
+        raise _interpret_error("permute", list(x_ND.shape), x_ND.dtype)
+      out_type = jax.ShapeDtypeStruct((rows_M.shape[0], x_ND.shape[1]), x_ND.dtype)
+      return gmm_lib._as_pure_callback(
+          gmm_lib._interpreted_kernel(permute_mgpu.gather_rows), out_type, x_ND, rows_M)
+  return x_ND[rows_M]
+
+
+def _combine_rows(y_MD: jax.Array, rows_M: jax.Array, weights_TK: jax.Array) -> jax.Array:
+  """sum_k weights[t, k] * y[rows[t * K + k]] in fp32, in y's dtype.
+
+  Always XLA: its gather-multiply-reduce fusion measured 4060 GB/s on an H200 at Ling-mini
+  shapes against 3600 for `permute_mgpu.combine_rows` (BENCHMARKS.md), since this direction
+  reads 8 rows for each row it writes and needs no write-side help.
+  """
+  num_tokens, top_k = weights_TK.shape
+  y_TKD = y_MD[rows_M].reshape(num_tokens, top_k, y_MD.shape[-1])
+  return _combine(y_TKD, weights_TK).astype(y_MD.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _copy_tokens(x_TD: jax.Array, sort_idx_M: jax.Array, top_k: int, impl: str) -> jax.Array:
+  return _gather_rows(x_TD, sort_idx_M // top_k, impl)
+
+
+def _copy_tokens_fwd(x_TD, sort_idx_M, top_k, impl):
+  return _copy_tokens(x_TD, sort_idx_M, top_k, impl), sort_idx_M
+
+
+def _copy_tokens_bwd(top_k, impl, sort_idx_M, dx_MD):
+  del impl  # the un-permute direction is XLA's in every implementation (see _combine_rows)
   # Undo the sort with a gather, then add up each token's K copies in fp32.
-  dx_TKD = dx_MD[_inverse_permutation(sort_idx_M)].reshape(-1, top_k, dx_MD.shape[-1])
-  dx_TD = jnp.sum(dx_TKD.astype(jnp.float32), axis=1).astype(dx_MD.dtype)
+  ones_TK = jnp.ones((sort_idx_M.shape[0] // top_k, top_k), jnp.float32)
+  dx_TD = _combine_rows(dx_MD, _inverse_permutation(sort_idx_M), ones_TK)
   return dx_TD, np.zeros(sort_idx_M.shape, jax.dtypes.float0)
 
 
@@ -48,7 +103,7 @@ _copy_tokens.defvjp(_copy_tokens_fwd, _copy_tokens_bwd)
 
 
 def permute(
-    x_TD: jax.Array, expert_ids_TK: jax.Array, num_experts: int
+    x_TD: jax.Array, expert_ids_TK: jax.Array, num_experts: int, *, backend: str = "auto"
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Copies each token once per chosen expert and sorts the copies by expert.
 
@@ -57,6 +112,7 @@ def permute(
     expert_ids_TK: chosen experts per token, in [0, num_experts]; the id num_experts (or more)
       marks a dropped slot: its copy sorts last, outside every group, and contributes zero.
     num_experts: E.
+    backend: a grouped-matmul backend name; picks the row-copy implementation (module doc).
 
   Returns:
     x_MD: the copies, sorted by expert id; ties keep (token, slot) order.
@@ -74,7 +130,8 @@ def permute(
   ids_M = expert_ids_TK.reshape(-1).astype(jnp.int32)
   sort_idx_M = jnp.argsort(ids_M, stable=True).astype(jnp.int32)
   group_sizes_E = jnp.bincount(ids_M, length=num_experts).astype(jnp.int32)
-  return _copy_tokens(x_TD, sort_idx_M, top_k), group_sizes_E, sort_idx_M
+  impl = _row_impl(backend)
+  return _copy_tokens(x_TD, sort_idx_M, top_k, impl), group_sizes_E, sort_idx_M
 
 
 def _gather_copies(y_MD: jax.Array, sort_idx_M: jax.Array, top_k: int) -> jax.Array:
@@ -90,8 +147,7 @@ def _combine(y_TKD: jax.Array, weights_TK: jax.Array) -> jax.Array:
 
 @jax.custom_vjp
 def _unpermute(y_MD: jax.Array, sort_idx_M: jax.Array, weights_TK: jax.Array) -> jax.Array:
-  y_TKD = _gather_copies(y_MD, sort_idx_M, weights_TK.shape[1])
-  return _combine(y_TKD, weights_TK).astype(y_MD.dtype)
+  return _combine_rows(y_MD, _inverse_permutation(sort_idx_M), weights_TK)
 
 
 def _unpermute_fwd(y_MD, sort_idx_M, weights_TK):
@@ -113,13 +169,16 @@ def _unpermute_bwd(res, dout_TD):
 _unpermute.defvjp(_unpermute_fwd, _unpermute_bwd)
 
 
-def unpermute(y_MD: jax.Array, sort_idx_M: jax.Array, weights_TK: jax.Array) -> jax.Array:
+def unpermute(y_MD: jax.Array, sort_idx_M: jax.Array, weights_TK: jax.Array, *,
+              backend: str = "auto") -> jax.Array:
   """Inverse of `permute` fused with the router weights: y_TD[t] = sum_k w[t, k] * y[row of (t, k)].
 
   Args:
     y_MD: expert outputs in the sorted order of `permute`.
     sort_idx_M: from `permute`.
     weights_TK: router weights; differentiable.
+    backend: as for `permute`; accepted for symmetry, since every backend runs XLA's fused
+      gather-reduce here (see `_combine_rows`).
 
   Returns:
     y_TD in y_MD's dtype, combined in fp32.
@@ -131,6 +190,7 @@ def unpermute(y_MD: jax.Array, sort_idx_M: jax.Array, weights_TK: jax.Array) -> 
         f"unpermute: expected y [M, D], sort_idx [M] and weights [T, K] with M = T * K, got y "
         f"{list(y_MD.shape)}, sort_idx {list(sort_idx_M.shape)}, weights "
         f"{list(weights_TK.shape)}.")
+  _row_impl(backend)  # every backend un-permutes with XLA (see _combine_rows); names still checked
   return _unpermute(y_MD, sort_idx_M, weights_TK)
 
 
@@ -142,6 +202,8 @@ def expert_ffn(
     w_down_EFD: jax.Array,
     *,
     backend: str = "auto",
+    quant: str = "none",
+    fp8_probes: tuple[jax.Array, jax.Array] | None = None,
 ) -> jax.Array:
   """Runs the routed SwiGLU experts of a Ling 2.0 MoE layer and sums them with the router weights.
 
@@ -151,7 +213,12 @@ def expert_ffn(
     weights_TK: router weights (already normalised and scaled); differentiable.
     w_gate_up_EDF2: fused gate and up projections: columns [0, F) are gate, [F, 2F) are up.
     w_down_EFD: down projections.
-    backend: grouped matmul backend, see `grouped_matmul`.
+    backend: grouped matmul backend, see `grouped_matmul`; it also picks the permutation's
+      implementation (module doc).
+    quant: "none", or "fp8_blockwise" for both projections as `fp8_gemm.fp8_grouped_linear`
+      (E4M3 fprop, dgrad and wgrad; the permutation and SwiGLU stay in x's dtype).
+    fp8_probes: with FP8, zero [2] arrays for the two projections whose cotangents become the
+      output gradients' [underflow, cosine] (see `kernels/fp8_gemm.py`).
 
   Returns:
     y_TD = sum_k weights[t, k] * down_e(silu(gate_e(x_t)) * up_e(x_t)), e = expert_ids[t, k],
@@ -170,9 +237,24 @@ def expert_ffn(
     raise ValueError(
         f"expert_ffn: weights {list(weights_TK.shape)} and expert_ids "
         f"{list(expert_ids_TK.shape)} must both be [T, K].")
-  x_MD, group_sizes_E, sort_idx_M = permute(x_TD, expert_ids_TK, num_experts)
-  h_MF2 = gmm_lib.grouped_matmul(x_MD, w_gate_up_EDF2, group_sizes_E, backend=backend)
+  if quant not in ("none", "fp8_blockwise"):
+    raise ValueError(f"expert_ffn: unknown quant {quant!r}; use 'none' or 'fp8_blockwise'.")
+  if quant == "fp8_blockwise":
+    from kernels import fp8_gemm  # lazy: the default path does not need it
+
+    probe_up, probe_down = fp8_probes or (jnp.zeros((2,), jnp.float32),) * 2
+
+    def matmul(x, w, sizes, probe):
+      return fp8_gemm.fp8_grouped_linear(x, w, sizes, probe)
+  else:
+    probe_up = probe_down = None
+
+    def matmul(x, w, sizes, probe):
+      del probe
+      return gmm_lib.grouped_matmul(x, w, sizes, backend=backend)
+  x_MD, group_sizes_E, sort_idx_M = permute(x_TD, expert_ids_TK, num_experts, backend=backend)
+  h_MF2 = matmul(x_MD, w_gate_up_EDF2, group_sizes_E, probe_up)
   gate_MF, up_MF = jnp.split(h_MF2.astype(jnp.float32), 2, axis=-1)
   act_MF = (jax.nn.silu(gate_MF) * up_MF).astype(x_TD.dtype)
-  y_MD = gmm_lib.grouped_matmul(act_MF, w_down_EFD, group_sizes_E, backend=backend)
-  return unpermute(y_MD, sort_idx_M, weights_TK)
+  y_MD = matmul(act_MF, w_down_EFD, group_sizes_E, probe_down)
+  return unpermute(y_MD, sort_idx_M, weights_TK, backend=backend)

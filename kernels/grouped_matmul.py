@@ -192,12 +192,78 @@ def _mosaic_gpu_tgmm(cfg: _Config, lhs_MK, rhs_MN, group_sizes_G):
   return grouped_matmul_mgpu.tgmm(lhs_MK, rhs_MN, group_sizes_G, out_dtype=cfg.out_dtype)
 
 
+@functools.cache
+def _interpreted_kernel(kernel_fn: Callable[..., jax.Array], **static) -> Callable[..., jax.Array]:
+  """The jitted kernel under Pallas's GPU interpreter; cached so each shape compiles once."""
+  from jax.experimental.pallas import mosaic_gpu as plgpu
+
+  return jax.jit(functools.partial(kernel_fn, interpret=plgpu.InterpretGPUParams(),
+                                   num_sms=INTERPRET_NUM_SMS, **static))
+
+
+def _as_pure_callback(kernel: Callable[..., jax.Array], out_type, *args) -> jax.Array:
+  """Runs an interpreted kernel eagerly inside a pure callback.
+
+  The interpreter simulates the GPU with ordered IO callbacks; traced inline, those effects pin
+  the call in every enclosing jaxpr (flax's `nn.scan`, which the model's layer stack uses,
+  rejects them). The kernel itself is a pure function of its operands, so say so.
+  """
+  return jax.pure_callback(lambda *a: np.asarray(kernel(*a)), out_type, *args)
+
+
+# Simulated SMs of the interpreted kernels: few, since each is a thread of the interpreter.
+INTERPRET_NUM_SMS = 2
+
+
+def _interpret_error(op: str, lhs, rhs, detail: str) -> ValueError:
+  return ValueError(
+      f"{op}: backend 'pallas_mosaic_gpu_interpret' has no tiling for lhs {lhs.dtype}"
+      f"{list(lhs.shape)} and rhs {rhs.dtype}{list(rhs.shape)} ({detail}). Use bf16 or fp16 "
+      "operands (e.g. config.model.dtype='bfloat16') with K and N multiples of 32, or "
+      "backend='reference'.")
+
+
+def _mosaic_gpu_interpret_gmm(cfg: _Config, lhs_MK, rhs_GKN, group_sizes_G):
+  """The Mosaic GPU forward/dgrad kernel run by Pallas's GPU interpreter (CPU tests).
+
+  Strict: operands the kernel does not cover raise instead of taking the reference, so that a
+  test through this backend really runs the kernel.
+  """
+  from kernels import grouped_matmul_mgpu as mgpu
+
+  k_dim = lhs_MK.shape[1]
+  n_dim = rhs_GKN.shape[1] if cfg.transpose_rhs else rhs_GKN.shape[2]
+  tiles = mgpu.interpret_tile_config(k_dim, n_dim)
+  if tiles is None or not mgpu.supports(lhs_MK, rhs_GKN, cfg.transpose_rhs, cfg.out_dtype, tiles):
+    raise _interpret_error("grouped_matmul", lhs_MK, rhs_GKN, f"K={k_dim}, N={n_dim}")
+  kernel = _interpreted_kernel(mgpu.gmm, out_dtype=cfg.out_dtype,
+                               transpose_rhs=cfg.transpose_rhs, config=tiles)
+  out_type = jax.ShapeDtypeStruct((lhs_MK.shape[0], n_dim), cfg.out_dtype)
+  return _as_pure_callback(kernel, out_type, lhs_MK, rhs_GKN, group_sizes_G)
+
+
+def _mosaic_gpu_interpret_tgmm(cfg: _Config, lhs_MK, rhs_MN, group_sizes_G):
+  """The Mosaic GPU weight-gradient kernel run by Pallas's GPU interpreter; strict like gmm."""
+  from kernels import grouped_matmul_mgpu as mgpu
+
+  k_dim, n_dim = lhs_MK.shape[1], rhs_MN.shape[1]
+  tiles = mgpu.interpret_wgrad_config(k_dim, n_dim)
+  if tiles is None or not mgpu.supports_tgmm(lhs_MK, rhs_MN, cfg.out_dtype, tiles):
+    raise _interpret_error("transposed_grouped_matmul", lhs_MK, rhs_MN, f"K={k_dim}, N={n_dim}")
+  kernel = _interpreted_kernel(mgpu.tgmm, out_dtype=cfg.out_dtype, config=tiles)
+  out_type = jax.ShapeDtypeStruct((group_sizes_G.shape[0], k_dim, n_dim), cfg.out_dtype)
+  return _as_pure_callback(kernel, out_type, lhs_MK, rhs_MN, group_sizes_G)
+
+
 # The switch point for kernels: "pallas_tpu" registers here too.
 _BACKENDS: dict[str, _Backend] = {
     "reference": _Backend(_reference_gmm, _reference_tgmm),
     "ragged_dot": _Backend(_ragged_dot_gmm, _ragged_dot_tgmm),
     # Hopper only (wgmma); fp32 operands and untiled shapes go to the reference inside.
     "pallas_mosaic_gpu": _Backend(_mosaic_gpu_gmm, _mosaic_gpu_tgmm),
+    # The same kernels under Pallas's GPU interpreter, on any platform: slow, for CPU tests of
+    # whole models. Needs bf16/fp16 operands and K, N that small tiles divide.
+    "pallas_mosaic_gpu_interpret": _Backend(_mosaic_gpu_interpret_gmm, _mosaic_gpu_interpret_tgmm),
 }
 
 
@@ -315,7 +381,8 @@ def grouped_matmul(
     tile_m: most rows per tile. The reference uses fewer when the average group is smaller,
       which bounds its wasted work for many small groups.
     backend: "auto" (the Mosaic GPU kernel on Hopper GPUs, ragged_dot on TPU, else the
-      reference), "reference", "ragged_dot" or "pallas_mosaic_gpu".
+      reference), "reference", "ragged_dot", "pallas_mosaic_gpu", or
+      "pallas_mosaic_gpu_interpret" (the Mosaic GPU kernels in Pallas's interpreter; CPU tests).
 
   Returns:
     out_MN with out_MN[rows of g] = lhs_MK[rows of g] @ rhs_GKN[g].

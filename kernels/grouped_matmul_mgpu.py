@@ -523,3 +523,31 @@ def tgmm(lhs_MK: jax.Array, rhs_MN: jax.Array, group_sizes_G: jax.Array, *, out_
       interpret=interpret,
   )
   return kernel(starts_G, ends_G, lhs_MK, rhs_MN)
+
+
+# Interpret mode (CPU tests of whole models): the smallest tiles the bodies allow, since the
+# interpreter's cost grows with the tile count times the tile size.
+
+def interpret_tile_config(k_dim: int, n_dim: int) -> TileConfig | None:
+  """Returns a small tiling that covers (K, N) for interpret mode, or None if none does.
+
+  Prefers the warp-specialised body (what runs on Hopper); falls back to "pipe" when N is too
+  narrow for two compute warpgroups.
+  """
+  for tile_k in (64, 32, 16):
+    if k_dim % tile_k:
+      continue
+    for body, tile_n in (("ws", 64), ("ws", 32), ("pipe", 64), ("pipe", 32)):
+      cfg = TileConfig(tile_m=64, tile_n=tile_n, tile_k=tile_k, stages=2, body=body)
+      if n_dim % cfg.cta_n == 0:
+        return cfg
+  return None
+
+
+def interpret_wgrad_config(k_dim: int, n_dim: int) -> WgradConfig | None:
+  """Returns a small weight-gradient tiling that covers (K, N) for interpret mode, or None."""
+  for tile_k in (64, 32):
+    for tile_n in (64, 32):
+      if k_dim % tile_k == 0 and n_dim % tile_n == 0:
+        return WgradConfig(tile_k=tile_k, tile_n=tile_n, chunk=64, stages=2)
+  return None

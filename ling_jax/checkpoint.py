@@ -105,6 +105,10 @@ class Checkpointer:
     """Returns the newest saved step (not checked for corruption), or None."""
     return self._manager.latest_step()
 
+  def is_due(self, step: int) -> bool:
+    """Returns whether `save` at `step` writes without `force`."""
+    return step % self._save_every == 0
+
   def save(
       self, step: int, state: PyTree, *, data_state: Mapping[str, Any], force: bool = False
   ) -> bool:

@@ -5,6 +5,7 @@ from typing import Any
 import jax.numpy as jnp
 
 _DTYPES = ("float32", "bfloat16", "float16")
+QUANT_MODES = ("none", "fp8_blockwise")  # config.model.quant; see ling_jax/fp8.py
 
 
 class ConfigError(ValueError):
@@ -90,6 +91,10 @@ def validate_model_config(m: Any) -> None:
     _fail("attention_impl", f"unknown {m.attention_impl!r}", "use 'xla' or 'cudnn'")
   if m.remat_policy not in ("none", "full", "dots"):
     _fail("remat_policy", f"unknown {m.remat_policy!r}", "use 'none', 'full' or 'dots'")
+  if m.get("moe_all_to_all", "auto") not in ("auto", "ragged", "padded"):
+    _fail("moe_all_to_all", f"unknown {m.moe_all_to_all!r}", "use 'auto', 'ragged' or 'padded'")
+  if m.get("quant", "none") not in QUANT_MODES:
+    _fail("quant", f"unknown {m.quant!r}", f"use one of {QUANT_MODES}")
 
 
 def dtype_of(name: str) -> jnp.dtype:

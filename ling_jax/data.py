@@ -17,7 +17,15 @@ token is dropped or repeated, but attention does not reach across the cut.
 Sources (`config.data.source`): "stdlib", the Python standard library's .py files found at run
 time (or the .py/.txt files under `config.data.data_dir`), one file per document, validation
 files held out by a hash of their relative path; or "tfds:NAME[/CONFIG][:VERSION]", a prepared
-TFDS dataset read through `tfds.data_source` (array_record files, no TensorFlow needed).
+TFDS dataset read through `tfds.data_source` (array_record files, no TensorFlow needed); or
+"jsonl", chat records for SFT (`ling_jax/sft.py`) under `config.data.data_dir`, rendered in the
+Ling chat format, packed first-fit without splitting a record, and carrying one more [B, L]
+feature, `loss_mask` (1 where the target is an assistant token).
+
+Mixtures (`config.data.mixture = "name=weight,..."`): each name is a source described by
+`config.data.sources.<name>` (fields of `config.data` that override the ones above), packed on
+its own; grain's mixture then interleaves packed rows in proportion to the weights, so a weight
+is a share of the training tokens. The iterator state holds every source's position.
 """
 
 import copy
@@ -37,9 +45,11 @@ from grain import experimental as grain_experimental
 from ml_collections import config_dict
 
 from ling_jax import config as config_lib
+from ling_jax import sft
 from ling_jax import tokenizer as tokenizer_lib
 
 Batch = dict[str, np.ndarray]
+_FEATURES = ("inputs", "targets", "segment_ids", "positions")
 
 _STDLIB_SUFFIXES = (".py",)
 _DATA_DIR_SUFFIXES = (".py", ".txt")
@@ -64,6 +74,19 @@ def default_data_config() -> ml_collections.ConfigDict:
   c.read_threads = 2  # threads reading and tokenising documents ahead of packing
   c.read_prefetch = 64  # documents read ahead
   c.worker_count = 0  # >0 runs the pipeline in grain worker processes
+  # Shards of the corpus (every S-th document); each process reads S / process_count of them.
+  # Fixing S keeps the batches the same on any number of processes; None: one per process.
+  c.num_shards = config_dict.placeholder(int)
+  # Chat records ("jsonl" source): DFT system prompts selected by a record's "mode"
+  # (ling2_spec.md section 8; the released prompt wording is not public, so these are ours).
+  c.sft_system_prompts = ml_collections.ConfigDict({
+      "instant": "Answer directly and concisely, without showing your reasoning.",
+      "deep": "Think step by step inside <think></think>, then give the final answer.",
+  })
+  c.sft_packing_bins = 8  # open rows first-fit packing fills with chat records
+  # "name=weight,...": mix the sources of `sources` by token share; "" reads the one above.
+  c.mixture = ""
+  c.sources = ml_collections.ConfigDict()  # name -> fields overriding the ones above
   return c
 
 
@@ -74,10 +97,24 @@ def _fail(field: str, problem: str, fix: str) -> NoReturn:
 
 def validate_data_config(data_cfg: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming the field and the fix when `config.data` cannot work."""
+  if data_cfg.get("mixture"):
+    for _, (source_cfg, _) in mixture_sources(data_cfg).items():
+      validate_data_config(source_cfg)
+    return
   source = data_cfg.source
-  if source != "stdlib" and not (source.startswith("tfds:") and len(source) > 5):
-    _fail("source", f"unknown source {source!r}", "use 'stdlib' or 'tfds:NAME'")
+  if source not in ("stdlib", "jsonl") and not (source.startswith("tfds:") and len(source) > 5):
+    _fail("source", f"unknown source {source!r}", "use 'stdlib', 'jsonl' or 'tfds:NAME'")
   data_dir = data_cfg.data_dir
+  if source == "jsonl":
+    if data_dir is None or not os.path.exists(data_dir):
+      _fail("data_dir", f"source 'jsonl' reads chat records from data_dir, got {data_dir!r}",
+            "point config.data.data_dir at a .jsonl file or a folder of them")
+    for mode in sft.MODES:
+      if not isinstance(data_cfg.sft_system_prompts.get(mode), str):
+        _fail(f"sft_system_prompts.{mode}", "missing DFT system prompt",
+              f"set config.data.sft_system_prompts.{mode} to a string")
+    if data_cfg.get("sft_packing_bins", 1) < 1:
+      _fail("sft_packing_bins", f"{data_cfg.sft_packing_bins} < 1", "set it >= 1")
   if source == "stdlib" and data_dir is not None and not os.path.isdir(data_dir):
     _fail("data_dir", f"directory {data_dir!r} does not exist",
           "point it at a folder of .py/.txt files, or unset it to read the stdlib")
@@ -91,6 +128,51 @@ def validate_data_config(data_cfg: ml_collections.ConfigDict) -> None:
       _fail(field, f"{data_cfg[field]} is negative", f"set {field} >= 0")
   if data_cfg.read_threads < 1:
     _fail("read_threads", f"{data_cfg.read_threads} < 1", "set read_threads >= 1")
+  if data_cfg.get("num_shards") is not None and data_cfg.num_shards < 1:
+    _fail("num_shards", f"{data_cfg.num_shards} < 1", "unset it or make it positive")
+
+
+def mixture_sources(
+    data_cfg: ml_collections.ConfigDict) -> dict[str, tuple[ml_collections.ConfigDict, float]]:
+  """Returns {name: (that source's full data config, weight)} of `config.data.mixture`."""
+  sources = data_cfg.get("sources") or {}
+  result = {}
+  for item in str(data_cfg.mixture).split(","):
+    name, sep, weight = item.strip().partition("=")
+    try:
+      value = float(weight) if sep else float("nan")
+    except ValueError:
+      value = float("nan")
+    if not value > 0:
+      _fail("mixture", f"{item.strip()!r} is not name=weight with a weight > 0",
+            "write e.g. 'general=0.6,reasoning=0.4'")
+    if name not in sources:
+      _fail("mixture", f"no source {name!r} in config.data.sources (it has "
+            f"{sorted(sources)})", "define config.data.sources.<name> or fix the name")
+    if name in result:
+      _fail("mixture", f"source {name!r} is listed twice", "list each source once")
+    source_cfg = ml_collections.ConfigDict(data_cfg.to_dict())
+    source_cfg.mixture = ""
+    source_cfg.sources = ml_collections.ConfigDict()
+    for key, override in sources[name].items():
+      if key not in source_cfg or key in ("mixture", "sources"):
+        _fail(f"sources.{name}.{key}", "is not a field a source can set",
+              "use fields of config.data such as source, data_dir, max_files")
+      source_cfg[key] = override
+    result[name] = (source_cfg, value)
+  return result
+
+
+def has_loss_mask(data_cfg: ml_collections.ConfigDict) -> bool:
+  """Returns whether batches carry `loss_mask` (chat records, alone or in a mixture)."""
+  if data_cfg.get("mixture"):
+    return any(c.source == "jsonl" for c, _ in mixture_sources(data_cfg).values())
+  return data_cfg.source == "jsonl"
+
+
+def batch_features(data_cfg: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """Returns the names of the [B, L] arrays of a batch."""
+  return _FEATURES + (("loss_mask",) if has_loss_mask(data_cfg) else ())
 
 
 def list_corpus_files(root: str, suffixes: tuple[str, ...] = _STDLIB_SUFFIXES) -> list[str]:
@@ -173,9 +255,16 @@ def _tfds_documents(data_cfg: ml_collections.ConfigDict, split: str) -> grain.Ma
 
 
 def load_documents(data_cfg: ml_collections.ConfigDict, split: str) -> grain.MapDataset:
-  """Returns the 'train' or 'validation' documents of `config.data.source` as texts."""
+  """Returns the 'train' or 'validation' documents of `config.data.source`.
+
+  Texts, or chat-record dicts for the "jsonl" source (held in memory: SFT sets are small).
+  """
   if data_cfg.source == "stdlib":
     return _file_documents(data_cfg, split)
+  if data_cfg.source == "jsonl":
+    train, validation = sft.read_records(data_cfg.data_dir, data_cfg.validation_fraction)
+    records = (train if split == "train" else validation)[:data_cfg.max_files]
+    return grain.MapDataset.source(records)
   return _tfds_documents(data_cfg, split)
 
 
@@ -197,6 +286,38 @@ def pack_examples(examples: grain.IterDataset, seq_len: int) -> grain.IterDatase
   rows = grain_experimental.ConcatThenSplitIterDataset(
       examples, length_struct={"inputs": seq_len, "targets": seq_len})
   return rows.map(_batch_features)
+
+
+def _chat_features(row: dict[str, np.ndarray]) -> Batch:
+  return {**_batch_features(row), "loss_mask": row["loss_mask"]}
+
+
+def _with_loss_mask(row: Batch) -> Batch:
+  # Text rows in a mixture with chat rows: every target of a document is trained.
+  return {**row, "loss_mask": (row["segment_ids"] != 0).astype(np.int32)}
+
+
+def pack_chat_examples(examples: grain.IterDataset, seq_len: int,
+                       num_bins: int) -> grain.IterDataset:
+  """Returns rows of length `seq_len` first-fit packed from chat examples, none split.
+
+  A record never continues in another row (its reply would lose its prompt); rows end in
+  padding (segment 0) where the next record does not fit. Records are cut to `seq_len` first.
+  """
+  features = ("inputs", "targets", "loss_mask")
+  rows = grain_experimental.FirstFitPackIterDataset(
+      examples, length_struct={k: seq_len for k in features}, num_packing_bins=num_bins,
+      shuffle_bins=False)
+  return rows.map(_chat_features)
+
+
+def _pack(examples: grain.IterDataset, data_cfg: ml_collections.ConfigDict, seq_len: int,
+          loss_mask: bool) -> grain.IterDataset:
+  """Returns the packed rows of a source's examples (chat or text)."""
+  if data_cfg.source == "jsonl":
+    return pack_chat_examples(examples, seq_len, data_cfg.get("sft_packing_bins", 8))
+  rows = pack_examples(examples, seq_len)
+  return rows.map(_with_loss_mask) if loss_mask else rows
 
 
 class _RowShuffleIterator(grain.DatasetIterator):
@@ -287,12 +408,46 @@ class _JsonStateDataset(grain.IterDataset):
     return _JsonStateIterator(self._parent.__iter__())
 
 
-def _examples(docs: grain.MapDataset, data_cfg: ml_collections.ConfigDict) -> grain.IterDataset:
-  """Returns the tokenised documents, read ahead in threads, in order."""
+def _examples(docs: grain.MapDataset, data_cfg: ml_collections.ConfigDict,
+              seq_len: int | None = None) -> grain.IterDataset:
+  """Returns the tokenised documents (chat records cut to `seq_len`), read ahead, in order."""
   tokenizer = tokenizer_lib.make_tokenizer(data_cfg)
-  examples = docs.map(functools.partial(tokenize_document, tokenizer=tokenizer))
+  if data_cfg.source == "jsonl":
+    examples = docs.map(functools.partial(
+        sft.tokenize_record, tokenizer=tokenizer, system_prompts=data_cfg.sft_system_prompts,
+        max_length=seq_len))
+    # A record cut before its reply teaches nothing; drop it rather than pack padding.
+    examples = examples.filter(lambda example: bool(example["loss_mask"].any()))
+  else:
+    examples = docs.map(functools.partial(tokenize_document, tokenizer=tokenizer))
   return examples.to_iter_dataset(grain.ReadOptions(
       num_threads=data_cfg.read_threads, prefetch_buffer_size=data_cfg.read_prefetch))
+
+
+def _train_rows(data_cfg: ml_collections.ConfigDict, *, seq_len: int, seed: int,
+                process_index: int, process_count: int, loss_mask: bool) -> grain.IterDataset:
+  """Returns the endless packed train rows of one source, documents reshuffled every epoch."""
+  docs = load_documents(data_cfg, "train")[process_index::process_count]
+  if not len(docs):
+    _fail("max_files", f"process {process_index} of {process_count} got no train documents",
+          "use more files or fewer processes")
+  if data_cfg.source == "jsonl":
+    _check_replies_fit(docs, data_cfg, seq_len)
+  doc_seed = np.random.SeedSequence(seed).generate_state(2).tolist()[0]
+  examples = _examples(docs.shuffle(seed=doc_seed).repeat(None), data_cfg, seq_len)
+  return _pack(examples, data_cfg, seq_len, loss_mask)
+
+
+def _check_replies_fit(records: grain.MapDataset, data_cfg: ml_collections.ConfigDict,
+                       seq_len: int) -> None:
+  """Fails when none of the first records keeps an assistant token within `seq_len`."""
+  tokenizer = tokenizer_lib.make_tokenizer(data_cfg)
+  for i in range(min(len(records), 64)):
+    example = sft.tokenize_record(records[i], tokenizer, data_cfg.sft_system_prompts, seq_len)
+    if example["loss_mask"].any():
+      return
+  _fail("data_dir", f"no chat record keeps an assistant token within seq_len={seq_len} "
+        "(system prompt and prompt fill the row)", "raise train.seq_len or shorten the prompts")
 
 
 def make_train_iterator(data_cfg: ml_collections.ConfigDict, *, seq_len: int, batch_size: int,
@@ -306,13 +461,20 @@ def make_train_iterator(data_cfg: ml_collections.ConfigDict, *, seq_len: int, ba
   `get_state()` is JSON-serialisable and `set_state()` resumes bit-exactly.
   """
   validate_data_config(data_cfg)
-  docs = load_documents(data_cfg, "train")[process_index::process_count]
-  if not len(docs):
-    _fail("max_files", f"process {process_index} of {process_count} got no train documents",
-          "use more files or fewer processes")
-  doc_seed, window_seed = np.random.SeedSequence(seed).generate_state(2).tolist()
-  examples = _examples(docs.shuffle(seed=doc_seed).repeat(None), data_cfg)
-  rows = pack_examples(examples, seq_len)
+  _, window_seed = np.random.SeedSequence(seed).generate_state(2).tolist()
+  loss_mask = has_loss_mask(data_cfg)
+  if data_cfg.get("mixture"):
+    components = {}
+    for i, (name, (source_cfg, _)) in enumerate(mixture_sources(data_cfg).items()):
+      source_seed = int(np.random.SeedSequence([seed, i]).generate_state(1)[0])
+      components[name] = _train_rows(source_cfg, seq_len=seq_len, seed=source_seed,
+                                     process_index=process_index, process_count=process_count,
+                                     loss_mask=loss_mask)
+    weights = {name: w for name, (_, w) in mixture_sources(data_cfg).items()}
+    rows = grain.IterDataset.mix(components, weights)
+  else:
+    rows = _train_rows(data_cfg, seq_len=seq_len, seed=seed, process_index=process_index,
+                       process_count=process_count, loss_mask=loss_mask)
   if data_cfg.shuffle_window > 1:
     rows = _RowShuffleDataset(rows, window_size=data_cfg.shuffle_window, seed=window_seed)
   batches = rows.batch(batch_size, drop_remainder=True)
@@ -336,10 +498,152 @@ def make_eval_batches(data_cfg: ml_collections.ConfigDict, *, seq_len: int, batc
   segment-0 rows. `max_batches=None` returns the whole split.
   """
   validate_data_config(data_cfg)
+  if data_cfg.get("mixture"):
+    loss_mask = has_loss_mask(data_cfg)
+    return [b for source_cfg, _ in mixture_sources(data_cfg).values()
+            for b in _eval_batches_of(source_cfg, seq_len, batch_size, max_batches,
+                                      process_index, process_count, loss_mask)]
+  return _eval_batches_of(data_cfg, seq_len, batch_size, max_batches, process_index,
+                          process_count, has_loss_mask(data_cfg))
+
+
+def _eval_batches_of(data_cfg: ml_collections.ConfigDict, seq_len: int, batch_size: int,
+                     max_batches: int | None, process_index: int, process_count: int,
+                     loss_mask: bool) -> list[Batch]:
   docs = load_documents(data_cfg, "validation")[process_index::process_count]
   if not len(docs):
     _fail("validation_fraction", f"process {process_index} of {process_count} got no "
           "validation documents", "raise validation_fraction or use more files")
-  rows = pack_examples(_examples(docs, data_cfg), seq_len)
+  rows = _pack(_examples(docs, data_cfg, seq_len), data_cfg, seq_len, loss_mask)
   batches = itertools.islice(rows.batch(batch_size, drop_remainder=False), max_batches)
   return [_pad_rows(batch, batch_size) for batch in batches]
+
+
+def process_shards(num_shards: int, process_index: int, process_count: int) -> range:
+  """Returns the data shards a process reads: a consecutive block of num_shards / process_count."""
+  if num_shards % process_count:
+    _fail("num_shards", f"{num_shards} shards do not split over {process_count} processes",
+          "make num_shards a multiple of the process count (or unset it)")
+  per_process = num_shards // process_count
+  return range(process_index * per_process, (process_index + 1) * per_process)
+
+
+class _ShardsIterator(grain.DatasetIterator):
+  """Concatenates one batch of each of several shard iterators along the batch axis."""
+
+  def __init__(self, shards: dict[int, grain.DatasetIterator]):
+    super().__init__(list(shards.values()))
+    self._shards = shards
+
+  def __next__(self) -> Batch:
+    batches = [next(it) for it in self._shards.values()]
+    return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+
+  def get_state(self) -> dict[str, Any]:
+    return {"shards": {str(s): it.get_state() for s, it in self._shards.items()}}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    saved = state.get("shards", {})
+    missing = [s for s in self._shards if str(s) not in saved]
+    if missing:
+      raise ValueError(f"data state has no entry for shards {missing}; it was saved with "
+                       f"shards {sorted(saved, key=int)}. Fix: resume with the same "
+                       "config.data.num_shards")
+    for s, it in self._shards.items():
+      it.set_state(saved[str(s)])
+
+
+def make_sharded_train_iterator(data_cfg: ml_collections.ConfigDict, *, seq_len: int,
+                                global_batch_size: int, seed: int, num_shards: int,
+                                process_index: int = 0,
+                                process_count: int = 1) -> grain.DatasetIterator:
+  """Returns this process's rows of the global [B, L] train batches.
+
+  The corpus is split into `num_shards` shards of documents (every num_shards-th one); global
+  rows [s * B / S, (s + 1) * B / S) come from shard s. A process reads only its own block of
+  shards, so the global batch is the same whatever the number of processes, and a checkpoint
+  (whose data state holds every shard) resumes on another process count. The state is
+  {"shards": {shard: state}}.
+  """
+  if global_batch_size % num_shards:
+    _fail("num_shards", f"{num_shards} shards do not divide the batch of {global_batch_size}",
+          "use a num_shards that divides train.batch_size")
+  shards = {s: make_train_iterator(data_cfg, seq_len=seq_len,
+                                   batch_size=global_batch_size // num_shards, seed=seed,
+                                   process_index=s, process_count=num_shards)
+            for s in process_shards(num_shards, process_index, process_count)}
+  return _ShardsIterator(shards)
+
+
+def make_sharded_eval_batches(data_cfg: ml_collections.ConfigDict, *, seq_len: int,
+                              global_batch_size: int, max_batches: int | None, num_shards: int,
+                              process_index: int = 0, process_count: int = 1) -> list[Batch]:
+  """Returns this process's rows of the validation batches, shards laid out as in training.
+
+  Shards with fewer batches (a small split may leave a shard none) are padded with all-padding
+  rows, so every batch has every shard's rows; `pad_batches` evens out processes. Returns []
+  when none of this process's shards holds a validation document.
+  """
+  validate_data_config(data_cfg)
+  features = batch_features(data_cfg)
+  if data_cfg.get("mixture"):  # Each source's validation batches in turn.
+    return [b for source_cfg, _ in mixture_sources(data_cfg).values()
+            for b in _sharded_eval_batches_of(source_cfg, seq_len, global_batch_size,
+                                              max_batches, num_shards, process_index,
+                                              process_count, features)]
+  return _sharded_eval_batches_of(data_cfg, seq_len, global_batch_size, max_batches, num_shards,
+                                  process_index, process_count, features)
+
+
+def _sharded_eval_batches_of(data_cfg: ml_collections.ConfigDict, seq_len: int,
+                             global_batch_size: int, max_batches: int | None, num_shards: int,
+                             process_index: int, process_count: int,
+                             features: tuple[str, ...]) -> list[Batch]:
+  docs = load_documents(data_cfg, "validation")
+  rows = global_batch_size // num_shards
+  per_shard = []
+  for s in process_shards(num_shards, process_index, process_count):
+    examples = _examples(docs[s::num_shards], data_cfg, seq_len)
+    packed = _pack(examples, data_cfg, seq_len, "loss_mask" in features)
+    batches = itertools.islice(packed.batch(rows, drop_remainder=False), max_batches)
+    per_shard.append([_pad_rows(batch, rows) for batch in batches])
+  count = max(len(b) for b in per_shard)
+  if not count:
+    return []
+  per_shard = [pad_batches(b, count, rows=rows, seq_len=seq_len, features=features)
+               for b in per_shard]
+  return [{k: np.concatenate([b[i][k] for b in per_shard]) for k in features}
+          for i in range(count)]
+
+
+def pad_batches(batches: list[Batch], count: int, *, rows: int, seq_len: int,
+                features: tuple[str, ...] = _FEATURES) -> list[Batch]:
+  """Returns `batches` followed by all-padding (segment 0) [rows, seq_len] batches up to `count`."""
+  empty = {k: np.zeros((rows, seq_len), np.int32) for k in features}
+  return batches + [empty] * (count - len(batches))
+
+
+class RampedBatches:
+  """Train batches whose size ramps up: step s joins `rows_at(s) / base_rows` base batches.
+
+  Wraps an iterator of fixed `base_rows`-row batches, so the data state (and bitwise resumption)
+  is that of the base iterator; the step number decides how many are drawn.
+  """
+
+  def __init__(self, base: grain.DatasetIterator, *, base_rows: int, rows_at: Any):
+    self._base = base
+    self._base_rows = base_rows
+    self._rows_at = rows_at
+
+  def next_batch(self, step: int) -> Batch:
+    """Returns the (process-local rows of the) batch of optimiser step `step` (from 0)."""
+    batches = [next(self._base) for _ in range(self._rows_at(step) // self._base_rows)]
+    if len(batches) == 1:
+      return batches[0]
+    return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+
+  def get_state(self) -> dict[str, Any]:
+    return self._base.get_state()
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    self._base.set_state(state)

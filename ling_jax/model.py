@@ -5,6 +5,9 @@ Key: B batch, L length, D model dim, V vocabulary.
 Layers are stacked with `nn.scan`, so every layer parameter has a leading layer axis:
 `dense_layers/...` holds the `first_k_dense_replace` leading dense layers and `moe_layers/...` the
 rest. MTP blocks are `mtp_0`, `mtp_1`, ...
+
+Decoding with a KV cache (`init_cache`, `apply_cached`) runs the same layers on a left-padded
+batch: a prefill call writes the prompt's keys and values, then each step writes one token's.
 """
 
 from typing import Any
@@ -16,6 +19,7 @@ import jax.numpy as jnp
 
 from ling_jax import attention
 from ling_jax import config as config_lib
+from ling_jax import fp8
 from ling_jax import layers
 from ling_jax import moe
 
@@ -31,6 +35,7 @@ class Output:
   logits_BLV: jax.Array  # Next-token logits, fp32.
   mtp_logits: tuple[jax.Array, ...]  # Depth-d MTP logits [B, L, V] predict token t + d + 1.
   hidden_BLD: jax.Array  # Trunk output after the final norm.
+  cache: Any = None  # Decoding only: the updated KV cache (see `init_cache`).
 
 
 class DecoderLayer(nn.Module):
@@ -39,17 +44,18 @@ class DecoderLayer(nn.Module):
   use_moe: bool
 
   @nn.compact
-  def __call__(self, x_BLD: jax.Array, positions_BL: jax.Array,
-               segment_ids_BL: jax.Array) -> tuple[jax.Array, None]:
+  def __call__(self, x_BLD: jax.Array, positions_BL: jax.Array, segment_ids_BL: jax.Array,
+               decode: Any = None, cache: Any = None) -> tuple[jax.Array, Any]:
     m = self.m
-    h_BLD = x_BLD + attention.Attention(m, name="attention")(
-        layers.rms_norm(m, "input_norm")(x_BLD), positions_BL, segment_ids_BL)
+    attn_BLD, cache = attention.Attention(m, name="attention")(
+        layers.rms_norm(m, "input_norm")(x_BLD), positions_BL, segment_ids_BL, decode, cache)
+    h_BLD = x_BLD + attn_BLD
     ffn_in_BLD = layers.rms_norm(m, "post_attention_norm")(h_BLD)
     if self.use_moe:
       ffn_BLD = moe.MoE(m, name="mlp")(ffn_in_BLD, segment_ids_BL != 0)
     else:
       ffn_BLD = layers.SwiGLU(m, m.intermediate_size, name="mlp")(ffn_in_BLD)
-    return h_BLD + ffn_BLD, None
+    return h_BLD + ffn_BLD, cache
 
 
 def _layer_class(m: Any) -> type[nn.Module]:
@@ -59,12 +65,12 @@ def _layer_class(m: Any) -> type[nn.Module]:
 
 
 def _stack(m: Any, use_moe: bool, length: int, name: str) -> nn.Module:
-  """Returns `length` decoder layers scanned over a leading layer axis."""
+  """Returns `length` decoder layers scanned over a leading layer axis (caches too)."""
   return nn.scan(
       _layer_class(m),
-      variable_axes={"params": 0, moe.STATE: 0, moe.STATS: 0},
+      variable_axes={"params": 0, moe.STATE: 0, moe.STATS: 0, fp8.PROBES: 0},
       split_rngs={"params": True},
-      in_axes=(nn.broadcast, nn.broadcast),
+      in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0),
       length=length,
   )(m, use_moe, name=name)
 
@@ -97,18 +103,30 @@ class Ling2(nn.Module):
 
   @nn.compact
   def __call__(self, inputs_BL: jax.Array, positions_BL: jax.Array, segment_ids_BL: jax.Array,
-               targets_BL: jax.Array | None = None) -> Output:
+               targets_BL: jax.Array | None = None, cache: Any = None) -> Output:
+    """Full-sequence pass, or with `cache` a decoding pass that returns logits [B, 1, V] of the
+    last position only (with left padding, every row's newest token) and the updated cache."""
     m = self.m
+    decode = new_cache = None
+    if cache is not None:
+      segment_ids_BS = jax.lax.dynamic_update_slice(
+          cache["segment_ids_BS"], segment_ids_BL.astype(jnp.int32), (0, cache["index"]))
+      decode = {"index": cache["index"], "segment_ids_BS": segment_ids_BS}
+      new_cache = {"index": cache["index"] + inputs_BL.shape[1],
+                   "segment_ids_BS": segment_ids_BS}
     dtype, param_dtype = config_lib.dtype_of(m.dtype), config_lib.dtype_of(m.param_dtype)
     embed = nn.Embed(m.vocab_size, m.hidden_size, embedding_init=layers.kernel_init(m),
                      dtype=dtype, param_dtype=param_dtype, name="embed")
     x_BLD = embed(inputs_BL)
-    if m.first_k_dense_replace:
-      x_BLD, _ = _stack(m, False, m.first_k_dense_replace, "dense_layers")(
-          x_BLD, positions_BL, segment_ids_BL)
-    if config_lib.num_moe_layers(m):
-      x_BLD, _ = _stack(m, True, config_lib.num_moe_layers(m), "moe_layers")(
-          x_BLD, positions_BL, segment_ids_BL)
+    for use_moe, length, name in ((False, m.first_k_dense_replace, "dense_layers"),
+                                  (True, config_lib.num_moe_layers(m), "moe_layers")):
+      if length:
+        x_BLD, layer_cache = _stack(m, use_moe, length, name)(
+            x_BLD, positions_BL, segment_ids_BL, decode, None if cache is None else cache[name])
+        if cache is not None:
+          new_cache[name] = layer_cache
+    if cache is not None:
+      x_BLD = x_BLD[:, -1:]
     hidden_BLD = layers.rms_norm(m, "final_norm")(x_BLD)
     lm_head = layers.dense(m, m.vocab_size, "lm_head")
     logits_BLV = lm_head(hidden_BLD).astype(jnp.float32)
@@ -122,7 +140,7 @@ class Ling2(nn.Module):
         h_BLD = MTPLayer(m, name=f"mtp_{depth}")(h_BLD, next_embed_BLD, positions_BL,
                                                  segment_ids_BL)
         mtp_logits.append(lm_head(h_BLD).astype(jnp.float32))
-    return Output(logits_BLV, tuple(mtp_logits), hidden_BLD)
+    return Output(logits_BLV, tuple(mtp_logits), hidden_BLD, new_cache)
 
 
 def init_variables(m: Any, rng: jax.Array, batch: int = 1, length: int = 8) -> dict:
@@ -134,9 +152,36 @@ def init_variables(m: Any, rng: jax.Array, batch: int = 1, length: int = 8) -> d
 
 
 def apply(m: Any, variables: dict, inputs_BL: jax.Array, positions_BL: jax.Array,
-          segment_ids_BL: jax.Array, targets_BL: jax.Array | None = None) -> tuple[Output, dict]:
+          segment_ids_BL: jax.Array, targets_BL: jax.Array | None = None,
+          cache: dict | None = None) -> tuple[Output, dict]:
   """Runs the model; returns its outputs and the `moe_stats` (token counts, z-losses)."""
   out, mutated = Ling2(m).apply(
       {k: v for k, v in variables.items() if k != moe.STATS},
-      inputs_BL, positions_BL, segment_ids_BL, targets_BL, mutable=[moe.STATS])
+      inputs_BL, positions_BL, segment_ids_BL, targets_BL, cache, mutable=[moe.STATS])
   return out, mutated.get(moe.STATS, {})
+
+
+def init_cache(m: Any, batch: int, max_length: int, dtype: Any = None) -> dict:
+  """Returns an empty KV cache of `max_length` slots for `batch` rows, in the activation dtype.
+
+  Layout: `index` (the next slot to write, int32), `segment_ids_BS` (0 = padding or unwritten)
+  and, per layer stack, `{"k", "v"}` of shape [layers, B, S, K, H].
+  """
+  dtype = dtype or config_lib.dtype_of(m.dtype)
+  cache = {"index": jnp.zeros((), jnp.int32),
+           "segment_ids_BS": jnp.zeros((batch, max_length), jnp.int32)}
+  kv_shape = (batch, max_length, m.num_key_value_heads, m.head_dim)
+  for length, name in ((m.first_k_dense_replace, "dense_layers"),
+                       (config_lib.num_moe_layers(m), "moe_layers")):
+    if length:
+      cache[name] = {"k": jnp.zeros((length, *kv_shape), dtype),
+                     "v": jnp.zeros((length, *kv_shape), dtype)}
+  return cache
+
+
+def apply_cached(m: Any, variables: dict, inputs_BL: jax.Array, positions_BL: jax.Array,
+                 segment_ids_BL: jax.Array, cache: dict) -> tuple[jax.Array, dict]:
+  """Writes the tokens' keys and values at the cache's next slots; returns the logits [B, V]
+  of the last position and the updated cache. Rows must be left-padded (segment id 0)."""
+  out, _ = apply(m, variables, inputs_BL, positions_BL, segment_ids_BL, cache=cache)
+  return out.logits_BLV[:, -1], out.cache

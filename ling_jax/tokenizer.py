@@ -3,8 +3,16 @@
 Both kinds share one small interface (`Tokenizer`): `encode(text)` gives int32 ids without
 specials, `decode(ids)` drops specials, and `bos_id`, `eos_id`, `vocab_size` say how to frame
 documents and size the embedding. `make_tokenizer(config.data)` picks one.
+
+`HFTokenizer.from_model_dir(dir)` loads a released model's tokenizer (tokenizer.json, its
+special tokens from tokenizer_config.json and the stop tokens from generation_config.json), and
+`render_chat` writes the Ling 2.0 chat format the released chat models were tuned on:
+
+    <role>SYSTEM</role>...<|role_end|><role>HUMAN</role>...<|role_end|><role>ASSISTANT</role>
 """
 
+import json
+import os
 import pathlib
 from typing import Any
 from typing import Protocol
@@ -49,16 +57,81 @@ class ByteTokenizer:
     return ids[ids < 256].astype(np.uint8).tobytes().decode("utf-8", errors="replace")
 
 
+ROLE_END = "<|role_end|>"
+# Chat roles to the role names of the Ling 2.0 chat format.
+CHAT_ROLES = {"system": "SYSTEM", "user": "HUMAN", "assistant": "ASSISTANT",
+              "tool": "OBSERVATION"}
+
+
+def render_chat(messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+  """Returns `messages` ({"role", "content"} dicts) in the Ling 2.0 chat format.
+
+  Each message is `<role>ROLE</role>content<|role_end|>` (user is HUMAN); with
+  `add_generation_prompt` the text ends with `<role>ASSISTANT</role>` for the reply, which the
+  model ends with `<|role_end|>`.
+  """
+  parts = []
+  for i, message in enumerate(messages):
+    role = CHAT_ROLES.get(str(message.get("role", "")).lower())
+    if role is None:
+      config_lib.fail(f"messages[{i}].role", f"{message.get('role')!r} is not a chat role",
+                      f"use one of {sorted(CHAT_ROLES)}")
+    parts.append(f"<role>{role}</role>{message.get('content', '')}{ROLE_END}")
+  if add_generation_prompt:
+    parts.append("<role>ASSISTANT</role>")
+  return "".join(parts)
+
+
+def _token_text(value: Any) -> str | None:
+  """Returns the text of a tokenizer_config.json token entry (a string or an AddedToken dict)."""
+  return value.get("content") if isinstance(value, dict) else value
+
+
 class HFTokenizer:
   """Wraps a Hugging Face `tokenizers` tokenizer.json behind the `Tokenizer` interface."""
 
   def __init__(self, path: str, *, bos_token: str | None = None,
-               eos_token: str | None = None):
+               eos_token: str | None = None, stop_ids: tuple[int, ...] = ()):
     self.path = str(path)
     self._tokenizer = tokenizers.Tokenizer.from_file(self.path)
     self.vocab_size = self._tokenizer.get_vocab_size(with_added_tokens=True)
     self.bos_id = self._special_id(bos_token, _BOS_CANDIDATES, "bos_token")
     self.eos_id = self._special_id(eos_token, _EOS_CANDIDATES, "eos_token")
+    # Tokens that end a generated reply (EOS, and the chat format's <|role_end|>).
+    role_end = self._tokenizer.token_to_id(ROLE_END)
+    extra = () if role_end is None else (role_end,)
+    self.stop_ids = tuple(dict.fromkeys((*stop_ids, self.eos_id, *extra)))
+
+  @classmethod
+  def from_model_dir(cls, model_dir: str) -> "HFTokenizer":
+    """Returns the tokenizer of a released model directory (tokenizer.json and its configs)."""
+    path = os.path.join(model_dir, "tokenizer.json")
+    if not os.path.exists(path):
+      raise config_lib.ConfigError(f"{path} does not exist. Fix: copy the released "
+                                   "tokenizer.json into the model directory.")
+    special: dict[str, Any] = {}
+    config_path = os.path.join(model_dir, "tokenizer_config.json")
+    if os.path.exists(config_path):
+      with open(config_path) as f:
+        special = json.load(f)
+      template = special.get("chat_template")
+      if isinstance(template, str) and "<role>" not in template:
+        raise config_lib.ConfigError(
+            f"{config_path}: its chat_template is not the Ling 2.0 format (<role>...</role>). "
+            "Fix: render prompts yourself and call encode().")
+    stop_ids: tuple[int, ...] = ()
+    generation_path = os.path.join(model_dir, "generation_config.json")
+    if os.path.exists(generation_path):
+      with open(generation_path) as f:
+        eos = json.load(f).get("eos_token_id")
+      stop_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+    return cls(path, bos_token=_token_text(special.get("bos_token")),
+               eos_token=_token_text(special.get("eos_token")), stop_ids=stop_ids)
+
+  def encode_chat(self, messages: list[dict[str, str]],
+                  add_generation_prompt: bool = True) -> np.ndarray:
+    """Returns the ids of `messages` in the Ling 2.0 chat format (specials as single ids)."""
+    return self.encode(render_chat(messages, add_generation_prompt))
 
   def _special_id(self, token: str | None, candidates: tuple[str, ...], field: str) -> int:
     """Returns the id of `token`, or of the first candidate the file declares special."""

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import optax
 from flax import traverse_util
 
+from ling_jax import fp8
 from ling_jax import model as model_lib
 from ling_jax import moe
 from ling_jax import router
@@ -90,12 +91,10 @@ def loss_masks(batch: dict, depth: int) -> jax.Array:
   """
   seg_BL = batch["segment_ids"]
   mask_BL = seg_BL != 0
-  if "loss_mask" in batch:
-    mask_BL &= batch["loss_mask"] != 0
   if depth:
     mask_BL &= model_lib.shift_left(seg_BL, depth) == seg_BL
-    if "loss_mask" in batch:
-      mask_BL &= model_lib.shift_left(batch["loss_mask"], depth) != 0
+  if "loss_mask" in batch:  # Whether this depth's target (targets[t + depth]) is trained.
+    mask_BL &= model_lib.shift_left(batch["loss_mask"], depth) != 0
   return mask_BL.astype(jnp.float32)
 
 
@@ -105,13 +104,17 @@ def _stats_sum(stats: dict, name: str) -> jax.Array:
 
 
 def loss_fn(params: Any, moe_state: Any, batch: dict, denominators: jax.Array, m: Any,
-            t: Any) -> tuple[jax.Array, dict]:
+            t: Any, fp8_probes: Any = None) -> tuple[jax.Array, dict]:
   """Returns the training loss of one micro-batch and its metrics.
 
   Losses are sums divided by the token counts of the WHOLE (accumulated) batch, so that summing
-  micro-batch gradients gives exactly the full-batch gradient.
+  micro-batch gradients gives exactly the full-batch gradient. `fp8_probes` (FP8 runs only):
+  the zero probes whose gradients are the FP8 gradient metrics (ling_jax/fp8.py).
   """
-  out, stats = model_lib.apply(m, {"params": params, moe.STATE: moe_state}, batch["inputs"],
+  variables = {"params": params, moe.STATE: moe_state}
+  if fp8_probes:
+    variables[fp8.PROBES] = fp8_probes
+  out, stats = model_lib.apply(m, variables, batch["inputs"],
                                batch["positions"], batch["segment_ids"], batch["targets"])
   ce = cross_entropy_sum(out.logits_BLV, batch["targets"], loss_masks(batch, 0))
   loss = ce / denominators[0]
@@ -128,8 +131,19 @@ def loss_fn(params: Any, moe_state: Any, batch: dict, denominators: jax.Array, m
   loss += t.router_z_loss_coef * z_loss
   counts = {k[:-1] + ("expert_bias",): v
             for k, v in traverse_util.flatten_dict(stats).items() if k[-1] == "counts"}
-  return loss, {"ce": ce / denominators[0], "mtp_ce": mtp_ce, "z_loss": z_loss,
-                "counts": traverse_util.unflatten_dict(counts)}
+  aux = {"ce": ce / denominators[0], "mtp_ce": mtp_ce, "z_loss": z_loss,
+         "counts": traverse_util.unflatten_dict(counts)}
+  if fp8.enabled(m):
+    aux["fp8_stats"] = stats
+  return loss, aux
+
+
+def _zero_fp8_probes(m: Any) -> Any:
+  """The model's FP8 gradient probes, all zero; {} without FP8."""
+  if not fp8.enabled(m):
+    return {}
+  shapes = jax.eval_shape(lambda: model_lib.init_variables(m, jax.random.key(0)))
+  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes.get(fp8.PROBES, {}))
 
 
 def _split_micro(batch: dict, num_micro: int) -> dict:
@@ -144,16 +158,23 @@ def accumulate_gradients(state: TrainState, batch: dict, *, m: Any,
   depths = 1 + m.num_nextn_predict_layers
   denominators = jnp.stack([jnp.maximum(jnp.sum(loss_masks(batch, d)), 1.0)
                             for d in range(depths)])
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  probes = _zero_fp8_probes(m)
+  grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 6), has_aux=True)
+
+  def micro_loss(micro_batch):
+    (loss, aux), (grads, probe_grads) = grad_fn(
+        state.params, state.moe_state, micro_batch, denominators, m, t, probes)
+    if "fp8_stats" in aux:  # FP8 safeguard metrics, averaged over the micro-batches.
+      aux["fp8"] = jax.tree.map(lambda v: v / num_micro,
+                                fp8.summarize(aux.pop("fp8_stats"), probe_grads))
+    return loss, aux, grads
 
   def micro_step(carry, micro_batch):
-    (loss, aux), grads = grad_fn(state.params, state.moe_state, micro_batch, denominators, m, t)
-    return jax.tree.map(jnp.add, carry, (loss, aux, grads)), None
+    return jax.tree.map(jnp.add, carry, micro_loss(micro_batch)), None
 
   micro_batches = _split_micro(batch, num_micro)
   aux_shapes = jax.eval_shape(
-      lambda: loss_fn(state.params, state.moe_state, jax.tree.map(lambda x: x[0], micro_batches),
-                      denominators, m, t)[1])
+      lambda: micro_loss(jax.tree.map(lambda x: x[0], micro_batches))[1])
   init = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype),
                       (jax.ShapeDtypeStruct((), jnp.float32), aux_shapes, state.params))
   (loss, aux, grads), _ = jax.lax.scan(micro_step, init, micro_batches)
@@ -168,6 +189,12 @@ def train_step(state: TrainState, batch: dict, *, m: Any, t: Any) -> tuple[Train
   whose loss or gradients are not finite leaves params, optimiser state and expert bias unchanged.
   """
   loss, aux, grads = accumulate_gradients(state, batch, m=m, t=t)
+  return apply_gradients(state, loss, aux, grads, t=t)
+
+
+def apply_gradients(state: TrainState, loss: jax.Array, aux: dict, grads: Any, *,
+                    t: Any) -> tuple[TrainState, dict]:
+  """Returns the state after the optimiser and expert-bias updates from `accumulate_gradients`."""
   grad_norm = optax.global_norm(grads)
   # One scalar test: a NaN or Inf anywhere in the gradients makes their norm non-finite.
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -193,6 +220,7 @@ def train_step(state: TrainState, batch: dict, *, m: Any, t: Any) -> tuple[Train
                         if violations else jnp.zeros(())),
       "skipped": (~finite).astype(jnp.int32), "nan_streak": new_state.nan_streak,
       "tokens": aux["tokens"],
+      **aux.get("fp8", {}),  # FP8 safeguards: fp8_{act,weight,grad}_{underflow,cos}[_max|_min]
       # Tokens per expert of every MoE layer (MTP blocks last), for load heatmaps.
       "expert_load": (jnp.concatenate([c.reshape(-1, c.shape[-1])
                                        for c in jax.tree.leaves(aux["counts"])])

@@ -14,8 +14,11 @@ from flax import traverse_util
 from ling_jax import checkpoint as checkpoint_lib
 from ling_jax import config as config_lib
 from ling_jax import data as data_lib
+from ling_jax import layers
 from ling_jax import metrics as metrics_lib
+from ling_jax import phases
 from ling_jax import scaling
+from ling_jax import sharding
 from ling_jax import tokenizer as tokenizer_lib
 from ling_jax import train as train_lib
 
@@ -33,10 +36,15 @@ def validate_config(config: Any) -> None:
     if not isinstance(t[field], int) or t[field] <= 0:
       config_lib.fail(f"train.{field}", f"must be a positive integer, got {t[field]!r}",
                       "set it > 0")
-  if t.batch_size % (t.grad_accum_steps * jax.process_count()):
+  if t.batch_size % t.grad_accum_steps:
     config_lib.fail("train.batch_size", f"{t.batch_size} sequences do not split into "
-          f"{t.grad_accum_steps} micro-batches on {jax.process_count()} processes",
-          "make batch_size a multiple of grad_accum_steps * process count")
+          f"{t.grad_accum_steps} micro-batches", "make batch_size a multiple of grad_accum_steps")
+  sharding.validate_mesh_config(_with_mesh(config), jax.device_count())
+  num_shards = data_shards(config)
+  if t.batch_size % num_shards or num_shards % jax.process_count():
+    config_lib.fail("data.num_shards", f"{num_shards} data shards must divide "
+                    f"train.batch_size={t.batch_size} and be a multiple of the "
+                    f"{jax.process_count()} processes", "pick a num_shards that does both")
   if t.warmup_steps < 0 or t.learning_rate <= 0:
     config_lib.fail("train.learning_rate", "needs learning_rate > 0 and warmup_steps >= 0",
           "fix the schedule fields")
@@ -46,6 +54,67 @@ def validate_config(config: Any) -> None:
     config_lib.fail("train.seq_len", f"{t.seq_len} exceeds max_position_embeddings="
           f"{config.model.max_position_embeddings}", "shorten seq_len or raise the model's limit")
   data_lib.validate_data_config(config.data)
+  layers.validate_rope_scaling(config.model)
+  phases.validate_phase_config(config)
+  base_rows = phases.base_batch_size(t)
+  if base_rows != t.batch_size:  # A batch-size ramp: every step size must shard like the full.
+    shards = sharding.num_batch_shards(sharding.mesh_shape(_with_mesh(config).mesh,
+                                                           jax.device_count()))
+    if base_rows % (num_shards * shards) or base_rows % t.grad_accum_steps:
+      config_lib.fail("train.batch_size_ramp_start", f"{base_rows} sequences do not split "
+                      f"over the {num_shards} data shards, the {shards} batch shards of the "
+                      f"mesh and the {t.grad_accum_steps} micro-batches",
+                      "make it a multiple of all three")
+
+
+def _with_mesh(config: Any) -> Any:
+  """Returns `config`, given the default `mesh` if it has none (configs saved before meshes)."""
+  if "mesh" not in config:
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.mesh = sharding.default_mesh_config()
+  return config
+
+
+def data_shards(config: Any) -> int:
+  """Returns the number of data shards: `config.data.num_shards`, else one per process."""
+  return config.data.get("num_shards") or jax.process_count()
+
+
+def _global_data_state(train_iter: Any) -> dict[str, Any]:
+  """Returns the data state of every shard, collected from every process."""
+  state = train_iter.get_state()
+  if jax.process_count() == 1:
+    return state
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
+  encoded = np.frombuffer(json.dumps(state).encode(), np.uint8)
+  lengths = multihost_utils.process_allgather(np.int32(encoded.size))
+  padded = np.zeros(int(np.max(lengths)), np.uint8)
+  padded[:encoded.size] = encoded
+  gathered = multihost_utils.process_allgather(padded)
+  shards = {}
+  for row, length in zip(gathered, lengths):
+    shards.update(json.loads(bytes(row[:int(length)]).decode())["shards"])
+  return {"shards": shards}
+
+
+def _eval_batches(config: Any, mesh: Any) -> list[dict[str, jax.Array]]:
+  """Returns the validation batches as global arrays; every process gets the same count."""
+  t = config.train
+  local = data_lib.make_sharded_eval_batches(
+      config.data, seq_len=t.seq_len, global_batch_size=t.batch_size,
+      max_batches=t.eval_batches, num_shards=data_shards(config),
+      process_index=jax.process_index(), process_count=jax.process_count())
+  count = len(local)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    count = int(np.max(multihost_utils.process_allgather(np.int32(count))))
+  if not count:
+    config_lib.fail("data.validation_fraction", "the validation split holds no document",
+                    "raise validation_fraction or use more files")
+  local = data_lib.pad_batches(local, count, rows=t.batch_size // jax.process_count(),
+                               seq_len=t.seq_len, features=data_lib.batch_features(config.data))
+  return [sharding.global_batch(batch, mesh) for batch in local]
 
 
 def model_signature(state: train_lib.TrainState) -> dict[str, Any]:
@@ -63,6 +132,7 @@ def _evaluate(eval_fn, params: Any, moe_state: Any, batches: list[dict]) -> dict
   result = {"val_loss": totals["ce_sum"] / max(totals["tokens"], 1.0)}
   # With the byte tokenizer a token is a byte, so bits per token are bits per byte.
   result["val_bits_per_token"] = train_lib.bits(result["val_loss"])
+  result["val_tokens"] = totals["tokens"]  # Tokens scored (assistant tokens only for SFT).
   if "mtp_ce_sum" in totals:
     result["val_mtp_loss"] = totals["mtp_ce_sum"] / max(totals["mtp_tokens"], 1.0)
   return result
@@ -85,23 +155,27 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
     config_lib.fail("model.vocab_size",
                     f"{m.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size} ids",
                     f"set --config.model.vocab_size={tokenizer.vocab_size} or larger")
+  config = _with_mesh(config)
+  mesh = sharding.make_mesh(config.mesh)
   # Data first: a bad source fails here, before the workdir is touched.
-  train_iter = data_lib.make_train_iterator(
-      config.data, seq_len=t.seq_len, batch_size=t.batch_size // jax.process_count(),
-      seed=t.seed, process_index=jax.process_index(), process_count=jax.process_count())
-  eval_batches = data_lib.make_eval_batches(
-      config.data, seq_len=t.seq_len, batch_size=t.batch_size // jax.process_count(),
-      max_batches=t.eval_batches, process_index=jax.process_index(),
-      process_count=jax.process_count())
+  # One draw per step of the ramped batch size (phases.batch_size_at; fixed without a ramp).
+  train_iter = phases.make_train_batches(config, data_shards(config))
+  eval_batches = _eval_batches(config, mesh)
   os.makedirs(workdir, exist_ok=True)
-  target = abstract_state(config)
+  target = abstract_state(config, mesh)
+  state_shardings = jax.tree.map(lambda x: x.sharding, target)
   ckpt = checkpoint_lib.Checkpointer(workdir, save_every=t.checkpoint_every,
                                      keep=t.keep_checkpoints,
                                      model_signature=model_signature(target))
   restored = ckpt.restore_latest(target)  # Raises for another model's workdir.
-  if restored is None:
+  if restored is None and t.get("init_from"):  # A phase starting from the previous one.
+    with jax.set_mesh(mesh):
+      step, state = 0, phases.init_from_previous(config, target, state_shardings,
+                                                 model_signature(target))
+  elif restored is None:
     init_fn = functools.partial(train_lib.init_state, m, t, jax.random.key(t.seed))
-    step, state = 0, jax.jit(init_fn)()
+    with jax.set_mesh(mesh):
+      step, state = 0, jax.jit(init_fn, out_shardings=state_shardings)()
     metrics_lib.log("Starting from scratch in %s", workdir)
   else:
     step, state, data_state = restored
@@ -111,21 +185,31 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
 
-  step_fn = jax.jit(functools.partial(train_lib.train_step, m=m, t=t), donate_argnums=0)
-  eval_fn = jax.jit(functools.partial(train_lib.eval_step, m=m))
+  batch_sharding, replicated = sharding.batch_sharding(mesh), sharding.replicated(mesh)
+  step_fn = jax.jit(functools.partial(train_lib.train_step, m=m, t=t),
+                    in_shardings=(state_shardings, batch_sharding),
+                    out_shardings=(state_shardings, replicated), donate_argnums=0)
+  eval_fn = jax.jit(functools.partial(train_lib.eval_step, m=m),
+                    in_shardings=(state_shardings.params, state_shardings.moe_state,
+                                  batch_sharding), out_shardings=replicated)
   writer = metrics_lib.MetricWriter(workdir, enabled=jax.process_index() == 0)
   flops_per_step = scaling.flops_per_token(m, t.seq_len) * t.batch_size * t.seq_len
   peak = scaling.peak_flops_per_device(jax.devices()[0].device_kind, t.peak_tflops)
-  metrics_lib.log("Model: %s; %.3g FLOPs/token; peak/device %s", config.variant,
-                  flops_per_step / (t.batch_size * t.seq_len),
+  metrics_lib.log("Model: %s; %.3g FLOPs/token; peak/device %s; mesh %s over %d processes",
+                  config.variant, flops_per_step / (t.batch_size * t.seq_len),
                   f"{peak / 1e12:.0f} TFLOP/s" if peak else "unknown (MFU n/a; set "
-                  "--config.train.peak_tflops)")
+                  "--config.train.peak_tflops)",
+                  " x ".join(f"{k}={v}" for k, v in mesh.shape.items()), jax.process_count())
+
+  def save(force: bool = False) -> None:
+    if force or ckpt.is_due(step):  # Every process takes part in gathering the data state.
+      ckpt.save(step, state, data_state=_global_data_state(train_iter), force=force)
 
   final: dict[str, float] = {}
   first_step, last_time, last_step, pending = step, time.time(), step, None
-  with checkpoint_lib.install_preemption_handler() as preempted:
+  with checkpoint_lib.install_preemption_handler() as preempted, jax.set_mesh(mesh):
     while step < t.num_steps:
-      batch = next(train_iter)
+      batch = sharding.global_batch(train_iter.next_batch(step), mesh)
       state, step_metrics = step_fn(state, batch)
       step += 1
       # Check the previous step's streak: reading it does not wait on the step just queued.
@@ -145,9 +229,12 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
         now = time.time()
         sec_per_step = (now - last_time) / max(step - last_step, 1)
         last_time, last_step = now, step
-        scalars["tokens_per_sec"] = t.batch_size * t.seq_len / sec_per_step
-        scalars["mfu"] = (flops_per_step / sec_per_step / (peak * jax.device_count())
-                          if peak else None)
+        rows = phases.batch_size_at(t, step - 1)  # Below batch_size during a ramp.
+        if t.get("batch_size_ramp_start"):
+          scalars["batch_size"] = float(rows)
+        scalars["tokens_per_sec"] = rows * t.seq_len / sec_per_step
+        scalars["mfu"] = (flops_per_step * rows / t.batch_size / sec_per_step
+                          / (peak * jax.device_count()) if peak else None)
         scalars["nan_skips"] = float(state.nan_skips)
         scalars["eta_sec"] = sec_per_step * (t.num_steps - step)
         metrics_lib.log("%s", metrics_lib.progress_line(step, t.num_steps, scalars))
@@ -160,30 +247,39 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
         writer.write(step, result)
         final.update(result)
         last_time = time.time()  # Keep evaluation out of the throughput figures.
-      ckpt.save(step, state, data_state=train_iter.get_state())
+      save()
       if preempted():
-        ckpt.save(step, state, data_state=train_iter.get_state(), force=True)
+        save(force=True)
         ckpt.wait()
         metrics_lib.log("Stopped by a signal at step %d; checkpoint saved. Run the same "
                         "command to resume.", step)
         break
     else:
-      ckpt.save(step, state, data_state=train_iter.get_state(), force=True)
+      save(force=True)
   ckpt.close()
   writer.close()
   if step == first_step and step >= t.num_steps:  # A finished run started again.
     metrics_lib.log("Nothing to train: %s is already at step %d of %d", workdir, step,
                     t.num_steps)
-    final.update(_evaluate(eval_fn, state.params, state.moe_state, eval_batches))
+    with jax.set_mesh(mesh):
+      final.update(_evaluate(eval_fn, state.params, state.moe_state, eval_batches))
   final["step"] = step
   final["nan_skips"] = float(np.asarray(state.nan_skips))
   return final
 
 
-def abstract_state(config: Any) -> train_lib.TrainState:
-  """Returns the ShapeDtypeStructs of the train state of `config`, for restoring."""
-  return jax.eval_shape(functools.partial(train_lib.init_state, config.model, config.train,
-                                          jax.random.key(config.train.seed)))
+def abstract_state(config: Any, mesh: Any = None) -> train_lib.TrainState:
+  """Returns the ShapeDtypeStructs of the train state of `config`, for restoring.
+
+  With a mesh, each carries its sharding, so that a checkpoint restores straight into that
+  layout, whatever the mesh it was saved from.
+  """
+  shapes = jax.eval_shape(functools.partial(train_lib.init_state, config.model, config.train,
+                                            jax.random.key(config.train.seed)))
+  if mesh is None:
+    return shapes
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      shapes, sharding.tree_shardings(shapes, mesh))
 
 
 def evaluate_params(config: Any, params: Any, moe_state: Any) -> dict[str, float]:

@@ -280,3 +280,47 @@ def test_tfds_source_reads_local_array_record_builder(tmp_path):
   cfg.update(source="tfds:ling_jax_tiny_text", tfds_eval_split="test")
   with pytest.raises(ValueError, match="config.data.source: cannot read split 'test'"):
     data.make_eval_batches(cfg, seq_len=16, batch_size=2, max_batches=1)
+
+
+def test_sharded_batches_do_not_depend_on_the_process_count(tmp_path):
+  _write_corpus(tmp_path)
+  cfg = _cfg(tmp_path)
+  make = functools.partial(data.make_sharded_train_iterator, cfg, seq_len=16,
+                           global_batch_size=4, seed=1, num_shards=2)
+  one = make()
+  two = [make(process_index=p, process_count=2) for p in (0, 1)]
+  for _ in range(5):
+    whole = next(one)
+    halves = [next(it) for it in two]
+    for k in _KEYS:
+      np.testing.assert_array_equal(whole[k], np.concatenate([h[k] for h in halves]))
+  # The two processes' states together resume the one-process iterator, and vice versa.
+  merged = {"shards": {**two[0].get_state()["shards"], **two[1].get_state()["shards"]}}
+  resumed = make()
+  resumed.set_state(json.loads(json.dumps(merged)))
+  back = make(process_index=1, process_count=2)
+  back.set_state(json.loads(json.dumps(one.get_state())))
+  want = next(one)
+  np.testing.assert_array_equal(next(resumed)["inputs"], want["inputs"])
+  np.testing.assert_array_equal(next(back)["inputs"], want["inputs"][2:])
+  with pytest.raises(ValueError, match="num_shards"):
+    make(num_shards=4).set_state(merged)
+
+
+def test_sharded_eval_batches_cover_every_shard(tmp_path):
+  _write_corpus(tmp_path, num_files=40)
+  cfg = _cfg(tmp_path, validation_fraction=0.5)
+  make = functools.partial(data.make_sharded_eval_batches, cfg, seq_len=16, global_batch_size=4,
+                           max_batches=None, num_shards=2)
+  whole = make()
+  halves = [make(process_index=p, process_count=2) for p in (0, 1)]
+  assert len(whole) == max(len(h) for h in halves)
+  assert len(halves[0]) != len(halves[1])  # The trainer evens out processes like this:
+  halves = [data.pad_batches(h, len(whole), rows=2, seq_len=16) for h in halves]
+  for k in _KEYS:
+    np.testing.assert_array_equal(
+        np.concatenate([b[k] for b in whole]),
+        np.concatenate([np.concatenate([h[i][k] for h in halves])
+                        for i in range(len(halves[0]))]))
+  with pytest.raises(ValueError, match="num_shards"):
+    make(num_shards=3, process_count=2)

@@ -223,3 +223,96 @@ def test_expert_ids_past_the_last_expert_are_dropped():
   kept_TK = np.where(ids_TK < e, weights_TK, 0.0)
   y_ref = _np_expert_ffn(x_TD, ids_TK, kept_TK, w_gate_up_EDF2, w_down_EFD)
   np.testing.assert_allclose(y_TD, y_ref, rtol=1e-5, atol=1e-5)
+
+
+# --- The Pallas Mosaic GPU row kernels (kernels/permute_mgpu.py) under Pallas's GPU interpreter.
+
+def _interpret():
+  from jax.experimental.pallas import mosaic_gpu as plgpu
+  return plgpu.InterpretGPUParams()
+
+
+@pytest.mark.parametrize("num_sms", [1, 3, 5])
+def test_gather_rows_kernel_matches_numpy(num_sms):
+  """Repeated and skipped source rows; with 5 SMs and 4 blocks one SM has no block at all."""
+  from kernels import permute_mgpu
+  rng = np.random.default_rng(num_sms)
+  x_ND = jnp.asarray(rng.standard_normal((24, 128)), jnp.bfloat16)
+  rows_M = jnp.asarray(rng.integers(0, 24, 32), jnp.int32)
+  cfg = permute_mgpu.PermuteConfig(block=8, stages=2)
+  out = permute_mgpu.gather_rows(x_ND, rows_M, config=cfg, interpret=_interpret(),
+                                 num_sms=num_sms)
+  np.testing.assert_array_equal(np.asarray(out), np.asarray(x_ND)[np.asarray(rows_M)])
+
+
+def test_combine_rows_kernel_matches_fp64_weighted_sum():
+  from kernels import permute_mgpu
+  t, k, d = 12, 3, 256
+  rng = np.random.default_rng(0)
+  y_MD = jnp.asarray(rng.standard_normal((t * k, d)), jnp.bfloat16)
+  rows_M = jnp.asarray(rng.permutation(t * k), jnp.int32)
+  weights_TK = jnp.asarray(rng.uniform(0.1, 1.0, (t, k)), jnp.float32)
+  out = permute_mgpu.combine_rows(y_MD, rows_M, weights_TK, interpret=_interpret(), num_sms=3,
+                                  config=permute_mgpu.PermuteConfig(block=2, stages=3))
+  chex.assert_type(out, jnp.bfloat16)
+  y64 = np.asarray(y_MD, np.float64)[np.asarray(rows_M)].reshape(t, k, d)
+  ref = np.sum(y64 * np.float64(weights_TK)[:, :, None], axis=1)
+  # One bf16 rounding of an fp32 sum.
+  np.testing.assert_allclose(np.float64(out), ref, rtol=2 ** -8, atol=1e-6)
+
+
+def test_permute_kernels_cover_ling_mini_and_refuse_what_they_cannot_hold():
+  from kernels import permute_mgpu
+  assert permute_mgpu.gather_config(131072, 2048, jnp.bfloat16, 132) is not None
+  assert permute_mgpu.combine_config(16384, 8, 2048, jnp.bfloat16, 132) is not None
+  # Eight 16 KiB rows per token do not fit three times in shared memory: XLA handles Ling-1T.
+  assert permute_mgpu.combine_config(16384, 8, 8192, jnp.bfloat16, 132) is None
+  assert permute_mgpu.gather_config(128, 96, jnp.bfloat16, 132) is None  # 192-byte rows
+  with pytest.raises(ValueError, match="gather_rows"):
+    permute_mgpu.gather_rows(jnp.zeros((4, 96), jnp.bfloat16), jnp.zeros((16,), jnp.int32))
+
+
+def test_permute_kernels_lower_for_cuda_at_ling_mini_shapes():
+  """Layouts and shared memory are checked at lowering, without a GPU."""
+  from kernels import permute_mgpu
+  t, k, d = 16384, 8, 2048
+  gather = jax.jit(lambda x, r: permute_mgpu.gather_rows(x, r, num_sms=132)).trace(
+      jax.ShapeDtypeStruct((t, d), jnp.bfloat16), jax.ShapeDtypeStruct((t * k,), jnp.int32))
+  combine = jax.jit(lambda y, r, w: permute_mgpu.combine_rows(y, r, w, num_sms=132)).trace(
+      jax.ShapeDtypeStruct((t * k, d), jnp.bfloat16), jax.ShapeDtypeStruct((t * k,), jnp.int32),
+      jax.ShapeDtypeStruct((t, k), jnp.float32))
+  for traced in (gather, combine):
+    assert "mosaic_gpu" in traced.lower(lowering_platforms=("cuda",)).as_text()
+
+
+def test_permute_unpermute_through_kernels_match_reference_with_gradients():
+  """permute -> per-row map -> unpermute, values and VJPs, interpreted kernels vs XLA gathers."""
+  t, k, e, d = 16, 4, 6, 128
+  ids_TK, weights_TK = _routing(23, t, k, e)
+  ids_TK[::5, 0] = e  # dropped slots too
+  rng = np.random.default_rng(24)
+  x_TD = jnp.asarray(rng.standard_normal((t, d)), jnp.bfloat16)
+  scale_MD = jnp.asarray(rng.standard_normal((t * k, d)), jnp.float32)
+  dout_TD = jnp.asarray(rng.standard_normal((t, d)), jnp.bfloat16)
+  ids_TK, weights_TK = jnp.asarray(ids_TK), jnp.asarray(weights_TK)
+
+  def run(backend):
+    def fn(x_TD, weights_TK):
+      x_MD, _, sort_idx_M = dispatch.permute(x_TD, ids_TK, e, backend=backend)
+      y_MD = (x_MD.astype(jnp.float32) * scale_MD).astype(jnp.bfloat16)
+      return dispatch.unpermute(y_MD, sort_idx_M, weights_TK, backend=backend)
+    out, vjp = jax.vjp(jax.jit(fn), x_TD, weights_TK)
+    return (out, *vjp(dout_TD))
+
+  ours = run("pallas_mosaic_gpu_interpret")
+  ref = run("reference")
+  for name, a, b in zip(("out", "dx", "dweights"), ours, ref, strict=True):
+    assert a.dtype == b.dtype, name
+    # Same fp32 sums in the same order, rounded once: bitwise on this platform.
+    np.testing.assert_allclose(np.float32(a), np.float32(b), rtol=1e-6, atol=1e-6, err_msg=name)
+
+
+def test_unknown_backend_fails_with_the_list():
+  x_TD = jnp.zeros((4, 8), jnp.float32)
+  with pytest.raises(ValueError, match="pallas_mosaic_gpu_interpret"):
+    dispatch.permute(x_TD, jnp.zeros((4, 2), jnp.int32), 3, backend="triton")

@@ -10,7 +10,6 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 
 from ling_jax import checkpoint as checkpoint_lib
@@ -30,18 +29,6 @@ MICRO = [
 ]
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-  """A small local text corpus (the stdlib is big; these tests only need a few files)."""
-  root = tmp_path_factory.mktemp("corpus")
-  rng = np.random.default_rng(0)
-  words = ["def", "return", "self", "import", "class", "for", "in", "if", "else", "x", "y", "("]
-  for i in range(40):
-    text = "\n".join(" ".join(rng.choice(words, size=12)) for _ in range(30))
-    (root / f"file_{i:02d}.py").write_text(text)
-  return str(root)
-
-
 # Compiled programs are shared between the runs of this module (and across xdist workers).
 _CACHE = os.path.join(ROOT, ".pytest_cache", "xla")
 
@@ -55,7 +42,8 @@ def _command(workdir, corpus, *extra):
 def _env():
   env = dict(os.environ)
   env["PYTHONUNBUFFERED"] = "1"
-  env.pop("XLA_FLAGS", None)  # One CPU device, as a user's job would have.
+  # One CPU device, as a user's job would have; cheapest code generation, as in conftest.py.
+  env["XLA_FLAGS"] = "--xla_backend_optimization_level=0"
   return env
 
 

@@ -1,0 +1,211 @@
+"""Blockwise-scaled FP8 GEMMs, dense and grouped, and the FP8 linear ops built on them.
+
+The GEMMs take E4M3 operands with their fp32 scales (`kernels.fp8_quant`) and return
+`out = A @ B^T` with both operands K-major (the layout Hopper's FP8 wgmma reads):
+  - `fp8_matmul`: A [M, K] in 1x128 tiles; B [N, K] in 128x128 blocks (a weight) or in 1x128
+    tiles (an activation or gradient, for the weight gradient);
+  - `fp8_grouped_matmul`: rows of A sorted by group, one blocked B [N, K] per group;
+  - `fp8_transposed_grouped_matmul`: per group, A_g^T B_g from the M-tiled transposes (wgrad).
+The reference backend (CPU, and the oracle for GPU kernels) dequantises and multiplies in fp32,
+which is what a kernel that promotes its partial sums to fp32 every 128 of K computes up to
+summation order. No GPU kernel is registered yet: "auto" resolves to the reference everywhere.
+
+`fp8_linear` and `fp8_grouped_linear` are the training ops: custom VJPs whose forward (fprop),
+input gradient (dgrad) and weight gradient (wgrad) all run as FP8 GEMMs, E4M3 in both
+directions. Their `probe_2` input is a zero [2] array that carries the safeguard metrics of the
+output gradient's quantisation out of the backward pass as its cotangent: [underflow, cosine].
+
+Shape key: M rows (tokens), K contraction, N output, G groups, Kt/Nt/Mt 128-tiles,
+C M-tiles that restart per group.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kernels import fp8_quant as fq
+from kernels import grouped_matmul as gmm_lib
+
+_BACKENDS = ("reference",)
+
+
+def _resolve_backend(backend: str) -> str:
+  if backend == "auto":
+    return "reference"
+  if backend not in _BACKENDS:
+    raise ValueError(f"Unknown FP8 GEMM backend {backend!r}; expected 'auto' or one of "
+                     f"{list(_BACKENDS)}.")
+  return backend
+
+
+def _check_e4m3(fn: str, **operands: jax.Array) -> None:
+  for name, q in operands.items():
+    if q.dtype != fq.E4M3:
+      raise ValueError(f"{fn}: {name} must be float8_e4m3fn (quantise it with "
+                       f"kernels.fp8_quant), got {q.dtype}.")
+
+
+def _dot_t(a_MK: jax.Array, b_NK: jax.Array) -> jax.Array:
+  return jax.lax.dot_general(a_MK, b_NK, (((1,), (1,)), ((), ())),
+                             precision=jax.lax.Precision.HIGHEST,
+                             preferred_element_type=jnp.float32)
+
+
+def fp8_matmul(a_q_MK: jax.Array, a_scale_MKt: jax.Array, b_q_NK: jax.Array,
+               b_scale: jax.Array, *, b_scaling: str = "block",
+               out_dtype: jnp.dtype = jnp.bfloat16, backend: str = "auto") -> jax.Array:
+  """Returns A @ B^T in `out_dtype`, accumulated in fp32.
+
+  Args:
+    a_q_MK, a_scale_MKt: A in E4M3 with one scale per 1x128 tile along K.
+    b_q_NK, b_scale: B in E4M3; scales [Nt, Kt] for b_scaling="block" (a weight), [N, Kt] for
+      "tile" (an activation or gradient, transposed, for wgrad).
+    out_dtype: the output dtype (bf16 in the Ling recipe).
+    backend: "auto" or "reference" (module doc).
+  """
+  fn = "fp8_matmul"
+  _check_e4m3(fn, a_q=a_q_MK, b_q=b_q_NK)
+  _resolve_backend(backend)
+  (m_dim, k_dim), (n_dim, k_b) = a_q_MK.shape, b_q_NK.shape
+  kt, nt = fq._cdiv(k_dim, fq.TILE), fq._cdiv(n_dim, fq.TILE)
+  want_b = {"block": (nt, kt), "tile": (n_dim, kt)}.get(b_scaling)
+  if want_b is None:
+    raise ValueError(f"{fn}: b_scaling must be 'block' or 'tile', got {b_scaling!r}.")
+  if k_b != k_dim or a_scale_MKt.shape != (m_dim, kt) or b_scale.shape != want_b:
+    raise ValueError(
+        f"{fn}: expected A [M, K] with scales [M, {kt}] and B [N, K] with {b_scaling} scales "
+        f"{list(want_b)}, got A {list(a_q_MK.shape)}, scales {list(a_scale_MKt.shape)}, B "
+        f"{list(b_q_NK.shape)}, scales {list(b_scale.shape)}.")
+  a_MK = fq.dequantize_tiles(a_q_MK, a_scale_MKt)
+  if b_scaling == "block":
+    b_NK = fq.dequantize_blocks(b_q_NK, b_scale)
+  else:
+    b_NK = fq.dequantize_tiles(b_q_NK, b_scale)
+  return _dot_t(a_MK, b_NK).astype(out_dtype)
+
+
+def fp8_grouped_matmul(a_q_MK: jax.Array, a_scale_MKt: jax.Array, b_q_GNK: jax.Array,
+                       b_scale_GNtKt: jax.Array, group_sizes_G: jax.Array, *,
+                       out_dtype: jnp.dtype = jnp.bfloat16, backend: str = "auto") -> jax.Array:
+  """Returns out[rows of g] = A[rows of g] @ B[g]^T; rows past the groups give zeros.
+
+  A is 1x128-tiled along K, each B[g] [N, K] 128x128-blocked; rows sorted by group as for
+  `kernels.grouped_matmul.grouped_matmul`.
+  """
+  fn = "fp8_grouped_matmul"
+  _check_e4m3(fn, a_q=a_q_MK, b_q=b_q_GNK)
+  _resolve_backend(backend)
+  (m_dim, k_dim), (g_dim, n_dim, k_b) = a_q_MK.shape, b_q_GNK.shape
+  kt, nt = fq._cdiv(k_dim, fq.TILE), fq._cdiv(n_dim, fq.TILE)
+  if (k_b != k_dim or a_scale_MKt.shape != (m_dim, kt)
+      or b_scale_GNtKt.shape != (g_dim, nt, kt) or group_sizes_G.shape != (g_dim,)):
+    raise ValueError(
+        f"{fn}: expected A [M, K], scales [M, Kt], B [G, N, K], scales [G, Nt, Kt], "
+        f"group_sizes [G], got A {list(a_q_MK.shape)}, {list(a_scale_MKt.shape)}, B "
+        f"{list(b_q_GNK.shape)}, {list(b_scale_GNtKt.shape)}, {list(group_sizes_G.shape)}.")
+  a_MK = fq.dequantize_tiles(a_q_MK, a_scale_MKt)
+  b_GKN = jnp.swapaxes(fq.dequantize_blocks(b_q_GNK, b_scale_GNtKt), 1, 2)
+  return gmm_lib.grouped_matmul(a_MK, b_GKN, group_sizes_G, preferred_element_type=out_dtype,
+                                backend="reference")
+
+
+def fp8_transposed_grouped_matmul(
+    a_q_KM: jax.Array, a_scale_KC: jax.Array, b_q_NM: jax.Array, b_scale_NC: jax.Array,
+    tile_ids_M: jax.Array, group_sizes_G: jax.Array, *,
+    out_dtype: jnp.dtype = jnp.float32, backend: str = "auto") -> jax.Array:
+  """Returns out[g] = A[rows of g]^T-contracted with B[rows of g]: [G, K, N], the weight gradient.
+
+  Both operands come transposed and 1x128-tiled along M with tiles that restart per group
+  (`fp8_quant.row_tile_ids`), so a tile's scale never spans two experts.
+  """
+  fn = "fp8_transposed_grouped_matmul"
+  _check_e4m3(fn, a_q=a_q_KM, b_q=b_q_NM)
+  _resolve_backend(backend)
+  if (a_q_KM.shape[1] != b_q_NM.shape[1] or tile_ids_M.shape != (a_q_KM.shape[1],)
+      or a_scale_KC.shape[0] != a_q_KM.shape[0] or b_scale_NC.shape[0] != b_q_NM.shape[0]):
+    raise ValueError(
+        f"{fn}: expected A^T [K, M], B^T [N, M], tile_ids [M] and scales [K, C], [N, C], got "
+        f"{list(a_q_KM.shape)}, {list(b_q_NM.shape)}, {list(tile_ids_M.shape)}, "
+        f"{list(a_scale_KC.shape)}, {list(b_scale_NC.shape)}.")
+  a_MK = fq.dequantize_rows_transposed(a_q_KM, a_scale_KC, tile_ids_M).T
+  b_MN = fq.dequantize_rows_transposed(b_q_NM, b_scale_NC, tile_ids_M).T
+  return gmm_lib.transposed_grouped_matmul(a_MK, b_MN, group_sizes_G,
+                                           preferred_element_type=out_dtype,
+                                           backend="reference")
+
+
+def _metrics_of(x: jax.Array, q: jax.Array, scale: jax.Array) -> jax.Array:
+  return fq.quant_metrics(x, q, fq.dequantize_tiles(q, scale))
+
+
+# ---- FP8 linear: y = x @ w, all three GEMMs in FP8. ----
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def fp8_linear(x_MK: jax.Array, w_KN: jax.Array, probe_2: jax.Array,
+               backend: str = "auto") -> jax.Array:
+  """x @ w with FP8 fprop, dgrad and wgrad; output in x's dtype. See the module doc for probe."""
+  return _fp8_linear_fwd(x_MK, w_KN, probe_2, backend)[0]
+
+
+def _fp8_linear_fwd(x_MK, w_KN, probe_2, backend):
+  del probe_2
+  tile_ids_M, num_tiles = fq.row_tile_ids(x_MK.shape[0])
+  x_q, x_s, xt_q_KM, xt_s_KC = fq.quantize_tiles_with_transpose(x_MK, tile_ids_M, num_tiles)
+  w_q_KN, w_s = fq.quantize_blocks(w_KN)
+  y_MN = fp8_matmul(x_q, x_s, w_q_KN.T, w_s.T, out_dtype=x_MK.dtype, backend=backend)
+  # Saved in FP8: x^T for wgrad, w for dgrad (its transpose for fprop was built on the fly).
+  dtypes = (jnp.zeros((0,), x_MK.dtype), jnp.zeros((0,), w_KN.dtype))
+  return y_MN, (xt_q_KM, xt_s_KC, w_q_KN, w_s, dtypes)
+
+
+def _fp8_linear_bwd(backend, res, dy_MN):
+  xt_q_KM, xt_s_KC, w_q_KN, w_s, (x_dt, w_dt) = res
+  tile_ids_M, num_tiles = fq.row_tile_ids(dy_MN.shape[0])
+  dy_q, dy_s, dyt_q_NM, dyt_s_NC = fq.quantize_tiles_with_transpose(dy_MN, tile_ids_M, num_tiles)
+  dx_MK = fp8_matmul(dy_q, dy_s, w_q_KN, w_s, out_dtype=x_dt.dtype, backend=backend)
+  dw_KN = fp8_matmul(xt_q_KM, xt_s_KC, dyt_q_NM, dyt_s_NC, b_scaling="tile",
+                     out_dtype=w_dt.dtype, backend=backend)
+  return dx_MK, dw_KN, _metrics_of(dy_MN, dy_q, dy_s)
+
+
+fp8_linear.defvjp(_fp8_linear_fwd, _fp8_linear_bwd)
+
+
+# ---- FP8 grouped linear: the routed experts' projections. ----
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def fp8_grouped_linear(x_MK: jax.Array, w_GKN: jax.Array, group_sizes_G: jax.Array,
+                       probe_2: jax.Array, backend: str = "auto") -> jax.Array:
+  """out[rows of g] = x[rows of g] @ w[g] with FP8 fprop, dgrad and wgrad; in x's dtype."""
+  return _fp8_grouped_fwd(x_MK, w_GKN, group_sizes_G, probe_2, backend)[0]
+
+
+def _fp8_grouped_fwd(x_MK, w_GKN, group_sizes_G, probe_2, backend):
+  del probe_2
+  tile_ids_M, num_tiles = fq.row_tile_ids(x_MK.shape[0], group_sizes_G)
+  x_q, x_s, xt_q_KM, xt_s_KC = fq.quantize_tiles_with_transpose(x_MK, tile_ids_M, num_tiles)
+  w_q_GKN, w_s_GKtNt = fq.quantize_blocks(w_GKN)
+  y_MN = fp8_grouped_matmul(x_q, x_s, jnp.swapaxes(w_q_GKN, 1, 2),
+                            jnp.swapaxes(w_s_GKtNt, 1, 2), group_sizes_G,
+                            out_dtype=x_MK.dtype, backend=backend)
+  dtypes = (jnp.zeros((0,), x_MK.dtype), jnp.zeros((0,), w_GKN.dtype))
+  return y_MN, (xt_q_KM, xt_s_KC, w_q_GKN, w_s_GKtNt, group_sizes_G, dtypes)
+
+
+def _fp8_grouped_bwd(backend, res, dy_MN):
+  xt_q_KM, xt_s_KC, w_q_GKN, w_s_GKtNt, group_sizes_G, (x_dt, w_dt) = res
+  tile_ids_M, num_tiles = fq.row_tile_ids(dy_MN.shape[0], group_sizes_G)
+  dy_q, dy_s, dyt_q_NM, dyt_s_NC = fq.quantize_tiles_with_transpose(dy_MN, tile_ids_M, num_tiles)
+  dx_MK = fp8_grouped_matmul(dy_q, dy_s, w_q_GKN, w_s_GKtNt, group_sizes_G,
+                             out_dtype=x_dt.dtype, backend=backend)
+  dw_GKN = fp8_transposed_grouped_matmul(xt_q_KM, xt_s_KC, dyt_q_NM, dyt_s_NC, tile_ids_M,
+                                         group_sizes_G, out_dtype=w_dt.dtype, backend=backend)
+  return (dx_MK, dw_GKN, np.zeros(group_sizes_G.shape, jax.dtypes.float0),
+          _metrics_of(dy_MN, dy_q, dy_s))
+
+
+fp8_grouped_linear.defvjp(_fp8_grouped_fwd, _fp8_grouped_bwd)

@@ -1,0 +1,174 @@
+"""FP8 (E4M3) quantisation with fine-grained block scaling, as Ling 2.0 and DeepSeek-V3 train.
+
+Activations and gradients get one fp32 scale per 1x128 tile along their contraction axis, weights
+one per 128x128 block. A scale is amax / 448 (the E4M3 maximum), so every tile's largest element
+maps to +-448 and nothing saturates; an all-zero tile gets scale 1. Dequantisation is q * scale.
+
+The backward pass contracts over tokens (wgrad), so it needs the tokens-axis tiles of x and of the
+output gradient: `quantize_tiles_with_transpose` returns both layouts from one read of x. For
+grouped (expert) operands those tiles restart at every group's first row, so that no scale spans
+two experts; `row_tile_ids` maps each row to its tile.
+
+This module is the pure-JAX reference; it runs everywhere and is the oracle for GPU kernels.
+
+Shape key:
+  M: rows (tokens), K: the axis tiled by 128, N: the other axis of a weight,
+  Kt / Mt / Nt: tiles (ceil(dim / 128)), C: tiles along M when they restart per group,
+  G: groups (experts).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+E4M3 = jnp.float8_e4m3fn
+E4M3_MAX = 448.0
+E4M3_INV_MAX = np.float32(1.0 / 448.0)  # scale = amax * this (see _scale_of)
+TILE = 128
+
+
+def _cdiv(a: int, b: int) -> int:
+  return -(-a // b)
+
+
+def _pad_axis(x: jax.Array, axis: int, multiple: int) -> jax.Array:
+  pad = -x.shape[axis] % multiple
+  if not pad:
+    return x
+  widths = [(0, 0)] * x.ndim
+  widths[axis] = (0, pad)
+  return jnp.pad(x, widths)
+
+
+def _scale_of(amax: jax.Array) -> jax.Array:
+  """amax / 448 in fp32; 1 where the tile is all zeros, so that q = 0 and dequant is exact.
+
+  Written as a multiply by fp32(1/448): XLA rewrites division by a constant that way anyway,
+  so spelling it out keeps the scale bit-exact and reproducible by any reference.
+  """
+  return jnp.where(amax > 0, amax * E4M3_INV_MAX, 1.0).astype(jnp.float32)
+
+
+def _to_e4m3(x32: jax.Array) -> jax.Array:
+  # x / (amax / 448) can round to a hair above 448; clip so the cast never makes NaN.
+  return jnp.clip(x32, -E4M3_MAX, E4M3_MAX).astype(E4M3)
+
+
+def quantize_tiles(x: jax.Array, tile: int = TILE) -> tuple[jax.Array, jax.Array]:
+  """Quantises x [..., K] in 1 x `tile` tiles along its last axis.
+
+  Returns:
+    q [..., K] in E4M3 and scales [..., Kt] in fp32 (a partial last tile has its own scale).
+  """
+  k_dim = x.shape[-1]
+  x32 = _pad_axis(x.astype(jnp.float32), x.ndim - 1, tile)
+  x_tiles = x32.reshape(*x32.shape[:-1], -1, tile)
+  scale = _scale_of(jnp.max(jnp.abs(x_tiles), axis=-1))
+  q = _to_e4m3(x_tiles / scale[..., None]).reshape(x32.shape)[..., :k_dim]
+  return q, scale
+
+
+def dequantize_tiles(q: jax.Array, scale: jax.Array, dtype=jnp.float32,
+                     tile: int = TILE) -> jax.Array:
+  """Inverse of `quantize_tiles`: q [..., K] times its tile's scale, in `dtype`."""
+  scale_full = jnp.repeat(scale, tile, axis=-1)[..., :q.shape[-1]]
+  return (q.astype(jnp.float32) * scale_full).astype(dtype)
+
+
+def quantize_blocks(w: jax.Array, block: int = TILE) -> tuple[jax.Array, jax.Array]:
+  """Quantises w [..., K, N] in `block` x `block` blocks over its last two axes.
+
+  Leading axes (experts) are batch axes. The transpose of the result is the quantisation of w's
+  transpose, so the backward pass builds its operand on demand instead of storing it.
+
+  Returns:
+    q [..., K, N] in E4M3 and scales [..., Kt, Nt] in fp32.
+  """
+  k_dim, n_dim = w.shape[-2:]
+  w32 = _pad_axis(_pad_axis(w.astype(jnp.float32), w.ndim - 2, block), w.ndim - 1, block)
+  kt, nt = w32.shape[-2] // block, w32.shape[-1] // block
+  w_blocks = w32.reshape(*w32.shape[:-2], kt, block, nt, block)
+  scale = _scale_of(jnp.max(jnp.abs(w_blocks), axis=(-3, -1)))
+  q = _to_e4m3(w_blocks / scale[..., :, None, :, None]).reshape(w32.shape)
+  return q[..., :k_dim, :n_dim], scale
+
+
+def dequantize_blocks(q: jax.Array, scale: jax.Array, dtype=jnp.float32,
+                      block: int = TILE) -> jax.Array:
+  """Inverse of `quantize_blocks`."""
+  k_dim, n_dim = q.shape[-2:]
+  scale_full = jnp.repeat(jnp.repeat(scale, block, axis=-2), block, axis=-1)
+  return (q.astype(jnp.float32) * scale_full[..., :k_dim, :n_dim]).astype(dtype)
+
+
+def row_tile_ids(num_rows: int, group_sizes_G: jax.Array | None = None,
+                 tile: int = TILE) -> tuple[jax.Array, int]:
+  """Returns each row's tile along M and the (static) number of tiles C.
+
+  Without groups the tiles are rows [128 i, 128 (i + 1)). With groups (rows sorted by group, as
+  for `grouped_matmul`) tiles restart at every group's first row; the rows past the last group
+  form one more group, so their contents never share a scale with an expert's rows.
+  """
+  if group_sizes_G is None:
+    return jnp.arange(num_rows, dtype=jnp.int32) // tile, _cdiv(num_rows, tile)
+  sizes_G = group_sizes_G.astype(jnp.int32)
+  sizes_G1 = jnp.concatenate([sizes_G, (num_rows - jnp.sum(sizes_G))[None]])
+  ends_G1 = jnp.cumsum(sizes_G1)
+  tiles_G1 = (sizes_G1 + tile - 1) // tile
+  tile_starts_G1 = jnp.cumsum(tiles_G1) - tiles_G1
+  rows_M = jnp.arange(num_rows, dtype=jnp.int32)
+  group_M = jnp.searchsorted(ends_G1, rows_M, side="right")
+  offset_M = rows_M - (ends_G1 - sizes_G1)[group_M]
+  # Each group adds at most one partial tile to the cdiv(M, 128) full ones.
+  num_tiles = _cdiv(num_rows, tile) + sizes_G1.shape[0] - 1
+  return (tile_starts_G1[group_M] + offset_M // tile).astype(jnp.int32), num_tiles
+
+
+def quantize_rows_transposed(x_MK: jax.Array, tile_ids_M: jax.Array,
+                             num_tiles: int) -> tuple[jax.Array, jax.Array]:
+  """Quantises x^T [K, M] in 1 x 128 tiles along M given by `row_tile_ids`.
+
+  Returns:
+    q_KM in E4M3 (K-major for the wgrad GEMM) and scales [K, C] in fp32.
+  """
+  x32 = x_MK.astype(jnp.float32)
+  amax_CK = jax.ops.segment_max(jnp.abs(x32), tile_ids_M, num_segments=num_tiles,
+                                indices_are_sorted=True)
+  scale_CK = _scale_of(jnp.maximum(amax_CK, 0.0))  # empty tiles give -inf: scale 1
+  q_MK = _to_e4m3(x32 / scale_CK[tile_ids_M])
+  return q_MK.T, scale_CK.T
+
+
+def dequantize_rows_transposed(q_KM: jax.Array, scale_KC: jax.Array, tile_ids_M: jax.Array,
+                               dtype=jnp.float32) -> jax.Array:
+  """Inverse of `quantize_rows_transposed`: x^T [K, M]."""
+  return (q_KM.astype(jnp.float32) * scale_KC[:, tile_ids_M]).astype(dtype)
+
+
+def quantize_tiles_with_transpose(
+    x_MK: jax.Array, tile_ids_M: jax.Array, num_tiles: int
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  """Both FP8 layouts of x for the backward pass: K-tiles of x and M-tiles of x^T.
+
+  Returns:
+    (q_MK, scale_MKt) as `quantize_tiles`, and (q_KM, scale_KC) as `quantize_rows_transposed`.
+  """
+  q_MK, scale_MKt = quantize_tiles(x_MK)
+  q_KM, scale_KC = quantize_rows_transposed(x_MK, tile_ids_M, num_tiles)
+  return q_MK, scale_MKt, q_KM, scale_KC
+
+
+def quant_metrics(x: jax.Array, q: jax.Array, x_dq: jax.Array) -> jax.Array:
+  """Safeguard metrics of one quantisation: [underflow, cosine] in fp32.
+
+  underflow: the fraction of x's nonzero elements that quantise to 0 (exact zeros, such as
+  padding rows, lose nothing and are not counted); 0 when x has no nonzero element.
+  cosine: the cosine similarity of x and dequant(quant(x)); 1 when x is all zeros.
+  """
+  x32, dq32 = x.astype(jnp.float32).reshape(-1), x_dq.astype(jnp.float32).reshape(-1)
+  nonzero = x32 != 0
+  flushed = nonzero & (q.reshape(-1).astype(jnp.float32) == 0)
+  underflow = jnp.sum(flushed) / jnp.maximum(jnp.sum(nonzero), 1)
+  norms = jnp.sqrt(jnp.sum(x32 * x32)) * jnp.sqrt(jnp.sum(dq32 * dq32))
+  cosine = jnp.where(norms > 0, jnp.sum(x32 * dq32) / jnp.where(norms > 0, norms, 1.0), 1.0)
+  return jnp.stack([underflow, cosine]).astype(jnp.float32)
