@@ -78,7 +78,9 @@ class Checkpointer:
       raise ValueError(f"save_every must be >= 1, got {save_every}")
     if keep < 1:
       raise ValueError(f"keep must be >= 1, got {keep}")
-    self._workdir = epath.Path(workdir)
+    # Orbax's tensorstore writer refuses relative paths (e.g. `--workdir=workdirs/tiny`).
+    workdir = os.fspath(workdir)
+    self._workdir = epath.Path(workdir if "://" in workdir else os.path.abspath(workdir))
     self._save_every = save_every
     self._signature = None if model_signature is None else _to_json(model_signature)
     self._signature_checked = model_signature is None

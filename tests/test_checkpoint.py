@@ -98,6 +98,21 @@ def test_round_trip_is_bitwise(tmp_path):
   assert type(restored.opt_state[0]) is type(state.opt_state[0])
 
 
+def test_relative_workdir_round_trips(tmp_path, monkeypatch):
+  """`--workdir=workdirs/tiny` as the README writes it: orbax's writer needs absolute paths."""
+  monkeypatch.chdir(tmp_path)
+  mesh = jax.make_mesh((len(jax.devices()),), ("data",))
+  sharded = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  state = {"x": jax.device_put(jnp.arange(16.0), sharded)}
+  with _make("workdirs/run") as ckpt:
+    assert ckpt.save(3, state, data_state=DATA_STATE)
+  with _make("workdirs/run") as ckpt:
+    step, restored, _ = ckpt.restore_latest(
+        {"x": jax.ShapeDtypeStruct((16,), jnp.float32, sharding=sharded)})
+  assert step == 3 and (tmp_path / "workdirs" / "run" / "checkpoints" / "3").is_dir()
+  np.testing.assert_array_equal(restored["x"], np.arange(16.0))
+
+
 def test_scalars_and_keys_round_trip_with_concrete_template(tmp_path):
   state = {"epoch": 2, "lr": 0.5, "rng": jax.random.key(1), "mask": jnp.array([True, False])}
   with _make(tmp_path) as ckpt:
