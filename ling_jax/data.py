@@ -79,9 +79,11 @@ def default_data_config() -> ml_collections.ConfigDict:
   c.num_shards = config_dict.placeholder(int)
   # Chat records ("jsonl" source): DFT system prompts selected by a record's "mode"
   # (ling2_spec.md section 8; the released prompt wording is not public, so these are ours).
+  # The released Ling chat models switch reasoning with these system prompts (as used publicly
+  # with Ling 2.0, e.g. `<role>SYSTEM</role>detailed thinking off<|role_end|>`).
   c.sft_system_prompts = ml_collections.ConfigDict({
-      "instant": "Answer directly and concisely, without showing your reasoning.",
-      "deep": "Think step by step inside <think></think>, then give the final answer.",
+      "instant": "detailed thinking off",
+      "deep": "detailed thinking on",
   })
   c.sft_packing_bins = 8  # open rows first-fit packing fills with chat records
   # "name=weight,...": mix the sources of `sources` by token share; "" reads the one above.

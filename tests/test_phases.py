@@ -18,6 +18,7 @@ from ling_jax import metrics as metrics_lib
 from ling_jax import phases
 from ling_jax import sft
 from ling_jax import trainer
+from tests import test_trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _CACHE = os.path.join(ROOT, ".pytest_cache", "xla")
@@ -134,28 +135,18 @@ def test_bad_phase_fields_fail_before_compiling(tmp_path, field, value, fragment
 
 # --- The CPU chain -------------------------------------------------------------------------
 
+# The phases set seq_len themselves, so only the model flags of test_trainer's micro run.
 MICRO = [
-    "--config.model.num_hidden_layers=2", "--config.model.hidden_size=32",
-    "--config.model.num_attention_heads=2", "--config.model.num_key_value_heads=1",
-    "--config.model.head_dim=16", "--config.model.intermediate_size=64",
-    "--config.model.moe_intermediate_size=16", "--config.model.num_experts=8",
-    "--config.model.num_experts_per_tok=2", "--config.model.n_group=2",
-    "--config.model.topk_group=1", "--config.model.num_nextn_predict_layers=0",
+    *test_trainer.MICRO_MODEL, "--config.model.num_nextn_predict_layers=0",
     "--config.train.batch_size=4", "--config.train.warmup_steps=2", "--config.train.log_every=1",
     "--config.train.eval_every=1000", "--config.train.eval_batches=2",
     f"--config.train.compilation_cache_dir={_CACHE}",
 ]
 
 
-def _env():
-  env = dict(os.environ)
-  env["PYTHONUNBUFFERED"] = "1"
-  env.pop("XLA_FLAGS", None)  # One CPU device, as a user's job would have.
-  return env
-
-
 def _run(module, *args):
-  result = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=_env(),
+  result = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT,
+                          env=test_trainer._env(),
                           capture_output=True, text=True, timeout=900)
   assert result.returncode == 0, result.stdout + result.stderr
   return result.stdout

@@ -17,13 +17,16 @@ from ling_jax import metrics as metrics_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-MICRO = [
+MICRO_MODEL = [  # A micro model: compiles and steps in seconds.
     "--config.model.num_hidden_layers=2", "--config.model.hidden_size=32",
     "--config.model.num_attention_heads=2", "--config.model.num_key_value_heads=1",
     "--config.model.head_dim=16", "--config.model.intermediate_size=64",
     "--config.model.moe_intermediate_size=16", "--config.model.num_experts=8",
     "--config.model.num_experts_per_tok=2", "--config.model.n_group=2",
-    "--config.model.topk_group=1", "--config.train.batch_size=4", "--config.train.seq_len=32",
+    "--config.model.topk_group=1",
+]
+MICRO = [
+    *MICRO_MODEL, "--config.train.batch_size=4", "--config.train.seq_len=32",
     "--config.train.warmup_steps=2", "--config.train.log_every=1",
     "--config.train.eval_every=1000", "--config.train.eval_batches=1",
 ]
