@@ -195,8 +195,3 @@ def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, ja
   sharding = batch_sharding(mesh)
   return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}
 
-
-def expert_axis_size() -> int:
-  """Returns the size of the `expert` axis of the mesh being traced under (1 without a mesh)."""
-  mesh = jax.sharding.get_abstract_mesh()
-  return 1 if mesh.empty else dict(mesh.shape).get("expert", 1)

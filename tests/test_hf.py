@@ -261,14 +261,20 @@ def test_round_trip_is_bitwise_with_released_names(tmp_path, param_dtype):
   _assert_bitwise(variables, loaded)
 
 
-def test_loaded_model_matches_numpy_reference(written):
-  """fp32 logits (and MTP logits) of the loaded model against the float64 reference."""
-  m, _, path = written
+def _reference_inputs(path):
+  """Returns the written config.json, its tensors in float64, and a batch of token ids."""
   with open(os.path.join(path, "config.json")) as f:
     c = json.load(f)
   tensors, _ = read_safetensors_dir(path)
   w = {k: v.astype(np.float64) for k, v in tensors.items()}
   ids_BL = np.random.default_rng(1).integers(1, c["vocab_size"], (2, 10)).astype(np.int32)
+  return c, w, ids_BL
+
+
+def test_loaded_model_matches_numpy_reference(written):
+  """fp32 logits (and MTP logits) of the loaded model against the float64 reference."""
+  path = written[2]
+  c, w, ids_BL = _reference_inputs(path)
   ref_logits, ref_mtp = numpy_forward(c, w, ids_BL)
   m_loaded, variables = hf.load_pretrained(path, dtype="float32")
   logits = np.asarray(hf.compute_logits(m_loaded, variables, ids_BL), np.float64)
@@ -286,12 +292,8 @@ def test_loaded_model_matches_numpy_reference(written):
 
 def test_reference_catches_a_wrong_layout(written):
   """Swapping two experts' weights or q/k heads moves the reference logits far past 1e-5."""
-  m, _, path = written
-  with open(os.path.join(path, "config.json")) as f:
-    c = json.load(f)
-  tensors, _ = read_safetensors_dir(path)
-  w = {k: v.astype(np.float64) for k, v in tensors.items()}
-  ids_BL = np.random.default_rng(1).integers(1, c["vocab_size"], (2, 10)).astype(np.int32)
+  path = written[2]
+  c, w, ids_BL = _reference_inputs(path)
   base, _ = numpy_forward(c, w, ids_BL)
   hd = c["head_dim"]
   for name, perturb in (
