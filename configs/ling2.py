@@ -4,7 +4,8 @@ Tiny pre-training on the embedded corpus (2 CPU cores, under 10 minutes):
 
   python -m experiments.train --config=configs/ling2.py:tiny --workdir=/tmp/ling_tiny
 
-Variants: `tiny`, `small` (~100M total), and the released sizes `mini`, `flash`, `1t`.
+Variants: `tiny`, `small` (~100M total), the released sizes `mini`, `flash`, `1t`, and
+`mini_h200` (mini's width at the depth that trains on one H200).
 Any field can be overridden on the command line, e.g. `--config.train.num_steps=200`.
 Model field names follow the released Hugging Face `config.json` of `BailingMoeV2ForCausalLM`.
 """
@@ -44,7 +45,9 @@ def model_config(variant: str) -> ml_collections.ConfigDict:
   # Compute settings (not in the HF config).
   m.dtype = "bfloat16"
   m.param_dtype = "float32"
-  m.attention_impl = "xla"  # "xla" (einsum, fp32 softmax) or "cudnn" (fused, GPU only).
+  # "xla" (einsum, fp32 softmax), "cudnn" (fused, GPU only) or "cudnn_causal" (fused, causal
+  # only: packed documents attend to earlier ones in their row, as Megatron does by default).
+  m.attention_impl = "xla"
   m.remat_policy = "none"  # "none", "full", "dots" (save matmul outputs).
   m.moe_backend = "auto"  # grouped-matmul backend, see kernels/grouped_matmul.py.
   # Token exchange under expert parallelism: "auto" (ragged on GPU/TPU, padded on CPU, where XLA
@@ -117,6 +120,7 @@ def train_config(variant: str) -> ml_collections.ConfigDict:
   t.router_z_loss_coef = 0.0  # The open recipe uses 3.5e-6.
   t.expert_bias_update_rate = 1e-3  # 1e-4 after context extension.
   t.max_consecutive_nan_steps = 5
+  t.prefetch_batches = 2  # Steps of input built ahead on a thread (0: synchronous).
   t.log_every = 50
   t.eval_every = 500
   t.eval_batches = 8
@@ -143,12 +147,36 @@ def train_config(variant: str) -> ml_collections.ConfigDict:
   return t
 
 
+def mini_h200(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Ling-mini-2.0 width on one H200 (experiments/bench_train.py, BENCHMARKS.md).
+
+  Every mini dimension is kept (hidden 2048, 256 experts x 512, top-8, one shared expert, 16/4
+  heads, MTP 1, vocab 157,184) but the depth: fp32 master weights, their gradients and two AdamW
+  moments take 16 bytes per parameter and mini has 16.3B, so 4 of its 20 layers (1 dense + 3
+  MoE; 4.0B parameters with MTP) fit beside the activations of a 4 x 4096-token batch.
+  Attention is cuDNN's fused causal kernel without document masks (packed documents see earlier
+  ones in their row, Megatron's default): with a document mask cuDNN runs 3x slower.
+  """
+  m, t = config.model, config.train
+  m.num_hidden_layers = 4
+  m.attention_impl = "cudnn_causal"
+  m.remat_policy = "none"
+  t.batch_size, t.seq_len = 4, 4096  # 16,384 tokens: 131,072 routed rows per MoE layer.
+  t.num_steps, t.warmup_steps = 200, 20
+  t.log_every, t.eval_every, t.eval_batches = 10, 1000, 2
+  t.checkpoint_every = 1000
+  return config
+
+
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
-  """Returns the full experiment config for `arg` (a variant name)."""
+  """Returns the full experiment config for `arg` (a variant name, or `mini_h200`)."""
+  variant = "mini" if arg == "mini_h200" else arg
   config = ml_collections.ConfigDict()
   config.variant = arg
-  config.model = model_config(arg)
-  config.train = train_config(arg)
+  config.model = model_config(variant)
+  config.train = train_config(variant)
   config.data = data.default_data_config()
   config.mesh = sharding.default_mesh_config()
+  if arg == "mini_h200":
+    mini_h200(config)
   return config

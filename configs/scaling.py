@@ -13,15 +13,29 @@ The argument is comma-separated `key=value` pairs:
   experts, top_k
            routed experts and experts per token (default 256 and 8: A = 9/257 = 3.5% with the
            shared expert, as in Ling 2.0). Keep (top_k + 1) / (experts + 1) near 3.5%.
+  granularity
+           G = 2 * hidden / expert width (default 8, Ling 2.0's; the paper's optimum is 8-12).
+  head_dim default 32 below 1e17 FLOPs, 128 (Ling's) from there up; see below.
   dtype    activation dtype (default float32 below 1e17 FLOPs, where runs fit a CPU, whose bf16
            matmuls are slow; bfloat16 above).
 
 What the laws and the paper's design rules fix (ling2_spec.md section 6):
   - M_opt(C) and D_opt(C) for the arch; the shape is the Ling-2.0-style one whose M is nearest
-    M_opt: hidden size on a ladder of multiples of 32, depth near hidden / 100 (Ling: 2048 / 20,
-    8192 / 80) but at least 2, head_dim 32/64/128 by width, one leading dense layer per 20 layers
-    (Ling: 1 of 20, 4 of 80) with a dense FFN of 2.5x hidden, one shared expert, granularity
-    G = 2 * hidden / expert width in 8-12, and KV heads chosen to put attention at 30-40% of M.
+    M_opt. Along a ladder of budgets the shape changes smoothly: head_dim and G stay fixed, so
+    the number of heads and the expert width grow with the hidden size; depth is solved from
+    M_opt and scored against `target_layers(hidden)` (hidden / 100 from hidden 2048 up, as Ling:
+    2048 / 20, 8192 / 80; proportionally deeper below, e.g. 64: 2, 256: 5, 1024: 13 layers), so
+    width and depth grow together. The hidden size runs over multiples of head_dim.
+  - head_dim 32 below 1e17 FLOPs: there M_opt allows hidden sizes of 32-300, and 128-wide heads
+    would leave them one head or none. From 1e17 (hidden ~500 and up) Ling's 128. A sweep that
+    straddles 1e17 should pass head_dim=... so that every budget gets the same.
+  - One leading dense layer per 20 layers (Ling: 1 of 20, 4 of 80) with a dense FFN of 2.5x
+    hidden, one shared expert, and (MoE only) KV heads and shape chosen to put attention at
+    30-40% of M where a shape nearly as good allows it. The smallest MoE (hidden 32, 2 layers:
+    budgets below ~2e12 at seq_len 128) cannot: it spends 42% of M in attention, half of that in
+    the attention core, which grows with seq_len rather than hidden. Dense shapes are not held to
+    the window (26-52% from 6e11 to 1e17). Up to ~5e12, hidden stays at its least, 32 (one head),
+    and only depth grows.
   - lr = lr_opt(C), batch = batch_opt(C) tokens in whole sequences, steps = D_opt / batch.
 `config.scaling` records the budget, the targets and what the derived model achieves. Every field
 stays overridable (`--config.train.num_steps=...`); overrides are not re-derived, so change what
@@ -41,19 +55,31 @@ from ling_jax import scaling
 from ling_jax import tokenizer as tokenizer_lib
 
 _DEFAULTS = {"arch": "moe", "seq_len": "128", "mtp": "0", "experts": "256", "top_k": "8",
-             "dtype": ""}
-# Multiples of 16 while layers are few, coarser above, as real shapes are.
+             "granularity": "8", "head_dim": "", "dtype": ""}
+# Multiples of 16 while layers are few, coarser above, as real shapes are; only multiples of
+# head_dim are used.
 _HIDDEN_LADDER = (*range(32, 512, 16), *range(512, 4096, 64), *range(4096, 16384 + 1, 256))
-_TARGET_ASPECT = 100.0  # hidden / layers of Ling-mini-2.0 and Ling-1T.
+# hidden / layers: Ling's 100 (2048 / 20, 8192 / 80) from hidden 2048 up, narrower below as
+# (hidden / 2048)^(1/3), so that depth grows with width along a ladder of small models too
+# (hidden 64: 2 layers, 256: 5, 1024: 13).
+_ASPECT, _ASPECT_FROM = 100.0, 2048
 _ATTENTION_SHARE = (0.30, 0.40)
-_GRANULARITIES = (8, 10, 12)
 _MAX_MISMATCH = 1.25  # Derived M must be within this factor of M_opt.
 _MAX_LAYERS = 256
+# Below this budget runs fit a CPU: head_dim 32 (so that small widths still get several heads)
+# and float32 (bf16 matmuls are slow on a CPU). From it up, Ling's head_dim 128 and bfloat16.
+_CPU_BUDGET = 1e17
+
+
+def target_layers(hidden: int) -> float:
+  """Returns the depth the shape ladder aims for at a width (see `_ASPECT`)."""
+  return hidden / (_ASPECT * min(1.0, hidden / _ASPECT_FROM) ** (1 / 3))
 
 
 def _max_layers(hidden: int) -> int:
-  """Deepest model allowed at a width: hidden / layers >= 16 (4 layers always), at most 256."""
-  return max(4, min(_MAX_LAYERS, hidden // 16))
+  """Deepest model allowed at a width: hidden / layers >= 16, at most 256; but 6 layers always,
+  so that budgets between hidden 32 and 64 (about 3e12-5e12) have a shape."""
+  return max(6, min(_MAX_LAYERS, hidden // 16))
 
 
 def _fail(key: str, problem: str, fix: str) -> NoReturn:
@@ -103,18 +129,9 @@ def _expert_groups(experts: int, top_k: int) -> tuple[int, int]:
   return 1, 1
 
 
-def _head_dim(hidden: int) -> int:
-  if hidden >= 1024:
-    return 128
-  if hidden >= 256:
-    return 64
-  return 32 if hidden % 32 == 0 else 16
-
-
 def _shape(m: Any, hidden: int, layers: int, kv_heads: int, gran: int, dense: bool) -> Any:
   """Returns `m` (a ConfigDict or namespace) with one candidate shape set, in place."""
   m.hidden_size, m.num_hidden_layers = hidden, layers
-  m.head_dim = _head_dim(hidden)
   m.num_attention_heads, m.num_key_value_heads = hidden // m.head_dim, kv_heads
   m.intermediate_size = 16 * max(1, round(2.5 * hidden / 16))
   m.moe_intermediate_size = 2 * hidden // gran
@@ -122,51 +139,55 @@ def _shape(m: Any, hidden: int, layers: int, kv_heads: int, gran: int, dense: bo
   return m
 
 
-def _candidates(m: Any, m_target: float, seq_len: int, dense: bool):
-  """Yields (attention share outside the window, score, |log M / M_opt|, shape) per shape."""
+def _candidates(m: Any, m_target: float, seq_len: int, gran: int, dense: bool):
+  """Yields (attention share outside the window, score, |log M / M_opt|, shape) per shape.
+
+  The ladder: `m.head_dim` and G fixed, hidden a multiple of head_dim (and 2 * hidden of G),
+  depth solved from M_opt and scored against `target_layers`, so width and depth grow together.
+  """
   lo, hi = _ATTENTION_SHARE
   for hidden in _HIDDEN_LADDER:
-    head_dim = _head_dim(hidden)
-    if hidden % head_dim:
+    if hidden % m.head_dim or (2 * hidden) % gran:
       continue
-    heads = hidden // head_dim
+    heads = hidden // m.head_dim
     for kv_heads in (k for k in range(1, heads + 1) if heads % k == 0):
-      for gran in (_GRANULARITIES[:1] if dense else _GRANULARITIES):
-        if (2 * hidden) % gran:
-          continue
-        # M is affine in the layer count: solve for it from two probes, then round.
-        m2 = scaling.non_embedding_flops_per_token(_shape(m, hidden, 2, kv_heads, gran, dense),
-                                                   seq_len)
-        m3 = scaling.non_embedding_flops_per_token(_shape(m, hidden, 3, kv_heads, gran, dense),
-                                                   seq_len)
-        layers = min(max(2, round(2 + (m_target - m2) / (m3 - m2))), _max_layers(hidden))
-        cand = _shape(m, hidden, layers, kv_heads, gran, dense)
-        flops = scaling.non_embedding_flops_per_token(cand, seq_len)
-        share = scaling.attention_fraction(cand, seq_len)
-        outside = 0.0 if dense else max(0.0, lo - share, share - hi)
-        score = (4 * abs(math.log(flops / m_target))
-                 + abs(math.log(hidden / layers / _TARGET_ASPECT))
-                 # Ties: GQA as in Ling (4-8 query heads per KV head), the middle of G 8-12.
-                 + 0.05 * abs(math.log2(max(heads / kv_heads, 1) / 6))
-                 + 0.01 * abs(gran - 10))
-        yield outside, score, abs(math.log(flops / m_target)), (hidden, layers, kv_heads, gran)
+      # M is affine in the layer count: solve for it from two probes, then round.
+      m2, m3 = (scaling.non_embedding_flops_per_token(
+          _shape(m, hidden, probe, kv_heads, gran, dense), seq_len) for probe in (2, 3))
+      layers = min(max(2, round(2 + (m_target - m2) / (m3 - m2))), _max_layers(hidden))
+      cand = _shape(m, hidden, layers, kv_heads, gran, dense)
+      flops = scaling.non_embedding_flops_per_token(cand, seq_len)
+      share = scaling.attention_fraction(cand, seq_len)
+      outside = 0.0 if dense else max(0.0, lo - share, share - hi)
+      score = (4 * abs(math.log(flops / m_target))
+               + abs(math.log(layers / target_layers(hidden)))
+               # Ties: GQA as in Ling (4-8 query heads per KV head).
+               + 0.05 * abs(math.log2(max(heads / kv_heads, 1) / 6)))
+      yield outside, score, abs(math.log(flops / m_target)), (hidden, layers, kv_heads)
 
 
-def derive_model(m: ml_collections.ConfigDict, m_target: float, seq_len: int,
+def derive_model(m: ml_collections.ConfigDict, m_target: float, seq_len: int, gran: int,
                  dense: bool) -> ml_collections.ConfigDict:
-  """Returns a copy of `m` with the Ling-2.0-style shape whose M is nearest `m_target`."""
+  """Returns a copy of `m` with the Ling-2.0-style shape whose M is nearest `m_target`.
+
+  `m.head_dim` and `gran` (G = 2 * hidden / expert width) stay fixed; hidden, depth, heads, KV
+  heads, FFN and expert widths and the leading dense layers are derived.
+  """
   # The search reads a plain namespace: ConfigDict attribute access is slow.
   probe = types.SimpleNamespace(**m.to_dict())
-  candidates = list(_candidates(probe, m_target, seq_len, dense))
-  # Attention inside 30-40% when a shape nearly as good allows it (tiny ones may not): within
-  # 10% of M_opt and 1.0 of the best score (e.g. an aspect ratio within e of the best's).
+  candidates = list(_candidates(probe, m_target, seq_len, gran, dense))
+  # Only shapes within _MAX_MISMATCH of M_opt compete, when there are any: the depth penalty may
+  # not push a budget onto a shape that get_config then refuses.
+  candidates = [c for c in candidates if c[2] <= math.log(_MAX_MISMATCH)] or candidates
+  # Attention inside 30-40% when a shape nearly as good allows it (small ones, or long
+  # sequences at small widths, may not): within 10% of M_opt and 0.5 of the best score (e.g. a
+  # depth within 1.6x of the best's). Otherwise the best score, not the least attention: that
+  # would pull the ladder towards wide, shallow shapes and back.
   best_score = min(c[1] for c in candidates)
-  near = [c for c in candidates if c[2] < math.log(1.1) and c[1] < best_score + 1.0]
-  if near:
-    _, _, _, best = min(near, key=lambda c: (c[0], c[1]))
-  else:
-    _, _, _, best = min(candidates, key=lambda c: c[1])
-  return _shape(m.copy_and_resolve_references(), *best, dense)
+  inside = [c for c in candidates
+            if c[0] == 0 and c[2] < math.log(1.1) and c[1] < best_score + 0.5]
+  _, _, _, best = min(inside or candidates, key=lambda c: c[1])
+  return _shape(m.copy_and_resolve_references(), *best, gran, dense)
 
 
 def get_config(arg: str = "budget=1e12") -> ml_collections.ConfigDict:
@@ -184,7 +205,16 @@ def get_config(arg: str = "budget=1e12") -> ml_collections.ConfigDict:
           "drop mtp=... or use arch=moe")
   if top_k >= experts:
     _fail("top_k", f"{top_k} of {experts} experts is not sparse", "pass top_k < experts")
-  dtype = values["dtype"] or ("float32" if budget < 1e17 else "bfloat16")
+  gran = _number(values, "granularity", int)
+  if not 2 <= gran <= 64:
+    _fail("granularity", f"G = 2 * hidden / expert width must be in 2..64, got {gran}",
+          "pass granularity=8 (Ling 2.0) or another value in the paper's optimum of 8-12")
+  head_dim = _number(values, "head_dim", int) if values["head_dim"] else (
+      32 if budget < _CPU_BUDGET else 128)
+  if head_dim % 4:
+    _fail("head_dim", f"must be a multiple of 4 (RoPE rotates half of it, in pairs), got "
+          f"{head_dim}", "pass head_dim=32 or 128")
+  dtype = values["dtype"] or ("float32" if budget < _CPU_BUDGET else "bfloat16")
 
   config = ling2.get_config("mini")  # The released recipe; the shape and run are derived below.
   config.variant = arg
@@ -196,9 +226,10 @@ def get_config(arg: str = "budget=1e12") -> ml_collections.ConfigDict:
   m.num_nextn_predict_layers = mtp
   m.dtype = dtype
   m.max_position_embeddings = max(seq_len, 2048)
+  m.head_dim = head_dim
 
   m_target, d_target = scaling.m_opt(budget, arch), scaling.d_opt(budget, arch)
-  derived = derive_model(m, m_target, seq_len, dense)
+  derived = derive_model(m, m_target, seq_len, gran, dense)
   achieved = scaling.non_embedding_flops_per_token(derived, seq_len)
   inverse = lambda flops: (flops / scaling.ALLOCATION[arch].m_coef) ** (
       1 / scaling.ALLOCATION[arch].m_exp)  # The budget whose M_opt is `flops`.
@@ -232,8 +263,10 @@ def get_config(arg: str = "budget=1e12") -> ml_collections.ConfigDict:
   # Short runs need a faster balancer than the 1e-3 of a 10T-token run (BENCHMARKS.md, tiny).
   t.expert_bias_update_rate = 1e-2 if steps < 20_000 else 1e-3
   t.log_every = max(1, steps // 20)
+  # The sweep reads only the final loss: evaluate once, at the end, and checkpoint once midway
+  # (a killed run resumes from there) besides the final save. Each save costs ~1 s on a CPU.
   t.eval_every = steps
-  t.checkpoint_every = max(1, steps // 5)
+  t.checkpoint_every = max(1, math.ceil(steps / 2))
   t.keep_checkpoints = 2
   # Evaluate every budget on about the same 32K held-out tokens.
   t.eval_batches = max(1, math.ceil(2**15 / (batch * seq_len)))

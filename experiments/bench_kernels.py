@@ -3,6 +3,11 @@
 Run on the GPU machine (see ../shared/device.md; gpu_baselines.py copied into .bench/):
   PYTHONPATH=$PWD:/tmp/site python3 experiments/bench_kernels.py --shapes=mini
 
+A tiling spec is body:tile_m:tile_n:tile_k:stages[:m][:e<epi_n>] (`TileConfig.spec`), or "table"
+(the checked-in TILE_CONFIGS); prefixed with "up@", "down@", "updg@" or "downdg@" it is timed for
+that problem only. The expert FFN is timed with the checked-in tables, with the best tilings of
+this run, and with those plus the fused SwiGLU (the best --swiglu_configs entry of this run).
+
 Prints a correctness section (relative error against fp32 references, every output element
 checked, tail rows included), then one line per timing, then a table of TFLOP/s and ratios to
 tokamax's Mosaic GPU kernel and to cuBLAS's batched einsum at perfect balance, all measured in
@@ -14,7 +19,6 @@ Shape key: M rows (tokens x top_k), K contraction dim, N output dim, G experts.
 
 import json
 import os
-import statistics
 import sys
 import time
 import types
@@ -30,15 +34,26 @@ from kernels import dispatch  # noqa: E402
 from kernels import grouped_matmul as gmm_lib  # noqa: E402
 from kernels import grouped_matmul_mgpu as mgpu  # noqa: E402
 from kernels import permute_mgpu  # noqa: E402
+from ling_jax import profiling  # noqa: E402
 
 _SHAPES = flags.DEFINE_list("shapes", ["mini"], "Expert shapes: mini, flash, 1t.")
 _CONFIGS = flags.DEFINE_list(
-    "configs", ["table", "ws_chain:128:64:64:4", "ws:128:64:64:5", "pipe:128:128:64:4"],
-    "Kernel tilings to time: 'table' (the checked-in TILE_CONFIGS) or "
-    "body:tile_m:tile_n:tile_k:stages.")
+    "configs", ["table", "ws_chain:128:256:64:4:m:e64", "ws_chain:128:128:64:4:m:e64"],
+    "Kernel tilings to time: 'table' (the checked-in TILE_CONFIGS) or a TileConfig.spec string, "
+    "optionally prefixed with '<problem>@' (problems: up, down, updg, downdg).")
+_PROBLEMS = flags.DEFINE_list(
+    "problems", ["down", "up", "updg", "downdg"], "Forward/dgrad problems to time, in order.")
+_SWIGLU_CONFIGS = flags.DEFINE_list(
+    "swiglu_configs", ["ws_chain:128:128:64:4:m:e64"],
+    "Fused SwiGLU tilings to check and time ('none' for none).")
+_DENSE = flags.DEFINE_bool("dense", True, "Time gpu_baselines' dense bf16 8192^3 too.")
+_ZIPF = flags.DEFINE_bool("zipf", True, "Time Zipf-skewed group sizes too.")
+_EINSUM = flags.DEFINE_bool("einsum", True, "Time cuBLAS's batched einsum at perfect balance.")
+_TINY_CHECKS = flags.DEFINE_bool(
+    "tiny_checks", True, "Also check fewer rows than a tile (one more compile per tiling).")
 _WGRAD_CONFIGS = flags.DEFINE_list(
-    "wgrad_configs", ["table", "64:256:64:4"],
-    "Weight-gradient tilings: 'table' or tile_k:tile_n:chunk:stages.")
+    "wgrad_configs", ["table"],
+    "Weight-gradient tilings: 'table' or tile_k:tile_n:chunk:stages; 'none' times none.")
 _BASELINES = flags.DEFINE_bool(
     "baselines", True, "Time tokamax, batched einsum and dense bf16 too.")
 _FFN = flags.DEFINE_bool(
@@ -60,17 +75,7 @@ def _bench(f, *args, n=None, warm=3) -> float:
   (tens to hundreds of microseconds) to each ~1 ms kernel; queued calls time the GPU alone,
   as a training step sees it. Every figure in this script's table uses this method.
   """
-  for _ in range(warm):
-    jax.block_until_ready(f(*args))
-  n = n or _REPEATS.value
-  batches = []
-  for _ in range(3):
-    t0 = time.perf_counter()
-    for _ in range(n):
-      out = f(*args)
-    jax.block_until_ready(out)  # one stream: the last call done means all are
-    batches.append((time.perf_counter() - t0) / n)
-  return statistics.median(batches)
+  return profiling.time_queued(f, *args, calls=n or _REPEATS.value, warmup=warm)
 
 
 def _record(name: str, value: float, unit: str, **extra) -> None:
@@ -78,11 +83,24 @@ def _record(name: str, value: float, unit: str, **extra) -> None:
   print(f"{name:64s} {value:10.2f} {unit}", flush=True)
 
 
+_PROBLEM_KEYS = {"up": "up", "down": "down", "updg": "up dgrad", "downdg": "down dgrad"}
+
+
 def _parse_config(spec: str, k_dim: int, n_dim: int, transpose: bool) -> mgpu.TileConfig:
+  spec = spec.split("@")[-1]
   if spec == "table":
     return mgpu.tile_config(k_dim, n_dim, transpose, jnp.bfloat16)
-  body, tm, tn, tk, stages = spec.split(":")
-  return mgpu.TileConfig(int(tm), int(tn), int(tk), int(stages), body)
+  return mgpu.parse_tile_config(spec)
+
+
+def _specs_for(problem: str) -> list[str]:
+  """The --configs entries that apply to a problem ("up", "down dgrad", ...)."""
+  out = []
+  for spec in _CONFIGS.value:
+    prefix, _, rest = spec.rpartition("@")
+    if not prefix or _PROBLEM_KEYS[prefix] == problem:
+      out.append(rest)
+  return out
 
 
 def _parse_wgrad_config(spec: str, k_dim: int, n_dim: int) -> mgpu.WgradConfig:
@@ -123,82 +141,141 @@ def _rel_err(out, ref) -> float:
   return float(np.linalg.norm(out - ref) / max(np.linalg.norm(ref), 1e-30))
 
 
-def check_correctness(configs, wgrad_configs) -> bool:
-  """Small ragged cases against NumPy, every config and both rhs layouts; then gradients."""
+def _row_check(label: str, out, ref, tol: float) -> bool:
+  """Whole-array and per-row relative error, so that one unwritten or misrouted row cannot hide."""
+  out, ref = np.float32(out), np.float32(ref)
+  err = _rel_err(out, ref)
+  ref_norm = np.linalg.norm(ref, axis=1)
+  row_err = np.linalg.norm(out - ref, axis=1) / (ref_norm + 1e-6)
+  row_err = np.where(ref_norm > 0, row_err, np.abs(out).max(axis=1))
+  good = bool(np.isfinite(out).all() and err < tol and row_err.max() < 10 * tol)
+  print(f"check {label} rel_err={err:.2e} worst_row={row_err.max():.2e} "
+        f"{'ok' if good else 'FAIL'}", flush=True)
+  return good
+
+
+def _np_silu_times(h_MN):
+  gate, up = np.split(np.float64(h_MN), 2, axis=-1)
+  return gate / (1 + np.exp(-gate)) * up
+
+
+def check_correctness(configs, wgrad_configs, swiglu_configs) -> bool:
+  """Ragged cases against NumPy for every tiling, both rhs layouts and the fused SwiGLU; then
+  gradients through the registered backend against the reference backend.
+
+  All cases share M and G, so each (tiling, layout, dtype) compiles once.
+  """
   ok = True
   rng = np.random.default_rng(int(time.time()))  # fresh inputs every run
+  rows, groups, k_dim, n_dim = 1003, 16, 256, 512
+  pad = lambda sizes: np.concatenate([sizes, np.zeros(groups - len(sizes), np.int32)])
+  cuts = np.sort(rng.integers(0, rows + 1, groups - 1))
   cases = {
-      "zeros+tail": (1003, np.array([0, 300, 1, 0, 7, 128, 0, 500], np.int32)),
-      "one group": (640, np.array([0, 0, 640, 0], np.int32)),
-      "all empty": (256, np.zeros(3, np.int32)),
-      "tiny M": (40, np.array([10, 0, 25], np.int32)),
-      "random": (2048, None),
+      "zeros+tail": pad(np.array([0, 300, 1, 0, 7, 128, 0, 500], np.int32)),
+      "one group": pad(np.array([0, 0, rows], np.int32)),
+      "all empty": np.zeros(groups, np.int32),
+      "random": np.diff(np.concatenate([[0], cuts, [rows]])).astype(np.int32),
+      "zipf+tail": _zipf_sizes(rows - 37, groups, seed=int(rng.integers(1 << 30))),
   }
-  k_dim, n_dim = 256, 512
-  for case, (rows, sizes) in cases.items():
-    if sizes is None:
-      cuts = np.sort(rng.integers(0, rows + 1, 15))
-      sizes = np.diff(np.concatenate([[0], cuts, [rows]])).astype(np.int32)
-    lhs = jnp.asarray(rng.standard_normal((rows, k_dim)), jnp.bfloat16)
+  lhs = jnp.asarray(rng.standard_normal((rows, k_dim)), jnp.bfloat16)
+  rhs = {t: jnp.asarray(rng.standard_normal((groups, n_dim, k_dim) if t else
+                                            (groups, k_dim, n_dim)), jnp.bfloat16)
+         for t in (False, True)}
+  refs = {(t, c): _np_gmm(lhs, rhs[t], s, t) for t in (False, True) for c, s in cases.items()}
+  tiny_lhs, tiny_sizes = lhs[:40], pad(np.array([10, 0, 25], np.int32))
+  for spec in dict.fromkeys(c.split("@")[-1] for c in configs):
     for transpose in (False, True):
-      shape = (len(sizes), n_dim, k_dim) if transpose else (len(sizes), k_dim, n_dim)
-      rhs = jnp.asarray(rng.standard_normal(shape), jnp.bfloat16)
-      ref = _np_gmm(lhs, rhs, sizes, transpose)
-      for spec in configs:
-        cfg = _parse_config(spec, k_dim, n_dim, transpose)
-        for out_dtype, tol in ((jnp.float32, 1e-5), (jnp.bfloat16, 8e-3)):
-          if not mgpu.supports(lhs, rhs, transpose, out_dtype, cfg):
-            continue
-          out = np.float32(mgpu.gmm(lhs, rhs, jnp.asarray(sizes), transpose_rhs=transpose,
-                                    out_dtype=out_dtype, config=cfg))
-          err = _rel_err(out, ref)
-          # Per row too, so that one unwritten or misrouted row cannot hide in the norm.
-          row_err = np.linalg.norm(out - ref, axis=1) / (np.linalg.norm(ref, axis=1) + 1e-6)
-          row_err = np.where(np.linalg.norm(ref, axis=1) > 0, row_err, np.abs(out).max(axis=1))
-          good = bool(np.isfinite(out).all() and err < tol and row_err.max() < 10 * tol)
-          ok &= good
-          print(f"check {case:11s} T={transpose!s:5s} {spec:18s} {jnp.dtype(out_dtype).name:8s} "
-                f"rel_err={err:.2e} worst_row={row_err.max():.2e} {'ok' if good else 'FAIL'}",
-                flush=True)
+      cfg = _parse_config(spec, k_dim, n_dim, transpose)
+      # fp32 outputs check tightly; bf16 ones too for the forward layout, or where an fp32
+      # output's doubled staging buffer leaves too few stages for the tiling.
+      f32_ok = mgpu.supports(lhs, rhs[transpose], transpose, jnp.float32, cfg)
+      dtypes = (((jnp.float32, 1e-5),) if f32_ok else ()) + (
+          ((jnp.bfloat16, 8e-3),) if not transpose or not f32_ok else ())
+      for out_dtype, tol in dtypes:
+        if not mgpu.supports(lhs, rhs[transpose], transpose, out_dtype, cfg):
+          print(f"check {spec} T={transpose} {jnp.dtype(out_dtype).name}: not supported, FAIL")
+          ok = False
+          continue
+        f = jax.jit(lambda a, b, s, cfg=cfg, t=transpose, o=out_dtype: mgpu.gmm(
+            a, b, s, transpose_rhs=t, out_dtype=o, config=cfg))
+        for case, sizes in cases.items():
+          ok &= _row_check(f"{case:10s} T={transpose!s:5s} {spec:28s} {jnp.dtype(out_dtype).name}",
+                           f(lhs, rhs[transpose], jnp.asarray(sizes)), refs[(transpose, case)], tol)
+        if _TINY_CHECKS.value and out_dtype == dtypes[0][0] and not transpose:
+          out = f(tiny_lhs, rhs[False], jnp.asarray(tiny_sizes))
+          ok &= _row_check(f"{'tiny M':10s} T=False {spec:28s} {jnp.dtype(out_dtype).name}", out,
+                           _np_gmm(tiny_lhs, rhs[False], tiny_sizes, False), tol)
 
-    # Weight gradient: per group lhs.T @ dout, into [G, K, N].
-    dout = jnp.asarray(rng.standard_normal((rows, n_dim)), jnp.bfloat16)
-    ref_w = np.zeros((len(sizes), k_dim, n_dim), np.float32)
-    start = 0
-    for g, size in enumerate(sizes):
-      ref_w[g] = np.float32(lhs[start:start + size]).T @ np.float32(dout[start:start + size])
-      start += size
-    for spec in wgrad_configs:
-      cfg = _parse_wgrad_config(spec, k_dim, n_dim)
-      out = np.float32(mgpu.tgmm(lhs, dout, jnp.asarray(sizes), out_dtype=jnp.float32, config=cfg))
+  # Fused SwiGLU: the activation (fp32 and bf16) and the saved pre-activation.
+  for spec in swiglu_configs:
+    if spec == "none":
+      continue
+    cfg = mgpu.parse_tile_config(spec)
+    pre_dtype, pre_tol = jnp.float32, 1e-5
+    if not mgpu.supports(lhs, rhs[False], False, jnp.float32, cfg, swiglu=True):
+      pre_dtype, pre_tol = jnp.bfloat16, 8e-3
+    if not mgpu.supports(lhs, rhs[False], False, pre_dtype, cfg, swiglu=True):
+      print(f"check swiglu {spec}: not supported, FAIL")
+      ok = False
+      continue
+    f = jax.jit(lambda a, b, s, cfg=cfg, o=pre_dtype: mgpu.gmm(
+        a, b, s, out_dtype=o, config=cfg, swiglu=True, save_preact=True))
+    f16 = jax.jit(lambda a, b, s, cfg=cfg: mgpu.gmm(a, b, s, config=cfg, swiglu=True))
+    name = jnp.dtype(pre_dtype).name
+    for case, sizes in cases.items():
+      act, pre = f(lhs, rhs[False], jnp.asarray(sizes))
+      ref = refs[(False, case)]
+      ok &= _row_check(f"{case:10s} swiglu act {spec:28s} {name}", act, _np_silu_times(ref),
+                       pre_tol)
+      ok &= _row_check(f"{case:10s} swiglu pre {spec:28s} {name}", pre, ref, pre_tol)
+      ok &= _row_check(f"{case:10s} swiglu act {spec:28s} bfloat16",
+                       f16(lhs, rhs[False], jnp.asarray(sizes)), _np_silu_times(ref), 8e-3)
+
+  # Weight gradient: per group lhs.T @ dout, into [G, K, N].
+  dout = jnp.asarray(rng.standard_normal((rows, n_dim)), jnp.bfloat16)
+  for spec in wgrad_configs:
+    if spec == "none":
+      continue
+    cfg = _parse_wgrad_config(spec, k_dim, n_dim)
+    f = jax.jit(lambda a, b, s, cfg=cfg: mgpu.tgmm(a, b, s, out_dtype=jnp.float32, config=cfg))
+    for case, sizes in cases.items():
+      ref_w = np.zeros((groups, k_dim, n_dim), np.float32)
+      start = 0
+      for g, size in enumerate(sizes):
+        ref_w[g] = np.float32(lhs[start:start + size]).T @ np.float32(dout[start:start + size])
+        start += size
+      out = np.float32(f(lhs, dout, jnp.asarray(sizes)))
       err = _rel_err(out, ref_w)
       per_group = [_rel_err(o, r) if np.abs(r).max() > 0 else float(np.abs(o).max())
                    for o, r in zip(out, ref_w)]
       good = bool(np.isfinite(out).all() and err < 1e-5 and max(per_group) < 1e-4)
       ok &= good
-      print(f"check {case:11s} wgrad {spec:18s} float32  rel_err={err:.2e} "
+      print(f"check {case:10s} wgrad {spec:18s} float32  rel_err={err:.2e} "
             f"worst_group={max(per_group):.2e} {'ok' if good else 'FAIL'}", flush=True)
 
-  # Gradients through the registered backend against the reference backend (fwd, dgrad, wgrad).
+  # Gradients through the registered backend against the reference backend (fwd, dgrad, wgrad),
+  # for grouped_matmul and for grouped_matmul_swiglu (whose VJP runs on the saved pre-activation).
   rows, groups = 4096, 16
   sizes = jnp.asarray(_zipf_sizes(rows - 100, groups, seed=int(rng.integers(1 << 30))))
   x = jnp.asarray(rng.standard_normal((rows, 512)), jnp.bfloat16)
   w = jnp.asarray(rng.standard_normal((groups, 512, 1024)) * 0.05, jnp.bfloat16)
-  dy = jnp.asarray(rng.standard_normal((rows, 1024)), jnp.float32)
+  for op, out_cols in ((gmm_lib.grouped_matmul, 1024), (gmm_lib.grouped_matmul_swiglu, 512)):
+    dy = jnp.asarray(rng.standard_normal((rows, out_cols)), jnp.float32)
 
-  def loss(backend, x, w):
-    # bf16 output, so that the cotangent reaching dgrad is bf16 and runs the kernel too.
-    y = gmm_lib.grouped_matmul(x, w, sizes, backend=backend)
-    return jnp.sum(y.astype(jnp.float32) * dy)
+    def loss(backend, x, w, op=op, dy=dy):
+      # bf16 output, so that the cotangent reaching dgrad is bf16 and runs the kernel too.
+      y = op(x, w, sizes, backend=backend)
+      return jnp.sum(y.astype(jnp.float32) * dy)
 
-  grads = {b: jax.jit(jax.value_and_grad(lambda x, w, b=b: loss(b, x, w), argnums=(0, 1)))(x, w)
-           for b in ("pallas_mosaic_gpu", "reference")}
-  (v0, (dx0, dw0)), (v1, (dx1, dw1)) = grads["pallas_mosaic_gpu"], grads["reference"]
-  for name, a, b in (("loss", v0, v1), ("dgrad", dx0, dx1), ("wgrad", dw0, dw1)):
-    err = _rel_err(np.float32(a), np.float32(b))
-    good = err < 1e-2  # bf16 gradients (dgrad output is bf16)
-    ok &= bool(good)
-    print(f"check grad {name:6s} vs reference backend rel_err={err:.2e} {'ok' if good else 'FAIL'}")
+    grads = {b: jax.jit(jax.value_and_grad(lambda x, w, b=b: loss(b, x, w), argnums=(0, 1)))(x, w)
+             for b in ("pallas_mosaic_gpu", "reference")}
+    (v0, (dx0, dw0)), (v1, (dx1, dw1)) = grads["pallas_mosaic_gpu"], grads["reference"]
+    for name, a, b in (("loss", v0, v1), ("dgrad", dx0, dx1), ("wgrad", dw0, dw1)):
+      err = _rel_err(np.float32(a), np.float32(b))
+      good = err < 1e-2  # bf16 gradients (dgrad output is bf16)
+      ok &= bool(good)
+      print(f"check grad {op.__name__} {name:6s} vs reference backend rel_err={err:.2e} "
+            f"{'ok' if good else 'FAIL'}", flush=True)
   print("CORRECTNESS", "PASS" if ok else "FAIL", flush=True)
   RESULTS["correctness"] = {"value": float(ok), "unit": "pass"}
   return ok
@@ -216,36 +293,53 @@ def _import_tokamax():
     return None
 
 
-def time_shapes(configs, tokamax) -> list:
+def _problems(shape) -> dict:
+  _, _, hidden, width = _MODEL_SHAPES[shape]
+  return {"up": (hidden, 2 * width, False), "down": (width, hidden, False),
+          "up dgrad": (2 * width, hidden, True), "down dgrad": (hidden, width, True)}
+
+
+def _balances(rows, groups):
+  out = [("balanced", _balanced_sizes(rows, groups))]
+  if _ZIPF.value:
+    out.append(("zipf", _zipf_sizes(rows, groups)))
+  return out
+
+
+def time_shapes(tokamax) -> list:
+  """Each problem: every tiling, balanced and Zipf, then tokamax and the batched einsum."""
   rows_table = []
   key = jax.random.PRNGKey(1)
   for shape in _SHAPES.value:
-    rows, groups, hidden, width = _MODEL_SHAPES[shape]
-    problems = {"up": (hidden, 2 * width, False), "down": (width, hidden, False),
-                "up dgrad": (2 * width, hidden, True), "down dgrad": (hidden, width, True)}
-    for balance, sizes_np in (("balanced", _balanced_sizes(rows, groups)),
-                              ("zipf", _zipf_sizes(rows, groups))):
-      sizes = jnp.asarray(sizes_np)
-      for pname, (k_dim, n_dim, transpose) in problems.items():
-        flops = 2 * rows * k_dim * n_dim
-        lhs = jax.random.normal(key, (rows, k_dim), jnp.bfloat16)
-        rshape = (groups, n_dim, k_dim) if transpose else (groups, k_dim, n_dim)
-        rhs = jax.random.normal(jax.random.PRNGKey(2), rshape, jnp.bfloat16) * 0.02
-        row = {"shape": shape, "balance": balance, "problem": pname, "K": k_dim, "N": n_dim}
-        best = 0.0
-        for spec in configs:
-          cfg = _parse_config(spec, k_dim, n_dim, transpose)
-          f = jax.jit(lambda a, b, s, cfg=cfg, t=transpose: mgpu.gmm(
-              a, b, s, transpose_rhs=t, config=cfg))
+    rows, groups, _, _ = _MODEL_SHAPES[shape]
+    problems = _problems(shape)
+    for pkey in _PROBLEMS.value:
+      pname = _PROBLEM_KEYS[pkey]
+      k_dim, n_dim, transpose = problems[pname]
+      flops = 2 * rows * k_dim * n_dim
+      lhs = jax.random.normal(key, (rows, k_dim), jnp.bfloat16)
+      rshape = (groups, n_dim, k_dim) if transpose else (groups, k_dim, n_dim)
+      rhs = jax.random.normal(jax.random.PRNGKey(2), rshape, jnp.bfloat16) * 0.02
+      by_balance = {b: {"shape": shape, "balance": b, "problem": pname, "K": k_dim, "N": n_dim,
+                        "ours best": 0.0} for b, _ in _balances(rows, groups)}
+      for spec in _specs_for(pname):
+        cfg = _parse_config(spec, k_dim, n_dim, transpose)
+        f = jax.jit(lambda a, b, s, cfg=cfg, t=transpose: mgpu.gmm(
+            a, b, s, transpose_rhs=t, config=cfg))  # one compile for both balances
+        for balance, sizes_np in _balances(rows, groups):
+          row = by_balance[balance]
           try:
-            tf = flops / _bench(f, lhs, rhs, sizes) / 1e12
+            tf = flops / _bench(f, lhs, rhs, jnp.asarray(sizes_np)) / 1e12
           except Exception as e:  # keep going: one failing tiling should not hide the others
             print(f"{shape} {balance} {pname} {spec} failed: {type(e).__name__}: {str(e)[:300]}")
             continue
-          _record(f"{shape} {balance} {pname} ours {spec}", tf, "TFLOP/s", cfg=str(cfg))
+          _record(f"{shape} {balance} {pname} ours {spec}", tf, "TFLOP/s",
+                  cfg=cfg.fit_smem(2, 2).spec())
           row[f"ours {spec}"] = tf
-          best = max(best, tf)
-        row["ours best"] = best
+          if tf > row["ours best"]:
+            row["ours best"], row["best spec"] = tf, cfg.fit_smem(2, 2).spec()
+      for balance, sizes_np in _balances(rows, groups):
+        row, sizes = by_balance[balance], jnp.asarray(sizes_np)
         if tokamax is not None and not transpose:
           rd = jax.jit(lambda a, b, s: tokamax.ragged_dot(a, b, s, implementation="mosaic"))
           try:
@@ -253,18 +347,66 @@ def time_shapes(configs, tokamax) -> list:
             _record(f"{shape} {balance} {pname} tokamax mosaic", row["tokamax"], "TFLOP/s")
           except Exception as e:
             print(f"tokamax {pname} failed: {type(e).__name__}: {str(e)[:300]}")
-        if balance == "balanced" and _BASELINES.value:
+        if balance == "balanced" and _EINSUM.value:
           einsum = jax.jit(lambda x, w, t=transpose: jnp.einsum(
               "ecd,efd->ecf" if t else "ecd,edf->ecf", x, w))
           row["einsum"] = flops / _bench(einsum, lhs.reshape(groups, -1, k_dim), rhs) / 1e12
           _record(f"{shape} {balance} {pname} batched einsum", row["einsum"], "TFLOP/s")
         rows_table.append(row)
-        del lhs, rhs
-      rows_table.extend(_time_wgrad(shape, balance, sizes, _MODEL_SHAPES[shape]))
+      del lhs, rhs
+      _write_json(rows_table)  # after each problem, so a run cut short keeps what it measured
+    if _SWIGLU_CONFIGS.value != ["none"]:
+      rows_table += _time_swiglu(shape, rows_table)
+    if "none" not in _WGRAD_CONFIGS.value:
+      for balance, sizes_np in _balances(rows, groups):
+        rows_table.extend(_time_wgrad(shape, balance, jnp.asarray(sizes_np), _MODEL_SHAPES[shape]))
     if _FFN.value:
-      rows_table.append(_time_ffn(shape, tokamax))
-    _write_json(rows_table)  # after each shape, so a run cut short keeps what it measured
+      rows_table += _time_ffn(shape, tokamax, rows_table)
+    _write_json(rows_table)
   return rows_table
+
+
+def _best_spec(rows_table, shape, problem) -> str | None:
+  """The fastest tiling of this run for a problem, balanced groups."""
+  for r in rows_table:
+    if (r["shape"], r["balance"], r["problem"]) == (shape, "balanced", problem):
+      return r.get("best spec")
+  return None
+
+
+def _time_swiglu(shape, rows_table) -> list:
+  """Up-projection with its SwiGLU: the GEMM (best tiling of this run) then XLA's SwiGLU, against
+  the fused kernel with and without the saved pre-activation. FLOPs are the GEMM's."""
+  rows, groups, hidden, width = _MODEL_SHAPES[shape]
+  flops = 2 * rows * hidden * 2 * width
+  x = jax.random.normal(jax.random.PRNGKey(11), (rows, hidden), jnp.bfloat16)
+  w = jax.random.normal(jax.random.PRNGKey(12), (groups, hidden, 2 * width), jnp.bfloat16) * 0.02
+  up_spec = _best_spec(rows_table, shape, "up")
+  up_cfg = mgpu.parse_tile_config(up_spec) if up_spec else None
+  variants = {"unfused (gmm + XLA SwiGLU)": jax.jit(lambda a, b, s: gmm_lib._swiglu_of(
+      mgpu.gmm(a, b, s, config=up_cfg), a.dtype))}
+  for spec in _SWIGLU_CONFIGS.value:
+    cfg = mgpu.parse_tile_config(spec)
+    variants[f"fused {spec}"] = jax.jit(lambda a, b, s, cfg=cfg: mgpu.gmm(
+        a, b, s, config=cfg, swiglu=True))
+    variants[f"fused+preact {spec}"] = jax.jit(lambda a, b, s, cfg=cfg: mgpu.gmm(
+        a, b, s, config=cfg, swiglu=True, save_preact=True))
+  out = []
+  for balance, sizes_np in _balances(rows, groups):
+    row = {"shape": shape, "balance": balance, "problem": "up + SwiGLU fwd", "K": hidden,
+           "N": 2 * width, "ours best": 0.0}
+    for name, f in variants.items():
+      try:
+        tf = flops / _bench(f, x, w, jnp.asarray(sizes_np)) / 1e12
+      except Exception as e:
+        print(f"{shape} {balance} swiglu {name} failed: {type(e).__name__}: {str(e)[:300]}")
+        continue
+      _record(f"{shape} {balance} up+SwiGLU {name}", tf, "TFLOP/s")
+      row[name] = tf
+      if name.startswith("fused ") and tf > row["ours best"]:
+        row["ours best"], row["best spec"] = tf, name.split(" ", 1)[1]
+    out.append(row)
+  return out
 
 
 def _write_json(rows_table) -> None:
@@ -305,8 +447,13 @@ def _time_wgrad(shape, balance, sizes, model_shape) -> list:
   return out
 
 
-def _time_ffn(shape, tokamax) -> dict:
-  """Expert FFN forward+backward (gate/up GEMM, SwiGLU, down GEMM), balanced groups."""
+def _time_ffn(shape, tokamax, rows_table) -> list:
+  """Expert FFN forward+backward (gate/up GEMM, SwiGLU, down GEMM), balanced groups.
+
+  Ours three ways: the checked-in tables; the best tilings of this run (patched into
+  TILE_CONFIGS for the four forward/dgrad problems); and those with the SwiGLU fused into the
+  first GEMM (`grouped_matmul_swiglu`, the best fused tiling of this run).
+  """
   rows, groups, hidden, width = _MODEL_SHAPES[shape]
   sizes = jnp.asarray(_balanced_sizes(rows, groups))
   key = jax.random.PRNGKey(3)
@@ -314,22 +461,60 @@ def _time_ffn(shape, tokamax) -> dict:
   w_up = jax.random.normal(key, (groups, hidden, 2 * width), jnp.bfloat16) * 0.02
   w_down = jax.random.normal(key, (groups, width, hidden), jnp.bfloat16) * 0.02
   flops = 3 * (2 * rows * hidden * 2 * width + 2 * rows * width * hidden)
-  row = {"shape": shape, "balance": "balanced", "problem": "FFN fwd+bwd", "K": hidden, "N": width}
 
-  def make_step(mm):
+  def make_step(mm, fused=None):
     def loss(x, w_up, w_down):
-      gate, up = jnp.split(mm(x, w_up), 2, axis=-1)
-      return jnp.sum(mm(jax.nn.silu(gate) * up, w_down).astype(jnp.float32))
+      if fused is None:
+        gate, up = jnp.split(mm(x, w_up), 2, axis=-1)
+        act = jax.nn.silu(gate) * up
+      else:
+        act = fused(x, w_up)
+      return jnp.sum(mm(act, w_down).astype(jnp.float32))
     return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
 
-  ours = make_step(lambda a, b: gmm_lib.grouped_matmul(a, b, sizes, backend="pallas_mosaic_gpu"))
-  row["ours best"] = flops / _bench(ours, x, w_up, w_down, n=10) / 1e12
-  _record(f"{shape} FFN fwd+bwd ours", row["ours best"], "TFLOP/s")
+  ours = lambda a, b: gmm_lib.grouped_matmul(a, b, sizes, backend="pallas_mosaic_gpu")
+  fused = lambda a, b: gmm_lib.grouped_matmul_swiglu(a, b, sizes, backend="pallas_mosaic_gpu")
+  best = {}
+  for pname, (k_dim, n_dim, transpose) in _problems(shape).items():
+    spec = _best_spec(rows_table, shape, pname)
+    if spec:
+      best[(k_dim, n_dim, transpose, "bfloat16")] = mgpu.parse_tile_config(spec)
+  swiglu_best, swiglu_tf = None, 0.0
+  for r in rows_table:
+    if (r["shape"], r["balance"], r["problem"]) == (shape, "balanced", "up + SwiGLU fwd"):
+      for name, tf in r.items():
+        if name.startswith("fused+preact ") and tf > swiglu_tf:
+          swiglu_best, swiglu_tf = mgpu.parse_tile_config(name.split(" ", 1)[1]), tf
+  variants = [("table", {}, {}, None)]
+  if best:
+    variants.append(("best of run", best, {}, None))
+  if swiglu_best is not None:
+    variants.append(("best of run + fused SwiGLU", best,
+                     {(hidden, 2 * width, "bfloat16"): swiglu_best}, fused))
+  tk_tf = None
   if tokamax is not None:
     tk = make_step(lambda a, b: tokamax.ragged_dot(a, b, sizes, implementation="mosaic"))
-    row["tokamax"] = flops / _bench(tk, x, w_up, w_down, n=10) / 1e12
-    _record(f"{shape} FFN fwd+bwd tokamax mosaic", row["tokamax"], "TFLOP/s")
-  return row
+    tk_tf = flops / _bench(tk, x, w_up, w_down, n=10) / 1e12
+    _record(f"{shape} FFN fwd+bwd tokamax mosaic", tk_tf, "TFLOP/s")
+  out = []
+  for name, tiles, swiglu_tiles, fused_fn in variants:
+    saved = dict(mgpu.TILE_CONFIGS), dict(mgpu.SWIGLU_CONFIGS)
+    mgpu.TILE_CONFIGS.update(tiles)
+    mgpu.SWIGLU_CONFIGS.update(swiglu_tiles)
+    try:
+      tf = flops / _bench(make_step(ours, fused_fn), x, w_up, w_down, n=10) / 1e12
+    except Exception as e:
+      print(f"{shape} FFN {name} failed: {type(e).__name__}: {str(e)[:300]}")
+      continue
+    finally:
+      for table, old in zip((mgpu.TILE_CONFIGS, mgpu.SWIGLU_CONFIGS), saved):
+        table.clear()
+        table.update(old)
+    _record(f"{shape} FFN fwd+bwd ours, {name}", tf, "TFLOP/s",
+            tiles={str(k): v.spec() for k, v in {**tiles, **swiglu_tiles}.items()})
+    out.append({"shape": shape, "balance": "balanced", "problem": f"FFN fwd+bwd, {name}",
+                "K": hidden, "N": width, "ours best": tf, "tokamax": tk_tf})
+  return out
 
 
 def time_permute(shape) -> list:
@@ -415,15 +600,15 @@ def _print_permute_table(rows) -> None:
 
 def _print_table(rows_table) -> None:
   print("\n| shape | groups | problem | K | N | ours best | tokamax | ours/tokamax "
-        "| einsum (balanced) | ours/einsum |")
-  print("|---|---|---|---|---|---|---|---|---|---|")
+        "| einsum (balanced) | ours/einsum | best tiling |")
+  print("|---|---|---|---|---|---|---|---|---|---|---|")
   for r in rows_table:
     tk, es = r.get("tokamax"), r.get("einsum")
     fmt = lambda v: f"{v:.0f}" if v else "-"
     ratio = lambda a, b: f"{a / b:.2f}x" if a and b else "-"
     print(f"| {r['shape']} | {r['balance']} | {r['problem']} | {r['K']} | {r['N']} | "
           f"{fmt(r['ours best'])} | {fmt(tk)} | {ratio(r['ours best'], tk)} | {fmt(es)} | "
-          f"{ratio(r['ours best'], es)} |")
+          f"{ratio(r['ours best'], es)} | {r.get('best spec', '-')} |")
 
 
 def main(argv):
@@ -431,14 +616,15 @@ def main(argv):
   print(jax.__version__, jax.devices(), flush=True)
   configs = _CONFIGS.value
   print("auto backend on this machine:", gmm_lib._resolve_backend("auto"), flush=True)
-  ok = check_correctness(configs, _WGRAD_CONFIGS.value)
+  ok = check_correctness(configs, _WGRAD_CONFIGS.value, _SWIGLU_CONFIGS.value)
   tokamax = None
   if _BASELINES.value:
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                     ".bench"))
     try:
       import gpu_baselines
-      gpu_baselines.dense_bf16()
+      if _DENSE.value:
+        gpu_baselines.dense_bf16()
       RESULTS.update({f"baseline {k}": v for k, v in gpu_baselines.RESULTS.items()})
     except Exception as e:
       print("gpu_baselines failed:", type(e).__name__, str(e)[:300])
@@ -448,7 +634,7 @@ def main(argv):
     for shape in _SHAPES.value:
       permute_rows += time_permute(shape)
     _print_permute_table(permute_rows)
-  rows_table = time_shapes(configs, tokamax)
+  rows_table = time_shapes(tokamax)
   _print_table(rows_table)
   _print_permute_table(permute_rows)
   print("CORRECTNESS", "PASS" if ok else "FAIL")

@@ -1,10 +1,11 @@
 """Runs a scaling-law sweep (the "wind tunnel"): every budget x variant trained by the laws.
 
   python -m experiments.sweep --sweep_dir=workdirs/sweep --budgets=6e11,1.2e12,2.4e12 \
-      --variant=moe:arch=moe --variant=dense:arch=dense
+      --variant=moe:arch=moe --variant=dense:arch=dense --jobs=2
 
 Each run is `python -m experiments.train --config=configs/scaling.py:budget=B,ARG` in its own
-workdir, `SWEEP_DIR/runs/NAME_B`, one after another. A variant is `NAME:ARG [FLAGS...]`: ARG is
+workdir, `SWEEP_DIR/runs/NAME_B`, `--jobs` at a time (on a CPU, one per core: the small models
+use about one core each), smallest budget first. A variant is `NAME:ARG [FLAGS...]`: ARG is
 added to the config argument (`arch=dense`, `mtp=1`, `experts=64,top_k=2`, ...), FLAGS are extra
 `--config...` overrides for that variant; `--train_flag` adds overrides to every run.
 
@@ -17,11 +18,13 @@ was killed resumes from its workdir's checkpoints. When runs finish the sweep wr
   loss_vs_compute.png validation loss against compute, log-log, with the fitted laws
 """
 
+import concurrent.futures
 import json
 import math
 import os
 import subprocess
 import sys
+import threading
 import time
 from typing import Any
 
@@ -41,6 +44,8 @@ _TRAIN_FLAGS = flags.DEFINE_multi_string("train_flag", [], "Extra flag for every
 _STEPS_FRACTION = flags.DEFINE_float(
     "steps_fraction", 1.0, "Train each run for this fraction of its compute-optimal steps (1.0 "
     "follows the laws; smaller values are for smoke tests, and shrink C accordingly).")
+_JOBS = flags.DEFINE_integer(
+    "jobs", 1, "Runs trained at once (each a process; on a CPU, about one per spare core).")
 _CONFIG_FILE = flags.DEFINE_string("config_file", "configs/scaling.py", "The budget config.")
 flags.mark_flags_as_required(["sweep_dir"])
 
@@ -91,7 +96,8 @@ def collect_result(workdir: str, name: str, budget: float, wall_s: float) -> dic
   return {
       "run": run_name(name, budget), "variant": name, "budget": budget,
       "compute": flops_per_token * tokens, "flops_per_token": flops_per_token, "tokens": tokens,
-      "hidden_size": m.hidden_size, "layers": m.num_hidden_layers,
+      "hidden_size": m.hidden_size, "layers": m.num_hidden_layers, "head_dim": m.head_dim,
+      "expert_width": None if dense else m.moe_intermediate_size,
       "activation_ratio": 1.0 if dense else scaling.activation_ratio(m),
       "granularity": None if dense else scaling.granularity(m),
       "attention_fraction": scaling.attention_fraction(m, t["seq_len"]),
@@ -155,14 +161,15 @@ def fit_results(results: list[dict[str, Any]], baseline: str) -> dict[str, Any]:
 
 def write_table(sweep_dir: str, results: list[dict[str, Any]], fitted: dict[str, Any]) -> str:
   """Writes `table.md` (runs, then fits) and returns its path."""
-  lines = ["| variant | budget | C (FLOPs) | hidden x layers | A | G | attn | M (FLOPs/tok) | "
+  lines = ["| variant | budget | C (FLOPs) | hidden x layers | head dim | A | G | attn | "
+           "M (FLOPs/tok) | "
            "tokens | lr | batch | steps | val loss | bits/token | wall (s) |",
-           "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+           "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
   for r in sorted(results, key=lambda r: (r["variant"], r["compute"])):
     g = f"{r['granularity']:.0f}" if r["granularity"] else "-"
     lines.append(
         f"| {r['variant']} | {r['budget']:.3g} | {r['compute']:.3g} | {r['hidden_size']} x "
-        f"{r['layers']} | {100 * r['activation_ratio']:.1f}% | {g} | "
+        f"{r['layers']} | {r.get('head_dim', '?')} | {100 * r['activation_ratio']:.1f}% | {g} | "
         f"{100 * r['attention_fraction']:.0f}% | {r['flops_per_token']:.3g} | {r['tokens']:.3g} | "
         f"{r['learning_rate']:.3g} | {r['batch_size']} | {r['num_steps']} | "
         f"{r['val_loss']:.4f} | {r['val_bits_per_token']:.3f} | {r['wall_s']:.0f} |")
@@ -246,35 +253,44 @@ def main(argv):
     raise app.UsageError("--variant: two variants share a name")
   if not 0 < _STEPS_FRACTION.value <= 1:
     raise app.UsageError(f"--steps_fraction={_STEPS_FRACTION.value}: expected a value in (0, 1]")
+  if _JOBS.value < 1:
+    raise app.UsageError(f"--jobs={_JOBS.value}: expected at least 1")
   os.makedirs(sweep_dir, exist_ok=True)
   done = {r["run"] for r in read_results(sweep_dir)}
   grid = [(name, arg, extra, b) for b in budgets for name, arg, extra in variants]
-  start, trained = time.time(), 0
-  for i, (name, arg, extra, budget) in enumerate(grid, 1):
+  start, finished, lock = time.time(), [], threading.Lock()
+
+  def train(i: int, name: str, arg: str, extra: list[str], budget: float) -> None:
     label = run_name(name, budget)
-    if label in done:
-      metrics.log("[%d/%d] %s: finished earlier, skipped", i, len(grid), label)
-      continue
     config_arg = ",".join(filter(None, [f"budget={budget:g}", arg]))
     flags_ = [*_TRAIN_FLAGS.value, *extra]
     if _STEPS_FRACTION.value < 1:
       flags_.append(f"--config.train.num_steps={_scaled_steps(config_arg)}")
-    eta = ""
-    if trained:
-      per_run = (time.time() - start) / trained
-      eta = f", about {metrics.format_duration(per_run * (len(grid) - i + 1))} left"
-    metrics.log("[%d/%d] %s: training configs/scaling.py:%s%s", i, len(grid), label, config_arg,
-                eta)
+    metrics.log("[%d/%d] %s: training configs/scaling.py:%s", i, len(grid), label, config_arg)
     workdir = os.path.join(sweep_dir, "runs", label)
     run_start = time.time()
     run_training(config_arg, workdir, flags_, label)
-    trained += 1
     result = collect_result(workdir, name, budget, time.time() - run_start)
-    with open(os.path.join(sweep_dir, _RESULTS), "a") as f:
-      f.write(json.dumps(result) + "\n")
-    metrics.log("[%d/%d] %s: val loss %.4f at C = %.3g FLOPs, %.0f s", i, len(grid), label,
-                result["val_loss"], result["compute"], result["wall_s"])
-  metrics.log("Sweep of %d runs done (%d trained now, %s)", len(grid), trained,
+    with lock:
+      with open(os.path.join(sweep_dir, _RESULTS), "a") as f:
+        f.write(json.dumps(result) + "\n")
+      finished.append(label)
+    metrics.log("[%d/%d] %s: val loss %.4f at C = %.3g FLOPs, %.0f s (%d of this session's "
+                "runs done, %s in)", i, len(grid), label, result["val_loss"], result["compute"],
+                result["wall_s"], len(finished), metrics.format_duration(time.time() - start))
+
+  todo = []
+  for i, (name, arg, extra, budget) in enumerate(grid, 1):
+    if run_name(name, budget) in done:
+      metrics.log("[%d/%d] %s: finished earlier, skipped", i, len(grid), run_name(name, budget))
+    else:
+      todo.append((i, name, arg, extra, budget))
+  # Runs are independent processes; with --jobs > 1 they share the machine's cores.
+  with concurrent.futures.ThreadPoolExecutor(_JOBS.value) as pool:
+    futures = [pool.submit(train, *item) for item in todo]
+    for future in futures:
+      future.result()  # Re-raises a failed run's error once the others have finished.
+  metrics.log("Sweep of %d runs done (%d trained now, %s)", len(grid), len(finished),
               metrics.format_duration(time.time() - start))
   summarize(sweep_dir, _BASELINE.value)
 

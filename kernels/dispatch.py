@@ -127,11 +127,12 @@ def permute(
   if not jnp.issubdtype(expert_ids_TK.dtype, jnp.integer):
     raise ValueError(f"permute: expert_ids must be integers, got {expert_ids_TK.dtype}.")
   top_k = expert_ids_TK.shape[1]
-  ids_M = expert_ids_TK.reshape(-1).astype(jnp.int32)
-  sort_idx_M = jnp.argsort(ids_M, stable=True).astype(jnp.int32)
-  group_sizes_E = jnp.bincount(ids_M, length=num_experts).astype(jnp.int32)
   impl = _row_impl(backend)
-  return _copy_tokens(x_TD, sort_idx_M, top_k, impl), group_sizes_E, sort_idx_M
+  with jax.named_scope("dispatch"):  # Named for profiles (ling_jax/profiling.py).
+    ids_M = expert_ids_TK.reshape(-1).astype(jnp.int32)
+    sort_idx_M = jnp.argsort(ids_M, stable=True).astype(jnp.int32)
+    group_sizes_E = jnp.bincount(ids_M, length=num_experts).astype(jnp.int32)
+    return _copy_tokens(x_TD, sort_idx_M, top_k, impl), group_sizes_E, sort_idx_M
 
 
 def _gather_copies(y_MD: jax.Array, sort_idx_M: jax.Array, top_k: int) -> jax.Array:
@@ -191,7 +192,8 @@ def unpermute(y_MD: jax.Array, sort_idx_M: jax.Array, weights_TK: jax.Array, *,
         f"{list(y_MD.shape)}, sort_idx {list(sort_idx_M.shape)}, weights "
         f"{list(weights_TK.shape)}.")
   _row_impl(backend)  # every backend un-permutes with XLA (see _combine_rows); names still checked
-  return _unpermute(y_MD, sort_idx_M, weights_TK)
+  with jax.named_scope("dispatch"):
+    return _unpermute(y_MD, sort_idx_M, weights_TK)
 
 
 def expert_ffn(
@@ -214,7 +216,8 @@ def expert_ffn(
     w_gate_up_EDF2: fused gate and up projections: columns [0, F) are gate, [F, 2F) are up.
     w_down_EFD: down projections.
     backend: grouped matmul backend, see `grouped_matmul`; it also picks the permutation's
-      implementation (module doc).
+      implementation (module doc), and whether the SwiGLU runs fused into the first GEMM
+      (`grouped_matmul.fused_swiglu_wins`).
     quant: "none", or "fp8_blockwise" for both projections as `fp8_gemm.fp8_grouped_linear`
       (E4M3 fprop, dgrad and wgrad; the permutation and SwiGLU stay in x's dtype).
     fp8_probes: with FP8, zero [2] arrays for the two projections whose cotangents become the
@@ -253,8 +256,12 @@ def expert_ffn(
       del probe
       return gmm_lib.grouped_matmul(x, w, sizes, backend=backend)
   x_MD, group_sizes_E, sort_idx_M = permute(x_TD, expert_ids_TK, num_experts, backend=backend)
-  h_MF2 = matmul(x_MD, w_gate_up_EDF2, group_sizes_E, probe_up)
-  gate_MF, up_MF = jnp.split(h_MF2.astype(jnp.float32), 2, axis=-1)
-  act_MF = (jax.nn.silu(gate_MF) * up_MF).astype(x_TD.dtype)
+  if quant == "none" and gmm_lib.fused_swiglu_wins(backend, x_TD.dtype, d_model, two_f):
+    # The SwiGLU in the first GEMM's epilogue (kernels/grouped_matmul_mgpu.py).
+    act_MF = gmm_lib.grouped_matmul_swiglu(x_MD, w_gate_up_EDF2, group_sizes_E, backend=backend)
+  else:
+    h_MF2 = matmul(x_MD, w_gate_up_EDF2, group_sizes_E, probe_up)
+    gate_MF, up_MF = jnp.split(h_MF2.astype(jnp.float32), 2, axis=-1)
+    act_MF = (jax.nn.silu(gate_MF) * up_MF).astype(x_TD.dtype)
   y_MD = matmul(act_MF, w_down_EFD, group_sizes_E, probe_down)
   return unpermute(y_MD, sort_idx_M, weights_TK, backend=backend)

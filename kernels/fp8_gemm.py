@@ -8,7 +8,18 @@ The GEMMs take E4M3 operands with their fp32 scales (`kernels.fp8_quant`) and re
   - `fp8_transposed_grouped_matmul`: per group, A_g^T B_g from the M-tiled transposes (wgrad).
 The reference backend (CPU, and the oracle for GPU kernels) dequantises and multiplies in fp32,
 which is what a kernel that promotes its partial sums to fp32 every 128 of K computes up to
-summation order. No GPU kernel is registered yet: "auto" resolves to the reference everywhere.
+summation order. Backends:
+  - "pallas_mosaic_gpu": `kernels.fp8_gemm_mgpu` (Hopper, e4m3 wgmma) for `fp8_matmul` and
+    `fp8_grouped_matmul` where `fp8_gemm_mgpu.supports` holds (K a multiple of 128, N of 128,
+    bf16 or fp32 out); other shapes, and `fp8_transposed_grouped_matmul` (tiles that restart per
+    group; no kernel yet), take the reference.
+  - "pallas_mosaic_gpu_interpret": the same kernels in Pallas's GPU interpreter with small tiles,
+    for CPU tests; strict: a shape they do not cover raises instead of falling back.
+  - "auto": "reference" everywhere for now (`_AUTO_USES_KERNEL`). On an H200 the kernels match
+    the fp32 reference within FP8 accumulation error when their operands come from outside the
+    program, but inside a jitted `fp8_linear` (operands quantised in the same program) they were
+    2.5% off in fprop, dgrad and wgrad (experiments/bench_fp8.py, 2026-11-29); until that is
+    understood, the kernel path is opt-in.
 
 `fp8_linear` and `fp8_grouped_linear` are the training ops: custom VJPs whose forward (fprop),
 input gradient (dgrad) and weight gradient (wgrad) all run as FP8 GEMMs, E4M3 in both
@@ -28,16 +39,70 @@ import numpy as np
 from kernels import fp8_quant as fq
 from kernels import grouped_matmul as gmm_lib
 
-_BACKENDS = ("reference",)
+_BACKENDS = ("reference", "pallas_mosaic_gpu", "pallas_mosaic_gpu_interpret")
+
+
+def _is_hopper_gpu() -> bool:
+  if jax.default_backend() != "gpu":
+    return False
+  return getattr(jax.devices()[0], "compute_capability", None) == "9.0"
+
+
+# Flip to let "auto" pick the Mosaic GPU kernels on sm_90 (module doc says why it is off).
+_AUTO_USES_KERNEL = False
 
 
 def _resolve_backend(backend: str) -> str:
   if backend == "auto":
-    return "reference"
+    return "pallas_mosaic_gpu" if _AUTO_USES_KERNEL and _is_hopper_gpu() else "reference"
   if backend not in _BACKENDS:
     raise ValueError(f"Unknown FP8 GEMM backend {backend!r}; expected 'auto' or one of "
                      f"{list(_BACKENDS)}.")
   return backend
+
+
+@functools.cache
+def _interpreted_gmm(out_dtype: jnp.dtype, b_scaling: str):
+  from jax.experimental.pallas import mosaic_gpu as plgpu
+
+  from kernels import fp8_gemm_mgpu as mgpu
+  return jax.jit(functools.partial(mgpu.gmm_fp8, out_dtype=out_dtype, b_scaling=b_scaling,
+                                   config=mgpu.INTERPRET_CONFIG,
+                                   interpret=plgpu.InterpretGPUParams(), num_sms=2))
+
+
+def _kernel_gmm(backend: str, fn: str, k_dim: int, n_dim: int, out_dtype):
+  """The Mosaic GPU grouped GEMM for this shape and backend, or None for the reference.
+
+  The returned callable takes `fp8_gemm_mgpu.gmm_fp8`'s operands and b_scaling.
+  """
+  if backend == "reference":
+    return None
+  from kernels import fp8_gemm_mgpu as mgpu
+  out_dtype = jnp.dtype(out_dtype)
+  if backend == "pallas_mosaic_gpu":
+    if not mgpu.supports(k_dim, n_dim, out_dtype):
+      return None
+    return functools.partial(mgpu.gmm_fp8, out_dtype=out_dtype)
+  if not mgpu.supports(k_dim, n_dim, out_dtype, mgpu.INTERPRET_CONFIG):
+    raise ValueError(
+        f"{fn}: backend 'pallas_mosaic_gpu_interpret' has no kernel for K={k_dim}, N={n_dim}, "
+        f"out {out_dtype.name}: it needs K a multiple of 128, N of "
+        f"{mgpu.INTERPRET_CONFIG.cta_n} and a bf16 or fp32 output. Use backend='reference'.")
+
+  def call(a_q_MK, *args, b_scaling):
+    # The interpreter's ordered IO effects must not leak into enclosing jaxprs (scan, custom
+    # VJPs); the kernel is a pure function of its operands, so run it as a pure callback.
+    out_type = jax.ShapeDtypeStruct((a_q_MK.shape[0], n_dim), out_dtype)
+    kernel = _interpreted_gmm(out_dtype, b_scaling)
+    return jax.pure_callback(lambda *a: np.asarray(kernel(*a)), out_type, a_q_MK, *args)
+  return call
+
+
+def _fit_group_sizes(group_sizes_G: jax.Array, num_rows: int) -> jax.Array:
+  """Clips sizes so that groups end within the M rows (as `grouped_matmul` does)."""
+  ends_G = jnp.minimum(jnp.cumsum(jnp.maximum(group_sizes_G.astype(jnp.int32), 0)), num_rows)
+  return jnp.diff(ends_G, prepend=jnp.zeros((1,), jnp.int32))
 
 
 def _check_e4m3(fn: str, **operands: jax.Array) -> None:
@@ -63,11 +128,12 @@ def fp8_matmul(a_q_MK: jax.Array, a_scale_MKt: jax.Array, b_q_NK: jax.Array,
     b_q_NK, b_scale: B in E4M3; scales [Nt, Kt] for b_scaling="block" (a weight), [N, Kt] for
       "tile" (an activation or gradient, transposed, for wgrad).
     out_dtype: the output dtype (bf16 in the Ling recipe).
-    backend: "auto" or "reference" (module doc).
+    backend: "auto", "reference", "pallas_mosaic_gpu" or "pallas_mosaic_gpu_interpret" (module
+      doc).
   """
   fn = "fp8_matmul"
   _check_e4m3(fn, a_q=a_q_MK, b_q=b_q_NK)
-  _resolve_backend(backend)
+  backend = _resolve_backend(backend)
   (m_dim, k_dim), (n_dim, k_b) = a_q_MK.shape, b_q_NK.shape
   kt, nt = fq._cdiv(k_dim, fq.TILE), fq._cdiv(n_dim, fq.TILE)
   want_b = {"block": (nt, kt), "tile": (n_dim, kt)}.get(b_scaling)
@@ -78,6 +144,10 @@ def fp8_matmul(a_q_MK: jax.Array, a_scale_MKt: jax.Array, b_q_NK: jax.Array,
         f"{fn}: expected A [M, K] with scales [M, {kt}] and B [N, K] with {b_scaling} scales "
         f"{list(want_b)}, got A {list(a_q_MK.shape)}, scales {list(a_scale_MKt.shape)}, B "
         f"{list(b_q_NK.shape)}, scales {list(b_scale.shape)}.")
+  kernel = _kernel_gmm(backend, fn, k_dim, n_dim, out_dtype)
+  if kernel is not None:
+    return kernel(a_q_MK, a_scale_MKt.T, b_q_NK[None], b_scale.T[None],
+                  jnp.full((1,), m_dim, jnp.int32), b_scaling=b_scaling)
   a_MK = fq.dequantize_tiles(a_q_MK, a_scale_MKt)
   if b_scaling == "block":
     b_NK = fq.dequantize_blocks(b_q_NK, b_scale)
@@ -96,7 +166,7 @@ def fp8_grouped_matmul(a_q_MK: jax.Array, a_scale_MKt: jax.Array, b_q_GNK: jax.A
   """
   fn = "fp8_grouped_matmul"
   _check_e4m3(fn, a_q=a_q_MK, b_q=b_q_GNK)
-  _resolve_backend(backend)
+  backend = _resolve_backend(backend)
   (m_dim, k_dim), (g_dim, n_dim, k_b) = a_q_MK.shape, b_q_GNK.shape
   kt, nt = fq._cdiv(k_dim, fq.TILE), fq._cdiv(n_dim, fq.TILE)
   if (k_b != k_dim or a_scale_MKt.shape != (m_dim, kt)
@@ -105,6 +175,10 @@ def fp8_grouped_matmul(a_q_MK: jax.Array, a_scale_MKt: jax.Array, b_q_GNK: jax.A
         f"{fn}: expected A [M, K], scales [M, Kt], B [G, N, K], scales [G, Nt, Kt], "
         f"group_sizes [G], got A {list(a_q_MK.shape)}, {list(a_scale_MKt.shape)}, B "
         f"{list(b_q_GNK.shape)}, {list(b_scale_GNtKt.shape)}, {list(group_sizes_G.shape)}.")
+  kernel = _kernel_gmm(backend, fn, k_dim, n_dim, out_dtype)
+  if kernel is not None:
+    return kernel(a_q_MK, a_scale_MKt.T, b_q_GNK, jnp.swapaxes(b_scale_GNtKt, 1, 2),
+                  _fit_group_sizes(group_sizes_G, m_dim), b_scaling="block")
   a_MK = fq.dequantize_tiles(a_q_MK, a_scale_MKt)
   b_GKN = jnp.swapaxes(fq.dequantize_blocks(b_q_GNK, b_scale_GNtKt), 1, 2)
   return gmm_lib.grouped_matmul(a_MK, b_GKN, group_sizes_G, preferred_element_type=out_dtype,

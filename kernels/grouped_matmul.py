@@ -3,6 +3,9 @@
 `grouped_matmul` is the forward (and dgrad) op, `transposed_grouped_matmul` the weight gradient;
 both carry a custom VJP written in terms of each other, so a backend only has to supply the two
 forward ops. The pure-JAX reference here is the CPU path and the oracle for the Pallas kernels.
+`grouped_matmul_swiglu` is the first GEMM of a SwiGLU expert with its activation; a backend may
+fuse the activation into the GEMM's epilogue (the Mosaic GPU kernel does), and its VJP runs on the
+pre-activation that the forward saves.
 
 The reference splits the rows into tiles of R and loops (a while loop bounded by the data) over
 the (tile, group) pairs that hold rows, in row order; each step multiplies one [R, K] tile by one
@@ -171,6 +174,22 @@ def _ragged_dot_tgmm(cfg: _Config, lhs_MK, rhs_MN, group_sizes_G):
 class _Backend(NamedTuple):
   gmm: Callable[..., jax.Array]
   tgmm: Callable[..., jax.Array]
+  # (cfg, lhs, rhs, group_sizes, save_preact) -> act, or (act, preact) with save_preact; None:
+  # the backend's gmm followed by the SwiGLU in XLA (`_composite_swiglu`).
+  swiglu: Callable[..., jax.Array | tuple[jax.Array, jax.Array]] | None = None
+
+
+def _swiglu_of(h_MN: jax.Array, out_dtype) -> jax.Array:
+  """silu(gate) * up in fp32 for h = [gate | up]."""
+  gate_MF, up_MF = jnp.split(h_MN.astype(jnp.float32), 2, axis=-1)
+  return (jax.nn.silu(gate_MF) * up_MF).astype(out_dtype)
+
+
+def _composite_swiglu(cfg: _Config, lhs_MK, rhs_GKN, group_sizes_G, save_preact: bool):
+  """The backend's grouped matmul into cfg.out_dtype, then the SwiGLU as XLA ops."""
+  h_MN = _BACKENDS[cfg.backend].gmm(cfg, lhs_MK, rhs_GKN, group_sizes_G)
+  act_MF = _swiglu_of(h_MN, cfg.out_dtype)
+  return (act_MF, h_MN) if save_preact else act_MF
 
 
 def _mosaic_gpu_gmm(cfg: _Config, lhs_MK, rhs_GKN, group_sizes_G):
@@ -181,6 +200,16 @@ def _mosaic_gpu_gmm(cfg: _Config, lhs_MK, rhs_GKN, group_sizes_G):
     return _reference_gmm(cfg, lhs_MK, rhs_GKN, group_sizes_G)
   return grouped_matmul_mgpu.gmm(
       lhs_MK, rhs_GKN, group_sizes_G, out_dtype=cfg.out_dtype, transpose_rhs=cfg.transpose_rhs)
+
+
+def _mosaic_gpu_swiglu(cfg: _Config, lhs_MK, rhs_GKN, group_sizes_G, save_preact: bool):
+  """The SwiGLU fused into the Mosaic GPU kernel's epilogue, where the kernel covers the shape."""
+  from kernels import grouped_matmul_mgpu
+
+  if not grouped_matmul_mgpu.supports(lhs_MK, rhs_GKN, False, cfg.out_dtype, swiglu=True):
+    return _composite_swiglu(cfg, lhs_MK, rhs_GKN, group_sizes_G, save_preact)
+  return grouped_matmul_mgpu.gmm(lhs_MK, rhs_GKN, group_sizes_G, out_dtype=cfg.out_dtype,
+                                 swiglu=True, save_preact=save_preact)
 
 
 def _mosaic_gpu_tgmm(cfg: _Config, lhs_MK, rhs_MN, group_sizes_G):
@@ -208,7 +237,7 @@ def _as_pure_callback(kernel: Callable[..., jax.Array], out_type, *args) -> jax.
   the call in every enclosing jaxpr (flax's `nn.scan`, which the model's layer stack uses,
   rejects them). The kernel itself is a pure function of its operands, so say so.
   """
-  return jax.pure_callback(lambda *a: np.asarray(kernel(*a)), out_type, *args)
+  return jax.pure_callback(lambda *a: jax.tree.map(np.asarray, kernel(*a)), out_type, *args)
 
 
 # Simulated SMs of the interpreted kernels: few, since each is a thread of the interpreter.
@@ -242,6 +271,31 @@ def _mosaic_gpu_interpret_gmm(cfg: _Config, lhs_MK, rhs_GKN, group_sizes_G):
   return _as_pure_callback(kernel, out_type, lhs_MK, rhs_GKN, group_sizes_G)
 
 
+def _interpret_swiglu_tiles(k_dim: int, n_dim: int):
+  """A small fused-SwiGLU tiling for rhs [G, K, N = 2F] in interpret mode, or None."""
+  from kernels import grouped_matmul_mgpu as mgpu
+
+  tiles = mgpu.interpret_tile_config(k_dim, n_dim // 2) if n_dim % 2 == 0 else None
+  return tiles if tiles is not None and tiles.body != "pipe" else None
+
+
+def _mosaic_gpu_interpret_swiglu(cfg: _Config, lhs_MK, rhs_GKN, group_sizes_G, save_preact: bool):
+  """The fused SwiGLU kernel under Pallas's GPU interpreter; strict like gmm."""
+  from kernels import grouped_matmul_mgpu as mgpu
+
+  k_dim, n_dim = rhs_GKN.shape[1:]
+  tiles = _interpret_swiglu_tiles(k_dim, n_dim)
+  if tiles is None or not mgpu.supports(lhs_MK, rhs_GKN, False, cfg.out_dtype, tiles, swiglu=True):
+    raise _interpret_error("grouped_matmul_swiglu", lhs_MK, rhs_GKN, f"K={k_dim}, N={n_dim}")
+  kernel = _interpreted_kernel(mgpu.gmm, out_dtype=cfg.out_dtype, config=tiles, swiglu=True,
+                               save_preact=save_preact)
+  num_rows = lhs_MK.shape[0]
+  out_type = jax.ShapeDtypeStruct((num_rows, n_dim // 2), cfg.out_dtype)
+  if save_preact:
+    out_type = (out_type, jax.ShapeDtypeStruct((num_rows, n_dim), cfg.out_dtype))
+  return _as_pure_callback(kernel, out_type, lhs_MK, rhs_GKN, group_sizes_G)
+
+
 def _mosaic_gpu_interpret_tgmm(cfg: _Config, lhs_MK, rhs_MN, group_sizes_G):
   """The Mosaic GPU weight-gradient kernel run by Pallas's GPU interpreter; strict like gmm."""
   from kernels import grouped_matmul_mgpu as mgpu
@@ -260,10 +314,11 @@ _BACKENDS: dict[str, _Backend] = {
     "reference": _Backend(_reference_gmm, _reference_tgmm),
     "ragged_dot": _Backend(_ragged_dot_gmm, _ragged_dot_tgmm),
     # Hopper only (wgmma); fp32 operands and untiled shapes go to the reference inside.
-    "pallas_mosaic_gpu": _Backend(_mosaic_gpu_gmm, _mosaic_gpu_tgmm),
+    "pallas_mosaic_gpu": _Backend(_mosaic_gpu_gmm, _mosaic_gpu_tgmm, _mosaic_gpu_swiglu),
     # The same kernels under Pallas's GPU interpreter, on any platform: slow, for CPU tests of
     # whole models. Needs bf16/fp16 operands and K, N that small tiles divide.
-    "pallas_mosaic_gpu_interpret": _Backend(_mosaic_gpu_interpret_gmm, _mosaic_gpu_interpret_tgmm),
+    "pallas_mosaic_gpu_interpret": _Backend(_mosaic_gpu_interpret_gmm, _mosaic_gpu_interpret_tgmm,
+                                            _mosaic_gpu_interpret_swiglu),
 }
 
 
@@ -336,6 +391,38 @@ def _tgmm_bwd(cfg, res, dout_GKN):
 _tgmm.defvjp(_tgmm_fwd, _tgmm_bwd)
 
 
+def _swiglu_impl(cfg: _Config, lhs_MK, rhs_GKN, group_sizes_G, save_preact: bool):
+  fused = _BACKENDS[cfg.backend].swiglu
+  if fused is None:
+    return _composite_swiglu(cfg, lhs_MK, rhs_GKN, group_sizes_G, save_preact)
+  return fused(cfg, lhs_MK, rhs_GKN, group_sizes_G, save_preact)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _gmm_swiglu(cfg: _Config, lhs_MK, rhs_GKN, group_sizes_G):
+  return _swiglu_impl(cfg, lhs_MK, rhs_GKN, group_sizes_G, save_preact=False)
+
+
+def _gmm_swiglu_fwd(cfg, lhs_MK, rhs_GKN, group_sizes_G):
+  act_MF, h_MN = _swiglu_impl(cfg, lhs_MK, rhs_GKN, group_sizes_G, save_preact=True)
+  return act_MF, (lhs_MK, rhs_GKN, group_sizes_G, h_MN)
+
+
+def _gmm_swiglu_bwd(cfg, res, dact_MF):
+  lhs_MK, rhs_GKN, group_sizes_G, h_MN = res
+  gate_MF, up_MF = jnp.split(h_MN.astype(jnp.float32), 2, axis=-1)
+  sig_MF = jax.nn.sigmoid(gate_MF)
+  dact_MF = dact_MF.astype(jnp.float32)
+  dgate_MF = dact_MF * up_MF * sig_MF * (1 + gate_MF * (1 - sig_MF))
+  dup_MF = dact_MF * gate_MF * sig_MF
+  # The cotangent of the saved pre-activation, in its dtype, as the unfused path would have it.
+  dh_MN = jnp.concatenate([dgate_MF, dup_MF], axis=-1).astype(h_MN.dtype)
+  return _gmm_bwd(cfg._replace(out_dtype=h_MN.dtype), (lhs_MK, rhs_GKN, group_sizes_G), dh_MN)
+
+
+_gmm_swiglu.defvjp(_gmm_swiglu_fwd, _gmm_swiglu_bwd)
+
+
 def _check_group_sizes(group_sizes_G: jax.Array, fn: str) -> None:
   if group_sizes_G.ndim != 1 or not jnp.issubdtype(group_sizes_G.dtype, jnp.integer):
     raise ValueError(
@@ -359,6 +446,21 @@ def _fit_group_sizes(group_sizes_G: jax.Array, num_rows: int) -> jax.Array:
   """Clips sizes so that groups end within the M rows; rows past the last group stay zero."""
   ends_G = jnp.minimum(jnp.cumsum(jnp.maximum(group_sizes_G.astype(jnp.int32), 0)), num_rows)
   return jnp.diff(ends_G, prepend=jnp.zeros((1,), jnp.int32))
+
+
+def _check_forward_operands(fn: str, lhs_MK: jax.Array, rhs_GKN: jax.Array,
+                            group_sizes_G: jax.Array, tile_m: int) -> None:
+  """The checks `grouped_matmul` and `grouped_matmul_swiglu` share (after their rank checks)."""
+  _check_group_sizes(group_sizes_G, fn)
+  _check_float(lhs_MK, "lhs", fn)
+  _check_float(rhs_GKN, "rhs", fn)
+  _check_tile_m(tile_m, fn)
+  if lhs_MK.shape[1] != rhs_GKN.shape[1]:
+    raise ValueError(
+        f"{fn}: contraction dims differ: lhs K={lhs_MK.shape[1]}, rhs K={rhs_GKN.shape[1]}.")
+  if rhs_GKN.shape[0] != group_sizes_G.shape[0]:
+    raise ValueError(
+        f"{fn}: rhs has {rhs_GKN.shape[0]} groups but group_sizes has {group_sizes_G.shape[0]}.")
 
 
 def grouped_matmul(
@@ -393,16 +495,7 @@ def grouped_matmul(
     raise ValueError(
         f"{fn}: expected lhs [M, K] and rhs [G, K, N], got lhs {list(lhs_MK.shape)} and rhs "
         f"{list(rhs_GKN.shape)}.")
-  _check_group_sizes(group_sizes_G, fn)
-  _check_float(lhs_MK, "lhs", fn)
-  _check_float(rhs_GKN, "rhs", fn)
-  _check_tile_m(tile_m, fn)
-  if lhs_MK.shape[1] != rhs_GKN.shape[1]:
-    raise ValueError(
-        f"{fn}: contraction dims differ: lhs K={lhs_MK.shape[1]}, rhs K={rhs_GKN.shape[1]}.")
-  if rhs_GKN.shape[0] != group_sizes_G.shape[0]:
-    raise ValueError(
-        f"{fn}: rhs has {rhs_GKN.shape[0]} groups but group_sizes has {group_sizes_G.shape[0]}.")
+  _check_forward_operands(fn, lhs_MK, rhs_GKN, group_sizes_G, tile_m)
   out_dtype = jnp.dtype(lhs_MK.dtype if preferred_element_type is None else preferred_element_type)
   if lhs_MK.shape[0] == 0:
     return jnp.zeros((0, rhs_GKN.shape[2]), out_dtype)
@@ -456,3 +549,65 @@ def transposed_grouped_matmul(
     return jnp.zeros((group_sizes_G.shape[0], lhs_MK.shape[1], rhs_MN.shape[1]), out_dtype)
   cfg = _Config(out_dtype, tile_m, _resolve_backend(backend), transpose_rhs=False)
   return _tgmm(cfg, lhs_MK, rhs_MN, _fit_group_sizes(group_sizes_G, lhs_MK.shape[0]))
+
+
+def grouped_matmul_swiglu(
+    lhs_MK: jax.Array,
+    rhs_GKN: jax.Array,
+    group_sizes_G: jax.Array,
+    *,
+    preferred_element_type: jnp.dtype | None = None,
+    tile_m: int = 128,
+    backend: str = "auto",
+) -> jax.Array:
+  """silu(lhs @ gate_g) * (lhs @ up_g) for each group's rows: a SwiGLU expert's first GEMM.
+
+  Args:
+    lhs_MK: rows sorted by group, as for `grouped_matmul`.
+    rhs_GKN: per group [K, N = 2F]: gate columns [0, F), then up columns [F, 2F).
+    group_sizes_G: int rows per group (traced data); rows past the last group give zeros.
+    preferred_element_type: dtype of the output and of the pre-activation the VJP keeps;
+      defaults to lhs's. Products accumulate in fp32.
+    tile_m: as for `grouped_matmul`.
+    backend: as for `grouped_matmul`. "pallas_mosaic_gpu" (and its interpreter) compute the
+      SwiGLU in the GEMM's epilogue from the fp32 accumulators; the others run the GEMM and
+      then the SwiGLU in XLA on the rounded pre-activation.
+
+  Returns:
+    act_MF. Its VJP recomputes nothing: the forward under differentiation also stores the
+    pre-activation [M, 2F], and the backward is the grouped matmul's on d(pre-activation).
+  """
+  fn = "grouped_matmul_swiglu"
+  lhs_MK, rhs_GKN, group_sizes_G = map(jnp.asarray, (lhs_MK, rhs_GKN, group_sizes_G))
+  if lhs_MK.ndim != 2 or rhs_GKN.ndim != 3 or rhs_GKN.shape[2] % 2:
+    raise ValueError(
+        f"{fn}: expected lhs [M, K] and rhs [G, K, 2F] (gate then up columns), got lhs "
+        f"{list(lhs_MK.shape)} and rhs {list(rhs_GKN.shape)}.")
+  _check_forward_operands(fn, lhs_MK, rhs_GKN, group_sizes_G, tile_m)
+  out_dtype = jnp.dtype(lhs_MK.dtype if preferred_element_type is None else preferred_element_type)
+  if lhs_MK.shape[0] == 0:
+    return jnp.zeros((0, rhs_GKN.shape[2] // 2), out_dtype)
+  cfg = _Config(out_dtype, tile_m, _resolve_backend(backend), transpose_rhs=False)
+  return _gmm_swiglu(cfg, lhs_MK, rhs_GKN, _fit_group_sizes(group_sizes_G, lhs_MK.shape[0]))
+
+
+def fused_swiglu_wins(backend: str, dtype, k_dim: int, n_dim: int) -> bool:
+  """Whether `grouped_matmul_swiglu` should replace the GEMM + XLA SwiGLU for rhs [G, K, N = 2F].
+
+  On Hopper: where the fused tiling table has the shape (it measured faster there). In the
+  interpreter: wherever a small tiling covers it, so that CPU tests run the fused kernel.
+  """
+  resolved = _resolve_backend(backend)
+  if resolved not in ("pallas_mosaic_gpu", "pallas_mosaic_gpu_interpret"):
+    return False
+  from kernels import grouped_matmul_mgpu as mgpu  # lazy, as for the kernels
+
+  lhs = jax.ShapeDtypeStruct((1, k_dim), dtype)
+  rhs = jax.ShapeDtypeStruct((1, k_dim, n_dim), dtype)
+  if resolved == "pallas_mosaic_gpu_interpret":
+    tiles = _interpret_swiglu_tiles(k_dim, n_dim)
+    return tiles is not None and mgpu.supports(lhs, rhs, False, dtype, tiles, swiglu=True)
+  if resolved == "pallas_mosaic_gpu" and _is_hopper_gpu():
+    return ((k_dim, n_dim, jnp.dtype(dtype).name) in mgpu.SWIGLU_CONFIGS
+            and mgpu.supports(lhs, rhs, False, dtype, swiglu=True))
+  return False

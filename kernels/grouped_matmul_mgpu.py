@@ -4,25 +4,35 @@ The forward op `gmm` computes out[rows of g] = lhs[rows of g] @ rhs[g] (or @ rhs
 dgrad); `tgmm`, the weight gradient, computes out[g] = lhs[rows of g].T @ rhs[rows of g]. Both are
 registered as the "pallas_mosaic_gpu" backend of kernels/grouped_matmul.py, which ties them
 together with custom VJPs and falls back to its reference for operands these kernels do not cover.
+`gmm(..., swiglu=True)` fuses the SwiGLU of a gate/up projection into the epilogue: rhs holds
+gate columns [0, F) and up columns [F, 2F), each CTA loads the matching blocks of both halves, and
+the output is silu(lhs @ gate) * (lhs @ up), optionally with the pre-activation as a second output
+(what the backward needs).
 
-How ragged groups are handled: JAX computes a tile schedule before the kernel starts. The rows are
-cut into tiles of R; every (row tile, group) pair that holds rows becomes one work item, in row
-order, and rows past the last group become items of an extra "tail" group whose output is zero.
-For each item the schedule records the group, the first row the tile reads (the last tile is
-shifted back so that reads stay inside the M rows, with no padding of the operands), and which
-rows of the tile the item owns. The kernel is persistent: each SM walks the (item, column tile)
-units with stride equal to the SM count. Each unit multiplies its R rows by the group's matrix
-and stores only the rows it owns, with a ladder of power-of-two TMA stores (TMA boxes are
-static, the row count is not), so neighbouring groups that share a tile never overwrite each
-other.
+How ragged groups are handled: JAX computes a tile schedule before the kernel starts. Each
+group's rows are cut into tiles of R starting at the group's first row (rounded down to 8, which
+the swizzled SMEM tiling needs), so a group of s rows takes cdiv(s, R) tiles (one more only when
+its start is off the 8-row grid) instead of also paying for the tiles it shares with its
+neighbours. Rows past the last group form an extra "tail" group whose output is zero. For each
+item the schedule records the group, the first row the tile reads (tiles near the end are shifted
+back so that reads stay inside the M rows, with no padding of the operands), and which rows of the
+tile the item owns. The kernel is persistent: each SM walks the (item, column tile) units with
+stride equal to the SM count. Each unit multiplies its R rows by the group's matrix and stores
+only the rows it owns, with a ladder of power-of-two TMA stores (TMA boxes are static, the row
+count is not), so items that read each other's rows never overwrite them.
 
 Kernel bodies that share the schedule and the store:
   - "ws": warp-specialised: a memory warpgroup issues TMA loads into a ring of `stages` buffers,
-    two compute warpgroups each own half of the CTA's columns and run wgmma.
+    two compute warpgroups run wgmma. With split "n" each owns half of the CTA's columns; with
+    split "m" each owns half of its rows, and a warpgroup whose half holds no rows of the item
+    (a small group's last tile, the zero tail) skips its wgmmas.
   - "ws_chain": the same, with one pipeline chained across all of an SM's units (START, STEADY,
     STOP), so that loads for the next unit overlap this unit's epilogue. Needs K / tile_k to be
     a multiple of `stages`.
   - "pipe": one warpgroup, `plgpu.emit_pipeline` (simpler; kept as a fallback and a baseline).
+The epilogue of the warp-specialised bodies stores in slabs of `epi_n` columns through two SMEM
+slots: a slab's TMA store runs while the next slab is written, and the last ones while the next
+unit's main loop runs. Slabs narrower than the tile leave shared memory for a deeper ring.
 
 The weight gradient `tgmm` loops, per (group, K tile, N tile) unit, over the group's rows in
 chunks; chunks at the group's edges zero the rows of other groups in SMEM before the wgmma.
@@ -31,8 +41,10 @@ Shape key:
   M: rows, sorted by group
   K: contraction dim
   N: output dim
+  F: SwiGLU width (N = 2F columns of rhs, F of output)
   G: groups (experts); the schedule adds one tail group, index G
-  I: work items of the schedule (static upper bound cdiv(M, R) + G)
+  H: G + 1 groups, the tail included
+  I: work items of the schedule (static upper bound, see `max_schedule_items`)
   R: rows of one tile (tile_m)
 """
 
@@ -50,24 +62,41 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 class TileConfig:
   """Static tiling of one kernel launch."""
 
-  tile_m: int = 128  # rows per tile (R)
+  tile_m: int = 128  # rows per CTA tile (R)
   tile_n: int = 128  # output columns per compute warpgroup
   tile_k: int = 64  # contraction step per pipeline stage
   stages: int = 4  # pipeline depth (buffers in flight)
   body: str = "ws"  # "ws" (warp-specialised, 2 compute warpgroups), "ws_chain" or "pipe"
+  split: str = "n"  # ws bodies: the compute warpgroups split the CTA tile's columns or rows ("m")
+  epi_n: int | None = None  # columns per epilogue store slab; None: all tile_n at once
 
   @property
   def cta_n(self) -> int:
-    return self.tile_n * (1 if self.body == "pipe" else 2)
+    """Output columns of one CTA."""
+    return self.tile_n * (2 if self.body != "pipe" and self.split == "n" else 1)
 
-  def smem_bytes(self, in_itemsize: int, out_itemsize: int) -> int:
-    ring = self.stages * (self.tile_m + self.cta_n) * self.tile_k * in_itemsize
-    return ring + self.tile_m * self.cta_n * out_itemsize
+  @property
+  def wg_m(self) -> int:
+    """Rows of one compute warpgroup's accumulator."""
+    return self.tile_m // 2 if self.body != "pipe" and self.split == "m" else self.tile_m
 
-  def fit_smem(self, in_itemsize: int, out_itemsize: int) -> "TileConfig":
+  @property
+  def epi_cols(self) -> int:
+    return min(self.epi_n or self.tile_n, self.tile_n)
+
+  def out_slots(self) -> int:
+    return 1 if self.epi_cols == self.tile_n else 2
+
+  def smem_bytes(self, in_itemsize: int, out_itemsize: int, swiglu: bool = False) -> int:
+    ring = self.stages * (self.tile_m + self.cta_n * (2 if swiglu else 1)) * self.tile_k
+    compute_wgs = 1 if self.body == "pipe" else 2
+    out = compute_wgs * self.out_slots() * self.wg_m * self.epi_cols * out_itemsize
+    return ring * in_itemsize + out
+
+  def fit_smem(self, in_itemsize: int, out_itemsize: int, swiglu: bool = False) -> "TileConfig":
     """Drops pipeline stages (not below 2), then halves tile_n, until shared memory fits."""
     cfg = self
-    while cfg.smem_bytes(in_itemsize, out_itemsize) > _SMEM_BUDGET:
+    while cfg.smem_bytes(in_itemsize, out_itemsize, swiglu) > _SMEM_BUDGET:
       if cfg.stages > 2:
         cfg = dataclasses.replace(cfg, stages=cfg.stages - 1)
       elif cfg.tile_n > 64:
@@ -76,9 +105,30 @@ class TileConfig:
         break
     return cfg
 
+  def spec(self) -> str:
+    """The bench flag string of this tiling: body:tile_m:tile_n:tile_k:stages[:m][:e<epi_n>]."""
+    extra = (":m" if self.split == "m" else "") + (f":e{self.epi_n}" if self.epi_n else "")
+    return f"{self.body}:{self.tile_m}:{self.tile_n}:{self.tile_k}:{self.stages}{extra}"
+
+
+def parse_tile_config(spec: str) -> TileConfig:
+  """Inverse of `TileConfig.spec`."""
+  body, tm, tn, tk, stages, *extra = spec.split(":")
+  split, epi_n = "n", None
+  for token in extra:
+    if token == "m":
+      split = "m"
+    elif token.startswith("e"):
+      epi_n = int(token[1:])
+    else:
+      raise ValueError(f"parse_tile_config: unknown token {token!r} in {spec!r}; expected 'm' "
+                       "(split rows) or 'e<int>' (epilogue slab columns).")
+  return TileConfig(int(tm), int(tn), int(tk), int(stages), body, split, epi_n)
+
 
 # Chosen from measurements on an H200 on 2026-11-29 (experiments/bench_kernels.py; the figures are
-# in BENCHMARKS_kernels.md). Differences under ~5% between tilings were noise there.
+# in BENCHMARKS.md), made with the 128-row grid schedule that the group-aligned one replaced.
+# Differences under ~5% between tilings were noise there.
 # Key: (K, N, transpose_rhs, dtype name) of the forward op as the kernel sees it. "ws" tiles of
 # 128x(2x128) hold 3 stages after `fit_smem`.
 TILE_CONFIGS: dict[tuple[int, int, bool, str], TileConfig] = {
@@ -87,15 +137,27 @@ TILE_CONFIGS: dict[tuple[int, int, bool, str], TileConfig] = {
     (1024, 2048, True, "bfloat16"): TileConfig(128, 128, 64, 4, "ws"),
     # Ling-mini down-projection (expert width 512 -> hidden 2048) and its dgrad.
     (512, 2048, False, "bfloat16"): TileConfig(128, 64, 64, 4, "ws_chain"),
-    (2048, 512, True, "bfloat16"): TileConfig(128, 128, 64, 4, "ws"),
+    # Session 3's H200 run: 541 TFLOP/s against 519 for (128, 128, 64, 4, "ws").
+    (2048, 512, True, "bfloat16"): TileConfig(128, 256, 64, 4, "ws_chain", "m", 64),
 }
 DEFAULT_TILE_CONFIG = TileConfig()
+
+# The fused SwiGLU forward, keyed by (K, 2F, dtype name) of its rhs. `dispatch.expert_ffn` takes
+# the fused path on Hopper only for shapes listed here, i.e. where it measured faster than the
+# GEMM followed by XLA's SwiGLU.
+SWIGLU_CONFIGS: dict[tuple[int, int, str], TileConfig] = {}
+DEFAULT_SWIGLU_CONFIG = TileConfig(128, 128, 64, 4, "ws_chain", "m", 64)
 
 
 def tile_config(k_dim: int, n_dim: int, transpose_rhs: bool, dtype) -> TileConfig:
   """Returns the tuned tiling for a problem shape, or the default one."""
   return TILE_CONFIGS.get(
       (k_dim, n_dim, bool(transpose_rhs), jnp.dtype(dtype).name), DEFAULT_TILE_CONFIG)
+
+
+def swiglu_config(k_dim: int, n_dim: int, dtype) -> TileConfig:
+  """The fused SwiGLU tiling for rhs [G, K, N = 2F]: the tuned one, or the default."""
+  return SWIGLU_CONFIGS.get((k_dim, n_dim, jnp.dtype(dtype).name), DEFAULT_SWIGLU_CONFIG)
 
 
 class TileSchedule(NamedTuple):
@@ -110,19 +172,28 @@ class TileSchedule(NamedTuple):
 
 # Row offsets of lhs tiles are multiples of this, which the swizzled SMEM tiling needs.
 _ROW_ALIGN = 8
-# Shared memory one CTA may use on Hopper is 227 KiB; keep 4 KiB for barriers and the like.
-_SMEM_BUDGET = 232448 - 4096
+# Shared memory one CTA may use on Hopper is 227 KiB; keep 1 KiB for barriers and alignment.
+_SMEM_BUDGET = 232448 - 1024
 
 
 def _cdiv(a: int, b: int) -> int:
   return -(-a // b)
 
 
-def make_tile_schedule(group_sizes_G: jax.Array, num_rows: int, tile_m: int) -> TileSchedule:
-  """Lists the (row tile, group) pairs that hold rows, with the zero tail as group G.
+def max_schedule_items(num_rows: int, num_groups: int, tile_m: int) -> int:
+  """Static bound on the items of `make_tile_schedule`.
 
-  Needs num_rows >= tile_m (the caller pads tiny inputs) and group sizes that sum to at most
-  num_rows.
+  Group h of s_h rows starting a_h < 8 rows past the 8-row grid takes cdiv(s_h + a_h, R) items;
+  summed over the G + 1 groups (tail included) that is below (M + 7(G+1)) / R + G + 1.
+  """
+  return _cdiv(num_rows + (_ROW_ALIGN - 1) * (num_groups + 1), tile_m) + num_groups + 1
+
+
+def make_tile_schedule(group_sizes_G: jax.Array, num_rows: int, tile_m: int) -> TileSchedule:
+  """Cuts each group's rows into tiles from its own (8-aligned) first row; the tail is group G.
+
+  Needs num_rows >= tile_m and a multiple of 8 (the caller pads tiny inputs) and group sizes that
+  sum to at most num_rows.
   """
   if num_rows < tile_m:
     raise ValueError(f"make_tile_schedule: num_rows={num_rows} < tile_m={tile_m}; pad first.")
@@ -132,17 +203,14 @@ def make_tile_schedule(group_sizes_G: jax.Array, num_rows: int, tile_m: int) -> 
   sizes_H = jnp.concatenate([sizes_G, tail[None]])  # H = G + 1 groups, tail last
   ends_H = jnp.cumsum(sizes_H)
   starts_H = ends_H - sizes_H
-  first_tile_H = starts_H // tile_m
-  last_tile_H = (ends_H - 1) // tile_m
-  tiles_H = jnp.where(sizes_H > 0, last_tile_H - first_tile_H + 1, 0)
+  base_H = starts_H - starts_H % _ROW_ALIGN
+  tiles_H = jnp.where(sizes_H > 0, (ends_H - base_H + tile_m - 1) // tile_m, 0)
   item_ends_H = jnp.cumsum(tiles_H)
   item_starts_H = item_ends_H - tiles_H
-  max_items = _cdiv(num_rows, tile_m) + num_groups
-  items_I = jnp.arange(max_items, dtype=jnp.int32)
+  items_I = jnp.arange(max_schedule_items(num_rows, num_groups, tile_m), dtype=jnp.int32)
   group_I = jnp.searchsorted(item_ends_H, items_I, side="right").astype(jnp.int32)
   group_I = jnp.minimum(group_I, num_groups)
-  tile_I = first_tile_H[group_I] + items_I - item_starts_H[group_I]
-  tile_start_I = tile_I * tile_m
+  tile_start_I = base_H[group_I] + (items_I - item_starts_H[group_I]) * tile_m
   read_start_I = jnp.minimum(tile_start_I, num_rows - tile_m)
   lo_I = jnp.maximum(starts_H[group_I], tile_start_I)
   hi_I = jnp.minimum(ends_H[group_I], tile_start_I + tile_m)
@@ -153,6 +221,26 @@ def make_tile_schedule(group_sizes_G: jax.Array, num_rows: int, tile_m: int) -> 
   read_start_I = jnp.where(used_I, read_start_I, 0)
   return TileSchedule(group_I, read_start_I, own_offset_I, own_rows_I,
                       num_items.astype(jnp.int32)[None])
+
+
+class _Unit(NamedTuple):
+  """One (item, column tile) unit of the persistent loop, read from the schedule."""
+
+  col_tile: jax.Array  # which CTA-wide block of output columns
+  weight: jax.Array  # group whose matrix the unit reads (the tail reads the last, unused)
+  start: jax.Array  # first row the tile reads
+  offset: jax.Array  # first owned row, relative to start
+  rows: jax.Array  # owned rows
+  is_tail: jax.Array  # the zero tail: stores zeros
+
+
+def _decode_unit(unit, n_tiles: int, num_groups: int, schedule_gmem) -> _Unit:
+  group_gmem, start_gmem, offset_gmem, rows_gmem = schedule_gmem
+  item, col_tile = unit // n_tiles, unit % n_tiles
+  group = group_gmem[item]
+  return _Unit(col_tile, jnp.minimum(group, num_groups - 1),
+               pl.multiple_of(start_gmem[item], _ROW_ALIGN), offset_gmem[item], rows_gmem[item],
+               group == num_groups)
 
 
 def _swizzled(block_shape, dtype, tile_rows: int = 8):
@@ -167,26 +255,36 @@ def _swizzled(block_shape, dtype, tile_rows: int = 8):
           plgpu.SwizzleTransform(swizzle))
 
 
-def _store_owned_rows(out_smem, out_gmem, read_start, own_offset, own_rows, col_start, tile_m):
-  """Copies rows [own_offset, own_offset + own_rows) of the tile to HBM, in power-of-two pieces."""
-  offset = own_offset
-  piece = tile_m
+def _store_rows(out_smem, out_gmem, gmem_row, smem_row, num_rows, col_start, max_rows):
+  """Copies out_smem rows [smem_row, smem_row + num_rows) to out_gmem rows from gmem_row.
+
+  In power-of-two pieces (max_rows, a power of two, bounds num_rows); commits one store group.
+  """
+  piece = max_rows
   while piece >= 1:
-    @pl.when((own_rows & piece) != 0)
-    def _(offset=offset, piece=piece):  # traced right here; the defaults only satisfy linters
+    @pl.when((num_rows & piece) != 0)
+    def _(smem_row=smem_row, gmem_row=gmem_row, piece=piece):  # traced right here
       plgpu.copy_smem_to_gmem(
-          out_smem.at[pl.ds(offset, piece)],
-          out_gmem.at[pl.ds(read_start + offset, piece), pl.ds(col_start, out_smem.shape[1])],
+          out_smem.at[pl.ds(smem_row, piece)],
+          out_gmem.at[pl.ds(gmem_row, piece), pl.ds(col_start, out_smem.shape[1])],
           commit_group=False)
-    offset = offset + (own_rows & piece)
+    smem_row = smem_row + (num_rows & piece)
+    gmem_row = gmem_row + (num_rows & piece)
     piece //= 2
   plgpu.commit_smem_to_gmem_group()
 
 
-def _pipe_body(cfg: TileConfig, transpose_rhs: bool, num_groups: int,
-               count_gmem, group_gmem, start_gmem, offset_gmem, rows_gmem,
-               lhs_gmem, rhs_gmem, out_gmem):
+def _silu_times(gate, up):
+  """silu(gate) * up in fp32 (exp and a division: what the kernels' lowering supports)."""
+  return gate / (1.0 + jnp.exp(-gate)) * up
+
+
+def _pipe_body(cfg: TileConfig, transpose_rhs: bool, swiglu: bool, num_groups: int,
+               count_gmem, *refs):
   """One warpgroup per SM: emit_pipeline over K for each (item, column tile) unit."""
+  if swiglu:
+    raise NotImplementedError("The fused SwiGLU needs a warp-specialised body.")
+  *schedule_gmem, lhs_gmem, rhs_gmem, out_gmem = refs
   k_dim = lhs_gmem.shape[1]
   n_tiles = out_gmem.shape[1] // cfg.tile_n
   tm, tn, tk = cfg.tile_m, cfg.tile_n, cfg.tile_k
@@ -195,17 +293,11 @@ def _pipe_body(cfg: TileConfig, transpose_rhs: bool, num_groups: int,
 
   @plgpu.nd_loop((count_gmem[0] * n_tiles,), collective_axes="sm")
   def _unit(info):
-    unit = info.index[0]
-    item, ni = unit // n_tiles, unit % n_tiles
-    group = group_gmem[item]
-    start, offset, rows = start_gmem[item], offset_gmem[item], rows_gmem[item]
-    start = pl.multiple_of(start, _ROW_ALIGN)
-    is_tail = group == num_groups
-
-    rhs_index = (lambda k: (ni, k)) if transpose_rhs else (lambda k: (k, ni))
+    u = _decode_unit(info.index[0], n_tiles, num_groups, schedule_gmem)
+    rhs_index = (lambda k: (u.col_tile, k)) if transpose_rhs else (lambda k: (k, u.col_tile))
 
     def acc_scope(acc_ref):
-      @pl.when(jnp.logical_not(is_tail))
+      @pl.when(jnp.logical_not(u.is_tail))
       def _():
         def step(_, lhs_smem, rhs_smem):
           plgpu.wgmma(acc_ref, lhs_smem, rhs_smem.transpose((1, 0)) if transpose_rhs else rhs_smem)
@@ -221,7 +313,7 @@ def _pipe_body(cfg: TileConfig, transpose_rhs: bool, num_groups: int,
                                 delay_release=1),
             ],
             max_concurrent_steps=cfg.stages,
-        )(lhs_gmem.at[pl.ds(start, tm)], rhs_gmem.at[jnp.minimum(group, num_groups - 1)])
+        )(lhs_gmem.at[pl.ds(u.start, tm)], rhs_gmem.at[u.weight])
       return acc_ref[...]
 
     # The accumulator starts at zero, so a tail item stores zeros.
@@ -232,25 +324,37 @@ def _pipe_body(cfg: TileConfig, transpose_rhs: bool, num_groups: int,
     def _(out_smem):
       out_smem[...] = acc.astype(out_smem.dtype)
       plgpu.commit_smem()
-      _store_owned_rows(out_smem, out_gmem, start, offset, rows, ni * tn, tm)
+      _store_rows(out_smem, out_gmem, u.start + u.offset, u.offset, u.rows, u.col_tile * tn, tm)
       plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
 
-def _ws_body(cfg: TileConfig, transpose_rhs: bool, num_groups: int,
-             count_gmem, group_gmem, start_gmem, offset_gmem, rows_gmem,
-             lhs_gmem, rhs_gmem, out_gmem):
-  """A memory warpgroup feeds two compute warpgroups, each owning tile_n of the CTA's columns."""
+def _ws_body(cfg: TileConfig, transpose_rhs: bool, swiglu: bool, num_groups: int,
+             count_gmem, *refs):
+  """A memory warpgroup feeds two compute warpgroups, which split the CTA tile (see cfg.split).
+
+  With swiglu, refs end with the output and, if it is there, the pre-activation [M, 2F].
+  """
+  group_gmem, start_gmem, offset_gmem, rows_gmem, lhs_gmem, rhs_gmem, *out_gmems = refs
+  schedule_gmem = (group_gmem, start_gmem, offset_gmem, rows_gmem)
+  out_gmem = out_gmems[0]
   k_dim = lhs_gmem.shape[1]
   tm, tn, tk = cfg.tile_m, cfg.tile_n, cfg.tile_k
-  cta_n = cfg.cta_n
-  n_tiles = out_gmem.shape[1] // cta_n
+  cta_n, wg_m, epi_n = cfg.cta_n, cfg.wg_m, cfg.epi_cols
+  split_m = cfg.split == "m"
+  n_tiles = out_gmem.shape[1] // cta_n  # with swiglu also the column tiles of the gate half
   dtype = lhs_gmem.dtype
   rhs_block = (cta_n, tk) if transpose_rhs else (tk, cta_n)
-
+  num_rhs = 2 if swiglu else 1  # gate and up blocks
+  num_slabs = tn // epi_n
+  slots = cfg.out_slots()
   chained = cfg.body == "ws_chain"
 
-  def pipeline(mma_step, compute_context, rhs_col, state=None):
-    rhs_index = (lambda k: (rhs_col, k)) if transpose_rhs else (lambda k: (k, rhs_col))
+  def pipeline(mma_step, compute_context, col_tile, state=None):
+    def rhs_spec(col_block):
+      index = (lambda k: (col_block, k)) if transpose_rhs else (lambda k: (k, col_block))
+      return plgpu.BlockSpec(rhs_block, index, transforms=_swizzled(rhs_block, dtype),
+                             memory_space=plgpu.SMEM)
+
     return plgpu.emit_pipeline_warp_specialized(
         mma_step,
         grid=(k_dim // tk,),
@@ -258,8 +362,7 @@ def _ws_body(cfg: TileConfig, transpose_rhs: bool, num_groups: int,
         in_specs=[
             plgpu.BlockSpec((tm, tk), lambda k: (0, k), transforms=_swizzled((tm, tk), dtype),
                             memory_space=plgpu.SMEM),
-            plgpu.BlockSpec(rhs_block, rhs_index, transforms=_swizzled(rhs_block, dtype),
-                            memory_space=plgpu.SMEM),
+            *(rhs_spec(col_tile + i * n_tiles) for i in range(num_rhs)),
         ],
         wg_axis="wg",
         num_compute_wgs=2,
@@ -270,13 +373,14 @@ def _ws_body(cfg: TileConfig, transpose_rhs: bool, num_groups: int,
 
   ignore = lambda *_, **__: None
   first_state = plgpu.PipelinePipeline.START if chained else None
+  operand_views = lambda start, weight: (
+      lhs_gmem.at[pl.ds(start, tm)], *(rhs_gmem.at[weight],) * num_rhs)
 
   @functools.partial(
       pl.run_scoped,
-      allocs=pipeline(ignore, ignore, 0, first_state).get_allocations(
-          lhs_gmem.at[pl.ds(0, tm)], rhs_gmem.at[0]),
-      out_smem=plgpu.SMEM((2, tm, tn), out_gmem.dtype,
-                          transforms=_swizzled((tm, tn), out_gmem.dtype, tile_rows=1)),
+      allocs=pipeline(ignore, ignore, 0, first_state).get_allocations(*operand_views(0, 0)),
+      out_smem=plgpu.SMEM((2, slots, wg_m, epi_n), out_gmem.dtype,
+                          transforms=_swizzled((wg_m, epi_n), out_gmem.dtype, tile_rows=1)),
       collective_axes="wg",
   )
   def _scope(allocs, out_smem):
@@ -284,43 +388,74 @@ def _ws_body(cfg: TileConfig, transpose_rhs: bool, num_groups: int,
 
     @plgpu.nd_loop((count_gmem[0] * n_tiles,), collective_axes="sm")
     def _unit(info):
-      unit = info.index[0]
-      item, ni = unit // n_tiles, unit % n_tiles
-      group = group_gmem[item]
-      start, offset, rows = start_gmem[item], offset_gmem[item], rows_gmem[item]
-      start = pl.multiple_of(start, _ROW_ALIGN)
-      is_tail = group == num_groups
-      wg_cols = pl.ds(wg * tn, tn)
+      u = _decode_unit(info.index[0], n_tiles, num_groups, schedule_gmem)
+      # The rows [row0, row0 + wg_m) of the tile are this warpgroup's; it owns [lo, lo + count).
+      row0 = wg * wg_m if split_m else 0
+      lo = jnp.clip(u.offset, row0, row0 + wg_m)
+      count = jnp.clip(u.offset + u.rows, row0, row0 + wg_m) - lo
+      col0 = u.col_tile * cta_n + (0 if split_m else wg * tn)
 
-      def store(acc):
-        # The previous unit's stores must have read out_smem before it is overwritten.
-        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-        out_smem[wg] = acc.astype(out_smem.dtype)
-        plgpu.commit_smem()
-        _store_owned_rows(out_smem.at[wg], out_gmem, start, offset, rows, ni * cta_n + wg * tn, tm)
+      def store_slabs(values):
+        """Stores (wg_m, tn) fp32 values, or silu(gate) * up of two, slab by slab."""
+        outputs = [(out_gmem, col0, _silu_times(*values) if swiglu else values[0])]
+        if len(out_gmems) == 2:  # the pre-activation, gate and up halves
+          outputs += [(out_gmems[1], col0, values[0]),
+                      (out_gmems[1], col0 + n_tiles * cta_n, values[1])]
+        slab = 0
+        for gmem, col, value in outputs:
+          value = value.astype(out_smem.dtype)
+          for c in range(num_slabs):
+            slot = slab % slots
+            # The store that last read this slot is the second latest (the latest with 1 slot,
+            # or when an odd slab count puts the previous unit's last slab in this slot).
+            latest_may_run = slots == 2 and (slab > 0 or (len(outputs) * num_slabs) % 2 == 0)
+            plgpu.wait_smem_to_gmem(1 if latest_may_run else 0, wait_read_only=True)
+            out_smem[wg, slot] = value[:, c * epi_n:(c + 1) * epi_n]
+            plgpu.commit_smem()
+            _store_rows(out_smem.at[wg, slot], gmem, u.start + lo, lo - row0, count,
+                        col + c * epi_n, wg_m)
+            slab += 1
+
+      zeros = lambda: [jnp.zeros((wg_m, tn), jnp.float32)] * num_rhs
 
       def compute_context(run_pipeline):
-        @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((tm, tn), jnp.float32))
-        def _(acc_ref):
-          run_pipeline(acc_ref)
-          if chained:  # tail units ran the pipeline too (see below) and store zeros
-            @pl.when(is_tail)
+        @functools.partial(pl.run_scoped,
+                           accs=tuple(plgpu.ACC((wg_m, tn), jnp.float32) for _ in range(num_rhs)))
+        def _(accs):
+          run_pipeline(accs)
+          if chained and not split_m:  # tail units ran the pipeline too (see below)
+            @pl.when(u.is_tail)
             def _():
-              store(jnp.zeros((tm, tn), jnp.float32))
+              store_slabs(zeros())
 
-            @pl.when(jnp.logical_not(is_tail))
+            @pl.when(jnp.logical_not(u.is_tail))
             def _():
-              store(acc_ref[...])
-          else:
-            store(acc_ref[...])
+              store_slabs([a[...] for a in accs])
+          else:  # split m skips the wgmmas of tail units: their accumulators stay zero
+            store_slabs([a[...] for a in accs])
 
-      def mma_step(_, lhs_smem, rhs_smem, acc_ref):
-        rhs = rhs_smem.at[wg_cols].transpose((1, 0)) if transpose_rhs else rhs_smem.at[:, wg_cols]
-        plgpu.wgmma(acc_ref, lhs_smem, rhs)
+      # Split m: a warpgroup without owned rows in this unit skips its wgmmas.
+      has_rows = (count > 0) & jnp.logical_not(u.is_tail)
+
+      def mma_step(_, lhs_smem, *refs):
+        *rhs_smems, accs = refs
+        lhs = lhs_smem.at[pl.ds(row0, wg_m)] if split_m else lhs_smem
+
+        def issue():
+          for acc_ref, rhs_smem in zip(accs, rhs_smems):
+            wg_cols = slice(None) if split_m else pl.ds(wg * tn, tn)
+            rhs = (rhs_smem.at[wg_cols].transpose((1, 0)) if transpose_rhs
+                   else rhs_smem.at[:, wg_cols])
+            plgpu.wgmma(acc_ref, lhs, rhs)
+
+        if split_m:
+          pl.when(has_rows)(issue)
+        else:
+          issue()
         plgpu.wgmma_wait(0)
-        return acc_ref
+        return accs
 
-      operands = (lhs_gmem.at[pl.ds(start, tm)], rhs_gmem.at[jnp.minimum(group, num_groups - 1)])
+      operands = operand_views(u.start, u.weight)
       if chained:
         # One pipeline runs across all of this SM's units: the memory warpgroup starts loading
         # the next unit while the compute warpgroups finish and store this one. Every unit runs
@@ -330,35 +465,47 @@ def _ws_body(cfg: TileConfig, transpose_rhs: bool, num_groups: int,
             info.local_index == 0, int(plgpu.PipelinePipeline.START),
             jnp.where(info.local_index == last, int(plgpu.PipelinePipeline.STOP),
                       int(plgpu.PipelinePipeline.STEADY)))
-        pipeline(mma_step, compute_context, ni, state)(*operands, allocations=allocs)
+        pipeline(mma_step, compute_context, u.col_tile, state)(*operands, allocations=allocs)
       else:
-        @pl.when(jnp.logical_not(is_tail))
+        @pl.when(jnp.logical_not(u.is_tail))
         def _():
-          pipeline(mma_step, compute_context, ni)(*operands, allocations=allocs)
+          pipeline(mma_step, compute_context, u.col_tile)(*operands, allocations=allocs)
 
-        @pl.when(is_tail & (wg < 2))
+        @pl.when(u.is_tail & (wg < 2))
         def _():
-          store(jnp.zeros((tm, tn), jnp.float32))
+          store_slabs(zeros())
 
   plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
 
 def supports(lhs_MK: jax.Array, rhs_GKN: jax.Array, transpose_rhs: bool, out_dtype,
-             cfg: TileConfig | None = None) -> bool:
+             cfg: TileConfig | None = None, swiglu: bool = False) -> bool:
   """Whether the kernel covers these operands (else the caller falls back to the reference)."""
   k_dim = lhs_MK.shape[1]
   n_dim = rhs_GKN.shape[1] if transpose_rhs else rhs_GKN.shape[2]
+  if swiglu:
+    cfg = cfg or swiglu_config(k_dim, n_dim, lhs_MK.dtype)
+    if transpose_rhs or cfg.body == "pipe" or n_dim % 2:
+      return False
+    n_dim //= 2  # output columns; each CTA reads cta_n of the gate half and cta_n of the up half
   cfg = cfg or tile_config(k_dim, n_dim, transpose_rhs, lhs_MK.dtype)
   out_itemsize = jnp.dtype(out_dtype).itemsize
-  fitted = cfg.fit_smem(lhs_MK.dtype.itemsize, out_itemsize)
-  fits = fitted.smem_bytes(lhs_MK.dtype.itemsize, out_itemsize) <= _SMEM_BUDGET
+  fitted = cfg.fit_smem(lhs_MK.dtype.itemsize, out_itemsize, swiglu)
+  fits = fitted.smem_bytes(lhs_MK.dtype.itemsize, out_itemsize, swiglu) <= _SMEM_BUDGET
   if cfg.body == "ws_chain":  # chained pipelines need whole rounds of the buffer ring
     fits = fits and k_dim % cfg.tile_k == 0 and (k_dim // cfg.tile_k) % fitted.stages == 0
-  return (fits and lhs_MK.dtype == rhs_GKN.dtype
+  # The ragged stores start at any row of the staging slab, and TMA needs 128-byte aligned
+  # shared-memory addresses: slab rows must be whole multiples of 128 bytes (an H200 run faulted
+  # with "misaligned address" on 64-byte slab rows). Checked where slabs are asked for; the
+  # narrow interpret-mode tiles (tile_n 32) only ever run in the interpreter.
+  slab_ok = cfg.epi_n is None or (fitted.epi_cols * out_itemsize) % 128 == 0
+  tiles_ok = (cfg.split in ("n", "m") and fitted.tile_n % fitted.epi_cols == 0 and slab_ok
+              and fitted.wg_m & (fitted.wg_m - 1) == 0 and fitted.wg_m % 64 == 0)
+  return (fits and tiles_ok and lhs_MK.dtype == rhs_GKN.dtype
           and lhs_MK.dtype in (jnp.bfloat16, jnp.float16)
           and jnp.dtype(out_dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16),
                                        jnp.dtype(jnp.float32))
-          and k_dim % cfg.tile_k == 0 and n_dim % cfg.cta_n == 0)
+          and k_dim % cfg.tile_k == 0 and n_dim % fitted.cta_n == 0)
 
 
 def _num_sms() -> int:
@@ -368,30 +515,43 @@ def _num_sms() -> int:
 
 def gmm(lhs_MK: jax.Array, rhs_GKN: jax.Array, group_sizes_G: jax.Array, *,
         out_dtype=None, transpose_rhs: bool = False, config: TileConfig | None = None,
-        interpret=None, num_sms: int | None = None) -> jax.Array:
+        swiglu: bool = False, save_preact: bool = False,
+        interpret=None, num_sms: int | None = None):
   """out[rows of g] = lhs[rows of g] @ rhs[g] (rhs[g].T if transpose_rhs); tail rows are zero.
 
+  With swiglu, rhs is [G, K, 2F] (gate columns, then up columns) and out [M, F] is
+  silu(lhs @ gate) * (lhs @ up), computed from the fp32 accumulators; save_preact also returns
+  the pre-activation lhs @ rhs [M, 2F] in out_dtype, as (out, preact).
   group_sizes must be non-negative and sum to at most M (`grouped_matmul` clips them so).
   """
   num_rows, k_dim = lhs_MK.shape
   num_groups = rhs_GKN.shape[0]
   n_dim = rhs_GKN.shape[1] if transpose_rhs else rhs_GKN.shape[2]
   out_dtype = jnp.dtype(out_dtype or lhs_MK.dtype)
-  cfg = config or tile_config(k_dim, n_dim, transpose_rhs, lhs_MK.dtype)
-  cfg = cfg.fit_smem(lhs_MK.dtype.itemsize, out_dtype.itemsize)
-  if not supports(lhs_MK, rhs_GKN, transpose_rhs, out_dtype, cfg):
+  if swiglu:
+    cfg = config or swiglu_config(k_dim, n_dim, lhs_MK.dtype)
+  else:
+    cfg = config or tile_config(k_dim, n_dim, transpose_rhs, lhs_MK.dtype)
+  if save_preact and not swiglu:
+    raise ValueError("gmm: save_preact=True needs swiglu=True.")
+  cfg = cfg.fit_smem(lhs_MK.dtype.itemsize, out_dtype.itemsize, swiglu)
+  if not supports(lhs_MK, rhs_GKN, transpose_rhs, out_dtype, cfg, swiglu):
     raise ValueError(f"gmm: no Mosaic GPU kernel for lhs {lhs_MK.shape} {lhs_MK.dtype}, rhs "
-                     f"{rhs_GKN.shape} {rhs_GKN.dtype}, transpose_rhs={transpose_rhs}, {cfg}.")
+                     f"{rhs_GKN.shape} {rhs_GKN.dtype}, transpose_rhs={transpose_rhs}, "
+                     f"swiglu={swiglu}, {cfg}.")
   # Tiles start on multiples of 8 rows (the SMEM tiling); the schedule's shifted last tile does
   # too when M is a multiple of 8. Otherwise, or with fewer rows than a tile, pad (a copy of lhs).
   padded_rows = max(_cdiv(num_rows, _ROW_ALIGN) * _ROW_ALIGN, cfg.tile_m)
   if padded_rows != num_rows:
     lhs_MK = jnp.pad(lhs_MK, ((0, padded_rows - num_rows), (0, 0)))
   schedule = make_tile_schedule(group_sizes_G, padded_rows, cfg.tile_m)
+  out_types = [jax.ShapeDtypeStruct((padded_rows, n_dim // 2 if swiglu else n_dim), out_dtype)]
+  if save_preact:
+    out_types.append(jax.ShapeDtypeStruct((padded_rows, n_dim), out_dtype))
   body = _pipe_body if cfg.body == "pipe" else _ws_body
   kernel = plgpu.kernel(
-      functools.partial(body, cfg, transpose_rhs, num_groups),
-      out_type=jax.ShapeDtypeStruct((padded_rows, n_dim), out_dtype),
+      functools.partial(body, cfg, transpose_rhs, swiglu, num_groups),
+      out_type=tuple(out_types),
       grid=(num_sms or _num_sms(),),
       grid_names=("sm",),
       num_threads=None if cfg.body == "pipe" else 3,
@@ -400,9 +560,10 @@ def gmm(lhs_MK: jax.Array, rhs_GKN: jax.Array, group_sizes_G: jax.Array, *,
           lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
       interpret=interpret,
   )
-  out_MN = kernel(schedule.num_items, schedule.group_I, schedule.read_start_I,
-                  schedule.own_offset_I, schedule.own_rows_I, lhs_MK, rhs_GKN)
-  return out_MN[:num_rows] if padded_rows != num_rows else out_MN
+  outs = kernel(schedule.num_items, schedule.group_I, schedule.read_start_I,
+                schedule.own_offset_I, schedule.own_rows_I, lhs_MK, rhs_GKN)
+  outs = [o[:num_rows] if padded_rows != num_rows else o for o in outs]
+  return tuple(outs) if save_preact else outs[0]
 
 
 @dataclasses.dataclass(frozen=True)

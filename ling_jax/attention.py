@@ -42,9 +42,12 @@ def cache_mask(segment_ids_BL: jax.Array, segment_ids_BS: jax.Array,
 def dot_product_attention(q_BLNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array,
                           segment_ids_BL: jax.Array, impl: str = "xla") -> jax.Array:
   """Returns causal, segment-masked GQA outputs [B, L, N, H]; softmax in fp32."""
-  if impl == "cudnn":  # Fused GPU kernel; segments through an explicit mask for now.
+  if impl == "cudnn":  # Fused GPU kernel; documents kept apart by an explicit mask.
     return jax.nn.dot_product_attention(q_BLNH, k_BSKH, v_BSKH, implementation="cudnn",
                                         mask=attention_mask(segment_ids_BL)[:, 0])
+  if impl == "cudnn_causal":  # Causal only: packed documents see earlier ones in their row.
+    return jax.nn.dot_product_attention(q_BLNH, k_BSKH, v_BSKH, implementation="cudnn",
+                                        is_causal=True)
   return masked_attention(q_BLNH, k_BSKH, v_BSKH, attention_mask(segment_ids_BL))
 
 
@@ -91,7 +94,9 @@ class Attention(nn.Module):
     q_BLNH = layers.apply_rope(q_BLNH, positions_BL, inv_freq, scaling)
     k_BLKH = layers.apply_rope(k_BLKH, positions_BL, inv_freq, scaling)
     if decode is None:
-      out_BLNH = dot_product_attention(q_BLNH, k_BLKH, v_BLKH, segment_ids_BL, m.attention_impl)
+      with jax.named_scope("attention_core"):  # Named for profiles (ling_jax/profiling.py).
+        out_BLNH = dot_product_attention(q_BLNH, k_BLKH, v_BLKH, segment_ids_BL,
+                                         m.attention_impl)
     else:
       start = (0, decode["index"], 0, 0)
       k_BSKH = jax.lax.dynamic_update_slice(cache["k"], k_BLKH.astype(cache["k"].dtype), start)

@@ -87,8 +87,9 @@ def validate_model_config(m: Any) -> None:
   for field in ("dtype", "param_dtype"):
     if m.get(field) not in _DTYPES:
       _fail(field, f"unknown dtype {m.get(field)!r}", f"use one of {_DTYPES}")
-  if m.attention_impl not in ("xla", "cudnn"):
-    _fail("attention_impl", f"unknown {m.attention_impl!r}", "use 'xla' or 'cudnn'")
+  if m.attention_impl not in ("xla", "cudnn", "cudnn_causal"):
+    _fail("attention_impl", f"unknown {m.attention_impl!r}",
+          "use 'xla', 'cudnn' or 'cudnn_causal' (no document mask)")
   if m.remat_policy not in ("none", "full", "dots"):
     _fail("remat_policy", f"unknown {m.remat_policy!r}", "use 'none', 'full' or 'dots'")
   if m.get("moe_all_to_all", "auto") not in ("auto", "ragged", "padded"):

@@ -34,7 +34,9 @@ import hashlib
 import itertools
 import os
 import pathlib
+import queue
 import sysconfig
+import threading
 from typing import Any
 from typing import NoReturn
 
@@ -649,3 +651,84 @@ class RampedBatches:
 
   def set_state(self, state: dict[str, Any]) -> None:
     self._base.set_state(state)
+
+
+class Prefetcher:
+  """Builds the batches of the next `depth` steps on a background thread (0: on demand).
+
+  Wraps an iterator with `next_batch(step)`/`get_state()`/`set_state()` (e.g. `RampedBatches`)
+  and keeps that interface. `transform` runs on the thread too (e.g. the host-to-device copy of
+  `sharding.global_batch`), so the train loop never waits on input. `get_state` is the data state
+  after the last batch handed out, not after the ones built ahead, so a checkpoint resumes at the
+  right batch. An error on the thread is raised by the next `next_batch`.
+  """
+
+  def __init__(self, source: Any, *, first_step: int, depth: int = 2, transform: Any = None):
+    if not isinstance(depth, int) or depth < 0:
+      raise ValueError(f"train.prefetch_batches: must be an integer >= 0, got {depth!r}. Fix: "
+                       "use 0 for synchronous input, 2 to build two steps ahead.")
+    self._source = source
+    self._transform = transform or (lambda batch: batch)
+    self._depth = depth
+    self._state = source.get_state()
+    self._start(first_step)
+
+  def _start(self, first_step: int) -> None:
+    self._queue: queue.Queue = queue.Queue(maxsize=max(self._depth, 1))
+    self._stop = threading.Event()
+    self._next_step = first_step
+    self._thread = None
+    if not self._depth:  # Synchronous: next_batch builds its own batch.
+      return
+    self._thread = threading.Thread(target=self._fill, args=(first_step, self._stop, self._queue),
+                                    daemon=True, name="ling_jax-prefetch")
+    self._thread.start()
+
+  def _fill(self, step: int, stop: threading.Event, out: queue.Queue) -> None:
+    while not stop.is_set():
+      try:
+        batch = self._transform(self._source.next_batch(step))
+        item = (step, batch, copy.deepcopy(self._source.get_state()))
+      except BaseException as e:  # pylint: disable=broad-except  (re-raised by next_batch)
+        item = (step, e, None)
+      while not stop.is_set():
+        try:
+          out.put(item, timeout=0.1)
+          break
+        except queue.Full:
+          continue
+      if item[2] is None:
+        return
+      step += 1
+
+  def next_batch(self, step: int) -> Any:
+    """Returns the batch of optimiser step `step`; steps must be asked for in order."""
+    if step != self._next_step:
+      raise ValueError(f"Prefetcher: asked for step {step}, but the next batch built is for "
+                       f"step {self._next_step}. Fix: call set_state before skipping steps.")
+    if self._thread is None:
+      batch = self._transform(self._source.next_batch(step))
+      self._state, self._next_step = copy.deepcopy(self._source.get_state()), step + 1
+      return batch
+    built_step, batch, state = self._queue.get()
+    assert built_step == step, (built_step, step)
+    if state is None:
+      raise batch
+    self._state, self._next_step = state, step + 1
+    return batch
+
+  def get_state(self) -> dict[str, Any]:
+    return self._state
+
+  def set_state(self, state: dict[str, Any], first_step: int | None = None) -> None:
+    """Restarts from data `state`; the next batch is that of `first_step` (default: unchanged)."""
+    self.close()
+    self._source.set_state(state)
+    self._state = state
+    self._start(self._next_step if first_step is None else first_step)
+
+  def close(self) -> None:
+    """Stops the thread; batches built ahead are dropped (the data state is unaffected)."""
+    self._stop.set()
+    if self._thread is not None:
+      self._thread.join()

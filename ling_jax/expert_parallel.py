@@ -54,6 +54,14 @@ def expert_ffn(
   `expert`. Without a mesh, or on one device, this is `dispatch.expert_ffn` itself. `quant` and
   `fp8_probes` go to it unchanged (see there).
   """
+  with jax.named_scope("experts"):  # Named for profiles (ling_jax/profiling.py).
+    return _expert_ffn(x_TD, expert_ids_TK, weights_TK, w_gate_up_EDF2, w_down_EFD,
+                       backend=backend, all_to_all=all_to_all, quant=quant,
+                       fp8_probes=fp8_probes)
+
+
+def _expert_ffn(x_TD, expert_ids_TK, weights_TK, w_gate_up_EDF2, w_down_EFD, *, backend,
+                all_to_all, quant, fp8_probes):
   mesh = jax.sharding.get_abstract_mesh()
   if fp8_probes is None:
     fp8_probes = (jnp.zeros((2,), jnp.float32),) * 2
@@ -94,15 +102,17 @@ def _local_expert_ffn(x_TD, expert_ids_TK, weights_TK, w_gate_up_XDF2, w_down_XF
       x_TD, expert_ids_TK, local_experts * num_shards)
   send_counts_NX = group_sizes_E.reshape(num_shards, local_experts)
   # recv_counts[j, x]: rows that shard j sends for my local expert x.
-  recv_counts_NX = jax.lax.all_to_all(send_counts_NX, AXIS, 0, 0, tiled=True)
   exchange = _padded_exchange if impl == "padded" else _ragged_exchange
-  recv_RD, back = exchange(x_MD, send_counts_NX, recv_counts_NX)
+  with jax.named_scope("all_to_all"):
+    recv_counts_NX = jax.lax.all_to_all(send_counts_NX, AXIS, 0, 0, tiled=True)
+    recv_RD, back = exchange(x_MD, send_counts_NX, recv_counts_NX)
   local_ids_R = _local_expert_ids(recv_counts_NX, recv_RD.shape[0] // num_shards)
   ones_R1 = jnp.ones((recv_RD.shape[0], 1), jnp.float32)
   # Rows that carry nothing get the id X: they sort past every group and come out zero.
   y_RD = dispatch.expert_ffn(recv_RD, local_ids_R[:, None], ones_R1, w_gate_up_XDF2,
                              w_down_XFD, backend=backend, quant=quant, fp8_probes=fp8_probes)
-  y_MD = back(y_RD)
+  with jax.named_scope("all_to_all"):
+    y_MD = back(y_RD)
   return dispatch.unpermute(y_MD, sort_idx_M, weights_TK)
 
 

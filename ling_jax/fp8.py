@@ -21,6 +21,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import traverse_util
 
 from kernels import fp8_gemm
@@ -106,3 +107,51 @@ def summarize(stats: Any, probe_grads: Any) -> dict[str, jax.Array]:
     out[f"fp8_{kind}_cos"] = jnp.mean(ops_2[:, 1])
     out[f"fp8_{kind}_cos_min"] = jnp.min(ops_2[:, 1])
   return out
+
+
+def parity_report(baseline: dict[int, dict[str, float]], fp8: dict[int, dict[str, float]],
+            window: int) -> dict[str, Any]:
+  """Returns the FP8-against-baseline numbers of two runs' metrics (`metrics.read_jsonl` output).
+
+  The final loss of each run is the mean over its last `window` logged steps; `curve` holds the
+  `window`-step means, `validation` the evaluated steps (experiments/fp8_parity.py).
+  """
+  steps = sorted(set(s for s, r in baseline.items() if "loss" in r)
+                 & set(s for s, r in fp8.items() if "loss" in r))
+  if len(steps) < window:
+    raise ValueError(f"--window: the runs share {len(steps)} logged steps, fewer than the "
+                     f"window of {window}. Fix: log every step or lower --window.")
+  base_loss = np.array([baseline[s]["loss"] for s in steps])
+  fp8_loss = np.array([fp8[s]["loss"] for s in steps])
+  final_base, final_fp8 = float(base_loss[-window:].mean()), float(fp8_loss[-window:].mean())
+  curve = []
+  for end in range(window, len(steps) + 1, window):
+    sl = slice(end - window, end)
+    curve.append({"step": steps[end - 1], "baseline": float(base_loss[sl].mean()),
+                  "fp8": float(fp8_loss[sl].mean())})
+  result = {"final_baseline": final_base, "final_fp8": final_fp8,
+            "relative_difference": final_fp8 / final_base - 1.0, "curve": curve,
+            "window": window, "steps": steps[-1]}
+  vals = [(s, baseline[s].get("val_loss"), fp8.get(s, {}).get("val_loss")) for s in steps]
+  result["validation"] = [{"step": s, "baseline": b, "fp8": f} for s, b, f in vals
+                          if b is not None and f is not None]
+  return result
+
+
+def parity_markdown(result: dict[str, Any], baseline_name: str) -> str:
+  """Returns the parity report as Markdown."""
+  w = result["window"]
+  lines = [f"Final training loss (mean of the last {w} steps): {baseline_name} "
+           f"{result['final_baseline']:.4f}, FP8 {result['final_fp8']:.4f}, "
+           f"relative difference {result['relative_difference']:+.2%}.", "",
+           f"| steps | {baseline_name} loss ({w}-step mean) | FP8 loss | rel. diff |",
+           "|---:|---:|---:|---:|"]
+  for p in result["curve"]:
+    lines.append(f"| {p['step'] - w + 1}-{p['step']} | {p['baseline']:.4f} | {p['fp8']:.4f} "
+                 f"| {p['fp8'] / p['baseline'] - 1:+.2%} |")
+  if result["validation"]:
+    lines += ["", f"| step | {baseline_name} val loss | FP8 val loss | rel. diff |",
+              "|---:|---:|---:|---:|"]
+    lines += [f"| {v['step']} | {v['baseline']:.4f} | {v['fp8']:.4f} | "
+              f"{v['fp8'] / v['baseline'] - 1:+.2%} |" for v in result["validation"]]
+  return "\n".join(lines) + "\n"

@@ -42,12 +42,13 @@ class MoE(nn.Module):
 
     x_TD = x_BLD.reshape(batch * length, d)
     # The router always runs in fp32, whatever the activation dtype.
-    logits_TE = jnp.dot(x_TD.astype(jnp.float32), w_router_DE.astype(jnp.float32),
-                        precision=jax.lax.Precision.HIGHEST)
-    routing = router.route_tokens(
-        logits_TE, bias_E, top_k=m.num_experts_per_tok, n_group=m.n_group,
-        topk_group=m.topk_group, routed_scaling_factor=m.routed_scaling_factor,
-        token_mask_T=token_mask_BL.reshape(-1))
+    with jax.named_scope("router"):  # Named for profiles (ling_jax/profiling.py).
+      logits_TE = jnp.dot(x_TD.astype(jnp.float32), w_router_DE.astype(jnp.float32),
+                          precision=jax.lax.Precision.HIGHEST)
+      routing = router.route_tokens(
+          logits_TE, bias_E, top_k=m.num_experts_per_tok, n_group=m.n_group,
+          topk_group=m.topk_group, routed_scaling_factor=m.routed_scaling_factor,
+          token_mask_T=token_mask_BL.reshape(-1))
     self.variable(STATS, "counts", jnp.zeros, (e,), jnp.float32).value = routing.counts_E
     self.variable(STATS, "z_loss", jnp.zeros, (), jnp.float32).value = routing.z_loss
 

@@ -78,9 +78,10 @@ def init_state(m: Any, t: Any, rng: jax.Array) -> TrainState:
 def cross_entropy_sum(logits_BLV: jax.Array, targets_BL: jax.Array,
                       mask_BL: jax.Array) -> jax.Array:
   """Returns the summed token cross-entropy (nats) over positions where mask is 1."""
-  logz_BL = jax.nn.logsumexp(logits_BLV, axis=-1)
-  target_logits_BL = jnp.take_along_axis(logits_BLV, targets_BL[..., None], axis=-1)[..., 0]
-  return jnp.sum((logz_BL - target_logits_BL) * mask_BL)
+  with jax.named_scope("cross_entropy"):
+    logz_BL = jax.nn.logsumexp(logits_BLV, axis=-1)
+    target_logits_BL = jnp.take_along_axis(logits_BLV, targets_BL[..., None], axis=-1)[..., 0]
+    return jnp.sum((logz_BL - target_logits_BL) * mask_BL)
 
 
 def loss_masks(batch: dict, depth: int) -> jax.Array:
@@ -195,16 +196,21 @@ def train_step(state: TrainState, batch: dict, *, m: Any, t: Any) -> tuple[Train
 def apply_gradients(state: TrainState, loss: jax.Array, aux: dict, grads: Any, *,
                     t: Any) -> tuple[TrainState, dict]:
   """Returns the state after the optimiser and expert-bias updates from `accumulate_gradients`."""
-  grad_norm = optax.global_norm(grads)
-  # One scalar test: a NaN or Inf anywhere in the gradients makes their norm non-finite.
-  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-  optimizer = make_optimizer(t)
-  updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
-  new_params = optax.apply_updates(state.params, updates)
+  with jax.named_scope("optimizer"):  # Named for profiles (ling_jax/profiling.py).
+    grad_norm = optax.global_norm(grads)
+    # One scalar test: a NaN or Inf anywhere in the gradients makes their norm non-finite.
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    optimizer = make_optimizer(t)
+    updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
+    new_params = optax.apply_updates(state.params, updates)
   new_moe_state = jax.tree.map(
       lambda b, c: router.update_expert_bias(b, c, t.expert_bias_update_rate),
       state.moe_state, aux["counts"])
-  keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+
+  def keep(new, old):  # A non-finite step leaves the state as it was.
+    with jax.named_scope("optimizer"):
+      return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+
   new_state = TrainState(
       step=state.step + 1,
       params=keep(new_params, state.params),

@@ -1,5 +1,6 @@
 """The pre-training loop: data, resumable checkpoints, evaluation, metrics and NaN guard."""
 
+import contextlib
 import functools
 import json
 import os
@@ -36,6 +37,10 @@ def validate_config(config: Any) -> None:
     if not isinstance(t[field], int) or t[field] <= 0:
       config_lib.fail(f"train.{field}", f"must be a positive integer, got {t[field]!r}",
                       "set it > 0")
+  prefetch = t.get("prefetch_batches", 2)
+  if not isinstance(prefetch, int) or prefetch < 0:
+    config_lib.fail("train.prefetch_batches", f"must be an integer >= 0, got {prefetch!r}",
+                    "use 0 for synchronous input or e.g. 2 to build two steps ahead")
   if t.batch_size % t.grad_accum_steps:
     config_lib.fail("train.batch_size", f"{t.batch_size} sequences do not split into "
           f"{t.grad_accum_steps} micro-batches", "make batch_size a multiple of grad_accum_steps")
@@ -186,6 +191,9 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
       f.write(config.to_json_best_effort(indent=2))
 
   batch_sharding, replicated = sharding.batch_sharding(mesh), sharding.replicated(mesh)
+  # The next batches are built, and copied to the devices, on a thread while steps run.
+  batches = data_lib.Prefetcher(train_iter, first_step=step, depth=t.get("prefetch_batches", 2),
+                                transform=lambda b: sharding.global_batch(b, mesh))
   step_fn = jax.jit(functools.partial(train_lib.train_step, m=m, t=t),
                     in_shardings=(state_shardings, batch_sharding),
                     out_shardings=(state_shardings, replicated), donate_argnums=0)
@@ -203,13 +211,14 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
 
   def save(force: bool = False) -> None:
     if force or ckpt.is_due(step):  # Every process takes part in gathering the data state.
-      ckpt.save(step, state, data_state=_global_data_state(train_iter), force=force)
+      ckpt.save(step, state, data_state=_global_data_state(batches), force=force)
 
   final: dict[str, float] = {}
   first_step, last_time, last_step, pending = step, time.time(), step, None
-  with checkpoint_lib.install_preemption_handler() as preempted, jax.set_mesh(mesh):
+  with (checkpoint_lib.install_preemption_handler() as preempted, jax.set_mesh(mesh),
+        contextlib.closing(batches)):
     while step < t.num_steps:
-      batch = sharding.global_batch(train_iter.next_batch(step), mesh)
+      batch = batches.next_batch(step)
       state, step_metrics = step_fn(state, batch)
       step += 1
       # Check the previous step's streak: reading it does not wait on the step just queued.

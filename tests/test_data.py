@@ -324,3 +324,55 @@ def test_sharded_eval_batches_cover_every_shard(tmp_path):
                         for i in range(len(halves[0]))]))
   with pytest.raises(ValueError, match="num_shards"):
     make(num_shards=3, process_count=2)
+
+
+class _CountingBatches:
+  """A stand-in source: batch s holds s; its state is the count handed out; fails at `fail_at`."""
+
+  def __init__(self, fail_at: int | None = None):
+    self.count, self.fail_at = 0, fail_at
+
+  def next_batch(self, step):
+    if step == self.fail_at:
+      raise OSError("disk gone")
+    self.count += 1
+    return {"inputs": np.full((2, 3), step)}
+
+  def get_state(self):
+    return {"count": self.count}
+
+  def set_state(self, state):
+    self.count = state["count"]
+
+
+@pytest.mark.parametrize("depth", [0, 1, 3])
+def test_prefetcher_hands_out_steps_in_order_and_reports_the_consumed_state(depth):
+  source = _CountingBatches()
+  batches = data.Prefetcher(source, first_step=5, depth=depth,
+                            transform=lambda b: {"inputs": b["inputs"] * 10})
+  try:
+    assert batches.get_state() == {"count": 0}
+    for step in range(5, 9):
+      np.testing.assert_array_equal(batches.next_batch(step)["inputs"], np.full((2, 3), 10 * step))
+      # The source may be ahead, but the state is that after the batches handed out.
+      assert batches.get_state() == {"count": step - 4}
+    with pytest.raises(ValueError, match="asked for step 11"):
+      batches.next_batch(11)
+    batches.set_state({"count": 2}, first_step=7)  # Rewind, as a restore does.
+    assert batches.next_batch(7)["inputs"][0, 0] == 70
+    assert batches.get_state() == {"count": 3}
+  finally:
+    batches.close()
+
+
+def test_prefetcher_raises_the_source_error_at_its_step():
+  batches = data.Prefetcher(_CountingBatches(fail_at=2), first_step=0, depth=2)
+  try:
+    batches.next_batch(0)
+    batches.next_batch(1)
+    with pytest.raises(OSError, match="disk gone"):
+      batches.next_batch(2)
+  finally:
+    batches.close()
+  with pytest.raises(ValueError, match="prefetch_batches"):
+    data.Prefetcher(_CountingBatches(), first_step=0, depth=-1)

@@ -207,6 +207,34 @@ def test_second_order_gradients_match_dense_autodiff():
     _assert_close(a, b, 1e-5)
 
 
+def test_grouped_matmul_swiglu_and_its_vjp_match_dense_autodiff():
+  """The SwiGLU VJP on the saved pre-activation equals autodiff of the plain formula."""
+  sizes = [5, 0, 14, 9]  # 4 tail rows
+  lhs_MK, rhs_GKN, _ = _inputs(11, 32, 8, 12, len(sizes), jnp.float32)
+  dact_MF = jnp.asarray(np.random.default_rng(12).standard_normal((32, 6)), jnp.float32)
+
+  def dense(a, b):
+    gate, up = jnp.split(_dense_gmm_jax(a, b, sizes), 2, axis=-1)
+    return jax.nn.silu(gate) * up
+
+  ours = jax.jit(lambda a, b: gmm_lib.grouped_matmul_swiglu(a, b, jnp.asarray(sizes, jnp.int32)))
+  act, vjp = jax.vjp(ours, lhs_MK, rhs_GKN)
+  ref_act, ref_vjp = jax.vjp(dense, lhs_MK, rhs_GKN)
+  _assert_close(act, ref_act, 1e-5)
+  for a, b in zip(vjp(dact_MF), ref_vjp(dact_MF), strict=True):
+    _assert_close(a, b, 1e-5)
+  with pytest.raises(ValueError, match=r"rhs \[G, K, 2F\]"):
+    gmm_lib.grouped_matmul_swiglu(lhs_MK, rhs_GKN[:, :, :5], jnp.asarray(sizes, jnp.int32))
+
+
+def test_fused_swiglu_only_where_it_won_or_interpreted():
+  assert not gmm_lib.fused_swiglu_wins("reference", jnp.bfloat16, 2048, 1024)
+  assert not gmm_lib.fused_swiglu_wins("auto", jnp.bfloat16, 2048, 1024)  # CPU: reference
+  assert gmm_lib.fused_swiglu_wins("pallas_mosaic_gpu_interpret", jnp.bfloat16, 64, 128)
+  assert not gmm_lib.fused_swiglu_wins("pallas_mosaic_gpu_interpret", jnp.float32, 64, 128)
+  assert not gmm_lib.fused_swiglu_wins("pallas_mosaic_gpu", jnp.bfloat16, 2048, 1024)  # no GPU
+
+
 def test_ragged_dot_backend_matches_loop():
   m, k, n, sizes, _ = _CASES["zero_groups_and_tail"]
   lhs_MK, rhs_GKN, dout_MN = _inputs(9, m, k, n, len(sizes), jnp.float32)

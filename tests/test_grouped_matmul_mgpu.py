@@ -8,6 +8,8 @@ real hardware are in experiments/bench_kernels.py.
 Key: M rows, K contraction dim, N output dim, G groups, I work items.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,6 +27,10 @@ _SMALL = {
     "ws_chain": mgpu.TileConfig(tile_m=64, tile_n=64, tile_k=64, stages=2, body="ws_chain"),
     "pipe": mgpu.TileConfig(tile_m=64, tile_n=64, tile_k=64, stages=2, body="pipe"),
 }
+# Split rows: each compute warpgroup owns 64 of the 128 rows (the wgmma minimum), epilogue slabs
+# of 32 columns through two SMEM slots.
+_SPLIT_M = mgpu.TileConfig(tile_m=128, tile_n=64, tile_k=64, stages=2, body="ws_chain", split="m",
+                           epi_n=32)
 _SMALL_WGRAD = mgpu.WgradConfig(tile_k=64, tile_n=64, chunk=64, stages=2)
 _INTERPRET = plgpu.InterpretGPUParams()
 
@@ -36,6 +42,9 @@ _SIZE_CASES = {
     "all_empty": (128, [0, 0]),
     "fewer_rows_than_tile": (20, [5, 0, 15]),
 }
+# Starts off the 8-row grid, groups inside one 64-row half of a tile (the other warpgroup skips),
+# an empty group, and 24 tail rows.
+_SPLIT_CASE = (264, [7, 60, 1, 0, 66, 64, 2, 40])
 
 
 def _bf16_np(x):
@@ -70,7 +79,7 @@ def test_schedule_covers_every_row_once_with_its_group(tile_m, seed):
   sizes = np.diff(np.concatenate([[0], cuts, [used]])).astype(np.int32)
   sizes[rng.random(num_groups) < 0.3] = 0  # extra empty groups; rows move to the tail
   schedule = make = mgpu.make_tile_schedule(jnp.asarray(sizes), num_rows, tile_m)
-  assert make.group_I.shape[0] == -(-num_rows // tile_m) + num_groups  # static bound
+  assert make.group_I.shape[0] == mgpu.max_schedule_items(num_rows, num_groups, tile_m)
   count_M, group_M = _owned_rows(schedule, num_rows)
   np.testing.assert_array_equal(count_M, 1)
   # Row r belongs to the group whose cumulative range holds it; the tail is group G.
@@ -85,6 +94,20 @@ def test_schedule_covers_every_row_once_with_its_group(tile_m, seed):
   off_I, rows_I = np.asarray(schedule.own_offset_I[:n]), np.asarray(schedule.own_rows_I[:n])
   assert (off_I >= 0).all() and (off_I + rows_I <= tile_m).all() and (rows_I > 0).all()
   assert (np.asarray(schedule.own_rows_I[n:]) == 0).all()
+
+
+def test_schedule_tiles_each_group_from_its_own_start():
+  """A group takes cdiv(size + start % 8, R) items: none extra for sharing a tile."""
+  sizes = np.array([100, 100, 100, 212, 0, 3], np.int32)  # 5 tail rows: 515 of 520 used
+  schedule = mgpu.make_tile_schedule(jnp.asarray(sizes), 520, 128)
+  n = int(schedule.num_items[0])
+  assert n == 7  # a grid of 128-row tiles would need 9
+  np.testing.assert_array_equal(schedule.group_I[:n], [0, 1, 2, 3, 3, 5, 6])
+  # Group 3 starts at row 300: tiles from 296; its second tile and everything after it are
+  # shifted back to end at row 520.
+  np.testing.assert_array_equal(schedule.read_start_I[:n], [0, 96, 200, 296, 392, 392, 392])
+  np.testing.assert_array_equal(schedule.own_offset_I[:n], [0, 4, 0, 4, 32, 120, 123])
+  np.testing.assert_array_equal(schedule.own_rows_I[:n], [100, 100, 100, 124, 88, 3, 5])
 
 
 def test_schedule_balanced_is_one_item_per_tile():
@@ -105,8 +128,11 @@ def test_config_table_lookup_and_smem_fit():
       assert fitted.stages >= 2 and fitted.tile_m == cfg.tile_m
 
 
-@pytest.mark.parametrize("body", sorted(_SMALL))
-@pytest.mark.parametrize("transpose", [False, True])
+# The "pipe" body (a fallback no tiling table picks) runs the forward layout only, which keeps
+# this file's interpreter time flat with the split-rows and SwiGLU tests below.
+@pytest.mark.parametrize(("body", "transpose"),
+                         [(b, t) for b in sorted(_SMALL) for t in (False, True)
+                          if not (b == "pipe" and t)])
 @pytest.mark.parametrize("case", sorted(_SIZE_CASES))
 def test_gmm_interpret_matches_fp64(body, transpose, case):
   num_rows, sizes = _SIZE_CASES[case]
@@ -121,6 +147,62 @@ def test_gmm_interpret_matches_fp64(body, transpose, case):
   assert out.shape == (num_rows, n_dim) and out.dtype == jnp.float32
   ref = _np_gmm(_bf16_np(lhs), _bf16_np(rhs), sizes, transpose)
   np.testing.assert_allclose(np.asarray(out, np.float64), ref, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("transpose", [False, True])
+def test_gmm_split_rows_and_slab_epilogue_interpret_matches_fp64(transpose):
+  num_rows, sizes = _SPLIT_CASE
+  k_dim, n_dim = 128, 2 * _SPLIT_M.cta_n
+  rng = np.random.default_rng(7 + transpose)
+  lhs = jnp.asarray(rng.standard_normal((num_rows, k_dim)), jnp.bfloat16)
+  shape = (len(sizes), n_dim, k_dim) if transpose else (len(sizes), k_dim, n_dim)
+  rhs = jnp.asarray(rng.standard_normal(shape), jnp.bfloat16)
+  out = mgpu.gmm(lhs, rhs, jnp.asarray(sizes, jnp.int32), transpose_rhs=transpose,
+                 out_dtype=jnp.float32, config=_SPLIT_M, interpret=_INTERPRET, num_sms=3)
+  ref = _np_gmm(_bf16_np(lhs), _bf16_np(rhs), sizes, transpose)
+  np.testing.assert_allclose(np.asarray(out, np.float64), ref, rtol=1e-5, atol=1e-4)
+
+
+def _np_swiglu(h_MN):
+  gate, up = np.split(h_MN, 2, axis=-1)
+  return gate / (1 + np.exp(-gate)) * up
+
+
+@pytest.mark.parametrize("case", ["ragged_with_tail", "fewer_rows_than_tile"])
+def test_gmm_fused_swiglu_interpret_matches_fp64(case):
+  """silu(gate) * up from the fp32 accumulators; the pre-activation too when asked for."""
+  num_rows, sizes = _SIZE_CASES[case]
+  save_preact = case == "ragged_with_tail"
+  rng = np.random.default_rng(len(case))
+  lhs = jnp.asarray(rng.standard_normal((num_rows, 128)), jnp.bfloat16)
+  rhs = jnp.asarray(rng.standard_normal((len(sizes), 128, 2 * 2 * _SPLIT_M.cta_n)), jnp.bfloat16)
+  out = mgpu.gmm(lhs, rhs, jnp.asarray(sizes, jnp.int32), out_dtype=jnp.float32, config=_SPLIT_M,
+                 swiglu=True, save_preact=save_preact, interpret=_INTERPRET, num_sms=3)
+  ref = _np_gmm(_bf16_np(lhs), _bf16_np(rhs), sizes, False)
+  act = out[0] if save_preact else out
+  assert act.shape == (num_rows, rhs.shape[2] // 2)
+  np.testing.assert_allclose(np.asarray(act, np.float64), _np_swiglu(ref), rtol=1e-5, atol=1e-4)
+  if save_preact:
+    np.testing.assert_allclose(np.asarray(out[1], np.float64), ref, rtol=1e-5, atol=1e-4)
+
+
+def test_epilogue_slabs_need_128_byte_rows():
+  """TMA stores from any row of a slab need 128-byte rows (64-byte ones faulted on an H200)."""
+  lhs = jax.ShapeDtypeStruct((1024, 512), jnp.bfloat16)
+  rhs = jax.ShapeDtypeStruct((8, 512, 2048), jnp.bfloat16)
+  slab32 = mgpu.parse_tile_config("ws_chain:128:256:64:4:m:e32")
+  assert not mgpu.supports(lhs, rhs, False, jnp.bfloat16, slab32)  # 32 x 2 bytes
+  assert mgpu.supports(lhs, rhs, False, jnp.float32,
+                       dataclasses.replace(slab32, stages=2))  # 32 x 4 bytes
+  assert mgpu.supports(lhs, rhs, False, jnp.bfloat16, dataclasses.replace(slab32, epi_n=64))
+
+
+def test_tile_config_spec_round_trips_and_bad_tokens_fail():
+  for cfg in [_SPLIT_M, mgpu.DEFAULT_TILE_CONFIG, mgpu.DEFAULT_SWIGLU_CONFIG,
+              *mgpu.TILE_CONFIGS.values()]:
+    assert mgpu.parse_tile_config(cfg.spec()) == cfg
+  with pytest.raises(ValueError, match="unknown token 'x'"):
+    mgpu.parse_tile_config("ws:128:128:64:4:x")
 
 
 @pytest.mark.parametrize("case", sorted(_SIZE_CASES))
@@ -154,6 +236,14 @@ def test_gmm_lowers_for_cuda_at_ling_mini_shapes(transpose, shape):
   f = jax.jit(lambda a, b, s: mgpu.gmm(a, b, s, transpose_rhs=transpose, num_sms=132))
   lowered = f.trace(jax.ShapeDtypeStruct((8192, k_dim), jnp.bfloat16),
                     jax.ShapeDtypeStruct(rhs_shape, jnp.bfloat16),
+                    jax.ShapeDtypeStruct((256,), jnp.int32)).lower(lowering_platforms=("cuda",))
+  assert "mosaic_gpu" in lowered.as_text()
+
+
+def test_fused_swiglu_lowers_for_cuda_at_ling_mini_shapes():
+  f = jax.jit(lambda a, b, s: mgpu.gmm(a, b, s, swiglu=True, save_preact=True, num_sms=132))
+  lowered = f.trace(jax.ShapeDtypeStruct((8192, 2048), jnp.bfloat16),
+                    jax.ShapeDtypeStruct((256, 2048, 1024), jnp.bfloat16),
                     jax.ShapeDtypeStruct((256,), jnp.int32)).lower(lowering_platforms=("cuda",))
   assert "mosaic_gpu" in lowered.as_text()
 

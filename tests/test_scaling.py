@@ -123,19 +123,46 @@ def test_budget_config_follows_the_laws_and_design_rules(arg):
   assert flops * tokens == pytest.approx(budget, rel=0.3)
   assert s.compute == pytest.approx(flops * tokens)
   assert m.num_attention_heads * m.head_dim == m.hidden_size
+  assert m.head_dim == (32 if budget < 1e17 else 128)
   if s.arch == "dense":
     assert m.first_k_dense_replace == m.num_hidden_layers
     return
   assert scaling.activation_ratio(m) == pytest.approx(0.035, abs=0.001)
-  assert 8 <= scaling.granularity(m) <= 12
+  assert scaling.granularity(m) == 8  # The default, Ling 2.0's.
   assert m.num_shared_experts == 1
   assert 1 <= m.first_k_dense_replace < m.num_hidden_layers
   if budget >= 1e16:  # Tiny CPU shapes are dominated by the attention core at any KV count.
     assert 0.30 <= scaling.attention_fraction(m, t.seq_len) <= 0.40
 
 
+@pytest.mark.parametrize("arch", ["moe", "dense"])
+def test_budget_ladder_changes_shape_smoothly(arch):
+  """Along a ladder of budgets, head_dim and G stay fixed and width and depth grow together."""
+  ladders = [[f"budget={b:.3g}" for b in 6e11 * 2.0**np.arange(15)],  # Up to 1e16: the CPU band.
+             [f"budget={b:.3g},seq_len=4096" for b in np.geomspace(1e20, 1e23, 7)]]
+  for ladder in ladders:
+    shapes = []
+    for arg in ladder:
+      config = scaling_config.get_config(f"{arg},arch={arch}")
+      m = config.model
+      shapes.append((m.hidden_size, m.num_hidden_layers, config.scaling.flops_per_token))
+      assert m.head_dim == (32 if ladder is ladders[0] else 128)
+      assert m.num_attention_heads * m.head_dim == m.hidden_size
+      assert m.moe_intermediate_size * 8 == 2 * m.hidden_size  # G = 8 at every budget.
+    hidden, layers, flops = (np.array(x) for x in zip(*shapes))
+    assert np.all(np.diff(hidden) >= 0) and np.all(np.diff(flops) >= 0)
+    assert hidden[-1] >= 3 * hidden[0] and layers[-1] >= 2 * layers[0]
+    # Depth steps back only where the width steps up, by at most 3 layers (the coarsest step,
+    # hidden 32 x 5 layers -> 64 x 2), and stays near the ladder's target for the width.
+    assert np.all(np.diff(hidden)[np.diff(layers) < 0] > 0) and np.all(np.diff(layers) >= -3)
+    aspect = layers / np.array([scaling_config.target_layers(h) for h in hidden])
+    assert np.all((aspect > 0.5) & (aspect < 4)), aspect
+
+
 def test_budget_config_fields_stay_overridable():
   config = scaling_config.get_config("budget=1e12")
+  m = scaling_config.get_config("budget=1e18,head_dim=32,granularity=12").model
+  assert m.head_dim == 32 and scaling.granularity(m) == 12
   config.train.num_steps = 7
   config.model.num_experts = 64
   assert config.train.num_steps == 7 and config.model.num_experts == 64
@@ -152,6 +179,8 @@ def test_budget_config_fields_stay_overridable():
     ("budget=1e12,top_k=300", "config.scaling.top_k"),
     ("budget=1e12,seq_len=1.5", "config.scaling.seq_len: must be a whole number"),
     ("budget=-1", "config.scaling.budget: must be positive"),
+    ("budget=1e12,granularity=1", "config.scaling.granularity: G = 2 \\* hidden"),
+    ("budget=1e12,head_dim=30", "config.scaling.head_dim: must be a multiple of 4"),
 ])
 def test_bad_budget_arguments_name_the_field(arg, fragment):
   with pytest.raises(config_lib.ConfigError, match=fragment):
@@ -171,15 +200,17 @@ def test_sweep_fits_and_leverage_from_results():
 
 
 def test_small_sweep_end_to_end_and_resume(tmp_path):
-  """Two budgets x two variants, a few steps each, then the same command skips every run.
+  """One budget x two variants, a few steps each; then two budgets, two runs at a time: the
+  finished runs are skipped and the other two train side by side.
 
   Both budgets get the same dense shape, and the variants differ only in the seed; with a fixed
-  lr, batch and a constant schedule, all four runs share one compiled step (the cache is fresh).
+  lr, batch and a constant schedule, all four runs share one compiled step (the cache is fresh,
+  and filled by the first command before the two parallel runs start).
   """
   sweep_dir = str(tmp_path / "sweep")
   command = [
       sys.executable, "-m", "experiments.sweep", f"--sweep_dir={sweep_dir}",
-      "--budgets=6e11,1e12", "--steps_fraction=0.005", "--variant=base:arch=dense",
+      "--steps_fraction=0.005", "--variant=base:arch=dense",
       "--variant=seed1:arch=dense --config.train.seed=1", "--baseline=base",
       "--train_flag=--config.train.schedule=wsm", "--train_flag=--config.train.warmup_steps=1",
       "--train_flag=--config.train.learning_rate=3e-3",
@@ -187,11 +218,21 @@ def test_small_sweep_end_to_end_and_resume(tmp_path):
       f"--train_flag=--config.train.compilation_cache_dir={tmp_path / 'xla'}"]
   # One CPU device, as users have; cheapest code generation, as in conftest.py.
   env = dict(os.environ, XLA_FLAGS="--xla_backend_optimization_level=0")
-  out = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  first = subprocess.run([*command, "--budgets=6e11"], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=600)
+  assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+  assert "[2/2] seed1_6e+11: training" in first.stdout  # Progress lines.
+  out = subprocess.run([*command, "--budgets=6e11,1e12", "--jobs=2"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-  assert "[4/4] seed1_1e+12: training" in out.stdout  # Progress lines.
+  assert out.stdout.count("finished earlier, skipped") == 2
+  assert "[1/4] base_6e+11: finished earlier" in out.stdout
+  assert "[3/4] base_1e+12: training" in out.stdout
+  assert "[4/4] seed1_1e+12: training" in out.stdout
+  assert "6e+11: training" not in out.stdout
 
   results = sweep.read_results(sweep_dir)
+  assert len(open(os.path.join(sweep_dir, "results.jsonl")).readlines()) == 4
   assert sorted(r["run"] for r in results) == ["base_1e+12", "base_6e+11", "seed1_1e+12",
                                                "seed1_6e+11"]
   for r in results:
@@ -208,9 +249,3 @@ def test_small_sweep_end_to_end_and_resume(tmp_path):
   assert "| base | 6e+11 |" in table and "| seed1 |" in table and "(baseline)" in table
   with open(os.path.join(sweep_dir, "loss_vs_compute.png"), "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
-
-  again = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-  assert again.returncode == 0, again.stderr[-3000:]
-  assert again.stdout.count("finished earlier, skipped") == 4
-  assert "training configs" not in again.stdout
-  assert len(open(os.path.join(sweep_dir, "results.jsonl")).readlines()) == 4

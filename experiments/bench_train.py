@@ -1,0 +1,259 @@
+"""Training throughput on one device: tokens/s, MFU, memory and a profiled step-time breakdown.
+
+  python -m experiments.bench_train --config=configs/ling2.py:mini_h200 \\
+      --quants=none,fp8_blockwise --depths=2,4 --out_dir=/tmp/bench_train
+
+Each (quant, depth) variant is compiled, warmed up and timed over `--steps` steps fed by the real
+input pipeline (`--data=corpus`, built ahead on a thread as in training) or by random tokens
+(`--data=synthetic`). A few more steps of the deepest variant run under `jax.profiler` (on GPUs
+compiled without CUDA graphs, so that every kernel shows), and the trace is read back into
+shares of device time per part of the step (`ling_jax/profiling.py`: MoE experts, dispatch,
+router, attention core and projections, LM head and loss, optimizer, ...).
+
+MFU convention: model FLOPs per token as `ling_jax.scaling.flops_per_token` counts them (every
+matmul, causal attention at half, LM head and MTP included, forward + backward = 3x forward),
+times tokens per second, divided by `--peak_tflops` (989 TFLOP/s: dense bf16 on an H100/H200),
+also for FP8 runs.
+
+With two depths or more of one quant, step time is fitted as a + b * layers and projected to
+`--full_depth` layers (Ling-mini has 20), giving the MFU the full model would reach at this
+per-layer speed, should it fit in memory.
+
+Writes `results.jsonl` (one line per variant) and `summary.md` to --out_dir, and per variant its
+profile (`<name>.trace.json.gz`, Perfetto JSON) and compiled HLO (`<name>.hlo.txt.gz`), from which
+`ling_jax.profiling.breakdown` re-reads the breakdown offline.
+"""
+
+import functools
+import gzip
+import json
+import os
+import shutil
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+from ling_jax import config as config_lib
+from ling_jax import data as data_lib
+from ling_jax import metrics as metrics_lib
+from ling_jax import phases
+from ling_jax import profiling
+from ling_jax import scaling
+from ling_jax import sharding
+from ling_jax import train as train_lib
+from ling_jax import trainer
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/ling2.py:mini_h200",
+                                          "Experiment config.", lock_config=False)
+_OUT_DIR = flags.DEFINE_string("out_dir", "/tmp/bench_train", "Where results and traces go.")
+_STEPS = flags.DEFINE_integer("steps", 10, "Timed steps per variant.")
+_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
+_PROFILE_STEPS = flags.DEFINE_integer("profile_steps", 2,
+                                      "Profiled steps of the deepest variant (0: no profile).")
+_QUANTS = flags.DEFINE_list("quants", ["none"], "model.quant values to time.")
+_DEPTHS = flags.DEFINE_list("depths", [], "num_hidden_layers values (default: the config's).")
+_FULL_DEPTH = flags.DEFINE_integer("full_depth", 20, "Depth to project step time to.")
+_DATA = flags.DEFINE_enum("data", "corpus", ["corpus", "synthetic"], "Input batches.")
+_PEAK = flags.DEFINE_float("peak_tflops", 989.0, "Per-device peak for MFU (dense bf16).")
+
+
+class SyntheticBatches:
+  """Random-token batches (one document per row), with the data-iterator interface."""
+
+  def __init__(self, rows: int, seq_len: int, vocab: int, seed: int = 0):
+    self._rng = np.random.default_rng(seed)
+    self._shape, self._vocab = (rows, seq_len), vocab
+    self._count = 0
+
+  def next_batch(self, step: int) -> dict[str, np.ndarray]:
+    del step
+    self._count += 1
+    tokens = self._rng.integers(0, self._vocab, (self._shape[0], self._shape[1] + 1), np.int32)
+    return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+            "positions": np.broadcast_to(np.arange(self._shape[1], dtype=np.int32), self._shape),
+            "segment_ids": np.ones(self._shape, np.int32)}
+
+  def get_state(self) -> dict[str, Any]:
+    return {"count": self._count}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    self._count = state["count"]
+
+
+def variant_config(base: Any, quant: str, depth: int | None) -> Any:
+  """Returns `base` with `model.quant` and (when given) `model.num_hidden_layers` set."""
+  config = ml_collections.ConfigDict(base.to_dict())
+  config.model.quant = quant
+  if depth:
+    if depth <= config.model.first_k_dense_replace:
+      config_lib.fail("--depths", f"{depth} layers leave no MoE layer after the "
+                      f"{config.model.first_k_dense_replace} dense ones", "use deeper variants")
+    config.model.num_hidden_layers = depth
+  return config
+
+
+def _peak_memory_gib() -> float | None:
+  stats = jax.devices()[0].memory_stats() or {}
+  peak = stats.get("peak_bytes_in_use")
+  return peak / 2**30 if peak else None
+
+
+def run_variant(config: Any, source: Any, name: str, out_dir: str,
+                profile: bool = True) -> dict[str, Any]:
+  """Compiles, times and (with `profile`) profiles one variant; returns its results."""
+  trainer.validate_config(config)
+  m, t = config.model, config.train
+  mesh = sharding.make_mesh(config.mesh)
+  target = trainer.abstract_state(config, mesh)
+  shardings = jax.tree.map(lambda x: x.sharding, target)
+  with jax.set_mesh(mesh):
+    state = jax.jit(functools.partial(train_lib.init_state, m, t, jax.random.key(t.seed)),
+                    out_shardings=shardings)()
+  params = sum(x.size for x in jax.tree.leaves(state.params))
+  batches = data_lib.Prefetcher(source, first_step=0, depth=t.get("prefetch_batches", 2),
+                                transform=lambda b: sharding.global_batch(b, mesh))
+  step_fn = jax.jit(functools.partial(train_lib.train_step, m=m, t=t),
+                    in_shardings=(shardings, sharding.batch_sharding(mesh)),
+                    out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
+  step = 0
+  with jax.set_mesh(mesh):
+    batch = batches.next_batch(step)
+    start = time.time()
+    compiled = step_fn.lower(state, batch).compile()
+    compile_s = time.time() - start
+    metrics_lib.log("[%s] %.2fB params; compiled in %.1f s", name, params / 1e9, compile_s)
+
+    def run(num_steps: int) -> list[jax.Array]:
+      nonlocal state, batch, step
+      losses = []
+      for _ in range(num_steps):
+        state, step_metrics = compiled(state, batch)
+        losses.append(step_metrics["loss"])
+        step += 1
+        batch = batches.next_batch(step)
+      jax.block_until_ready(state)
+      return losses
+
+    run(_WARMUP.value)
+    start = time.time()
+    losses = run(_STEPS.value)
+    step_s = (time.time() - start) / _STEPS.value
+    summary, profiled_step_s = None, None
+    if profile:
+      if jax.default_backend() == "gpu":
+        # XLA:GPU replays runs of kernels as CUDA graphs, which a profile shows as one op
+        # each: the profiled program is compiled again without them (and timed too).
+        compiled = step_fn.lower(state, batch).compile(
+            compiler_options={"xla_gpu_enable_command_buffer": ""})
+        run(1)
+        start = time.time()
+        run(_PROFILE_STEPS.value)
+        profiled_step_s = (time.time() - start) / _PROFILE_STEPS.value
+      trace_dir = os.path.join(out_dir, f"trace_{name}")
+      shutil.rmtree(trace_dir, ignore_errors=True)
+      with profiling.trace(trace_dir):
+        run(_PROFILE_STEPS.value)
+      hlo_text = compiled.as_text()
+      summary = profiling.breakdown(profiling.find_trace(trace_dir), hlo_text,
+                                    _PROFILE_STEPS.value)
+      # Keep the trace and the HLO that names its ops side by side, flat in out_dir.
+      shutil.move(profiling.find_trace(trace_dir), os.path.join(out_dir, f"{name}.trace.json.gz"))
+      shutil.rmtree(trace_dir)
+      with gzip.open(os.path.join(out_dir, f"{name}.hlo.txt.gz"), "wt") as f:
+        f.write(hlo_text)
+  batches.close()
+  losses = [float(x) for x in jax.device_get(losses)]
+  if not all(np.isfinite(losses)):
+    raise FloatingPointError(f"[{name}] non-finite training loss: {losses}")
+  tokens = t.batch_size * t.seq_len
+  flops = scaling.flops_per_token(m, t.seq_len)
+  result = {
+      "name": name, "quant": m.quant, "layers": m.num_hidden_layers,
+      "moe_layers": config_lib.num_moe_layers(m), "params": params,
+      "device": jax.devices()[0].device_kind, "jax": jax.__version__,
+      "batch": t.batch_size, "seq_len": t.seq_len, "attention_impl": m.attention_impl,
+      "remat_policy": m.remat_policy, "data": _DATA.value, "compile_s": compile_s,
+      "step_ms": step_s * 1e3, "tokens_per_s": tokens / step_s,
+      "flops_per_token": flops, "mfu": flops * tokens / step_s / (_PEAK.value * 1e12),
+      "peak_memory_gib": _peak_memory_gib(), "losses": losses, "breakdown": summary,
+      "profiled_step_ms": profiled_step_s and profiled_step_s * 1e3,
+  }
+  metrics_lib.log("[%s] %.1f ms/step, %.0f tokens/s, MFU %.1f%%, peak memory %s GiB", name,
+                  result["step_ms"], result["tokens_per_s"], 100 * result["mfu"],
+                  f"{result['peak_memory_gib']:.1f}" if result["peak_memory_gib"] else "n/a")
+  if summary:
+    print(profiling.format_breakdown(summary, result["step_ms"]), flush=True)
+  return result
+
+
+def markdown(results: list[dict[str, Any]], projections: list[dict[str, Any]]) -> str:
+  """Returns the results as Markdown tables."""
+  lines = ["| variant | layers | params | step (ms) | tokens/s | MFU | peak mem (GiB) "
+           "| compile (s) |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+  for r in results:
+    mem = f"{r['peak_memory_gib']:.1f}" if r["peak_memory_gib"] else "n/a"
+    lines.append(f"| {r['name']} | {r['layers']} | {r['params'] / 1e9:.2f}B | {r['step_ms']:.1f} "
+                 f"| {r['tokens_per_s']:,.0f} | {r['mfu']:.1%} | {mem} | {r['compile_s']:.0f} |")
+  if projections:
+    lines += ["", "| projected to | ms per layer | fixed ms | step (ms) | tokens/s | MFU |",
+              "|---|---:|---:|---:|---:|---:|"]
+    for p in projections:
+      lines.append(f"| {p['quant']}, {p['layers']} layers | {p['ms_per_layer']:.1f} | "
+                   f"{p['fixed_ms']:.1f} | {p['step_ms']:.1f} | {p['tokens_per_s']:,.0f} | "
+                   f"{p['mfu']:.1%} |")
+  for r in results:
+    if r["breakdown"]:
+      b = r["breakdown"]
+      lines += ["", f"Breakdown of {r['name']} (device time per step, "
+                f"{b['device_ms_per_step']:.1f} ms of {r['step_ms']:.1f} ms wall):", "",
+                "| part | ms/step | share |", "|---|---:|---:|"]
+      lines += [f"| {k} | {v:.1f} | {b['share'][k]:.1%} |" for k, v in b["ms_per_step"].items()]
+  return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str]) -> None:
+  del argv
+  base = _CONFIG.value
+  os.makedirs(_OUT_DIR.value, exist_ok=True)
+  trainer.enable_compilation_cache(base.train.get("compilation_cache_dir"))
+  depths = [int(d) for d in _DEPTHS.value] or [None]
+  max_depth = max(depths, key=lambda d: d or 0)  # Only the deepest variant is profiled.
+  t = base.train
+  if _DATA.value == "corpus":
+    source = phases.make_train_batches(base, trainer.data_shards(base))
+  else:
+    source = SyntheticBatches(t.batch_size, t.seq_len, base.model.vocab_size, t.seed)
+  full = variant_config(base, "none", _FULL_DEPTH.value).model
+  results = []
+  for quant in _QUANTS.value:
+    for depth in depths:
+      config = variant_config(base, quant, depth)
+      name = f"{quant}-L{config.model.num_hidden_layers}"
+      try:
+        result = run_variant(config, source, name, _OUT_DIR.value,
+                             profile=_PROFILE_STEPS.value > 0 and depth == max_depth)
+      except config_lib.ConfigError:
+        raise  # A bad flag: nothing else would run either.
+      except Exception as e:  # pylint: disable=broad-except  (e.g. out of memory: go on)
+        metrics_lib.log("[%s] failed: %s: %s", name, type(e).__name__, str(e)[:2000])
+        continue
+      result["_full_flops_ratio"] = (scaling.flops_per_token(full, t.seq_len)
+                                     / result["flops_per_token"])
+      results.append(result)
+      with open(os.path.join(_OUT_DIR.value, "results.jsonl"), "a") as f:
+        f.write(json.dumps({k: v for k, v in result.items() if not k.startswith("_")}) + "\n")
+  projections = profiling.project_to_depth(results, _FULL_DEPTH.value, _PEAK.value)
+  table = markdown(results, projections)
+  with open(os.path.join(_OUT_DIR.value, "summary.md"), "w") as f:
+    f.write(table)
+  print(table, flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,317 @@
+"""Blockwise-scaled FP8 GEMMs on Hopper GPUs through Pallas Mosaic GPU (e4m3 wgmma, TMA).
+
+`gmm_fp8` computes out[rows of g] = (A . sa)[rows of g] @ (B[g] . sb[g])^T with A [M, K] and every
+B[g] [N, K] in E4M3, both K-major (FP8 wgmma reads no other layout). `matmul_fp8`, the dense GEMM,
+is the same kernel with one group. The scales live in per-step vectors, as DeepGEMM keeps them:
+  - sa [Kt, M]: A's scale per 1x128 tile along K, transposed so that a step's scales of one row
+    tile are one contiguous TMA box;
+  - sb: B's scales, transposed: [G, Kt, Nt] for a 128x128-blocked weight, read as one scalar per
+    step and warpgroup (a warpgroup's columns lie in one block); [G, Kt, N], one per row of B
+    (an output column), for a 1x128-tiled operand (the wgrad's second one), loaded as a column
+    vector through the TMA ring.
+For every 128 of K, each compute warpgroup runs one wgmma into a zeroed fp32 accumulator, reads
+it into registers and adds partial * (sa[rows] x sb) to its running fp32 sum. That is the
+promotion of DeepGEMM: the tensor cores' reduced-precision accumulation never spans more than
+one scale block, and the result equals the fp32 reference up to summation order.
+
+Structure, shared with kernels/grouped_matmul_mgpu.py: a persistent grid over the SMs walks
+(item, column tile) units of the row-tile schedule `make_tile_schedule` (imported from there); a
+memory warpgroup issues TMA loads of A, B and both scale vectors into a ring of `stages` buffers;
+two compute warpgroups each own tile_n of the CTA's columns; the epilogue stores only the rows a
+unit owns, so groups that share a row tile, empty groups and groups smaller than a tile all work,
+and rows past the last group come out zero.
+
+Supported: K a multiple of 128, N a multiple of 2 * tile_n (tile_n 128 or 64 after the
+shared-memory fit), bf16 or fp32 out. `supports` says so; kernels/fp8_gemm.py falls back to its
+reference for anything else (the tiny CPU model's K=64 experts, for one).
+
+Shape key: M rows, K contraction, N output columns, G groups, Kt K-steps of 128, R tile rows.
+"""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from kernels.grouped_matmul_mgpu import make_tile_schedule
+
+TILE_K = 128  # one wgmma K step = one scale block; 128 e4m3 bytes = one 128B swizzle row
+_ROW_ALIGN = 8  # row offsets of A tiles are multiples of this (8-row SMEM tiling)
+_SMEM_BUDGET = 232448 - 4096  # 227 KiB per CTA on Hopper, less room for barriers
+
+
+@dataclasses.dataclass(frozen=True)
+class Fp8TileConfig:
+  """Static tiling of one launch."""
+
+  tile_m: int = 128  # rows per tile (R)
+  tile_n: int = 128  # output columns per compute warpgroup (the CTA has 2)
+  stages: int = 3  # pipeline depth
+  grid_minor: str = "n"  # unit order: "n" sweeps column tiles of one row tile first; "m" sweeps
+  grid_width: int = 1  # bands of grid_width row tiles down all columns (L2 reuse of B)
+  # 128x128-blocked B: read each step's block scale as one scalar from global memory (its latency
+  # hides behind the wgmma) instead of a per-column vector through the TMA ring.
+  scalar_b_scale: bool = True
+
+  @property
+  def cta_n(self) -> int:
+    return 2 * self.tile_n
+
+  def smem_bytes(self, out_itemsize: int) -> int:
+    operands = (self.tile_m + self.cta_n) * TILE_K  # e4m3: 1 byte each
+    scales = (self.tile_m + self.cta_n) * 4  # the column vector, in case it is used
+    return self.stages * (operands + scales) + 2 * self.tile_m * self.tile_n * out_itemsize
+
+  def fit_smem(self, out_itemsize: int) -> "Fp8TileConfig":
+    """Drops stages (not below 2), then halves tile_n, until shared memory fits."""
+    cfg = self
+    while cfg.smem_bytes(out_itemsize) > _SMEM_BUDGET:
+      if cfg.stages > 2:
+        cfg = dataclasses.replace(cfg, stages=cfg.stages - 1)
+      elif cfg.tile_n > 64:
+        cfg = dataclasses.replace(cfg, tile_n=cfg.tile_n // 2, stages=self.stages)
+      else:
+        break
+    return cfg
+
+
+# Key: (K, N, out dtype name). From experiments/bench_fp8.py on an H200, 2026-11-29: walking row
+# tiles in bands ("m") beat column-first by 5-10% (8192^3: 550 vs 511 TFLOP/s; Ling-flash
+# expert up-projection: 446 vs 402); 128x(2x128) tiles with 3 stages everywhere. Absent shapes
+# take the default, narrowed by `fit_smem` and by N.
+_EXPERTS = Fp8TileConfig(grid_minor="m", grid_width=4)
+TILE_CONFIGS: dict[tuple[int, int, str], Fp8TileConfig] = {
+    (2048, 1024, "bfloat16"): _EXPERTS,  # Ling-mini expert gate+up
+    (512, 2048, "bfloat16"): _EXPERTS,  # Ling-mini expert down
+    (4096, 2048, "bfloat16"): _EXPERTS,  # Ling-flash expert gate+up
+}
+DEFAULT_TILE_CONFIG = Fp8TileConfig(grid_minor="m", grid_width=16)
+
+
+def tile_config(k_dim: int, n_dim: int, out_dtype) -> Fp8TileConfig:
+  """The tuned tiling for a shape, else the default with tile_n narrowed until 2 * tile_n | N."""
+  out_dtype = jnp.dtype(out_dtype)
+  cfg = TILE_CONFIGS.get((k_dim, n_dim, out_dtype.name), DEFAULT_TILE_CONFIG)
+  cfg = cfg.fit_smem(out_dtype.itemsize)
+  while n_dim % cfg.cta_n and cfg.tile_n > 64:
+    cfg = dataclasses.replace(cfg, tile_n=cfg.tile_n // 2)
+  return cfg
+
+
+def supports(k_dim: int, n_dim: int, out_dtype, cfg: Fp8TileConfig | None = None) -> bool:
+  """Whether the kernel covers a GEMM with contraction K and N output columns."""
+  out_dtype = jnp.dtype(out_dtype)
+  if out_dtype not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)):
+    return False
+  cfg = (cfg or tile_config(k_dim, n_dim, out_dtype)).fit_smem(out_dtype.itemsize)
+  return (cfg.smem_bytes(out_dtype.itemsize) <= _SMEM_BUDGET and k_dim >= TILE_K
+          and k_dim % TILE_K == 0 and n_dim % cfg.cta_n == 0 and cfg.tile_m % 64 == 0)
+
+
+def _cdiv(a: int, b: int) -> int:
+  return -(-a // b)
+
+
+def _swizzled(block_shape, dtype, tile_rows: int = 8):
+  swizzle = plgpu.find_swizzle(block_shape[-1] * jnp.dtype(dtype).itemsize * 8)
+  return (plgpu.TilingTransform((tile_rows, swizzle // jnp.dtype(dtype).itemsize)),
+          plgpu.SwizzleTransform(swizzle))
+
+
+def _store_owned_rows(out_smem, out_gmem, read_start, own_offset, own_rows, col_start, tile_m):
+  """TMA-stores rows [own_offset, own_offset + own_rows) of the tile in power-of-two pieces.
+
+  Same scheme as grouped_matmul_mgpu's store (kept here: that module's private helpers may
+  change under it).
+  """
+  offset, piece = own_offset, tile_m
+  while piece >= 1:
+    @pl.when((own_rows & piece) != 0)
+    def _(offset=offset, piece=piece):
+      plgpu.copy_smem_to_gmem(
+          out_smem.at[pl.ds(offset, piece)],
+          out_gmem.at[pl.ds(read_start + offset, piece), pl.ds(col_start, out_smem.shape[1])],
+          commit_group=False)
+    offset = offset + (own_rows & piece)
+    piece //= 2
+  plgpu.commit_smem_to_gmem_group()
+
+
+def _kernel_body(cfg: Fp8TileConfig, num_groups: int, scalar_sb: bool,
+                 count_gmem, group_gmem, start_gmem, offset_gmem, rows_gmem,
+                 a_gmem, sa_gmem, b_gmem, sb_gmem, out_gmem):
+  """Memory warpgroup: TMA ring of A, B, sa (and sb columns). Compute warpgroups: wgmma + fp32
+  promotion. With scalar_sb, sb_gmem is [G, Kt, Nt] block scales read as scalars."""
+  k_steps = a_gmem.shape[1] // TILE_K
+  tm, tn, cta_n = cfg.tile_m, cfg.tile_n, cfg.cta_n
+  n_tiles = out_gmem.shape[1] // cta_n
+  f32 = jnp.float32
+
+  def pipeline(mma_step, compute_context, col_tile):
+    in_specs = [
+        plgpu.BlockSpec((tm, TILE_K), lambda k: (0, k),
+                        transforms=_swizzled((tm, TILE_K), a_gmem.dtype), memory_space=plgpu.SMEM),
+        plgpu.BlockSpec((cta_n, TILE_K), lambda k: (col_tile, k),
+                        transforms=_swizzled((cta_n, TILE_K), b_gmem.dtype),
+                        memory_space=plgpu.SMEM),
+        plgpu.BlockSpec((1, tm), lambda k: (k, 0), memory_space=plgpu.SMEM),
+    ]
+    if not scalar_sb:
+      in_specs.append(plgpu.BlockSpec((1, cta_n), lambda k: (k, col_tile),
+                                      memory_space=plgpu.SMEM))
+    return plgpu.emit_pipeline_warp_specialized(
+        mma_step,
+        grid=(k_steps,),
+        memory_registers=40,
+        in_specs=in_specs,
+        wg_axis="wg",
+        num_compute_wgs=2,
+        max_concurrent_steps=cfg.stages,
+        compute_context=compute_context,
+    )
+
+  def operands(start, group):
+    g = jnp.minimum(group, num_groups - 1)
+    ops = (a_gmem.at[pl.ds(start, tm)], b_gmem.at[g], sa_gmem.at[:, pl.ds(start, tm)])
+    return ops if scalar_sb else ops + (sb_gmem.at[g],)
+
+  ignore = lambda *_, **__: None
+
+  @functools.partial(
+      pl.run_scoped,
+      allocs=pipeline(ignore, ignore, 0).get_allocations(*operands(0, 0)),
+      out_smem=plgpu.SMEM((2, tm, tn), out_gmem.dtype,
+                          transforms=_swizzled((tm, tn), out_gmem.dtype, tile_rows=1)),
+      collective_axes="wg",
+  )
+  def _scope(allocs, out_smem):
+    wg = jax.lax.axis_index("wg")
+    wg_cols = pl.ds(wg * tn, tn)
+
+    @plgpu.nd_loop((count_gmem[0] * n_tiles,), collective_axes="sm")
+    def _unit(info):
+      unit = info.index[0]
+      if cfg.grid_minor == "m":
+        item, ni = plgpu.planar_snake(unit, (count_gmem[0], n_tiles), 0, cfg.grid_width)
+      else:
+        item, ni = unit // n_tiles, unit % n_tiles
+      group = group_gmem[item]
+      start = pl.multiple_of(start_gmem[item], _ROW_ALIGN)
+      offset, rows = offset_gmem[item], rows_gmem[item]
+      is_tail = group == num_groups
+
+      def store(sum_RN):
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last unit's stores read out_smem
+        out_smem[wg] = sum_RN.astype(out_smem.dtype)
+        plgpu.commit_smem()
+        _store_owned_rows(out_smem.at[wg], out_gmem, start, offset, rows,
+                          ni * cta_n + wg * tn, tm)
+
+      def compute_context(run_pipeline):
+        zeros = plgpu.layout_cast(jnp.zeros((tm, tn), f32), plgpu.Layout.WGMMA)
+        store(run_pipeline(zeros))
+
+      def mma_step(idx, a_smem, b_smem, sa_smem, *rest):
+        *sb_smem, sum_RN = rest
+        if scalar_sb:  # issued before the wgmma, so that its latency hides behind it
+          sb = sb_gmem[jnp.minimum(group, num_groups - 1), idx[0], (ni * cta_n + wg * tn) // 128]
+
+        def partial(acc_ref):
+          plgpu.wgmma(acc_ref, a_smem, b_smem.at[wg_cols].transpose((1, 0)))
+          return acc_ref[...]  # waits for the wgmma
+
+        part_RN = pl.run_scoped(partial, plgpu.ACC((tm, tn), f32))
+        sa_R = plgpu.load(sa_smem.at[0], layout=plgpu.Layout.WGMMA.reduce(1))
+        if scalar_sb:
+          return sum_RN + part_RN * jax.lax.broadcast_in_dim(sa_R * sb, (tm, tn), [0])
+        sb_N = plgpu.load(sb_smem[0].at[0, wg_cols], layout=plgpu.Layout.WGMMA.reduce(0))
+        scale_RN = (jax.lax.broadcast_in_dim(sa_R, (tm, tn), [0])
+                    * jax.lax.broadcast_in_dim(sb_N, (tm, tn), [1]))
+        return sum_RN + part_RN * scale_RN
+
+      @pl.when(jnp.logical_not(is_tail))
+      def _():
+        pipeline(mma_step, compute_context, ni)(*operands(start, group), allocations=allocs)
+
+      @pl.when(is_tail & (wg < 2))
+      def _():
+        store(plgpu.layout_cast(jnp.zeros((tm, tn), f32), plgpu.Layout.WGMMA))
+
+  plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+
+def _num_sms() -> int:
+  return getattr(jax.devices()[0], "core_count", None) or 132
+
+
+def expand_block_scales(sb_GKtNt: jax.Array, n_dim: int) -> jax.Array:
+  """Block scales [G, Kt, Nt] -> one per column of the output, [G, Kt, N]."""
+  return jnp.repeat(sb_GKtNt, TILE_K, axis=2)[:, :, :n_dim]
+
+
+def gmm_fp8(a_q_MK: jax.Array, sa_KtM: jax.Array, b_q_GNK: jax.Array, sb_GKtX: jax.Array,
+            group_sizes_G: jax.Array, *, b_scaling: str = "block", out_dtype=jnp.bfloat16,
+            config: Fp8TileConfig | None = None, interpret=None,
+            num_sms: int | None = None) -> jax.Array:
+  """out[rows of g] = dequant(A)[rows of g] @ dequant(B[g])^T, fp32-promoted; tail rows zero.
+
+  Args:
+    a_q_MK, sa_KtM: A in E4M3 and its 1x128 tile scales, transposed (module doc).
+    b_q_GNK, sb_GKtX: B in E4M3 and its scales: [G, Kt, Nt] for b_scaling="block" (128x128
+      blocks, transposed), [G, Kt, N] for "tile" (1x128 tiles of B's rows, transposed).
+    group_sizes_G: rows per group; non-negative, summing to at most M.
+  """
+  num_rows, k_dim = a_q_MK.shape
+  num_groups, n_dim, _ = b_q_GNK.shape
+  out_dtype = jnp.dtype(out_dtype)
+  cfg = (config or tile_config(k_dim, n_dim, out_dtype)).fit_smem(out_dtype.itemsize)
+  kt, nt = k_dim // TILE_K, _cdiv(n_dim, TILE_K)
+  want_sb = {"block": (num_groups, kt, nt), "tile": (num_groups, kt, n_dim)}.get(b_scaling)
+  if (not supports(k_dim, n_dim, out_dtype, cfg) or b_q_GNK.shape[2] != k_dim
+      or sa_KtM.shape != (kt, num_rows) or sb_GKtX.shape != want_sb
+      or a_q_MK.dtype != jnp.float8_e4m3fn or b_q_GNK.dtype != jnp.float8_e4m3fn):
+    raise ValueError(
+        f"gmm_fp8: no Mosaic GPU kernel for A {a_q_MK.shape} {a_q_MK.dtype}, sa {sa_KtM.shape}, "
+        f"B {b_q_GNK.shape} {b_q_GNK.dtype}, sb {sb_GKtX.shape} ({b_scaling}), out "
+        f"{out_dtype}, {cfg}; check fp8_gemm_mgpu.supports and the scale layouts.")
+  scalar_sb = b_scaling == "block" and cfg.scalar_b_scale
+  if b_scaling == "block" and not scalar_sb:
+    sb_GKtX = expand_block_scales(sb_GKtX, n_dim)
+  # Row tiles start on multiples of 8 (the SMEM tiling): pad M to that, and to one tile at least.
+  padded_rows = max(_cdiv(num_rows, _ROW_ALIGN) * _ROW_ALIGN, cfg.tile_m)
+  if padded_rows != num_rows:
+    a_q_MK = jnp.pad(a_q_MK, ((0, padded_rows - num_rows), (0, 0)))
+    sa_KtM = jnp.pad(sa_KtM, ((0, 0), (0, padded_rows - num_rows)))
+  schedule = make_tile_schedule(group_sizes_G, padded_rows, cfg.tile_m)
+  kernel = plgpu.kernel(
+      functools.partial(_kernel_body, cfg, num_groups, scalar_sb),
+      out_type=jax.ShapeDtypeStruct((padded_rows, n_dim), out_dtype),
+      grid=(num_sms or _num_sms(),),
+      grid_names=("sm",),
+      num_threads=3,
+      thread_name="wg",
+      compiler_params=plgpu.CompilerParams(
+          lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+      interpret=interpret,
+  )
+  out_MN = kernel(schedule.num_items, schedule.group_I, schedule.read_start_I,
+                  schedule.own_offset_I, schedule.own_rows_I, a_q_MK, sa_KtM.astype(jnp.float32),
+                  b_q_GNK, sb_GKtX.astype(jnp.float32))
+  return out_MN[:num_rows] if padded_rows != num_rows else out_MN
+
+
+def matmul_fp8(a_q_MK: jax.Array, sa_KtM: jax.Array, b_q_NK: jax.Array, sb_KtX: jax.Array, *,
+               b_scaling: str = "block", out_dtype=jnp.bfloat16,
+               config: Fp8TileConfig | None = None, interpret=None,
+               num_sms: int | None = None) -> jax.Array:
+  """Dense dequant(A) @ dequant(B)^T: `gmm_fp8` with one group of all M rows."""
+  return gmm_fp8(a_q_MK, sa_KtM, b_q_NK[None], sb_KtX[None],
+                 jnp.full((1,), a_q_MK.shape[0], jnp.int32), b_scaling=b_scaling,
+                 out_dtype=out_dtype, config=config, interpret=interpret, num_sms=num_sms)
+
+
+# Interpret mode (CPU tests): small tiles, since the interpreter's cost grows with tile sizes.
+INTERPRET_CONFIG = Fp8TileConfig(tile_m=64, tile_n=64, stages=2)

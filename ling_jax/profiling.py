@@ -1,0 +1,227 @@
+"""Step-time breakdowns from `jax.profiler` traces.
+
+A trace records how long each compiled op (an HLO instruction: a fusion, a cuBLAS/cuDNN call,
+a Pallas kernel) ran on the device. The compiled HLO's metadata gives each instruction the JAX
+name stack it came from (`op_name`, e.g. `jit(train_step)/transpose(jvp(Ling2))/moe_layers/mlp/
+experts/...`): Flax module names and `jax.named_scope`s. `CATEGORIES` maps those names to the
+parts of a training step, so a profile of a few steps reads as "MoE experts 41%, attention 22%..."
+
+  hlo_text = jitted.lower(*args).compile().as_text()
+  with trace(directory):
+    ...run steps...
+  summary = breakdown(find_trace(directory), hlo_text, steps=3)
+"""
+
+import collections
+import contextlib
+import glob
+import gzip
+import json
+import os
+import re
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import jax
+import numpy as np
+
+# (category, scope names of which one must be in the name stack, a second name that must be
+# there too or None), first match wins; a name ending in "*" is a prefix. The scopes are Flax
+# module names (attention, mlp, shared_experts, lm_head, embed, mtp_*, dense_layers) and
+# `jax.named_scope`s in the code: `router` (ling_jax/moe.py), `experts` and `all_to_all`
+# (ling_jax/expert_parallel.py), `dispatch` (kernels/dispatch.py), `attention_core`
+# (ling_jax/attention.py), `optimizer` and `cross_entropy` (ling_jax/train.py).
+CATEGORIES = (
+    ("optimizer", ("optimizer",), None),
+    ("router", ("router",), None),
+    ("moe_dispatch", ("dispatch", "all_to_all"), None),
+    ("moe_experts", ("experts",), None),
+    ("shared_expert", ("shared_experts",), None),
+    ("attention_core", ("attention_core",), None),
+    ("attention_proj", ("attention",), None),
+    ("dense_ffn", ("mlp",), "dense_layers"),
+    ("moe_other", ("mlp",), None),
+    ("lm_head_loss", ("lm_head", "embed", "cross_entropy", "final_norm"), None),
+    ("mtp_other", ("mtp_*",), None),
+)
+OTHER = "other"
+
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=")
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
+
+
+def _has(scopes: set[str], name: str) -> bool:
+  if name.endswith("*"):
+    return any(s.startswith(name[:-1]) for s in scopes)
+  return name in scopes
+
+
+def categorize(op_name: str) -> str:
+  """Returns the step-part category of a JAX name stack (see `CATEGORIES`).
+
+  Transformations wrap scope names (`transpose(jvp(dispatch))`), so the stack is split at
+  slashes and parentheses into plain names first.
+  """
+  scopes = set(re.split(r"[/()]", op_name))
+  for category, any_of, also in CATEGORIES:
+    if any(_has(scopes, name) for name in any_of) and (also is None or also in scopes):
+      return category
+  return OTHER
+
+
+def instruction_names(hlo_text: str) -> dict[str, str]:
+  """Returns {HLO instruction name: its op_name metadata} for every instruction of the module."""
+  names = {}
+  for line in hlo_text.splitlines():
+    match = _INSTRUCTION.match(line)
+    if match:
+      op_name = _OP_NAME.search(line)
+      names[match.group(1)] = op_name.group(1) if op_name else ""
+  return names
+
+
+def module_name(hlo_text: str) -> str:
+  """Returns the HLO module's name, as the profiler reports it (`hlo_module`)."""
+  match = re.search(r"^HloModule\s+([\w.\-]+)", hlo_text, re.M)
+  if not match:
+    raise ValueError("hlo_text: no `HloModule` line. Fix: pass `compiled.as_text()`.")
+  return match.group(1)
+
+
+@contextlib.contextmanager
+def trace(directory: str) -> Iterator[None]:
+  """Records a profile (with a Perfetto JSON copy, which `breakdown` reads) into `directory`."""
+  jax.profiler.start_trace(directory, create_perfetto_trace=True)
+  try:
+    yield
+  finally:
+    jax.profiler.stop_trace()
+
+
+def find_trace(directory: str) -> str:
+  """Returns the newest Perfetto trace written under `directory` by `trace`."""
+  paths = glob.glob(os.path.join(directory, "**", "perfetto_trace.json.gz"), recursive=True)
+  if not paths:
+    raise FileNotFoundError(f"No perfetto_trace.json.gz under {directory}. Fix: record with "
+                            "ling_jax.profiling.trace (create_perfetto_trace=True).")
+  return max(paths, key=os.path.getmtime)
+
+
+def _load_events(trace_path: str) -> list[dict[str, Any]]:
+  with gzip.open(trace_path, "rt") as f:
+    data = json.load(f)
+  return data["traceEvents"] if isinstance(data, dict) else data
+
+
+# Control flow whose events span the ops inside them: counting both would count twice.
+_CONTAINER = re.compile(r"^(while|conditional|call)(\.\d+)?$")
+
+
+def op_times(trace_path: str, module: str) -> dict[str, float]:
+  """Returns {HLO instruction: summed device time in microseconds} for ops of `module`.
+
+  On GPUs only the device streams count (the host-side launch events carry the same names); on
+  CPU, where ops run on host threads, every thread counts. Loops and calls are left out, since
+  their events contain those of the ops they run.
+  """
+  events = _load_events(trace_path)
+  process_names = {e["pid"]: e.get("args", {}).get("name", "") for e in events
+                   if e.get("ph") == "M" and e.get("name") == "process_name"}
+  devices = {pid for pid, name in process_names.items() if name.startswith("/device:")}
+  times: dict[str, float] = collections.defaultdict(float)
+  for event in events:
+    args = event.get("args") or {}
+    if event.get("ph") != "X" or "hlo_op" not in args or _CONTAINER.match(args["hlo_op"]):
+      continue
+    if devices and event.get("pid") not in devices:
+      continue
+    if not str(args.get("hlo_module", "")).startswith(module):
+      continue
+    times[args["hlo_op"]] += float(event.get("dur", 0.0))
+  return dict(times)
+
+
+def breakdown(trace_path: str, hlo_text: str, steps: int) -> dict[str, Any]:
+  """Returns the per-step device time of each category of a profiled program.
+
+  `steps` is how many calls of the program the trace holds. The result holds `ms_per_step` and
+  `share` per category, the summed `device_ms_per_step`, and the ten costliest `top_ops`.
+  """
+  if steps <= 0:
+    raise ValueError(f"steps: must be positive, got {steps}. Fix: pass the profiled step count.")
+  names = instruction_names(hlo_text)
+  times = op_times(trace_path, module_name(hlo_text))
+  if not times:
+    raise ValueError(f"{trace_path} holds no op of module {module_name(hlo_text)!r}. Fix: "
+                     "profile calls of the same compiled program whose HLO you passed.")
+  per_category: dict[str, float] = collections.defaultdict(float)
+  for op, micros in times.items():
+    per_category[categorize(names.get(op, ""))] += micros
+  total = sum(per_category.values())
+  ordered = sorted(per_category.items(), key=lambda kv: -kv[1])
+  top = sorted(times.items(), key=lambda kv: -kv[1])[:10]
+  return {
+      "device_ms_per_step": total / steps / 1e3,
+      "ms_per_step": {k: v / steps / 1e3 for k, v in ordered},
+      "share": {k: v / total for k, v in ordered},
+      "top_ops": [{"op": op, "ms_per_step": micros / steps / 1e3,
+                   "category": categorize(names.get(op, "")), "op_name": names.get(op, "")}
+                  for op, micros in top],
+  }
+
+
+def format_breakdown(summary: dict[str, Any], step_ms: float | None = None) -> str:
+  """Returns the breakdown as a small text table (ms per step and share of device time)."""
+  lines = [f"{'part':<16} {'ms/step':>9} {'share':>7}"]
+  for category, ms in summary["ms_per_step"].items():
+    lines.append(f"{category:<16} {ms:9.2f} {summary['share'][category]:7.1%}")
+  lines.append(f"{'device total':<16} {summary['device_ms_per_step']:9.2f}")
+  if step_ms:
+    lines.append(f"{'wall step':<16} {step_ms:9.2f}  (device busy "
+                 f"{summary['device_ms_per_step'] / step_ms:.0%} of the wall time)")
+  return "\n".join(lines)
+
+
+def project_to_depth(results: list[dict[str, Any]], full_depth: int,
+                     peak_tflops: float) -> list[dict[str, Any]]:
+  """Fits step time = a + b * layers per quant; returns the projections to `full_depth` layers.
+
+  `results` are `experiments/bench_train.py`'s rows (quant, layers, step_ms, batch, seq_len,
+  flops_per_token, and `_full_flops_ratio`: FLOPs per token at full depth over this row's). A
+  quant timed at fewer than two depths gets no projection. MFU is over `peak_tflops` per device.
+  """
+  projections = []
+  for quant in dict.fromkeys(r["quant"] for r in results):
+    rows = [r for r in results if r["quant"] == quant]
+    if len({r["layers"] for r in rows}) < 2:
+      continue
+    slope, intercept = np.polyfit([r["layers"] for r in rows], [r["step_ms"] for r in rows], 1)
+    ref = rows[0]
+    flops_full = ref["flops_per_token"] * ref["_full_flops_ratio"]
+    step_ms = intercept + slope * full_depth
+    tokens_per_s = ref["batch"] * ref["seq_len"] / (step_ms / 1e3)
+    projections.append({"quant": quant, "layers": full_depth, "ms_per_layer": slope,
+                        "fixed_ms": intercept, "step_ms": step_ms,
+                        "tokens_per_s": tokens_per_s,
+                        "mfu": flops_full * tokens_per_s / (peak_tflops * 1e12)})
+  return projections
+
+
+def time_queued(fn: Any, *args: Any, calls: int = 20, warmup: int = 3) -> float:
+  """Returns seconds per call of `fn(*args)`: `calls` calls queued back to back and synchronised
+  once, the median of 3 such batches, after `warmup` synchronised calls.
+
+  Queued calls time the device alone, as a training step sees its kernels; synchronising after
+  every call would add the host round trip to each (tens to hundreds of microseconds).
+  """
+  for _ in range(warmup):
+    jax.block_until_ready(fn(*args))
+  batches = []
+  for _ in range(3):
+    start = time.perf_counter()
+    for _ in range(calls):
+      out = fn(*args)
+    jax.block_until_ready(out)  # One stream: the last call done means all are.
+    batches.append((time.perf_counter() - start) / calls)
+  return float(np.median(batches))

@@ -1,0 +1,154 @@
+"""Step-time breakdowns (ling_jax/profiling.py) and the throughput benchmark's bookkeeping."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ling_jax import profiling
+from tests import test_trainer
+
+_HLO = """HloModule jit_step, entry_computation_layout={()->f32[]}
+
+%body.1 (p: f32[8]) -> f32[8] {
+  %p = f32[8]{0} parameter(0)
+  ROOT %fusion.3 = f32[8]{0} fusion(%p), kind=kLoop, metadata={op_name="jit(step)/moe_layers/mlp/experts/mul"}
+}
+
+ENTRY %main (a: f32[8]) -> f32[] {
+  %a = f32[8]{0} parameter(0)
+  %while.2 = f32[8]{0} while(%a), condition=%c, body=%body.1, metadata={op_name="jit(step)/while"}
+  %custom-call.7 = f32[8]{0} custom-call(%a), custom_call_target="x", metadata={op_name="jit(step)/transpose(jvp(Ling2))/moe_layers/attention/attention_core/dot"}
+  ROOT %reduce.9 = f32[] reduce(%while.2), metadata={op_name="jit(step)/optimizer/reduce_sum"}
+}
+"""  # noqa: E501 (HLO lines are long)
+
+
+@pytest.mark.parametrize("op_name, category", [
+    ("jit(s)/optimizer/mul", "optimizer"),
+    ("jit(s)/jvp(Ling2)/moe_layers/mlp/router/dot_general", "router"),
+    ("jit(s)/transpose(jvp(Ling2))/moe_layers/mlp/experts/dispatch/gather", "moe_dispatch"),
+    ("jit(s)/moe_layers/mlp/experts/shard_map/all_to_all/all_to_all", "moe_dispatch"),
+    ("jit(f)/transpose(jvp(dispatch))/gather", "moe_dispatch"),
+    ("jit(s)/jvp(Ling2)/moe_layers/mlp/experts/anonymous/mpmd_map", "moe_experts"),
+    ("jit(s)/moe_layers/mlp/experts/custom_vjp_call/dot", "moe_experts"),
+    ("jit(s)/moe_layers/mlp/shared_experts/gate/dot_general", "shared_expert"),
+    ("jit(s)/dense_layers/attention/attention_core/softmax", "attention_core"),
+    ("jit(s)/dense_layers/attention/qkv/dot_general", "attention_proj"),
+    ("jit(s)/dense_layers/mlp/down/dot_general", "dense_ffn"),
+    ("jit(s)/moe_layers/mlp/add", "moe_other"),
+    ("jit(s)/transpose(jvp(Ling2))/lm_head/dot_general", "lm_head_loss"),
+    ("jit(s)/transpose(jvp(cross_entropy))/reduce_max", "lm_head_loss"),
+    ("jit(s)/mtp_0/eh_proj/dot_general", "mtp_other"),
+    ("jit(s)/jvp(Ling2)/while/body/dynamic_update_slice", "other"),
+    ("", "other"),
+])
+def test_categories_follow_the_name_stack(op_name, category):
+  assert profiling.categorize(op_name) == category
+
+
+def test_instruction_names_read_every_computation():
+  names = profiling.instruction_names(_HLO)
+  assert names["fusion.3"] == "jit(step)/moe_layers/mlp/experts/mul"
+  assert names["custom-call.7"].endswith("attention_core/dot")
+  assert names["reduce.9"] == "jit(step)/optimizer/reduce_sum"
+  assert names["a"] == ""
+  assert profiling.module_name(_HLO) == "jit_step"
+  with pytest.raises(ValueError, match="HloModule"):
+    profiling.module_name("nothing")
+
+
+def _fake_trace(path, events):
+  """Writes a Perfetto JSON trace of (pid, hlo_op, microseconds) events, GPU pid 1, host pid 2."""
+  import gzip  # pylint: disable=g-import-not-at-top
+  meta = [{"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/device:GPU:0"}},
+          {"ph": "M", "name": "process_name", "pid": 2, "args": {"name": "/host:CPU"}}]
+  trace = meta + [{"ph": "X", "pid": pid, "name": op, "dur": dur,
+                   "args": {"hlo_op": op, "hlo_module": module}}
+                  for pid, op, dur, module in events]
+  with gzip.open(path, "wt") as f:
+    json.dump({"traceEvents": trace}, f)
+
+
+def test_breakdown_counts_device_ops_once(tmp_path):
+  path = str(tmp_path / "perfetto_trace.json.gz")
+  _fake_trace(path, [
+      (1, "fusion.3", 600.0, "jit_step"), (1, "fusion.3", 600.0, "jit_step"),
+      (1, "custom-call.7", 300.0, "jit_step"), (1, "reduce.9", 100.0, "jit_step"),
+      (1, "while.2", 5000.0, "jit_step"),  # Spans the loop body: not counted again.
+      (2, "fusion.3", 9000.0, "jit_step"),  # Host-side launch of the same op: not device time.
+      (1, "fusion.3", 7000.0, "jit_other"),  # Another program.
+  ])
+  summary = profiling.breakdown(path, _HLO, steps=2)
+  assert summary["ms_per_step"] == pytest.approx(
+      {"moe_experts": 0.6, "attention_core": 0.15, "optimizer": 0.05})
+  assert summary["device_ms_per_step"] == pytest.approx(0.8)
+  assert summary["share"]["moe_experts"] == pytest.approx(0.75)
+  assert summary["top_ops"][0]["op"] == "fusion.3"
+  assert "moe_experts" in profiling.format_breakdown(summary, step_ms=1.0)
+  with pytest.raises(ValueError, match="holds no op"):
+    profiling.breakdown(path, _HLO.replace("jit_step", "jit_nothing"), steps=2)
+
+
+def test_breakdown_of_a_real_cpu_profile(tmp_path):
+  """A profiled CPU program: the scope doing 64x the matmul work gets most of the time."""
+  def step(x, w):
+    with jax.named_scope("experts"):
+      y = jax.lax.fori_loop(0, 8, lambda i, y: jnp.tanh(y @ w), x)
+    with jax.named_scope("router"):
+      z = jnp.tanh(x[:64] @ w[:, :64])
+    return y.sum() + z.sum()
+
+  fn = jax.jit(step)
+  x, w = jnp.ones((512, 512)) * 0.01, jnp.eye(512)
+  compiled = fn.lower(x, w).compile()
+  compiled(x, w).block_until_ready()
+  with profiling.trace(str(tmp_path)):
+    for _ in range(3):
+      compiled(x, w).block_until_ready()
+  summary = profiling.breakdown(profiling.find_trace(str(tmp_path)), compiled.as_text(), 3)
+  assert summary["share"]["moe_experts"] > 0.5, summary
+  assert summary["ms_per_step"].get("router", 0.0) < summary["ms_per_step"]["moe_experts"]
+  assert sum(summary["share"].values()) == pytest.approx(1.0)
+  assert not any(o["op"].startswith("while") for o in summary["top_ops"])
+
+
+def test_projection_to_full_depth_is_linear_in_layers():
+  rows = [{"quant": "none", "layers": layers, "step_ms": 10.0 + 5.0 * layers, "batch": 2,
+           "seq_len": 1000, "flops_per_token": 1e9, "_full_flops_ratio": 3.0}
+          for layers in (2, 4)]
+  (p,) = profiling.project_to_depth(rows, full_depth=20, peak_tflops=1.0)
+  assert p["ms_per_layer"] == pytest.approx(5.0) and p["fixed_ms"] == pytest.approx(10.0)
+  assert p["step_ms"] == pytest.approx(110.0)
+  assert p["tokens_per_s"] == pytest.approx(2000 / 0.11)
+  assert p["mfu"] == pytest.approx(3e9 * 2000 / 0.11 / 1e12)
+  assert profiling.project_to_depth(rows[:1], full_depth=20, peak_tflops=1.0) == []
+
+
+def test_bench_train_end_to_end(tmp_path):
+  """The CLI on a micro model: timed steps, a breakdown from its own trace, and the files."""
+  cmd = [sys.executable, "-m", "experiments.bench_train", "--config=configs/ling2.py:tiny",
+         *test_trainer.MICRO_MODEL, "--config.train.batch_size=2", "--config.train.seq_len=32",
+         f"--config.train.compilation_cache_dir={test_trainer._CACHE}",
+         f"--out_dir={tmp_path}", "--steps=2", "--warmup=1", "--profile_steps=1",
+         "--data=synthetic", "--peak_tflops=1"]
+  proc = subprocess.run(cmd, capture_output=True, text=True, env=test_trainer._env(),
+                        timeout=600, cwd=os.path.dirname(os.path.dirname(__file__)))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  (result,) = [json.loads(line) for line in open(tmp_path / "results.jsonl")]
+  assert result["name"] == "none-L2" and result["tokens_per_s"] > 0
+  assert result["mfu"] == pytest.approx(
+      result["flops_per_token"] * result["tokens_per_s"] / 1e12)
+  assert len(result["losses"]) == 2  # The timed steps.
+  assert all(np.isfinite(result["losses"]))
+  shares = result["breakdown"]["share"]
+  assert sum(shares.values()) == pytest.approx(1.0)
+  assert {"moe_experts", "optimizer", "attention_core"} <= set(shares)
+  assert (tmp_path / "none-L2.trace.json.gz").exists()
+  assert (tmp_path / "none-L2.hlo.txt.gz").exists()
+  assert "| none-L2 |" in (tmp_path / "summary.md").read_text()
