@@ -159,11 +159,10 @@ def run_variant(config: Any, source: Any, name: str, out_dir: str,
       shutil.rmtree(trace_dir, ignore_errors=True)
       with profiling.trace(trace_dir):
         run(_PROFILE_STEPS.value)
-      hlo_text = compiled.as_text()
-      summary = profiling.breakdown(profiling.find_trace(trace_dir), hlo_text,
-                                    _PROFILE_STEPS.value)
+      hlo_text, trace_path = compiled.as_text(), profiling.find_trace(trace_dir)
+      summary = profiling.breakdown(trace_path, hlo_text, _PROFILE_STEPS.value)
       # Keep the trace and the HLO that names its ops side by side, flat in out_dir.
-      shutil.move(profiling.find_trace(trace_dir), os.path.join(out_dir, f"{name}.trace.json.gz"))
+      shutil.move(trace_path, os.path.join(out_dir, f"{name}.trace.json.gz"))
       shutil.rmtree(trace_dir)
       with gzip.open(os.path.join(out_dir, f"{name}.hlo.txt.gz"), "wt") as f:
         f.write(hlo_text)
