@@ -35,7 +35,10 @@ from kernels import fp8_quant as fq  # noqa: E402
 from kernels import grouped_matmul_mgpu as bf16_mgpu  # noqa: E402
 from ling_jax import profiling  # noqa: E402
 
-_SECTIONS = flags.DEFINE_list("sections", ["dense", "grouped", "quant"], "What to time.")
+_SECTIONS = flags.DEFINE_list(
+    "sections", ["dense", "grouped", "quant"],
+    "What to time; 'linear' alone runs only the in-jit FP8 linear diagnosis (`diagnose_linear`), "
+    "'linear_time' alone only `time_linear`.")
 _DENSE_CONFIGS = flags.DEFINE_list(
     "dense_configs", ["128:128:3:n:1:1", "128:128:3:m:8:1", "128:128:3:m:16:1",
                       "128:128:3:m:8:0"],
@@ -48,6 +51,10 @@ _DENSE_SHAPE_COUNT = flags.DEFINE_integer("dense_shapes", 5, "Time the first n d
 _TORCH = flags.DEFINE_bool("torch", True, "Time torch's blockwise scaled_mm too.")
 _QUICK_CHECK = flags.DEFINE_bool(
     "quick_check", False, "Check only the first grouped and dense tiling (saves compiles).")
+_LINEAR_BARRIERS = flags.DEFINE_list(
+    "linear_barriers", ["on", "off"], "--sections=linear: fp8_quant's dequant barrier states.")
+_LINEAR_DTYPES = flags.DEFINE_list("linear_dtypes", ["float32", "bfloat16"],
+                                   "--sections=linear: input dtypes.")
 _REPEATS = flags.DEFINE_integer("repeats", 20, "Calls per timed batch (median of 3 batches).")
 
 # rows (tokens x top-8), experts, hidden, expert width
@@ -172,30 +179,129 @@ def check_correctness() -> bool:
         mgpu.matmul_fp8(a_q, sa.T, b_q, sb.T, out_dtype=jnp.float32, config=_config(spec)),
         ref), 2e-4)
   del ref_full
-  # The FP8 linear's gradients through the kernels against the reference backend.
-  # Output and both gradients as tensors (a scalar loss cancels); the cotangent is an argument,
-  # so that XLA cannot constant-fold its quantisation on the host.
-  m_dim, k_dim, n_dim = _LINEAR_CHECK
-  for dtype, tol in ((jnp.float32, 2e-4), (jnp.bfloat16, 5e-3)):
-    x = jax.random.normal(key, (m_dim, k_dim), dtype)
-    w = (jax.random.normal(key, (k_dim, n_dim), jnp.float32) * 0.03).astype(dtype)
-    dy = jax.random.normal(jax.random.PRNGKey(5), (m_dim, n_dim), dtype)
-    outs = {}
-
-    def err(i, x=x, w=w, dy=dy, outs=outs):
-      if not outs:
-        for b in ("pallas_mosaic_gpu", "reference"):
-          def fwd_bwd(x, w, dy, b=b):
-            y, vjp = jax.vjp(lambda x, w: fp8_gemm.fp8_linear(x, w, jnp.zeros((2,)), b), x, w)
-            return (y, *vjp(dy))
-          outs[b] = jax.jit(fwd_bwd)(x, w, dy)
-      return _rel_err(outs["pallas_mosaic_gpu"][i], outs["reference"][i])
-    for i, name in enumerate(("y", "dgrad", "wgrad")):
-      report(f"fp8_linear {jnp.dtype(dtype).name} {name} vs reference backend",
-             lambda i=i, err=err: err(i), tol)
+  # The FP8 linear, jitted, operands quantised in the program: fprop, dgrad and wgrad of both
+  # backends against NumPy's product of NumPy-quantised operands (`linear_in_jit`).
+  for row in linear_in_jit(("pallas_mosaic_gpu", "reference"), (True,)):
+    for out in ("y", "dgrad", "wgrad"):
+      tol = 2e-4 if row["dtype"] == "float32" else 5e-3
+      report(f"fp8_linear {row['dtype']} {row['backend']} {out} vs NumPy FP8",
+             lambda row=row, out=out: row[out][0], tol)
   print("CORRECTNESS", "PASS" if ok else "FAIL", flush=True)
   RESULTS["correctness"] = {"value": float(ok), "unit": "pass"}
   return ok
+
+
+def _np_quant(x, axis, tile=128):
+  """NumPy 1x128 tiles of x along `axis` (fp8_quant's scale rule), dequantised, in fp64."""
+  x = np.moveaxis(np.float32(x), axis, -1)
+  tiles = x.reshape(*x.shape[:-1], -1, tile)
+  amax = np.abs(tiles).max(-1, keepdims=True)
+  scale = np.where(amax > 0, amax * fq.E4M3_INV_MAX, np.float32(1)).astype(np.float32)
+  q = np.clip(tiles / scale, -fq.E4M3_MAX, fq.E4M3_MAX).astype(fq.E4M3)
+  return np.moveaxis((q.astype(np.float64) * scale).reshape(x.shape), -1, axis)
+
+
+def _np_quant_blocks(w, block=128):
+  k_dim, n_dim = w.shape
+  b = np.float32(w).reshape(k_dim // block, block, n_dim // block, block)
+  amax = np.abs(b).max(axis=(1, 3), keepdims=True)
+  scale = np.where(amax > 0, amax * fq.E4M3_INV_MAX, np.float32(1)).astype(np.float32)
+  q = np.clip(b / scale, -fq.E4M3_MAX, fq.E4M3_MAX).astype(fq.E4M3)
+  return (q.astype(np.float64) * scale).reshape(k_dim, n_dim)
+
+
+def linear_in_jit(backends, barriers, dtypes=(jnp.float32, jnp.bfloat16)) -> list[dict]:
+  """Jitted `fp8_linear` forward + backward (x, w and the cotangent quantised in the program)
+  against NumPy, for each backend and with the dequantisation barrier of fp8_quant on or off.
+
+  Each row holds, per output (y, dgrad, wgrad), (error against NumPy's product of the
+  NumPy-quantised operands, error against the exact product of the unquantised ones), and the
+  probe's cosine (the output gradient's quantisation; 1.0 means nothing was quantised). A
+  GEMM whose E4M3 round trip XLA folded away is near the exact product and ~2.6% off the FP8
+  one.
+  """
+  m_dim, k_dim, n_dim = _LINEAR_CHECK
+  key = jax.random.PRNGKey(3)
+  rows = []
+  codes_f32 = fq._codes_f32
+  for dtype in dtypes:
+    x = jax.random.normal(key, (m_dim, k_dim), dtype)
+    w = (jax.random.normal(jax.random.PRNGKey(4), (k_dim, n_dim), jnp.float32) * 0.03
+         ).astype(dtype)
+    dy = jax.random.normal(jax.random.PRNGKey(5), (m_dim, n_dim), dtype)
+    x64, w64, dy64 = (np.float64(np.float32(a)) for a in (x, w, dy))
+    xq, wq, dyq = _np_quant(x64, 1), _np_quant_blocks(w64), _np_quant(dy64, 1)
+    want = {"y": (xq @ wq, x64 @ w64), "dgrad": (dyq @ wq.T, dy64 @ w64.T),
+            "wgrad": (_np_quant(x64, 0).T @ _np_quant(dy64, 0), x64.T @ dy64)}
+    for backend in backends:
+      for barrier in barriers:
+        fq._codes_f32 = codes_f32 if barrier else (lambda q: q.astype(jnp.float32))
+        try:
+          def fwd_bwd(x, w, dy, p, backend=backend):
+            y, vjp = jax.vjp(lambda x, w, p: fp8_gemm.fp8_linear(x, w, p, backend), x, w, p)
+            return (y, *vjp(dy))
+          y, dx, dw, dprobe = jax.jit(fwd_bwd)(x, w, dy, jnp.zeros((2,)))
+        finally:
+          fq._codes_f32 = codes_f32
+        row = {"dtype": jnp.dtype(dtype).name, "backend": backend, "barrier": barrier,
+               "probe_cos": float(dprobe[1])}
+        for name, got in (("y", y), ("dgrad", dx), ("wgrad", dw)):
+          row[name] = tuple(_rel_err(got, ref) for ref in want[name])
+        rows.append(row)
+  return rows
+
+
+def diagnose_linear() -> None:
+  """Prints `linear_in_jit` for both backends, barrier on and off, under this XLA_FLAGS."""
+  print("XLA_FLAGS:", os.environ.get("XLA_FLAGS", ""), flush=True)
+  backends = ("pallas_mosaic_gpu", "reference")
+  rows = linear_in_jit(backends, [b == "on" for b in _LINEAR_BARRIERS.value],
+                       [jnp.dtype(d) for d in _LINEAR_DTYPES.value])
+  # The kernel on operands quantised in another program (the session-3 "direct call").
+  m_dim, k_dim, n_dim = _LINEAR_CHECK
+  x = jax.random.normal(jax.random.PRNGKey(3), (m_dim, k_dim), jnp.float32)
+  w = jax.random.normal(jax.random.PRNGKey(4), (k_dim, n_dim), jnp.float32) * 0.03
+  (xq, xs), (wq, ws) = jax.jit(fq.quantize_tiles)(x), jax.jit(fq.quantize_blocks)(w)
+  direct = fp8_gemm.fp8_matmul(xq, xs, wq.T, ws.T, out_dtype=jnp.float32,
+                               backend="pallas_mosaic_gpu")
+  want = _np_quant(np.float64(x), 1) @ _np_quant_blocks(np.float64(w))
+  print(f"kernel, operands from another program: y rel_err vs NumPy FP8 "
+        f"{_rel_err(direct, want):.2e}")
+  print("\n| dtype | backend | dequant barrier | y vs FP8 / exact | dgrad vs FP8 / exact | "
+        "wgrad vs FP8 / exact | grad probe cos |")
+  print("|---|---|---|---|---|---|---|")
+  for r in rows:
+    cells = " | ".join(f"{r[o][0]:.1e} / {r[o][1]:.1e}" for o in ("y", "dgrad", "wgrad"))
+    print(f"| {r['dtype']} | {r['backend']} | {'on' if r['barrier'] else 'off'} | {cells} | "
+          f"{r['probe_cos']:.6f} |", flush=True)
+  RESULTS["linear_in_jit"] = {"value": 0.0, "unit": "", "rows": rows,
+                              "xla_flags": os.environ.get("XLA_FLAGS", "")}
+  _write_json()
+
+
+def time_linear() -> None:
+  """Jitted fp8_linear forward + backward, kernels against the reference, with bf16 x @ w (XLA)
+  as the baseline: the measurement behind `fp8_gemm._AUTO_USES_KERNEL`."""
+  for name, m_dim, k_dim, n_dim in _DENSE_SHAPES[1:2]:
+    x = jax.random.normal(jax.random.PRNGKey(1), (m_dim, k_dim), jnp.bfloat16)
+    w = (jax.random.normal(jax.random.PRNGKey(2), (k_dim, n_dim)) * 0.03).astype(jnp.bfloat16)
+    dy = jax.random.normal(jax.random.PRNGKey(3), (m_dim, n_dim), jnp.bfloat16)
+    flops = 3 * 2 * m_dim * k_dim * n_dim
+    ops = {"bf16 (XLA)": lambda x, w: x @ w}
+    for backend in ("pallas_mosaic_gpu", "reference"):
+      ops[f"fp8 {backend}"] = lambda x, w, b=backend: fp8_gemm.fp8_linear(
+          x, w, jnp.zeros((2,)), b)
+    for op_name, op in ops.items():
+      def fwd_bwd(x, w, dy, op=op):
+        y, vjp = jax.vjp(op, x, w)
+        return (y, *vjp(dy))
+      try:
+        tf = flops / _bench(jax.jit(fwd_bwd), x, w, dy, n=10) / 1e12
+      except Exception as e:
+        print(f"linear {name} {op_name} failed: {type(e).__name__}: {str(e)[:300]}")
+        continue
+      _record(f"fp8_linear fwd+bwd {name} {op_name}", tf, "TFLOP/s")
+  _write_json()
 
 
 def _torch_blockwise():
@@ -415,6 +521,12 @@ def main(argv):
   del argv
   print(jax.__version__, jax.devices(), "auto backend:", fp8_gemm._resolve_backend("auto"),
         flush=True)
+  if _SECTIONS.value == ["linear"]:  # the in-jit diagnosis alone (BENCHMARKS.md, session 4)
+    diagnose_linear()
+    return
+  if _SECTIONS.value == ["linear_time"]:
+    time_linear()
+    return
   ok = check_correctness()
   _write_json()
   sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),

@@ -59,6 +59,8 @@ _PROFILE_STEPS = flags.DEFINE_integer("profile_steps", 2,
 _QUANTS = flags.DEFINE_list("quants", ["none"], "model.quant values to time.")
 _DEPTHS = flags.DEFINE_list("depths", [], "num_hidden_layers values (default: the config's).")
 _FULL_DEPTH = flags.DEFINE_integer("full_depth", 20, "Depth to project step time to.")
+_PROFILE_DEPTH = flags.DEFINE_integer("profile_depth", None,
+                                      "Which of --depths to profile (default: the deepest).")
 _DATA = flags.DEFINE_enum("data", "corpus", ["corpus", "synthetic"], "Input batches.")
 _PEAK = flags.DEFINE_float("peak_tflops", 989.0, "Per-device peak for MFU (dense bf16).")
 
@@ -213,6 +215,10 @@ def markdown(results: list[dict[str, Any]], projections: list[dict[str, Any]]) -
                 f"{b['device_ms_per_step']:.1f} ms of {r['step_ms']:.1f} ms wall):", "",
                 "| part | ms/step | share |", "|---|---:|---:|"]
       lines += [f"| {k} | {v:.1f} | {b['share'][k]:.1%} |" for k, v in b["ms_per_step"].items()]
+      lines += ["", f"Costliest ops of {r['name']}:", "",
+                "| op | ms/step | part | name stack (tail) |", "|---|---:|---|---|"]
+      lines += [f"| {o['op']} | {o['ms_per_step']:.2f} | {o['category']} | "
+                f"{'/'.join(o['op_name'].split('/')[-4:])} |" for o in b["top_ops"]]
   return "\n".join(lines) + "\n"
 
 
@@ -222,7 +228,7 @@ def main(argv: list[str]) -> None:
   os.makedirs(_OUT_DIR.value, exist_ok=True)
   trainer.enable_compilation_cache(base.train.get("compilation_cache_dir"))
   depths = [int(d) for d in _DEPTHS.value] or [None]
-  max_depth = max(depths, key=lambda d: d or 0)  # Only the deepest variant is profiled.
+  profile_depth = _PROFILE_DEPTH.value or max(depths, key=lambda d: d or 0)  # One is profiled.
   t = base.train
   if _DATA.value == "corpus":
     source = phases.make_train_batches(base, trainer.data_shards(base))
@@ -236,7 +242,7 @@ def main(argv: list[str]) -> None:
       name = f"{quant}-L{config.model.num_hidden_layers}"
       try:
         result = run_variant(config, source, name, _OUT_DIR.value,
-                             profile=_PROFILE_STEPS.value > 0 and depth == max_depth)
+                             profile=_PROFILE_STEPS.value > 0 and depth == profile_depth)
       except config_lib.ConfigError:
         raise  # A bad flag: nothing else would run either.
       except Exception as e:  # pylint: disable=broad-except  (e.g. out of memory: go on)

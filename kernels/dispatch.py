@@ -206,6 +206,7 @@ def expert_ffn(
     backend: str = "auto",
     quant: str = "none",
     fp8_probes: tuple[jax.Array, jax.Array] | None = None,
+    fp8_recipe=None,
 ) -> jax.Array:
   """Runs the routed SwiGLU experts of a Ling 2.0 MoE layer and sums them with the router weights.
 
@@ -222,6 +223,7 @@ def expert_ffn(
       (E4M3 fprop, dgrad and wgrad; the permutation and SwiGLU stay in x's dtype).
     fp8_probes: with FP8, zero [2] arrays for the two projections whose cotangents become the
       output gradients' [underflow, cosine] (see `kernels/fp8_gemm.py`).
+    fp8_recipe: with FP8, the `fp8_gemm.Fp8Recipe` of both projections (None: the full one).
 
   Returns:
     y_TD = sum_k weights[t, k] * down_e(silu(gate_e(x_t)) * up_e(x_t)), e = expert_ids[t, k],
@@ -248,7 +250,8 @@ def expert_ffn(
     probe_up, probe_down = fp8_probes or (jnp.zeros((2,), jnp.float32),) * 2
 
     def matmul(x, w, sizes, probe):
-      return fp8_gemm.fp8_grouped_linear(x, w, sizes, probe)
+      return fp8_gemm.fp8_grouped_linear(x, w, sizes, probe, "auto",
+                                         fp8_recipe or fp8_gemm.FULL_RECIPE)
   else:
     probe_up = probe_down = None
 

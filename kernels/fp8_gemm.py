@@ -15,21 +15,22 @@ summation order. Backends:
     group; no kernel yet), take the reference.
   - "pallas_mosaic_gpu_interpret": the same kernels in Pallas's GPU interpreter with small tiles,
     for CPU tests; strict: a shape they do not cover raises instead of falling back.
-  - "auto": "reference" everywhere for now (`_AUTO_USES_KERNEL`). On an H200 the kernels match
-    the fp32 reference within FP8 accumulation error when their operands come from outside the
-    program, but inside a jitted `fp8_linear` (operands quantised in the same program) they were
-    2.5% off in fprop, dgrad and wgrad (experiments/bench_fp8.py, 2026-11-29); until that is
-    understood, the kernel path is opt-in.
+  - "auto": "pallas_mosaic_gpu" on Hopper GPUs (`_AUTO_USES_KERNEL`: the measurement), else
+    "reference".
 
 `fp8_linear` and `fp8_grouped_linear` are the training ops: custom VJPs whose forward (fprop),
-input gradient (dgrad) and weight gradient (wgrad) all run as FP8 GEMMs, E4M3 in both
-directions. Their `probe_2` input is a zero [2] array that carries the safeguard metrics of the
-output gradient's quantisation out of the backward pass as its cotangent: [underflow, cosine].
+input gradient (dgrad) and weight gradient (wgrad) run as FP8 GEMMs, E4M3 in both directions.
+Their `recipe` (`Fp8Recipe`, static) can keep any of the three GEMMs in the input dtype (bf16
+operands, fp32 accumulation, as the unquantised model computes them) and round scales to powers
+of two; the default is Ling's full recipe. Their `probe_2` input is a zero [2] array that
+carries the safeguard metrics of the output gradient's 1x128 quantisation out of the backward
+pass as its cotangent: [underflow, cosine].
 
 Shape key: M rows (tokens), K contraction, N output, G groups, Kt/Nt/Mt 128-tiles,
 C M-tiles that restart per group.
 """
 
+import dataclasses
 import functools
 
 import jax
@@ -48,8 +49,28 @@ def _is_hopper_gpu() -> bool:
   return getattr(jax.devices()[0], "compute_capability", None) == "9.0"
 
 
-# Flip to let "auto" pick the Mosaic GPU kernels on sm_90 (module doc says why it is off).
-_AUTO_USES_KERNEL = False
+# "auto" takes the Mosaic GPU kernels on sm_90. On an H200 (BENCHMARKS.md, "Blockwise FP8
+# kernels", session 4) they match NumPy's FP8 product inside a jitted fp8_linear to 1.6e-4 (fp32
+# out) in fprop, dgrad and wgrad (session 3's 2.6% "kernel error" was the reference's: see
+# fp8_quant), and the jitted fp8_linear forward + backward at 16384 x 2048 -> 3072 runs at 236
+# TFLOP/s through them against 47 through the reference (bf16 XLA: 749).
+_AUTO_USES_KERNEL = True
+
+
+@dataclasses.dataclass(frozen=True)
+class Fp8Recipe:
+  """Which GEMMs of an FP8 linear op run in E4M3, and how scales are rounded.
+
+  A GEMM that is off multiplies the unquantised operands in their dtype with fp32 accumulation.
+  """
+
+  fprop: bool = True  # y = x @ w
+  dgrad: bool = True  # dx = dy @ w^T
+  wgrad: bool = True  # dw = x^T @ dy
+  pow2_scales: bool = False  # scales rounded up to powers of two (fp8_quant module doc)
+
+
+FULL_RECIPE = Fp8Recipe()  # Ling 2.0: fprop, dgrad and wgrad in E4M3, exact amax / 448 scales
 
 
 def _resolve_backend(backend: str) -> str:
@@ -214,34 +235,57 @@ def _metrics_of(x: jax.Array, q: jax.Array, scale: jax.Array) -> jax.Array:
   return fq.quant_metrics(x, q, fq.dequantize_tiles(q, scale))
 
 
-# ---- FP8 linear: y = x @ w, all three GEMMs in FP8. ----
+# ---- FP8 linear: y = x @ w, the recipe's GEMMs in FP8. ----
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def fp8_linear(x_MK: jax.Array, w_KN: jax.Array, probe_2: jax.Array,
-               backend: str = "auto") -> jax.Array:
-  """x @ w with FP8 fprop, dgrad and wgrad; output in x's dtype. See the module doc for probe."""
-  return _fp8_linear_fwd(x_MK, w_KN, probe_2, backend)[0]
+def _dot_hp(a: jax.Array, b: jax.Array, contract: tuple[int, int], out_dtype) -> jax.Array:
+  """A GEMM that the recipe keeps unquantised: inputs as they come, fp32 accumulation."""
+  return jax.lax.dot_general(a, b, (((contract[0],), (contract[1],)), ((), ())),
+                             preferred_element_type=jnp.float32).astype(out_dtype)
 
 
-def _fp8_linear_fwd(x_MK, w_KN, probe_2, backend):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def fp8_linear(x_MK: jax.Array, w_KN: jax.Array, probe_2: jax.Array, backend: str = "auto",
+               recipe: Fp8Recipe = FULL_RECIPE) -> jax.Array:
+  """x @ w with the recipe's GEMMs in FP8; output in x's dtype. See the module doc for probe."""
+  return _fp8_linear_fwd(x_MK, w_KN, probe_2, backend, recipe)[0]
+
+
+def _fp8_linear_fwd(x_MK, w_KN, probe_2, backend, recipe):
   del probe_2
-  tile_ids_M, num_tiles = fq.row_tile_ids(x_MK.shape[0])
-  x_q, x_s, xt_q_KM, xt_s_KC = fq.quantize_tiles_with_transpose(x_MK, tile_ids_M, num_tiles)
-  w_q_KN, w_s = fq.quantize_blocks(w_KN)
-  y_MN = fp8_matmul(x_q, x_s, w_q_KN.T, w_s.T, out_dtype=x_MK.dtype, backend=backend)
-  # Saved in FP8: x^T for wgrad, w for dgrad (its transpose for fprop was built on the fly).
+  pow2 = recipe.pow2_scales
+  w_q_KN, w_s = fq.quantize_blocks(w_KN, pow2_scales=pow2)
+  if recipe.fprop:
+    x_q, x_s = fq.quantize_tiles(x_MK, pow2_scales=pow2)
+    y_MN = fp8_matmul(x_q, x_s, w_q_KN.T, w_s.T, out_dtype=x_MK.dtype, backend=backend)
+  else:
+    y_MN = _dot_hp(x_MK, w_KN, (1, 0), x_MK.dtype)
+  # Saved for the backward pass in FP8 where its GEMM is FP8: x^T for wgrad, w for dgrad (w's
+  # transpose for fprop was built on the fly).
+  if recipe.wgrad:
+    tile_ids_M, num_tiles = fq.row_tile_ids(x_MK.shape[0])
+    x_saved = fq.quantize_rows_transposed(x_MK, tile_ids_M, num_tiles, pow2)
+  else:
+    x_saved = x_MK
+  w_saved = (w_q_KN, w_s) if recipe.dgrad else w_KN
   dtypes = (jnp.zeros((0,), x_MK.dtype), jnp.zeros((0,), w_KN.dtype))
-  return y_MN, (xt_q_KM, xt_s_KC, w_q_KN, w_s, dtypes)
+  return y_MN, (x_saved, w_saved, dtypes)
 
 
-def _fp8_linear_bwd(backend, res, dy_MN):
-  xt_q_KM, xt_s_KC, w_q_KN, w_s, (x_dt, w_dt) = res
+def _fp8_linear_bwd(backend, recipe, res, dy_MN):
+  x_saved, w_saved, (x_dt, w_dt) = res
   tile_ids_M, num_tiles = fq.row_tile_ids(dy_MN.shape[0])
-  dy_q, dy_s, dyt_q_NM, dyt_s_NC = fq.quantize_tiles_with_transpose(dy_MN, tile_ids_M, num_tiles)
-  dx_MK = fp8_matmul(dy_q, dy_s, w_q_KN, w_s, out_dtype=x_dt.dtype, backend=backend)
-  dw_KN = fp8_matmul(xt_q_KM, xt_s_KC, dyt_q_NM, dyt_s_NC, b_scaling="tile",
-                     out_dtype=w_dt.dtype, backend=backend)
+  dy_q, dy_s, dyt_q_NM, dyt_s_NC = fq.quantize_tiles_with_transpose(
+      dy_MN, tile_ids_M, num_tiles, recipe.pow2_scales)
+  if recipe.dgrad:
+    dx_MK = fp8_matmul(dy_q, dy_s, *w_saved, out_dtype=x_dt.dtype, backend=backend)
+  else:
+    dx_MK = _dot_hp(dy_MN, w_saved, (1, 1), x_dt.dtype)
+  if recipe.wgrad:
+    dw_KN = fp8_matmul(*x_saved, dyt_q_NM, dyt_s_NC, b_scaling="tile", out_dtype=w_dt.dtype,
+                       backend=backend)
+  else:
+    dw_KN = _dot_hp(x_saved, dy_MN, (0, 0), w_dt.dtype)
   return dx_MK, dw_KN, _metrics_of(dy_MN, dy_q, dy_s)
 
 
@@ -251,33 +295,55 @@ fp8_linear.defvjp(_fp8_linear_fwd, _fp8_linear_bwd)
 # ---- FP8 grouped linear: the routed experts' projections. ----
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
 def fp8_grouped_linear(x_MK: jax.Array, w_GKN: jax.Array, group_sizes_G: jax.Array,
-                       probe_2: jax.Array, backend: str = "auto") -> jax.Array:
-  """out[rows of g] = x[rows of g] @ w[g] with FP8 fprop, dgrad and wgrad; in x's dtype."""
-  return _fp8_grouped_fwd(x_MK, w_GKN, group_sizes_G, probe_2, backend)[0]
+                       probe_2: jax.Array, backend: str = "auto",
+                       recipe: Fp8Recipe = FULL_RECIPE) -> jax.Array:
+  """out[rows of g] = x[rows of g] @ w[g], the recipe's GEMMs in FP8; in x's dtype.
+
+  Unquantised GEMMs go through `grouped_matmul` with its "auto" backend.
+  """
+  return _fp8_grouped_fwd(x_MK, w_GKN, group_sizes_G, probe_2, backend, recipe)[0]
 
 
-def _fp8_grouped_fwd(x_MK, w_GKN, group_sizes_G, probe_2, backend):
+def _fp8_grouped_fwd(x_MK, w_GKN, group_sizes_G, probe_2, backend, recipe):
   del probe_2
-  tile_ids_M, num_tiles = fq.row_tile_ids(x_MK.shape[0], group_sizes_G)
-  x_q, x_s, xt_q_KM, xt_s_KC = fq.quantize_tiles_with_transpose(x_MK, tile_ids_M, num_tiles)
-  w_q_GKN, w_s_GKtNt = fq.quantize_blocks(w_GKN)
-  y_MN = fp8_grouped_matmul(x_q, x_s, jnp.swapaxes(w_q_GKN, 1, 2),
-                            jnp.swapaxes(w_s_GKtNt, 1, 2), group_sizes_G,
-                            out_dtype=x_MK.dtype, backend=backend)
+  pow2 = recipe.pow2_scales
+  w_q_GKN, w_s_GKtNt = fq.quantize_blocks(w_GKN, pow2_scales=pow2)
+  if recipe.fprop:
+    x_q, x_s = fq.quantize_tiles(x_MK, pow2_scales=pow2)
+    y_MN = fp8_grouped_matmul(x_q, x_s, jnp.swapaxes(w_q_GKN, 1, 2),
+                              jnp.swapaxes(w_s_GKtNt, 1, 2), group_sizes_G,
+                              out_dtype=x_MK.dtype, backend=backend)
+  else:
+    y_MN = gmm_lib.grouped_matmul(x_MK, w_GKN, group_sizes_G, preferred_element_type=x_MK.dtype)
+  if recipe.wgrad:
+    tile_ids_M, num_tiles = fq.row_tile_ids(x_MK.shape[0], group_sizes_G)
+    x_saved = fq.quantize_rows_transposed(x_MK, tile_ids_M, num_tiles, pow2)
+  else:
+    x_saved = x_MK
+  w_saved = (w_q_GKN, w_s_GKtNt) if recipe.dgrad else w_GKN
   dtypes = (jnp.zeros((0,), x_MK.dtype), jnp.zeros((0,), w_GKN.dtype))
-  return y_MN, (xt_q_KM, xt_s_KC, w_q_GKN, w_s_GKtNt, group_sizes_G, dtypes)
+  return y_MN, (x_saved, w_saved, group_sizes_G, dtypes)
 
 
-def _fp8_grouped_bwd(backend, res, dy_MN):
-  xt_q_KM, xt_s_KC, w_q_GKN, w_s_GKtNt, group_sizes_G, (x_dt, w_dt) = res
+def _fp8_grouped_bwd(backend, recipe, res, dy_MN):
+  x_saved, w_saved, group_sizes_G, (x_dt, w_dt) = res
   tile_ids_M, num_tiles = fq.row_tile_ids(dy_MN.shape[0], group_sizes_G)
-  dy_q, dy_s, dyt_q_NM, dyt_s_NC = fq.quantize_tiles_with_transpose(dy_MN, tile_ids_M, num_tiles)
-  dx_MK = fp8_grouped_matmul(dy_q, dy_s, w_q_GKN, w_s_GKtNt, group_sizes_G,
-                             out_dtype=x_dt.dtype, backend=backend)
-  dw_GKN = fp8_transposed_grouped_matmul(xt_q_KM, xt_s_KC, dyt_q_NM, dyt_s_NC, tile_ids_M,
-                                         group_sizes_G, out_dtype=w_dt.dtype, backend=backend)
+  dy_q, dy_s, dyt_q_NM, dyt_s_NC = fq.quantize_tiles_with_transpose(
+      dy_MN, tile_ids_M, num_tiles, recipe.pow2_scales)
+  if recipe.dgrad:
+    dx_MK = fp8_grouped_matmul(dy_q, dy_s, *w_saved, group_sizes_G, out_dtype=x_dt.dtype,
+                               backend=backend)
+  else:
+    dx_MK = gmm_lib.grouped_matmul(dy_MN, jnp.swapaxes(w_saved, 1, 2), group_sizes_G,
+                                   preferred_element_type=x_dt.dtype)
+  if recipe.wgrad:
+    dw_GKN = fp8_transposed_grouped_matmul(*x_saved, dyt_q_NM, dyt_s_NC, tile_ids_M,
+                                           group_sizes_G, out_dtype=w_dt.dtype, backend=backend)
+  else:
+    dw_GKN = gmm_lib.transposed_grouped_matmul(x_saved, dy_MN, group_sizes_G,
+                                               preferred_element_type=w_dt.dtype)
   return (dx_MK, dw_GKN, np.zeros(group_sizes_G.shape, jax.dtypes.float0),
           _metrics_of(dy_MN, dy_q, dy_s))
 

@@ -10,6 +10,13 @@ grouped (expert) operands those tiles restart at every group's first row, so tha
 two experts; `row_tile_ids` maps each row to its tile.
 
 This module is the pure-JAX reference; it runs everywhere and is the oracle for GPU kernels.
+Dequantisation reads the E4M3 codes through an optimisation barrier (`_codes_f32`): XLA:GPU's
+default `--xla_allow_excess_precision` otherwise rewrites an f32 -> e4m3 -> f32 convert chain to
+the identity (its SimplifyFPConversions pass), and the "FP8" reference silently computes with
+the unquantised values (the 2.6% "kernel error" of BENCHMARKS.md's session-3 FP8 check).
+
+Scales are amax / 448 by default; with `pow2_scales` they are rounded up to a power of two
+(DeepSeek-V3.1's UE8M0 scales), so that scaling is exact and codes keep <= 448.
 
 Shape key:
   M: rows (tokens), K: the axis tiled by 128, N: the other axis of a weight,
@@ -40,13 +47,23 @@ def _pad_axis(x: jax.Array, axis: int, multiple: int) -> jax.Array:
   return jnp.pad(x, widths)
 
 
-def _scale_of(amax: jax.Array) -> jax.Array:
+def _scale_of(amax: jax.Array, pow2_scales: bool = False) -> jax.Array:
   """amax / 448 in fp32; 1 where the tile is all zeros, so that q = 0 and dequant is exact.
 
   Written as a multiply by fp32(1/448): XLA rewrites division by a constant that way anyway,
-  so spelling it out keeps the scale bit-exact and reproducible by any reference.
+  so spelling it out keeps the scale bit-exact and reproducible by any reference. With
+  `pow2_scales`, the smallest power of two >= that (frexp gives it exactly).
   """
-  return jnp.where(amax > 0, amax * E4M3_INV_MAX, 1.0).astype(jnp.float32)
+  scale = amax.astype(jnp.float32) * E4M3_INV_MAX
+  if pow2_scales:
+    mantissa, exponent = jnp.frexp(scale)  # scale = mantissa * 2^exponent, mantissa in [0.5, 1)
+    scale = jnp.ldexp(jnp.ones_like(scale), jnp.where(mantissa == 0.5, exponent - 1, exponent))
+  return jnp.where(amax > 0, scale, 1.0).astype(jnp.float32)
+
+
+def _codes_f32(q: jax.Array) -> jax.Array:
+  """E4M3 codes as fp32, read through a barrier so that XLA cannot fold quant + dequant away."""
+  return jax.lax.optimization_barrier(q).astype(jnp.float32)
 
 
 def _to_e4m3(x32: jax.Array) -> jax.Array:
@@ -54,8 +71,9 @@ def _to_e4m3(x32: jax.Array) -> jax.Array:
   return jnp.clip(x32, -E4M3_MAX, E4M3_MAX).astype(E4M3)
 
 
-def quantize_tiles(x: jax.Array, tile: int = TILE) -> tuple[jax.Array, jax.Array]:
-  """Quantises x [..., K] in 1 x `tile` tiles along its last axis.
+def quantize_tiles(x: jax.Array, tile: int = TILE,
+                   pow2_scales: bool = False) -> tuple[jax.Array, jax.Array]:
+  """Quantises x [..., K] in 1 x `tile` tiles along its last axis (`pow2_scales`: module doc).
 
   Returns:
     q [..., K] in E4M3 and scales [..., Kt] in fp32 (a partial last tile has its own scale).
@@ -63,7 +81,7 @@ def quantize_tiles(x: jax.Array, tile: int = TILE) -> tuple[jax.Array, jax.Array
   k_dim = x.shape[-1]
   x32 = _pad_axis(x.astype(jnp.float32), x.ndim - 1, tile)
   x_tiles = x32.reshape(*x32.shape[:-1], -1, tile)
-  scale = _scale_of(jnp.max(jnp.abs(x_tiles), axis=-1))
+  scale = _scale_of(jnp.max(jnp.abs(x_tiles), axis=-1), pow2_scales)
   q = _to_e4m3(x_tiles / scale[..., None]).reshape(x32.shape)[..., :k_dim]
   return q, scale
 
@@ -72,10 +90,11 @@ def dequantize_tiles(q: jax.Array, scale: jax.Array, dtype=jnp.float32,
                      tile: int = TILE) -> jax.Array:
   """Inverse of `quantize_tiles`: q [..., K] times its tile's scale, in `dtype`."""
   scale_full = jnp.repeat(scale, tile, axis=-1)[..., :q.shape[-1]]
-  return (q.astype(jnp.float32) * scale_full).astype(dtype)
+  return (_codes_f32(q) * scale_full).astype(dtype)
 
 
-def quantize_blocks(w: jax.Array, block: int = TILE) -> tuple[jax.Array, jax.Array]:
+def quantize_blocks(w: jax.Array, block: int = TILE,
+                    pow2_scales: bool = False) -> tuple[jax.Array, jax.Array]:
   """Quantises w [..., K, N] in `block` x `block` blocks over its last two axes.
 
   Leading axes (experts) are batch axes. The transpose of the result is the quantisation of w's
@@ -88,7 +107,7 @@ def quantize_blocks(w: jax.Array, block: int = TILE) -> tuple[jax.Array, jax.Arr
   w32 = _pad_axis(_pad_axis(w.astype(jnp.float32), w.ndim - 2, block), w.ndim - 1, block)
   kt, nt = w32.shape[-2] // block, w32.shape[-1] // block
   w_blocks = w32.reshape(*w32.shape[:-2], kt, block, nt, block)
-  scale = _scale_of(jnp.max(jnp.abs(w_blocks), axis=(-3, -1)))
+  scale = _scale_of(jnp.max(jnp.abs(w_blocks), axis=(-3, -1)), pow2_scales)
   q = _to_e4m3(w_blocks / scale[..., :, None, :, None]).reshape(w32.shape)
   return q[..., :k_dim, :n_dim], scale
 
@@ -98,7 +117,7 @@ def dequantize_blocks(q: jax.Array, scale: jax.Array, dtype=jnp.float32,
   """Inverse of `quantize_blocks`."""
   k_dim, n_dim = q.shape[-2:]
   scale_full = jnp.repeat(jnp.repeat(scale, block, axis=-2), block, axis=-1)
-  return (q.astype(jnp.float32) * scale_full[..., :k_dim, :n_dim]).astype(dtype)
+  return (_codes_f32(q) * scale_full[..., :k_dim, :n_dim]).astype(dtype)
 
 
 def row_tile_ids(num_rows: int, group_sizes_G: jax.Array | None = None,
@@ -124,8 +143,8 @@ def row_tile_ids(num_rows: int, group_sizes_G: jax.Array | None = None,
   return (tile_starts_G1[group_M] + offset_M // tile).astype(jnp.int32), num_tiles
 
 
-def quantize_rows_transposed(x_MK: jax.Array, tile_ids_M: jax.Array,
-                             num_tiles: int) -> tuple[jax.Array, jax.Array]:
+def quantize_rows_transposed(x_MK: jax.Array, tile_ids_M: jax.Array, num_tiles: int,
+                             pow2_scales: bool = False) -> tuple[jax.Array, jax.Array]:
   """Quantises x^T [K, M] in 1 x 128 tiles along M given by `row_tile_ids`.
 
   Returns:
@@ -141,7 +160,7 @@ def quantize_rows_transposed(x_MK: jax.Array, tile_ids_M: jax.Array,
       tile_ids_M[jnp.minimum(rows_CR, num_rows - 1)] == jnp.arange(num_tiles)[:, None])
   abs_CRK = jnp.abs(x32[jnp.minimum(rows_CR, num_rows - 1)])
   amax_CK = jnp.max(jnp.where(in_tile_CR[:, :, None], abs_CRK, 0.0), axis=1)
-  scale_CK = _scale_of(amax_CK)  # empty tiles: scale 1
+  scale_CK = _scale_of(amax_CK, pow2_scales)  # empty tiles: scale 1
   q_MK = _to_e4m3(x32 / scale_CK[tile_ids_M])
   return q_MK.T, scale_CK.T
 
@@ -166,19 +185,19 @@ def quantize_columns(x_MK: jax.Array, tile: int = TILE) -> tuple[jax.Array, jax.
 def dequantize_rows_transposed(q_KM: jax.Array, scale_KC: jax.Array, tile_ids_M: jax.Array,
                                dtype=jnp.float32) -> jax.Array:
   """Inverse of `quantize_rows_transposed`: x^T [K, M]."""
-  return (q_KM.astype(jnp.float32) * scale_KC[:, tile_ids_M]).astype(dtype)
+  return (_codes_f32(q_KM) * scale_KC[:, tile_ids_M]).astype(dtype)
 
 
 def quantize_tiles_with_transpose(
-    x_MK: jax.Array, tile_ids_M: jax.Array, num_tiles: int
+    x_MK: jax.Array, tile_ids_M: jax.Array, num_tiles: int, pow2_scales: bool = False
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
   """Both FP8 layouts of x for the backward pass: K-tiles of x and M-tiles of x^T.
 
   Returns:
     (q_MK, scale_MKt) as `quantize_tiles`, and (q_KM, scale_KC) as `quantize_rows_transposed`.
   """
-  q_MK, scale_MKt = quantize_tiles(x_MK)
-  q_KM, scale_KC = quantize_rows_transposed(x_MK, tile_ids_M, num_tiles)
+  q_MK, scale_MKt = quantize_tiles(x_MK, pow2_scales=pow2_scales)
+  q_KM, scale_KC = quantize_rows_transposed(x_MK, tile_ids_M, num_tiles, pow2_scales)
   return q_MK, scale_MKt, q_KM, scale_KC
 
 
@@ -191,7 +210,7 @@ def quant_metrics(x: jax.Array, q: jax.Array, x_dq: jax.Array) -> jax.Array:
   """
   x32, dq32 = x.astype(jnp.float32).reshape(-1), x_dq.astype(jnp.float32).reshape(-1)
   nonzero = x32 != 0
-  flushed = nonzero & (q.reshape(-1).astype(jnp.float32) == 0)
+  flushed = nonzero & (_codes_f32(q).reshape(-1) == 0)
   underflow = jnp.sum(flushed) / jnp.maximum(jnp.sum(nonzero), 1)
   norms = jnp.sqrt(jnp.sum(x32 * x32)) * jnp.sqrt(jnp.sum(dq32 * dq32))
   cosine = jnp.where(norms > 0, jnp.sum(x32 * dq32) / jnp.where(norms > 0, norms, 1.0), 1.0)

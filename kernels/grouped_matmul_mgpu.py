@@ -29,10 +29,19 @@ Kernel bodies that share the schedule and the store:
   - "ws_chain": the same, with one pipeline chained across all of an SM's units (START, STEADY,
     STOP), so that loads for the next unit overlap this unit's epilogue. Needs K / tile_k to be
     a multiple of `stages`.
+  - "pp" (ping-pong): each compute warpgroup owns whole units, alternating, with a tile_m x
+    tile_n accumulator of its own, so that one warpgroup's epilogue runs while the other's
+    wgmmas keep the tensor cores busy. The memory warpgroup loads every unit's K steps, in unit
+    order, into one ring shared by both; each warpgroup has its own "loaded" barriers (it waits
+    on every phase of them, which is what Pallas's phase tracking needs) and arrives on a shared
+    "consumed" barrier one step late, after the wgmma that read the slot has finished.
+    With `resident_lhs` (spec token "a") each SM takes whole items and keeps their lhs rows,
+    all of K, in shared memory, so that only rhs streams (small K only; it lost at K=512).
   - "pipe": one warpgroup, `plgpu.emit_pipeline` (simpler; kept as a fallback and a baseline).
-The epilogue of the warp-specialised bodies stores in slabs of `epi_n` columns through two SMEM
-slots: a slab's TMA store runs while the next slab is written, and the last ones while the next
-unit's main loop runs. Slabs narrower than the tile leave shared memory for a deeper ring.
+The epilogue of the "ws" bodies stores in slabs of `epi_n` columns through two SMEM slots: a
+slab's TMA store runs while the next slab is written, and the last ones while the next unit's
+main loop runs ("pp" uses one slot per warpgroup). Slabs narrower than the tile leave shared
+memory for a deeper ring.
 
 The weight gradient `tgmm` loops, per (group, K tile, N tile) unit, over the group's rows in
 chunks; chunks at the group's edges zero the rows of other groups in SMEM before the wgmma.
@@ -66,37 +75,50 @@ class TileConfig:
   tile_n: int = 128  # output columns per compute warpgroup
   tile_k: int = 64  # contraction step per pipeline stage
   stages: int = 4  # pipeline depth (buffers in flight)
-  body: str = "ws"  # "ws" (warp-specialised, 2 compute warpgroups), "ws_chain" or "pipe"
+  body: str = "ws"  # "ws" (warp-specialised, 2 compute warpgroups), "ws_chain", "pp" or "pipe"
   split: str = "n"  # ws bodies: the compute warpgroups split the CTA tile's columns or rows ("m")
   epi_n: int | None = None  # columns per epilogue store slab; None: all tile_n at once
+  resident_lhs: bool = False  # "pp" only: keep each item's lhs rows (all of K) in shared memory
+
+  @property
+  def splits_tile(self) -> bool:
+    """Whether the two compute warpgroups share each unit (the "ws" bodies)."""
+    return self.body in ("ws", "ws_chain")
 
   @property
   def cta_n(self) -> int:
-    """Output columns of one CTA."""
-    return self.tile_n * (2 if self.body != "pipe" and self.split == "n" else 1)
+    """Output columns of one unit."""
+    return self.tile_n * (2 if self.splits_tile and self.split == "n" else 1)
 
   @property
   def wg_m(self) -> int:
     """Rows of one compute warpgroup's accumulator."""
-    return self.tile_m // 2 if self.body != "pipe" and self.split == "m" else self.tile_m
+    return self.tile_m // 2 if self.splits_tile and self.split == "m" else self.tile_m
 
   @property
   def epi_cols(self) -> int:
     return min(self.epi_n or self.tile_n, self.tile_n)
 
   def out_slots(self) -> int:
-    return 1 if self.epi_cols == self.tile_n else 2
+    """Staging slots per compute warpgroup: two let a slab's store overlap the next slab's
+    writes; "pp" takes one (its epilogue already overlaps the other warpgroup's wgmmas)."""
+    return 1 if self.epi_cols == self.tile_n or self.body == "pp" else 2
 
-  def smem_bytes(self, in_itemsize: int, out_itemsize: int, swiglu: bool = False) -> int:
-    ring = self.stages * (self.tile_m + self.cta_n * (2 if swiglu else 1)) * self.tile_k
+  def smem_bytes(self, in_itemsize: int, out_itemsize: int, swiglu: bool = False,
+                 k_dim: int = 0) -> int:
+    """Shared memory of the operand ring and the output staging; k_dim sizes a resident lhs."""
+    lhs_rows = 0 if self.resident_lhs else self.tile_m
+    ring = self.stages * (lhs_rows + self.cta_n * (2 if swiglu else 1)) * self.tile_k
+    ring += self.tile_m * k_dim if self.resident_lhs else 0
     compute_wgs = 1 if self.body == "pipe" else 2
     out = compute_wgs * self.out_slots() * self.wg_m * self.epi_cols * out_itemsize
     return ring * in_itemsize + out
 
-  def fit_smem(self, in_itemsize: int, out_itemsize: int, swiglu: bool = False) -> "TileConfig":
+  def fit_smem(self, in_itemsize: int, out_itemsize: int, swiglu: bool = False,
+               k_dim: int = 0) -> "TileConfig":
     """Drops pipeline stages (not below 2), then halves tile_n, until shared memory fits."""
     cfg = self
-    while cfg.smem_bytes(in_itemsize, out_itemsize, swiglu) > _SMEM_BUDGET:
+    while cfg.smem_bytes(in_itemsize, out_itemsize, swiglu, k_dim) > _SMEM_BUDGET:
       if cfg.stages > 2:
         cfg = dataclasses.replace(cfg, stages=cfg.stages - 1)
       elif cfg.tile_n > 64:
@@ -106,39 +128,55 @@ class TileConfig:
     return cfg
 
   def spec(self) -> str:
-    """The bench flag string of this tiling: body:tile_m:tile_n:tile_k:stages[:m][:e<epi_n>]."""
+    """The bench flag string: body:tile_m:tile_n:tile_k:stages[:m][:e<epi_n>][:a]."""
     extra = (":m" if self.split == "m" else "") + (f":e{self.epi_n}" if self.epi_n else "")
+    extra += ":a" if self.resident_lhs else ""
     return f"{self.body}:{self.tile_m}:{self.tile_n}:{self.tile_k}:{self.stages}{extra}"
+
+
+_BODIES = ("ws", "ws_chain", "pp", "pipe")
 
 
 def parse_tile_config(spec: str) -> TileConfig:
   """Inverse of `TileConfig.spec`."""
   body, tm, tn, tk, stages, *extra = spec.split(":")
-  split, epi_n = "n", None
+  if body not in _BODIES:
+    raise ValueError(f"parse_tile_config: unknown body {body!r} in {spec!r}; expected one of "
+                     f"{_BODIES}.")
+  split, epi_n, resident = "n", None, False
   for token in extra:
     if token == "m":
       split = "m"
     elif token.startswith("e"):
       epi_n = int(token[1:])
+    elif token == "a":
+      resident = True
     else:
       raise ValueError(f"parse_tile_config: unknown token {token!r} in {spec!r}; expected 'm' "
-                       "(split rows) or 'e<int>' (epilogue slab columns).")
-  return TileConfig(int(tm), int(tn), int(tk), int(stages), body, split, epi_n)
+                       "(split rows), 'e<int>' (epilogue slab columns) or 'a' (resident lhs).")
+  if split == "m" and body not in ("ws", "ws_chain"):
+    raise ValueError(f"parse_tile_config: {spec!r} splits rows ('m'), which only the 'ws' and "
+                     "'ws_chain' bodies do; drop the 'm'.")
+  if resident and body != "pp":
+    raise ValueError(f"parse_tile_config: {spec!r} keeps lhs resident ('a'), which only the "
+                     "'pp' body does; drop the 'a' or use body 'pp'.")
+  return TileConfig(int(tm), int(tn), int(tk), int(stages), body, split, epi_n, resident)
 
 
 # Chosen from measurements on an H200 on 2026-11-29 (experiments/bench_kernels.py; the figures are
-# in BENCHMARKS.md), made with the 128-row grid schedule that the group-aligned one replaced.
-# Differences under ~5% between tilings were noise there.
-# Key: (K, N, transpose_rhs, dtype name) of the forward op as the kernel sees it. "ws" tiles of
-# 128x(2x128) hold 3 stages after `fit_smem`.
+# in BENCHMARKS.md). Session 4: the ping-pong body with 128x128 units won all four Ling-mini
+# problems against session 3's entries (balanced: down 519 vs 471, up 648 vs 626, up dgrad 622
+# vs 590, down dgrad 574 vs 563 TFLOP/s; Zipf likewise), as did the expert FFN under jax.grad.
+# The resident-lhs variant lost at K=512 (463 and, with tile_k 128, 357).
+# Key: (K, N, transpose_rhs, dtype name) of the forward op as the kernel sees it.
+_PING_PONG = TileConfig(128, 128, 64, 6, "pp", epi_n=64)  # 6 x 32 KiB ring + 2 x 16 KiB staging
 TILE_CONFIGS: dict[tuple[int, int, bool, str], TileConfig] = {
     # Ling-mini up-projection (hidden 2048 -> gate+up 1024) and its dgrad.
-    (2048, 1024, False, "bfloat16"): TileConfig(128, 128, 64, 4, "ws"),
-    (1024, 2048, True, "bfloat16"): TileConfig(128, 128, 64, 4, "ws"),
+    (2048, 1024, False, "bfloat16"): _PING_PONG,
+    (1024, 2048, True, "bfloat16"): _PING_PONG,
     # Ling-mini down-projection (expert width 512 -> hidden 2048) and its dgrad.
-    (512, 2048, False, "bfloat16"): TileConfig(128, 64, 64, 4, "ws_chain"),
-    # Session 3's H200 run: 541 TFLOP/s against 519 for (128, 128, 64, 4, "ws").
-    (2048, 512, True, "bfloat16"): TileConfig(128, 256, 64, 4, "ws_chain", "m", 64),
+    (512, 2048, False, "bfloat16"): _PING_PONG,
+    (2048, 512, True, "bfloat16"): _PING_PONG,
 }
 DEFAULT_TILE_CONFIG = TileConfig()
 
@@ -478,6 +516,144 @@ def _ws_body(cfg: TileConfig, transpose_rhs: bool, swiglu: bool, num_groups: int
   plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
 
+def _pp_body(cfg: TileConfig, transpose_rhs: bool, swiglu: bool, num_groups: int,
+             count_gmem, *refs):
+  """Ping-pong: compute warpgroup w takes the SM's local units w, w + 2, ... whole.
+
+  Local unit j's K step k is step t = j * k_steps + k of one chain across the SM's units; it sits
+  in ring slot t % stages. The memory warpgroup waits until step t - stages is consumed, then
+  loads step t, signalling the "loaded" barrier of the warpgroup that owns unit j.
+
+  With cfg.resident_lhs the SM takes whole items (all their column tiles, one after another) and
+  keeps the item's lhs rows, all of K, in shared memory, so that only rhs streams. lhs chunk k
+  is loaded with step k of the item's first unit and again with that of its second: each
+  warpgroup's "loaded" barrier then covers the copy before its first read, and later units read
+  after both copies landed. The previous readers of chunk k were at steps t - k_steps and
+  t - 2 k_steps, consumed before step t - stages (stages <= k_steps), which the memory
+  warpgroup awaits before it loads step t.
+  """
+  if swiglu:
+    raise NotImplementedError("gmm: the fused SwiGLU has no ping-pong body; use a 'ws' tiling.")
+  group_gmem, start_gmem, offset_gmem, rows_gmem, lhs_gmem, rhs_gmem, out_gmem = refs
+  schedule_gmem = (group_gmem, start_gmem, offset_gmem, rows_gmem)
+  tm, tn, tk, stages = cfg.tile_m, cfg.tile_n, cfg.tile_k, cfg.stages
+  epi_n = cfg.epi_cols
+  num_slabs = tn // epi_n
+  k_steps = lhs_gmem.shape[1] // tk
+  n_tiles = out_gmem.shape[1] // tn
+  dtype = lhs_gmem.dtype
+  rhs_block = (tn, tk) if transpose_rhs else (tk, tn)
+  resident = cfg.resident_lhs
+  sm, num_sms = jax.lax.axis_index("sm"), jax.lax.axis_size("sm")
+  if resident:  # items sm, sm + num_sms, ...; each item's column tiles in a row
+    num_local = jnp.maximum(count_gmem[0] - sm + num_sms - 1, 0) // num_sms * n_tiles
+    unit_of = lambda j: ((j // n_tiles) * num_sms + sm) * n_tiles + j % n_tiles
+  else:  # units sm, sm + num_sms, ...
+    num_local = jnp.maximum(count_gmem[0] * n_tiles - sm + num_sms - 1, 0) // num_sms
+    unit_of = lambda j: j * num_sms + sm
+  lhs_slots = k_steps if resident else stages
+
+  @functools.partial(
+      pl.run_scoped,
+      lhs_smem=plgpu.SMEM((lhs_slots, tm, tk), dtype, transforms=_swizzled((tm, tk), dtype)),
+      rhs_smem=plgpu.SMEM((stages, *rhs_block), dtype, transforms=_swizzled(rhs_block, dtype)),
+      out_smem=plgpu.SMEM((2, cfg.out_slots(), tm, epi_n), out_gmem.dtype,
+                          transforms=_swizzled((tm, epi_n), out_gmem.dtype, tile_rows=1)),
+      loaded=plgpu.Barrier(num_arrivals=2, num_barriers=2 * stages),  # [wg * stages + slot]
+      consumed=plgpu.Barrier(num_arrivals=1, num_barriers=stages),
+      collective_axes="wg",
+  )
+  def _scope(lhs_smem, rhs_smem, out_smem, loaded, consumed):
+    wg = jax.lax.axis_index("wg")
+
+    @pl.when(wg == 2)
+    def _memory():
+      plgpu.set_max_registers(40, action="decrease")
+
+      @pl.loop(0, num_local)
+      def _unit(j):
+        u = _decode_unit(unit_of(j), n_tiles, num_groups, schedule_gmem)
+        col = u.col_tile * tn
+        # Both warpgroups' first units of an item load its lhs (see below).
+        loads_lhs = j % n_tiles < 2
+
+        @pl.loop(0, k_steps)
+        def _step(k):
+          t = j * k_steps + k
+          slot = t % stages
+
+          @pl.when(t >= stages)
+          def _():
+            plgpu.barrier_wait(consumed.at[slot])
+
+          barrier = loaded.at[(j % 2) * stages + slot]
+          lhs_src = lhs_gmem.at[pl.ds(u.start, tm), pl.ds(k * tk, tk)]
+          if resident:
+            @pl.when(loads_lhs)
+            def _():
+              plgpu.copy_gmem_to_smem(lhs_src, lhs_smem.at[k], barrier)
+
+            @pl.when(jnp.logical_not(loads_lhs))
+            def _():
+              plgpu.barrier_arrive(barrier)  # the second of the step's two arrivals
+          else:
+            plgpu.copy_gmem_to_smem(lhs_src, lhs_smem.at[slot], barrier)
+          rhs_src = (rhs_gmem.at[u.weight, pl.ds(col, tn), pl.ds(k * tk, tk)] if transpose_rhs
+                     else rhs_gmem.at[u.weight, pl.ds(k * tk, tk), pl.ds(col, tn)])
+          plgpu.copy_gmem_to_smem(rhs_src, rhs_smem.at[slot], barrier)
+
+      # Observe the last steps' releases too, so that no barrier phase is left unawaited.
+      total_steps = num_local * k_steps
+
+      @pl.loop(jnp.maximum(total_steps - stages, 0), total_steps)
+      def _drain(t):
+        plgpu.barrier_wait(consumed.at[t % stages])
+
+    @pl.when(wg < 2)
+    def _compute():
+      plgpu.set_max_registers(232, action="increase")
+
+      @pl.loop(0, (num_local - wg + 1) // 2)
+      def _unit(i):
+        j = 2 * i + wg
+        u = _decode_unit(unit_of(j), n_tiles, num_groups, schedule_gmem)
+        first = j * k_steps
+
+        def acc_scope(acc_ref):
+          def step(k, _):
+            slot = (first + k) % stages
+            plgpu.barrier_wait(loaded.at[wg * stages + slot])
+            rhs = rhs_smem.at[slot]
+            plgpu.wgmma(acc_ref, lhs_smem.at[k if resident else slot],
+                        rhs.transpose((1, 0)) if transpose_rhs else rhs)
+            plgpu.wgmma_wait(1)  # the previous step's wgmma is done: release its slot
+
+            @pl.when(k > 0)
+            def _():
+              plgpu.barrier_arrive(consumed.at[(first + k - 1) % stages])
+
+          jax.lax.fori_loop(0, k_steps, step, None)
+          plgpu.wgmma_wait(0)
+          plgpu.barrier_arrive(consumed.at[(first + k_steps - 1) % stages])
+          return acc_ref[...]
+
+        def store_slabs(value):
+          value = value.astype(out_smem.dtype)
+          for c in range(num_slabs):  # one staging slot: the last slab's store must have read it
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+            out_smem[wg, 0] = value[:, c * epi_n:(c + 1) * epi_n]
+            plgpu.commit_smem()
+            _store_rows(out_smem.at[wg, 0], out_gmem, u.start + u.offset, u.offset, u.rows,
+                        u.col_tile * tn + c * epi_n, tm)
+
+        acc = pl.run_scoped(acc_scope, plgpu.ACC((tm, tn), jnp.float32))
+        # The zero tail ran the loop too (every unit keeps the ring in step); it stores zeros.
+        pl.when(u.is_tail)(lambda: store_slabs(jnp.zeros((tm, tn), jnp.float32)))
+        pl.when(jnp.logical_not(u.is_tail))(lambda: store_slabs(acc))
+
+      plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+
 def supports(lhs_MK: jax.Array, rhs_GKN: jax.Array, transpose_rhs: bool, out_dtype,
              cfg: TileConfig | None = None, swiglu: bool = False) -> bool:
   """Whether the kernel covers these operands (else the caller falls back to the reference)."""
@@ -485,21 +661,24 @@ def supports(lhs_MK: jax.Array, rhs_GKN: jax.Array, transpose_rhs: bool, out_dty
   n_dim = rhs_GKN.shape[1] if transpose_rhs else rhs_GKN.shape[2]
   if swiglu:
     cfg = cfg or swiglu_config(k_dim, n_dim, lhs_MK.dtype)
-    if transpose_rhs or cfg.body == "pipe" or n_dim % 2:
+    if transpose_rhs or not cfg.splits_tile or n_dim % 2:
       return False
     n_dim //= 2  # output columns; each CTA reads cta_n of the gate half and cta_n of the up half
   cfg = cfg or tile_config(k_dim, n_dim, transpose_rhs, lhs_MK.dtype)
   out_itemsize = jnp.dtype(out_dtype).itemsize
-  fitted = cfg.fit_smem(lhs_MK.dtype.itemsize, out_itemsize, swiglu)
-  fits = fitted.smem_bytes(lhs_MK.dtype.itemsize, out_itemsize, swiglu) <= _SMEM_BUDGET
+  fitted = cfg.fit_smem(lhs_MK.dtype.itemsize, out_itemsize, swiglu, k_dim)
+  fits = fitted.smem_bytes(lhs_MK.dtype.itemsize, out_itemsize, swiglu, k_dim) <= _SMEM_BUDGET
   if cfg.body == "ws_chain":  # chained pipelines need whole rounds of the buffer ring
     fits = fits and k_dim % cfg.tile_k == 0 and (k_dim // cfg.tile_k) % fitted.stages == 0
+  if cfg.resident_lhs:  # a chunk is reloaded only after its readers' steps are consumed
+    fits = fits and cfg.body == "pp" and fitted.stages <= k_dim // cfg.tile_k
   # The ragged stores start at any row of the staging slab, and TMA needs 128-byte aligned
   # shared-memory addresses: slab rows must be whole multiples of 128 bytes (an H200 run faulted
   # with "misaligned address" on 64-byte slab rows). Checked where slabs are asked for; the
   # narrow interpret-mode tiles (tile_n 32) only ever run in the interpreter.
   slab_ok = cfg.epi_n is None or (fitted.epi_cols * out_itemsize) % 128 == 0
-  tiles_ok = (cfg.split in ("n", "m") and fitted.tile_n % fitted.epi_cols == 0 and slab_ok
+  split_ok = cfg.split in ("n", "m") if cfg.splits_tile else cfg.split == "n"
+  tiles_ok = (split_ok and fitted.tile_n % fitted.epi_cols == 0 and slab_ok
               and fitted.wg_m & (fitted.wg_m - 1) == 0 and fitted.wg_m % 64 == 0)
   return (fits and tiles_ok and lhs_MK.dtype == rhs_GKN.dtype
           and lhs_MK.dtype in (jnp.bfloat16, jnp.float16)
@@ -534,7 +713,7 @@ def gmm(lhs_MK: jax.Array, rhs_GKN: jax.Array, group_sizes_G: jax.Array, *,
     cfg = config or tile_config(k_dim, n_dim, transpose_rhs, lhs_MK.dtype)
   if save_preact and not swiglu:
     raise ValueError("gmm: save_preact=True needs swiglu=True.")
-  cfg = cfg.fit_smem(lhs_MK.dtype.itemsize, out_dtype.itemsize, swiglu)
+  cfg = cfg.fit_smem(lhs_MK.dtype.itemsize, out_dtype.itemsize, swiglu, k_dim)
   if not supports(lhs_MK, rhs_GKN, transpose_rhs, out_dtype, cfg, swiglu):
     raise ValueError(f"gmm: no Mosaic GPU kernel for lhs {lhs_MK.shape} {lhs_MK.dtype}, rhs "
                      f"{rhs_GKN.shape} {rhs_GKN.dtype}, transpose_rhs={transpose_rhs}, "
@@ -548,7 +727,7 @@ def gmm(lhs_MK: jax.Array, rhs_GKN: jax.Array, group_sizes_G: jax.Array, *,
   out_types = [jax.ShapeDtypeStruct((padded_rows, n_dim // 2 if swiglu else n_dim), out_dtype)]
   if save_preact:
     out_types.append(jax.ShapeDtypeStruct((padded_rows, n_dim), out_dtype))
-  body = _pipe_body if cfg.body == "pipe" else _ws_body
+  body = {"pipe": _pipe_body, "pp": _pp_body}.get(cfg.body, _ws_body)
   kernel = plgpu.kernel(
       functools.partial(body, cfg, transpose_rhs, swiglu, num_groups),
       out_type=tuple(out_types),

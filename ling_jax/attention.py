@@ -105,5 +105,6 @@ class Attention(nn.Module):
       mask_B11LS = cache_mask(segment_ids_BL, decode["segment_ids_BS"], decode["index"])
       out_BLNH = masked_attention(q_BLNH, k_BSKH.astype(q_BLNH.dtype),
                                   v_BSKH.astype(q_BLNH.dtype), mask_B11LS)
-    out_BLD = layers.projection(m, x_BLD.shape[-1], "out")(out_BLNH.reshape(batch, length, n * h))
+    out_BLD = layers.projection(m, x_BLD.shape[-1], "out", role="attn_out")(
+        out_BLNH.reshape(batch, length, n * h))
     return out_BLD, cache

@@ -92,10 +92,24 @@ def validate_model_config(m: Any) -> None:
           "use 'xla', 'cudnn' or 'cudnn_causal' (no document mask)")
   if m.remat_policy not in ("none", "full", "dots"):
     _fail("remat_policy", f"unknown {m.remat_policy!r}", "use 'none', 'full' or 'dots'")
+  if not isinstance(m.get("unroll_layers", False), bool):
+    _fail("unroll_layers", f"must be True or False, got {m.unroll_layers!r}",
+          "set --config.model.unroll_layers=true or false")
   if m.get("moe_all_to_all", "auto") not in ("auto", "ragged", "padded"):
     _fail("moe_all_to_all", f"unknown {m.moe_all_to_all!r}", "use 'auto', 'ragged' or 'padded'")
+  if m.get("embedding_backward", "sorted") not in ("sorted", "scatter"):
+    _fail("embedding_backward", f"unknown {m.embedding_backward!r}", "use 'sorted' or 'scatter'")
+  if m.get("logits_dtype", "float32") not in ("float32", "bfloat16"):
+    _fail("logits_dtype", f"unknown {m.logits_dtype!r}", "use 'float32' or 'bfloat16'")
   if m.get("quant", "none") not in QUANT_MODES:
     _fail("quant", f"unknown {m.quant!r}", f"use one of {QUANT_MODES}")
+  from ling_jax import fp8  # the recipes live there; imported here only for their names
+  recipe = m.get("fp8_recipe", "full")
+  if recipe not in fp8.RECIPES:
+    _fail("fp8_recipe", f"unknown {recipe!r}", f"use one of {tuple(fp8.RECIPES)}")
+  if recipe != "full" and m.get("quant", "none") != "fp8_blockwise":
+    _fail("fp8_recipe", f"{recipe!r} has no effect with quant={m.get('quant', 'none')!r}",
+          "set quant='fp8_blockwise', or leave fp8_recipe='full'")
 
 
 def dtype_of(name: str) -> jnp.dtype:

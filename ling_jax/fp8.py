@@ -7,6 +7,12 @@ through the FP8 ops of `kernels/fp8_gemm.py`: E4M3 operands in fprop, dgrad and 
 scales per 1x128 tile of activations and gradients and per 128x128 block of weights, fp32
 accumulation. The router (fp32), embedding, LM head, norms and attention core are unchanged.
 
+`config.model.fp8_recipe` picks which GEMMs run in FP8 (`RECIPES`): "full" is Ling's recipe; the
+others are ablations that keep a pass (fprop, dgrad or wgrad), the attention output projection,
+the dense projections or the experts in the model dtype, or round scales to powers of two.
+`recipe_for(m, role)` gives each kind of projection its `fp8_gemm.Fp8Recipe`, or None where it
+stays unquantised.
+
 Safeguard metrics, [underflow, cosine] per FP8 op (see `fp8_quant.quant_metrics`):
   - activations and weights: written in the forward pass to the model's stats collection
     (`fp8_act`, `fp8_weight`), next to the MoE token counts;
@@ -27,6 +33,26 @@ from flax import traverse_util
 from kernels import fp8_gemm
 from kernels import fp8_quant
 
+_FULL = fp8_gemm.FULL_RECIPE
+_ONLY = {p: fp8_gemm.Fp8Recipe(**{q: q == p for q in ("fprop", "dgrad", "wgrad")})
+         for p in ("fprop", "dgrad", "wgrad")}
+# Roles: "dense" (attention QKV, dense and shared-expert SwiGLU), "attn_out" (the attention
+# output projection; DeepSeek-V3 keeps its input in higher precision, since the attention
+# backward reuses it), "experts" (the routed experts' grouped GEMMs). None: the model dtype.
+# The experts' entry takes effect once ling_jax/moe.py passes `recipe_for(m, "experts")` through
+# expert_parallel.expert_ffn and dispatch.expert_ffn to `fp8_grouped_linear` (until then they
+# run the full recipe whenever quant="fp8_blockwise").
+ROLES = ("dense", "attn_out", "experts")
+RECIPES: dict[str, dict[str, fp8_gemm.Fp8Recipe | None]] = {
+    "full": dict.fromkeys(ROLES, _FULL),
+    "fprop_only": dict.fromkeys(ROLES, _ONLY["fprop"]),
+    "dgrad_only": dict.fromkeys(ROLES, _ONLY["dgrad"]),
+    "wgrad_only": dict.fromkeys(ROLES, _ONLY["wgrad"]),
+    "bf16_attn_out": {"dense": _FULL, "attn_out": None, "experts": _FULL},
+    "experts_only": {"dense": None, "attn_out": None, "experts": _FULL},
+    "dense_only": {"dense": _FULL, "attn_out": _FULL, "experts": None},
+    "pow2_scales": dict.fromkeys(ROLES, fp8_gemm.Fp8Recipe(pow2_scales=True)),
+}
 STATS = "moe_stats"  # the model's per-call stats collection (moe.STATS; no import cycle)
 PROBES = "fp8_probes"  # zero [2] arrays whose gradients are the output-gradient metrics
 _KINDS = ("act", "weight", "grad")
@@ -37,15 +63,24 @@ def enabled(m: Any) -> bool:
   return m.get("quant", "none") == "fp8_blockwise"
 
 
-def activation_metrics(x: jax.Array) -> jax.Array:
+def recipe_for(m: Any, role: str) -> fp8_gemm.Fp8Recipe | None:
+  """The FP8 recipe of one kind of projection (`ROLES`), or None where it runs unquantised."""
+  if role not in ROLES:
+    raise ValueError(f"fp8.recipe_for: unknown role {role!r}; use one of {ROLES}.")
+  if not enabled(m):
+    return None
+  return RECIPES[m.get("fp8_recipe", "full")][role]
+
+
+def activation_metrics(x: jax.Array, pow2_scales: bool = False) -> jax.Array:
   """[underflow, cosine] of x quantised in 1x128 tiles along its last axis."""
-  q, scale = fp8_quant.quantize_tiles(x)
+  q, scale = fp8_quant.quantize_tiles(x, pow2_scales=pow2_scales)
   return fp8_quant.quant_metrics(x, q, fp8_quant.dequantize_tiles(q, scale))
 
 
-def weight_metrics(w: jax.Array) -> jax.Array:
+def weight_metrics(w: jax.Array, pow2_scales: bool = False) -> jax.Array:
   """[underflow, cosine] of w quantised in 128x128 blocks over its last two axes."""
-  q, scale = fp8_quant.quantize_blocks(w)
+  q, scale = fp8_quant.quantize_blocks(w, pow2_scales=pow2_scales)
   return fp8_quant.quant_metrics(w, q, fp8_quant.dequantize_blocks(q, scale))
 
 
@@ -65,11 +100,12 @@ def record(module: nn.Module, name: str, metrics_2: jax.Array) -> None:
 
 class Dense(nn.Module):
   """Bias-free FP8 projection; the same `kernel` parameter as `nn.Dense`, so checkpoints of
-  either kind load into the other."""
+  either kind load into the other. `recipe`: which of its GEMMs run in FP8."""
   features: int
   kernel_init: Any
   dtype: Any = jnp.bfloat16
   param_dtype: Any = jnp.float32
+  recipe: fp8_gemm.Fp8Recipe = fp8_gemm.FULL_RECIPE
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -77,9 +113,10 @@ class Dense(nn.Module):
                         self.param_dtype)
     x_MK = x.astype(self.dtype).reshape(-1, x.shape[-1])
     w_KN = kernel.astype(self.dtype)
-    record(self, "fp8_act", activation_metrics(x_MK))
-    record(self, "fp8_weight", weight_metrics(w_KN))
-    y_MN = fp8_gemm.fp8_linear(x_MK, w_KN, probe(self))
+    pow2 = self.recipe.pow2_scales
+    record(self, "fp8_act", activation_metrics(x_MK, pow2))
+    record(self, "fp8_weight", weight_metrics(w_KN, pow2))
+    y_MN = fp8_gemm.fp8_linear(x_MK, w_KN, probe(self), "auto", self.recipe)
     return y_MN.reshape(*x.shape[:-1], self.features)
 
 
@@ -154,4 +191,45 @@ def parity_markdown(result: dict[str, Any], baseline_name: str) -> str:
               "|---:|---:|---:|---:|"]
     lines += [f"| {v['step']} | {v['baseline']:.4f} | {v['fp8']:.4f} | "
               f"{v['fp8'] / v['baseline'] - 1:+.2%} |" for v in result["validation"]]
+  return "\n".join(lines) + "\n"
+
+
+def ablation_rows(runs: dict[str, dict[int, dict[str, float]]], baseline: str, reference: str,
+                  window: int) -> list[dict[str, Any]]:
+  """Compares several runs' losses over the steps all of them logged (experiments/fp8_parity.py).
+
+  Each row: the run, its final loss (mean of the last `window` shared steps), that relative to
+  the `baseline` run's and to the `reference` run's (the full FP8 recipe), and `gaps`, its
+  relative difference from the baseline in each `window`-step mean (`spans`: their steps).
+  """
+  steps = sorted(set.intersection(*(set(s for s, r in m.items() if "loss" in r)
+                                    for m in runs.values())))
+  if len(steps) < window:
+    raise ValueError(f"--window: the runs share {len(steps)} logged steps, fewer than the "
+                     f"window of {window}. Fix: train longer or lower --window.")
+  ends = range(window, len(steps) + 1, window)
+  spans = [f"{steps[end - window]}-{steps[end - 1]}" for end in ends]
+  means = {}
+  for name, m in runs.items():
+    loss = np.array([m[s]["loss"] for s in steps])
+    means[name] = [float(loss[end - window:end].mean()) for end in ends]
+  rows = []
+  for name, curve in means.items():
+    rows.append({"run": name, "final": curve[-1], "spans": spans,
+                 "vs_baseline": curve[-1] / means[baseline][-1] - 1.0,
+                 "vs_reference": curve[-1] / means[reference][-1] - 1.0,
+                 "gaps": [c / b - 1.0 for c, b in zip(curve, means[baseline])]})
+  return rows
+
+
+def ablation_markdown(rows: list[dict[str, Any]], baseline_name: str) -> str:
+  """Returns `ablation_rows` as a Markdown table."""
+  spans = rows[0]["spans"]
+  lines = [f"| run | final loss (steps {spans[-1]}) | vs {baseline_name} | vs full FP8 | "
+           + " | ".join(f"vs {baseline_name}, steps {s}" for s in spans) + " |",
+           "|---|---:|---:|---:|" + "---:|" * len(spans)]
+  for r in rows:
+    lines.append(f"| {r['run']} | {r['final']:.4f} | {r['vs_baseline']:+.2%} | "
+                 f"{r['vs_reference']:+.2%} | " + " | ".join(f"{g:+.2%}" for g in r["gaps"])
+                 + " |")
   return "\n".join(lines) + "\n"

@@ -32,7 +32,7 @@ _REMAT_POLICIES = {
 @flax.struct.dataclass
 class Output:
   """What a forward pass returns."""
-  logits_BLV: jax.Array  # Next-token logits, fp32.
+  logits_BLV: jax.Array  # Next-token logits, in `m.logits_dtype` (fp32 by default).
   mtp_logits: tuple[jax.Array, ...]  # Depth-d MTP logits [B, L, V] predict token t + d + 1.
   hidden_BLD: jax.Array  # Trunk output after the final norm.
   cache: Any = None  # Decoding only: the updated KV cache (see `init_cache`).
@@ -65,13 +65,20 @@ def _layer_class(m: Any) -> type[nn.Module]:
 
 
 def _stack(m: Any, use_moe: bool, length: int, name: str) -> nn.Module:
-  """Returns `length` decoder layers scanned over a leading layer axis (caches too)."""
+  """Returns `length` decoder layers scanned over a leading layer axis (caches too).
+
+  With `m.unroll_layers` the scan is unrolled when compiled: the parameters keep their stacked
+  layout, but no loop writes each layer's saved activations and weight gradients into stacked
+  buffers (zero-filled first, then updated in place): the slices and stacks become plain
+  concatenations that XLA folds into their users. Longer compiles, faster steps on GPUs.
+  """
   return nn.scan(
       _layer_class(m),
       variable_axes={"params": 0, moe.STATE: 0, moe.STATS: 0, fp8.PROBES: 0},
       split_rngs={"params": True},
       in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0),
       length=length,
+      unroll=length if m.get("unroll_layers", False) else 1,
   )(m, use_moe, name=name)
 
 
@@ -114,9 +121,7 @@ class Ling2(nn.Module):
       decode = {"index": cache["index"], "segment_ids_BS": segment_ids_BS}
       new_cache = {"index": cache["index"] + inputs_BL.shape[1],
                    "segment_ids_BS": segment_ids_BS}
-    dtype, param_dtype = config_lib.dtype_of(m.dtype), config_lib.dtype_of(m.param_dtype)
-    embed = nn.Embed(m.vocab_size, m.hidden_size, embedding_init=layers.kernel_init(m),
-                     dtype=dtype, param_dtype=param_dtype, name="embed")
+    embed = layers.embed(m)
     x_BLD = embed(inputs_BL)
     for use_moe, length, name in ((False, m.first_k_dense_replace, "dense_layers"),
                                   (True, config_lib.num_moe_layers(m), "moe_layers")):
@@ -129,7 +134,8 @@ class Ling2(nn.Module):
       x_BLD = x_BLD[:, -1:]
     hidden_BLD = layers.rms_norm(m, "final_norm")(x_BLD)
     lm_head = layers.dense(m, m.vocab_size, "lm_head")
-    logits_BLV = lm_head(hidden_BLD).astype(jnp.float32)
+    logits_dtype = config_lib.dtype_of(m.get("logits_dtype", "float32"))
+    logits_BLV = lm_head(hidden_BLD).astype(logits_dtype)
 
     mtp_logits = []
     if m.num_nextn_predict_layers and targets_BL is not None:
@@ -139,7 +145,7 @@ class Ling2(nn.Module):
         next_embed_BLD = embed(shift_left(targets_BL, depth))
         h_BLD = MTPLayer(m, name=f"mtp_{depth}")(h_BLD, next_embed_BLD, positions_BL,
                                                  segment_ids_BL)
-        mtp_logits.append(lm_head(h_BLD).astype(jnp.float32))
+        mtp_logits.append(lm_head(h_BLD).astype(logits_dtype))
     return Output(logits_BLV, tuple(mtp_logits), hidden_BLD, new_cache)
 
 

@@ -54,17 +54,21 @@ class MoE(nn.Module):
 
     # Under a mesh, tokens and experts are split and exchanged with all-to-alls; the routing
     # above ran on the global batch, so its counts already cover every shard.
-    quant, probes = m.get("quant", "none"), None
-    if fp8.enabled(m):
+    recipe = fp8.recipe_for(m, "experts")  # None: the experts stay in the model dtype
+    quant, probes = ("none" if recipe is None else "fp8_blockwise"), None
+    if recipe is not None:
       # Token copies repeat x's rows, so x's tiles give the first projection's input metrics.
-      fp8.record(self, "fp8_act", fp8.activation_metrics(x_TD.astype(dtype)))
-      fp8.record(self, "fp8_weight_gate_up", fp8.weight_metrics(w_gate_up_EDF2.astype(dtype)))
-      fp8.record(self, "fp8_weight_down", fp8.weight_metrics(w_down_EFD.astype(dtype)))
+      pow2 = recipe.pow2_scales
+      fp8.record(self, "fp8_act", fp8.activation_metrics(x_TD.astype(dtype), pow2))
+      fp8.record(self, "fp8_weight_gate_up",
+                 fp8.weight_metrics(w_gate_up_EDF2.astype(dtype), pow2))
+      fp8.record(self, "fp8_weight_down", fp8.weight_metrics(w_down_EFD.astype(dtype), pow2))
       probes = (fp8.probe(self, "grad_gate_up"), fp8.probe(self, "grad_down"))
     y_TD = expert_parallel.expert_ffn(
         x_TD.astype(dtype), routing.expert_ids_TK, routing.weights_TK,
         w_gate_up_EDF2.astype(dtype), w_down_EFD.astype(dtype), backend=m.moe_backend,
-        all_to_all=m.get("moe_all_to_all", "auto"), quant=quant, fp8_probes=probes)
+        all_to_all=m.get("moe_all_to_all", "auto"), quant=quant, fp8_probes=probes,
+        fp8_recipe=recipe)
     y_BLD = y_TD.reshape(batch, length, d)
     if m.num_shared_experts:
       y_BLD = y_BLD + layers.SwiGLU(m, f * m.num_shared_experts, name="shared_experts")(x_BLD)

@@ -142,11 +142,11 @@ def op_times(trace_path: str, module: str) -> dict[str, float]:
   return dict(times)
 
 
-def breakdown(trace_path: str, hlo_text: str, steps: int) -> dict[str, Any]:
+def breakdown(trace_path: str, hlo_text: str, steps: int, top: int = 25) -> dict[str, Any]:
   """Returns the per-step device time of each category of a profiled program.
 
   `steps` is how many calls of the program the trace holds. The result holds `ms_per_step` and
-  `share` per category, the summed `device_ms_per_step`, and the ten costliest `top_ops`.
+  `share` per category, the summed `device_ms_per_step`, and the `top` costliest `top_ops`.
   """
   if steps <= 0:
     raise ValueError(f"steps: must be positive, got {steps}. Fix: pass the profiled step count.")
@@ -160,14 +160,13 @@ def breakdown(trace_path: str, hlo_text: str, steps: int) -> dict[str, Any]:
     per_category[categorize(names.get(op, ""))] += micros
   total = sum(per_category.values())
   ordered = sorted(per_category.items(), key=lambda kv: -kv[1])
-  top = sorted(times.items(), key=lambda kv: -kv[1])[:10]
   return {
       "device_ms_per_step": total / steps / 1e3,
       "ms_per_step": {k: v / steps / 1e3 for k, v in ordered},
       "share": {k: v / total for k, v in ordered},
       "top_ops": [{"op": op, "ms_per_step": micros / steps / 1e3,
                    "category": categorize(names.get(op, "")), "op_name": names.get(op, "")}
-                  for op, micros in top],
+                  for op, micros in sorted(times.items(), key=lambda kv: -kv[1])[:top]],
   }
 
 

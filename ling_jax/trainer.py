@@ -55,6 +55,9 @@ def validate_config(config: Any) -> None:
           "fix the schedule fields")
   if t.schedule not in ("wsm", "cosine", "wsd"):
     config_lib.fail("train.schedule", f"unknown {t.schedule!r}", "use 'wsm', 'cosine' or 'wsd'")
+  if t.get("moment_dtype", "float32") not in ("float32", "bfloat16"):
+    config_lib.fail("train.moment_dtype", f"unknown {t.moment_dtype!r}",
+                    "use 'float32' or 'bfloat16'")
   if t.seq_len > config.model.max_position_embeddings:
     config_lib.fail("train.seq_len", f"{t.seq_len} exceeds max_position_embeddings="
           f"{config.model.max_position_embeddings}", "shorten seq_len or raise the model's limit")

@@ -28,6 +28,7 @@ def test_1t_uses_rotary_dim_and_others_the_factor():
     ("hidden_size", 0, "hidden_size"),
     ("dtype", "float8", "dtype"),
     ("remat_policy", "sometimes", "remat_policy"),
+    ("embedding_backward", "atomic", "embedding_backward"),
 ])
 def test_bad_config_names_the_field(field, value, fragment, monkeypatch):
   m = ling2.model_config("tiny")

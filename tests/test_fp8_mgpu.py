@@ -115,8 +115,9 @@ def test_fp8_linear_grads_through_interpret_backend_match_reference():
 
 def test_auto_is_reference_on_cpu_and_unsupported_shapes_fall_back(monkeypatch):
   assert fp8_gemm._resolve_backend("auto") == "reference"
-  # On Hopper "auto" takes the kernels only once they are switched on (kernels/fp8_gemm.py).
+  # On Hopper "auto" takes the kernels while they are switched on (kernels/fp8_gemm.py).
   monkeypatch.setattr(fp8_gemm, "_is_hopper_gpu", lambda: True)
+  monkeypatch.setattr(fp8_gemm, "_AUTO_USES_KERNEL", False)
   assert fp8_gemm._resolve_backend("auto") == "reference"
   monkeypatch.setattr(fp8_gemm, "_AUTO_USES_KERNEL", True)
   assert fp8_gemm._resolve_backend("auto") == "pallas_mosaic_gpu"

@@ -29,3 +29,20 @@ def test_final_loss_is_the_window_mean_and_the_curve_holds_window_means():
 def test_too_few_shared_steps_for_the_window_is_a_clear_error():
   with pytest.raises(ValueError, match="--window"):
     fp8.parity_report(_run([1.0, 2.0]), _run([1.0]), window=2)
+
+
+def test_ablation_rows_compare_over_the_steps_every_run_reached():
+  base = _run([4.0, 4.0, 2.0, 2.0, 1.0, 3.0])
+  full = _run([4.4, 4.4, 2.2, 2.2, 1.1, 3.3])
+  half = _run([4.2, 4.2, 2.1, 2.1])  # cut after step 4: every run is compared on steps 1-4
+  rows = {r["run"]: r for r in fp8.ablation_rows({"none": base, "full": full, "half": half},
+                                                 "none", "full", window=2)}
+  assert rows["half"]["final"] == pytest.approx(2.1)
+  assert rows["half"]["vs_baseline"] == pytest.approx(0.05)
+  assert rows["half"]["vs_reference"] == pytest.approx(2.1 / 2.2 - 1)
+  assert rows["half"]["gaps"] == [pytest.approx(0.05), pytest.approx(0.05)]
+  assert rows["full"]["spans"] == ["1-2", "3-4"] and rows["none"]["vs_baseline"] == 0.0
+  table = fp8.ablation_markdown(list(rows.values()), "bfloat16")
+  assert "| half | 2.1000 | +5.00% | -4.55% | +5.00% | +5.00% |" in table
+  with pytest.raises(ValueError, match="--window"):
+    fp8.ablation_rows({"none": base, "half": half}, "none", "half", window=5)

@@ -31,6 +31,15 @@ _SMALL = {
 # of 32 columns through two SMEM slots.
 _SPLIT_M = mgpu.TileConfig(tile_m=128, tile_n=64, tile_k=64, stages=2, body="ws_chain", split="m",
                            epi_n=32)
+# Ping-pong: each compute warpgroup owns whole units; 3 stages over 2 K steps per unit make the
+# ring's slots wrap at a different step of each unit. With the lhs resident, 2 stages over 3 K
+# steps (stages may not exceed them) and 3 column tiles per item, so that an item's first unit
+# alternates between the warpgroups.
+_PING_PONG = {
+    "streamed": mgpu.TileConfig(tile_m=64, tile_n=64, tile_k=64, stages=3, body="pp"),
+    "resident": mgpu.TileConfig(tile_m=64, tile_n=64, tile_k=64, stages=2, body="pp",
+                                resident_lhs=True),
+}
 _SMALL_WGRAD = mgpu.WgradConfig(tile_k=64, tile_n=64, chunk=64, stages=2)
 _INTERPRET = plgpu.InterpretGPUParams()
 
@@ -121,11 +130,25 @@ def test_config_table_lookup_and_smem_fit():
   cfg = mgpu.tile_config(2048, 1024, False, jnp.bfloat16)
   assert cfg is mgpu.TILE_CONFIGS[(2048, 1024, False, "bfloat16")]
   assert mgpu.tile_config(96, 96, False, jnp.bfloat16) == mgpu.DEFAULT_TILE_CONFIG
-  for cfg in list(mgpu.TILE_CONFIGS.values()) + [mgpu.DEFAULT_TILE_CONFIG]:
+  entries = [(key[0], cfg) for key, cfg in mgpu.TILE_CONFIGS.items()]
+  for k_dim, cfg in entries + [(2048, mgpu.DEFAULT_TILE_CONFIG)]:
     for out_itemsize in (2, 4):
-      fitted = cfg.fit_smem(2, out_itemsize)
-      assert fitted.smem_bytes(2, out_itemsize) <= mgpu._SMEM_BUDGET
+      fitted = cfg.fit_smem(2, out_itemsize, k_dim=k_dim)
+      assert fitted.smem_bytes(2, out_itemsize, k_dim=k_dim) <= mgpu._SMEM_BUDGET
       assert fitted.stages >= 2 and fitted.tile_m == cfg.tile_m
+
+
+def test_resident_lhs_counts_all_of_k_and_needs_stages_within_k_steps():
+  """A resident lhs holds tile_m x K; its chunks are reloaded safely only with stages <= K steps."""
+  cfg = mgpu.parse_tile_config("pp:128:128:64:4:e64:a")
+  assert cfg.smem_bytes(2, 2, k_dim=512) - cfg.smem_bytes(2, 2, k_dim=0) == 128 * 512 * 2
+  rhs = lambda k: jax.ShapeDtypeStruct((8, k, 2048), jnp.bfloat16)
+  lhs = lambda k: jax.ShapeDtypeStruct((1024, k), jnp.bfloat16)
+  assert mgpu.supports(lhs(512), rhs(512), False, jnp.bfloat16, cfg)  # 224 KiB
+  assert not mgpu.supports(lhs(2048), rhs(2048), False, jnp.bfloat16, cfg)  # 512 KiB of lhs
+  assert not mgpu.supports(lhs(192), rhs(192), False, jnp.bfloat16, cfg)  # 4 stages, 3 steps
+  assert mgpu.supports(lhs(192), rhs(192), False, jnp.bfloat16,
+                       dataclasses.replace(cfg, stages=3))
 
 
 # The "pipe" body (a fallback no tiling table picks) runs the forward layout only, which keeps
@@ -159,6 +182,27 @@ def test_gmm_split_rows_and_slab_epilogue_interpret_matches_fp64(transpose):
   rhs = jnp.asarray(rng.standard_normal(shape), jnp.bfloat16)
   out = mgpu.gmm(lhs, rhs, jnp.asarray(sizes, jnp.int32), transpose_rhs=transpose,
                  out_dtype=jnp.float32, config=_SPLIT_M, interpret=_INTERPRET, num_sms=3)
+  ref = _np_gmm(_bf16_np(lhs), _bf16_np(rhs), sizes, transpose)
+  np.testing.assert_allclose(np.asarray(out, np.float64), ref, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize(("variant", "transpose", "num_rows", "sizes"), [
+    # Empty groups, a 3-row group, 27 tail rows.
+    ("resident", False, *_SIZE_CASES["ragged_with_tail"]),
+    ("streamed", True, *_SIZE_CASES["ragged_with_tail"]),
+    ("resident", True, *_SIZE_CASES["one_group_all_rows"]),
+    ("streamed", False, *_SIZE_CASES["fewer_rows_than_tile"]),
+])
+def test_gmm_ping_pong_interpret_matches_fp64(variant, transpose, num_rows, sizes):
+  cfg = _PING_PONG[variant]
+  k_dim, n_dim = (192, 3 * cfg.cta_n) if variant == "resident" else (128, 2 * cfg.cta_n)
+  rng = np.random.default_rng(num_rows + transpose)
+  lhs = jnp.asarray(rng.standard_normal((num_rows, k_dim)), jnp.bfloat16)
+  shape = (len(sizes), n_dim, k_dim) if transpose else (len(sizes), k_dim, n_dim)
+  rhs = jnp.asarray(rng.standard_normal(shape), jnp.bfloat16)
+  assert mgpu.supports(lhs, rhs, transpose, jnp.float32, cfg)
+  out = mgpu.gmm(lhs, rhs, jnp.asarray(sizes, jnp.int32), transpose_rhs=transpose,
+                 out_dtype=jnp.float32, config=cfg, interpret=_INTERPRET, num_sms=2)
   ref = _np_gmm(_bf16_np(lhs), _bf16_np(rhs), sizes, transpose)
   np.testing.assert_allclose(np.asarray(out, np.float64), ref, rtol=1e-5, atol=1e-4)
 
@@ -199,10 +243,17 @@ def test_epilogue_slabs_need_128_byte_rows():
 
 def test_tile_config_spec_round_trips_and_bad_tokens_fail():
   for cfg in [_SPLIT_M, mgpu.DEFAULT_TILE_CONFIG, mgpu.DEFAULT_SWIGLU_CONFIG,
-              *mgpu.TILE_CONFIGS.values()]:
+              *_PING_PONG.values(), *mgpu.TILE_CONFIGS.values()]:
     assert mgpu.parse_tile_config(cfg.spec()) == cfg
+  assert mgpu.parse_tile_config("pp:128:128:64:4:e64:a").resident_lhs
   with pytest.raises(ValueError, match="unknown token 'x'"):
     mgpu.parse_tile_config("ws:128:128:64:4:x")
+  with pytest.raises(ValueError, match="unknown body 'wss'"):
+    mgpu.parse_tile_config("wss:128:128:64:4")
+  with pytest.raises(ValueError, match="only the 'pp' body"):
+    mgpu.parse_tile_config("ws_chain:128:128:64:4:a")
+  with pytest.raises(ValueError, match="drop the 'm'"):
+    mgpu.parse_tile_config("pp:128:128:64:4:m")
 
 
 @pytest.mark.parametrize("case", sorted(_SIZE_CASES))
@@ -236,6 +287,16 @@ def test_gmm_lowers_for_cuda_at_ling_mini_shapes(transpose, shape):
   f = jax.jit(lambda a, b, s: mgpu.gmm(a, b, s, transpose_rhs=transpose, num_sms=132))
   lowered = f.trace(jax.ShapeDtypeStruct((8192, k_dim), jnp.bfloat16),
                     jax.ShapeDtypeStruct(rhs_shape, jnp.bfloat16),
+                    jax.ShapeDtypeStruct((256,), jnp.int32)).lower(lowering_platforms=("cuda",))
+  assert "mosaic_gpu" in lowered.as_text()
+
+
+def test_resident_lhs_lowers_for_cuda_at_ling_mini_down_shape():
+  """The streamed ping-pong body is the table's, lowered by the test above."""
+  cfg = mgpu.parse_tile_config("pp:128:128:64:4:e64:a")
+  f = jax.jit(lambda a, b, s: mgpu.gmm(a, b, s, config=cfg, num_sms=132))
+  lowered = f.trace(jax.ShapeDtypeStruct((8192, 512), jnp.bfloat16),
+                    jax.ShapeDtypeStruct((256, 512, 2048), jnp.bfloat16),
                     jax.ShapeDtypeStruct((256,), jnp.int32)).lower(lowering_platforms=("cuda",))
   assert "mosaic_gpu" in lowered.as_text()
 

@@ -1,7 +1,9 @@
-"""RoPE with YaRN scaling against hand-worked values of the released semantics."""
+"""RoPE with YaRN scaling against hand-worked values of the released semantics; the embedding."""
 
+import functools
 import math
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -135,3 +137,49 @@ def test_bad_rope_scaling_names_the_key_and_the_fix(scaling, max_pos, fragment):
   with pytest.raises(config_lib.ConfigError, match="Fix") as e:
     layers.validate_rope_scaling(m)
   assert fragment in str(e.value)
+
+
+# --- The embedding's sorted backward ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ids", [
+    [3, 0, 3, 3, 7, 0, 1, 3, 3, 7, 2, 3],  # hot rows, every row of a run apart
+    [5] * 12,                               # one row takes every token
+    list(range(11, -1, -1)),                # no two tokens share a row
+])
+def test_segment_sum_sorted_matches_a_loop(ids):
+  rng = np.random.default_rng(0)
+  values = rng.normal(size=(len(ids), 4)).astype(np.float32)
+  want = np.zeros((13, 4), np.float64)
+  for row, value in zip(ids, values):
+    want[row] += value
+  got = layers.segment_sum_sorted(jnp.asarray(values, jnp.bfloat16).astype(jnp.float32),
+                                  jnp.asarray(ids, jnp.int32), 13)
+  want_bf = np.zeros((13, 4), np.float64)
+  for row, value in zip(ids, np.asarray(jnp.asarray(values, jnp.bfloat16), np.float64)):
+    want_bf[row] += value
+  np.testing.assert_allclose(np.asarray(got), want_bf, rtol=1e-6, atol=1e-6)
+  assert np.abs(np.asarray(got) - want).max() < 0.05  # bf16 inputs, fp32 sums
+
+
+def test_embedding_backwards_agree():
+  m = ling2.get_config("tiny").model
+  ids_BL = np.random.default_rng(1).integers(0, 6, size=(2, 9))
+  cotangent_BLD = jax.random.normal(jax.random.key(2), (2, 9, 8), jnp.bfloat16)
+  want_VD = np.zeros((m.vocab_size, 8))
+  for row, value in zip(ids_BL.reshape(-1), np.asarray(cotangent_BLD, np.float64).reshape(-1, 8)):
+    want_VD[row] += value
+  grads = {}
+  for backward in ("scatter", "sorted"):
+    module = layers.Embed(m.vocab_size, 8, dtype=jnp.bfloat16, backward=backward)
+    variables = module.init(jax.random.key(0), jnp.asarray(ids_BL))
+    out, vjp = jax.vjp(functools.partial(module.apply, inputs=jnp.asarray(ids_BL)), variables)
+    assert out.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(
+        out, np.asarray(variables["params"]["embedding"])[ids_BL].astype(jnp.bfloat16))
+    grads[backward] = np.asarray(vjp(cotangent_BLD)[0]["params"]["embedding"])
+  # The sorted backward sums in fp32; XLA's scatter-add of the bf16 rows sums in bf16.
+  np.testing.assert_allclose(grads["sorted"], want_VD, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(grads["scatter"], want_VD, rtol=2e-2, atol=2e-2)
+  assert np.abs(grads["sorted"][6:]).max() == 0  # rows no token uses get nothing
+

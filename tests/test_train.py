@@ -9,6 +9,7 @@ import pytest
 
 from configs import ling2
 from ling_jax import train
+from ling_jax import trainer
 
 
 def _micro_config():
@@ -129,6 +130,23 @@ def test_cross_entropy_sum_against_numpy():
   np.testing.assert_allclose(got, want, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_cross_entropy_gradient_against_numpy(dtype):
+  rng = np.random.default_rng(1)
+  logits = np.asarray(jnp.asarray(rng.normal(size=(2, 3, 7)) * 3, dtype), np.float64)
+  targets = rng.integers(0, 7, (2, 3))
+  mask = np.array([[1, 1, 0], [1, 0, 1]], np.float64)
+  # d/dlogits of sum(mask * (logsumexp - target logit)) = mask * (softmax - one_hot).
+  probs = np.exp(logits - logits.max(-1, keepdims=True))
+  probs /= probs.sum(-1, keepdims=True)
+  want = (probs - np.eye(7)[targets]) * mask[..., None]
+  got = jax.grad(train.cross_entropy_sum)(jnp.asarray(logits, dtype), jnp.asarray(targets),
+                                          jnp.asarray(mask, jnp.float32))
+  assert got.dtype == dtype
+  np.testing.assert_allclose(np.asarray(got, np.float64), want,
+                             atol=1e-6 if dtype == jnp.float32 else 4e-3)
+
+
 @pytest.mark.parametrize("schedule", ["wsm", "cosine", "wsd"])
 def test_schedules(schedule):
   t = ling2.get_config("tiny").train
@@ -147,3 +165,52 @@ def test_schedules(schedule):
 def test_no_weight_decay_on_norm_scales():
   mask = train._decay_mask({"a": {"scale": 1, "kernel": 2}, "embed": {"embedding": 3}})
   assert mask == {"a": {"scale": False, "kernel": True}, "embed": {"embedding": True}}
+
+
+def _adam_numpy(grads, b1, b2, eps):
+  """Adam's scaled updates for a sequence of gradients, in float64."""
+  mu = nu = 0.0
+  out = []
+  for step, g in enumerate(grads, start=1):
+    mu = b1 * mu + (1 - b1) * g
+    nu = b2 * nu + (1 - b2) * g * g
+    out.append((mu / (1 - b1 ** step)) / (np.sqrt(nu / (1 - b2 ** step)) + eps))
+  return out
+
+
+@pytest.mark.parametrize("dtype,rtol", [(jnp.float32, 1e-5), (jnp.bfloat16, 3e-2)])
+def test_adam_with_stored_moments_against_numpy(dtype, rtol):
+  rng = np.random.default_rng(0)
+  grads = [rng.normal(size=(3, 5)).astype(np.float32) * 10 ** rng.uniform(-3, 1) for _ in range(6)]
+  opt = train.scale_by_adam_stored_in(dtype, 0.9, 0.95, 1e-8)
+  state = opt.init({"w": jnp.zeros((3, 5))})
+  assert state.mu["w"].dtype == dtype and state.nu["w"].dtype == dtype
+  want = _adam_numpy([g.astype(np.float64) for g in grads], 0.9, 0.95, 1e-8)
+  for g, w in zip(grads, want):
+    updates, state = opt.update({"w": jnp.asarray(g)}, state)
+    assert updates["w"].dtype == jnp.float32
+    np.testing.assert_allclose(updates["w"], w, rtol=rtol, atol=rtol * 1e-3)
+  assert int(state.count) == len(grads)
+
+
+def test_bfloat16_moments_keep_the_optimizer_state_structure():
+  t = ling2.get_config("tiny").train
+  params = {"dense": {"kernel": jnp.ones((4, 2))}, "norm": {"scale": jnp.ones((4,))}}
+  grads = jax.tree.map(lambda p: 0.5 * p, params)
+  states = {}
+  for moment_dtype in ("float32", "bfloat16"):
+    t.moment_dtype = moment_dtype
+    opt = train.make_optimizer(t)
+    state = opt.init(params)
+    updates, state = opt.update(grads, state, params)
+    states[moment_dtype] = (jax.tree.structure(state), updates)
+  assert states["float32"][0] == states["bfloat16"][0]  # checkpoints restore either way
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-2),
+               states["float32"][1], states["bfloat16"][1])
+
+
+def test_unknown_moment_dtype_names_the_field():
+  config = ling2.get_config("tiny")
+  config.train.moment_dtype = "float16"
+  with pytest.raises(ValueError, match="config.train.moment_dtype.*Fix"):
+    trainer.validate_config(config)
