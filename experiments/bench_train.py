@@ -225,10 +225,14 @@ def markdown(results: list[dict[str, Any]], projections: list[dict[str, Any]]) -
 def main(argv: list[str]) -> None:
   del argv
   base = _CONFIG.value
+  depths = [int(d) for d in _DEPTHS.value] or [None]
+  if _PROFILE_DEPTH.value is not None and _PROFILE_DEPTH.value not in depths:
+    raise app.UsageError(f"--profile_depth={_PROFILE_DEPTH.value} is not one of --depths="
+                         f"{','.join(_DEPTHS.value)}: pick one of them, or leave it unset to "
+                         "profile the deepest")
+  profile_depth = _PROFILE_DEPTH.value or max(depths, key=lambda d: d or 0)  # One is profiled.
   os.makedirs(_OUT_DIR.value, exist_ok=True)
   trainer.enable_compilation_cache(base.train.get("compilation_cache_dir"))
-  depths = [int(d) for d in _DEPTHS.value] or [None]
-  profile_depth = _PROFILE_DEPTH.value or max(depths, key=lambda d: d or 0)  # One is profiled.
   t = base.train
   if _DATA.value == "corpus":
     source = phases.make_train_batches(base, trainer.data_shards(base))

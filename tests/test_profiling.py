@@ -152,3 +152,14 @@ def test_bench_train_end_to_end(tmp_path):
   assert (tmp_path / "none-L2.trace.json.gz").exists()
   assert (tmp_path / "none-L2.hlo.txt.gz").exists()
   assert "| none-L2 |" in (tmp_path / "summary.md").read_text()
+
+
+def test_bench_train_refuses_a_profile_depth_it_does_not_run(tmp_path):
+  out = tmp_path / "out"
+  cmd = [sys.executable, "-m", "experiments.bench_train", "--config=configs/ling2.py:tiny",
+         "--depths=2,4", "--profile_depth=3", f"--out_dir={out}"]
+  proc = subprocess.run(cmd, capture_output=True, text=True, env=test_trainer._env(),
+                        timeout=300, cwd=os.path.dirname(os.path.dirname(__file__)))
+  assert proc.returncode != 0
+  assert "--profile_depth=3 is not one of --depths=2,4" in proc.stderr + proc.stdout
+  assert not out.exists()  # refused before anything is written or compiled
