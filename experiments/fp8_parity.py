@@ -21,6 +21,16 @@ then ran ~10x slower each, the GPU time-slicing between processes (BENCHMARKS.md
 `--report_only` rebuilds the reports from the workdirs, e.g. after `--time_limit_s` cut the
 runs (they are compared over the steps all of them reached).
 
+One pair's gap moves by about +-2% with the seed at the tiny config (trajectories drift apart), so
+the parity is best judged over several seeds:
+
+  python -m experiments.fp8_parity --out_dir=/tmp/parity --steps=1000 --seeds=0,1,2
+
+Each seed's pair trains in `--out_dir/seed_S` (`config.train.seed=S`, which also sets the data
+order) and gets its own `parity.md`; `seeds.md` and `seeds.json` hold the per-seed gaps, their
+mean and spread, and the verdict is on the mean gap. The pairs run seed by seed, so a time limit
+leaves whole pairs behind.
+
 XLA:GPU may fold an f32 -> e4m3 -> f32 round trip of the pure-JAX FP8 reference into nothing
 unless excess precision is off; kernels/fp8_quant.py now blocks that itself, and the runs keep
 `--xla_allow_excess_precision=false` as the session-2/3 runs had it.
@@ -48,6 +58,9 @@ _EXTRA = flags.DEFINE_multi_string("override", [], "More --config.* flags for ev
 _RECIPES = flags.DEFINE_list("recipes", ["full"], "model.fp8_recipe values to train in FP8.")
 _JOBS = flags.DEFINE_integer("jobs", 1, "Trainings run at a time.")
 _REPORT_ONLY = flags.DEFINE_bool("report_only", False, "Only rebuild the reports.")
+_SEEDS = flags.DEFINE_list(
+    "seeds", [], "config.train.seed of each pair, e.g. 0,1,2 (empty: the config's seed, runs "
+    "directly in --out_dir).")
 _TIME_LIMIT = flags.DEFINE_integer(
     "time_limit_s", 0, "Stop the trainings after this long in all and compare the steps they "
     "all reached (0: no limit).")
@@ -60,49 +73,102 @@ def run_name(recipe: str | None) -> str:
   return "fp8_blockwise" if recipe == "full" else f"fp8_{recipe}"
 
 
-def train_command(recipe: str | None, workdir: str) -> list[str]:
+def run_dir(seed: int | None, recipe: str | None) -> str:
+  """The workdir of a run: `--out_dir/[seed_S/]name`."""
+  seed_dir = "" if seed is None else f"seed_{seed}"
+  return os.path.join(_OUT_DIR.value, seed_dir, run_name(recipe))
+
+
+def train_command(recipe: str | None, workdir: str, seed: int | None = None) -> list[str]:
   """The `experiments.train` command of one run (recipe None: the baseline)."""
   quant = ["--config.model.quant=none"] if recipe is None else [
       "--config.model.quant=fp8_blockwise", f"--config.model.fp8_recipe={recipe}"]
   return [sys.executable, "-m", "experiments.train", f"--config={_CONFIG.value}",
           f"--workdir={workdir}", *quant, f"--config.model.dtype={_BASELINE_DTYPE.value}",
           f"--config.train.num_steps={_STEPS.value}", "--config.train.log_every=1",
-          *_EXTRA.value]
+          *([] if seed is None else [f"--config.train.seed={seed}"]), *_EXTRA.value]
 
 
-def _start(recipe: str | None) -> subprocess.Popen:
+def _start(seed: int | None, recipe: str | None) -> subprocess.Popen:
   env = dict(os.environ, PYTHONUNBUFFERED="1")
   env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_allow_excess_precision=false").strip()
-  name = run_name(recipe)
-  cmd = train_command(recipe, os.path.join(_OUT_DIR.value, name))
-  metrics_lib.log("Training %s: %s", name, " ".join(cmd))
-  with open(os.path.join(_OUT_DIR.value, f"{name}.log"), "w") as log:
+  workdir = run_dir(seed, recipe)
+  cmd = train_command(recipe, workdir, seed)
+  metrics_lib.log("Training %s: %s", workdir, " ".join(cmd))
+  os.makedirs(os.path.dirname(workdir), exist_ok=True)
+  with open(f"{workdir}.log", "w") as log:
     return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
-def _train_all(recipes: list[str | None]) -> list[str]:
-  """Runs the trainings, `--jobs` at a time (each resumes, or skips, a run already in its
-  workdir); returns the names of those that failed."""
+def _train_all(runs: list[tuple[int | None, str | None]]) -> list[str]:
+  """Runs the (seed, recipe) trainings in order, `--jobs` at a time (each resumes, or skips, a
+  run already in its workdir); returns the workdirs of those that failed."""
   deadline = time.monotonic() + _TIME_LIMIT.value if _TIME_LIMIT.value else float("inf")
-  waiting, running, failed = list(recipes), [], []
+  waiting, running, failed = list(runs), [], []
   while waiting or running:
     while waiting and len(running) < max(_JOBS.value, 1) and time.monotonic() < deadline:
       r = waiting.pop(0)
-      running.append((_start(r), r))
+      running.append((_start(*r), r))
     if time.monotonic() >= deadline:
       for proc, r in running:
         proc.terminate()
         proc.wait()
-        metrics_lib.log("Stopped %s at the time limit.", run_name(r))
-      failed += [f"{run_name(r)} (not started: time limit)" for r in waiting]
+        metrics_lib.log("Stopped %s at the time limit.", run_dir(*r))
+      failed += [f"{run_dir(*r)} (not started: time limit)" for r in waiting]
       break
     for proc, r in list(running):
       if proc.poll() is not None:
         running.remove((proc, r))
         if proc.returncode != 0:
-          failed.append(run_name(r))
+          failed.append(run_dir(*r))
     time.sleep(1)
   return failed
+
+
+def _parse_seeds() -> list[int | None]:
+  try:
+    seeds = [int(v) for v in _SEEDS.value]
+  except ValueError:
+    raise app.UsageError(f"--seeds: {_SEEDS.value} are not all integers; use e.g. --seeds=0,1,2.")
+  if len(set(seeds)) != len(seeds):
+    raise app.UsageError(f"--seeds: {_SEEDS.value} repeats a seed; list each once.")
+  return seeds or [None]
+
+
+def _write(name: str, text: str, seed_dir: str = "") -> None:
+  with open(os.path.join(_OUT_DIR.value, seed_dir, name), "w") as f:
+    f.write(text)
+
+
+def _report_seed(seed: int | None, recipes: list[str]) -> dict | None:
+  """Writes one pair's parity (and ablation) reports; returns its parity result, or None when
+  the pair did not both log enough steps."""
+  seed_dir = "" if seed is None else f"seed_{seed}"
+  runs = {}
+  for r in [None, *recipes]:
+    path = os.path.join(run_dir(seed, r), "metrics.jsonl")
+    if os.path.exists(path):
+      runs[r or "none"] = metrics_lib.read_jsonl(path)
+  if "none" not in runs or "full" not in runs:
+    metrics_lib.log("Seed %s: the pair did not both run; no report.", seed)
+    return None
+  try:
+    result = fp8.parity_report(runs["none"], runs["full"], _WINDOW.value)
+  except ValueError as e:
+    metrics_lib.log("Seed %s: no report (%s).", seed, e)
+    return None
+  result["passed"] = abs(result["relative_difference"]) <= _TOLERANCE.value
+  _write("parity.json", json.dumps(result, indent=1), seed_dir)
+  report = fp8.parity_markdown(result, _BASELINE_DTYPE.value)
+  _write("parity.md", report, seed_dir)
+  print(report if seed is None else f"Seed {seed}:\n{report}")
+  if len(runs) > 2:
+    rows = fp8.ablation_rows(runs, "none", "full", _WINDOW.value)
+    table = fp8.ablation_markdown(rows, _BASELINE_DTYPE.value)
+    _write("ablation.md", table, seed_dir)
+    _write("ablation.json", json.dumps(rows, indent=1), seed_dir)
+    print(table)
+  return result
 
 
 def main(argv: list[str]) -> None:
@@ -111,32 +177,29 @@ def main(argv: list[str]) -> None:
   unknown = [r for r in _RECIPES.value if r not in fp8.RECIPES]
   if unknown:
     raise app.UsageError(f"--recipes: unknown {unknown}; use names of {tuple(fp8.RECIPES)}.")
+  seeds = _parse_seeds()
   recipes = list(dict.fromkeys(["full", *_RECIPES.value]))
-  failed = [] if _REPORT_ONLY.value else _train_all([None, *recipes])
-  runs = {}
-  for r in [None, *recipes]:
-    path = os.path.join(_OUT_DIR.value, run_name(r), "metrics.jsonl")
-    if os.path.exists(path):
-      runs[r or "none"] = metrics_lib.read_jsonl(path)
-  result = fp8.parity_report(runs["none"], runs["full"], _WINDOW.value)
-  result["passed"] = abs(result["relative_difference"]) <= _TOLERANCE.value
-  with open(os.path.join(_OUT_DIR.value, "parity.json"), "w") as f:
-    json.dump(result, f, indent=1)
-  report = fp8.parity_markdown(result, _BASELINE_DTYPE.value)
-  with open(os.path.join(_OUT_DIR.value, "parity.md"), "w") as f:
-    f.write(report)
-  print(report)
-  print(f"PARITY {'PASS' if result['passed'] else 'FAIL'} (tolerance {_TOLERANCE.value:.1%})")
-  if len(runs) > 2:
-    rows = fp8.ablation_rows(runs, "none", "full", _WINDOW.value)
-    table = fp8.ablation_markdown(rows, _BASELINE_DTYPE.value)
-    with open(os.path.join(_OUT_DIR.value, "ablation.md"), "w") as f:
-      f.write(table)
-    with open(os.path.join(_OUT_DIR.value, "ablation.json"), "w") as f:
-      json.dump(rows, f, indent=1)
+  jobs = [(seed, r) for seed in seeds for r in [None, *recipes]]
+  failed = [] if _REPORT_ONLY.value else _train_all(jobs)
+  results = {seed: _report_seed(seed, recipes) for seed in seeds}
+  results = {seed: r for seed, r in results.items() if r is not None}
+  tol = f"(tolerance {_TOLERANCE.value:.1%})"
+  if seeds == [None]:
+    if results:
+      print(f"PARITY {'PASS' if results[None]['passed'] else 'FAIL'} {tol}")
+  elif results:
+    summary = fp8.seed_summary(results)
+    summary["passed"] = abs(summary["mean_relative_difference"]) <= _TOLERANCE.value
+    _write("seeds.json", json.dumps(summary, indent=1))
+    table = fp8.seed_markdown(summary, _BASELINE_DTYPE.value)
+    _write("seeds.md", table)
     print(table)
+    print(f"PARITY {'PASS' if summary['passed'] else 'FAIL'} on the mean gap over seeds "
+          f"{summary['seeds']} {tol}")
   if failed:
-    raise RuntimeError(f"Training failed: {failed}; see their logs in {_OUT_DIR.value}.")
+    raise RuntimeError(f"Training failed: {failed}; see their logs beside the workdirs.")
+  if not results:
+    raise RuntimeError(f"No pair of runs to compare in {_OUT_DIR.value}.")
 
 
 if __name__ == "__main__":

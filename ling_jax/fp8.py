@@ -233,3 +233,44 @@ def ablation_markdown(rows: list[dict[str, Any]], baseline_name: str) -> str:
                  f"{r['vs_reference']:+.2%} | " + " | ".join(f"{g:+.2%}" for g in r["gaps"])
                  + " |")
   return "\n".join(lines) + "\n"
+
+
+def seed_summary(results: dict[int, dict[str, Any]]) -> dict[str, Any]:
+  """Mean and spread over seeds of per-seed `parity_report` results ({seed: result}).
+
+  One pair's gap is set as much by where two trajectories drift apart as by FP8 itself (about
+  +-2% at the tiny config, BENCHMARKS.md), so the parity is judged on the mean gap over seeds,
+  with its standard error beside it.
+  """
+  if not results:
+    raise ValueError("--seeds: no seed's pair of runs finished. Fix: check the runs' logs.")
+  seeds = sorted(results)
+  gaps = np.array([results[s]["relative_difference"] for s in seeds])
+  base = np.array([results[s]["final_baseline"] for s in seeds])
+  quant = np.array([results[s]["final_fp8"] for s in seeds])
+  std = float(gaps.std(ddof=1)) if len(seeds) > 1 else 0.0
+  return {
+      "seeds": seeds,
+      "per_seed": [{"seed": s, "final_baseline": float(b), "final_fp8": float(q),
+                    "relative_difference": float(g)}
+                   for s, b, q, g in zip(seeds, base, quant, gaps)],
+      "mean_relative_difference": float(gaps.mean()),
+      "std_relative_difference": std,
+      "stderr_relative_difference": std / np.sqrt(len(seeds)),
+      "mean_final_baseline": float(base.mean()), "mean_final_fp8": float(quant.mean()),
+      "window": results[seeds[0]]["window"],
+  }
+
+
+def seed_markdown(summary: dict[str, Any], baseline_name: str) -> str:
+  """Returns `seed_summary` as Markdown: one row per seed, then the mean."""
+  w = summary["window"]
+  lines = [f"| seed | {baseline_name} final loss (last {w} steps) | FP8 final loss | rel. diff |",
+           "|---:|---:|---:|---:|"]
+  lines += [f"| {r['seed']} | {r['final_baseline']:.4f} | {r['final_fp8']:.4f} | "
+            f"{r['relative_difference']:+.2%} |" for r in summary["per_seed"]]
+  lines.append(f"| mean of {len(summary['seeds'])} | {summary['mean_final_baseline']:.4f} | "
+               f"{summary['mean_final_fp8']:.4f} | {summary['mean_relative_difference']:+.2%} "
+               f"(sd {summary['std_relative_difference']:.2%}, "
+               f"s.e. {summary['stderr_relative_difference']:.2%}) |")
+  return "\n".join(lines) + "\n"

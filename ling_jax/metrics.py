@@ -23,7 +23,8 @@ def progress_line(step: int, num_steps: int, scalars: dict[str, float]) -> str:
       f"lr {scalars['lr']:.2e}",
       f"gnorm {scalars['grad_norm']:.3f}",
       f"tok/s {scalars['tokens_per_sec']:,.0f}" if "tokens_per_sec" in scalars else None,
-      f"mfu {100 * mfu:.1f}%" if mfu is not None else "mfu n/a",
+      f"mfu {100 * mfu:.1f}%" if mfu is not None else
+      ("mfu n/a" if "tokens_per_sec" in scalars else None),
       f"maxvio {scalars['max_violation']:.2f}",
       f"nan-skips {int(scalars['nan_skips'])}" if scalars.get("nan_skips") else None,
       f"eta {format_duration(scalars['eta_sec'])}" if "eta_sec" in scalars else None,

@@ -239,16 +239,17 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
       if step % t.log_every == 0 or step == t.num_steps:
         scalars = {k: float(v) for k, v in jax.device_get(step_metrics).items() if v.ndim == 0}
         now = time.time()
-        sec_per_step = (now - last_time) / max(step - last_step, 1)
-        last_time, last_step = now, step
         rows = phases.batch_size_at(t, step - 1)  # Below batch_size during a ramp.
         if t.get("batch_size_ramp_start"):
           scalars["batch_size"] = float(rows)
-        scalars["tokens_per_sec"] = rows * t.seq_len / sec_per_step
-        scalars["mfu"] = (flops_per_step * rows / t.batch_size / sec_per_step
-                          / (peak * jax.device_count()) if peak else None)
+        if step > last_step:  # No throughput for the first step: its time was compilation.
+          sec_per_step = (now - last_time) / (step - last_step)
+          scalars["tokens_per_sec"] = rows * t.seq_len / sec_per_step
+          scalars["mfu"] = (flops_per_step * rows / t.batch_size / sec_per_step
+                            / (peak * jax.device_count()) if peak else None)
+          scalars["eta_sec"] = sec_per_step * (t.num_steps - step)
+        last_time, last_step = now, step
         scalars["nan_skips"] = float(state.nan_skips)
-        scalars["eta_sec"] = sec_per_step * (t.num_steps - step)
         metrics_lib.log("%s", metrics_lib.progress_line(step, t.num_steps, scalars))
         writer.write(step, scalars)
         final.update(scalars)

@@ -46,3 +46,24 @@ def test_ablation_rows_compare_over_the_steps_every_run_reached():
   assert "| half | 2.1000 | +5.00% | -4.55% | +5.00% | +5.00% |" in table
   with pytest.raises(ValueError, match="--window"):
     fp8.ablation_rows({"none": base, "half": half}, "none", "half", window=5)
+
+
+def test_seed_summary_is_the_mean_and_spread_of_the_per_seed_gaps():
+  results = {
+      s: fp8.parity_report(_run([2.0, 2.0]), _run([2.0, 2.0 * (1 + 2 * g)]), window=2)
+      for s, g in ((0, 0.01), (1, -0.02), (7, 0.04))}
+  # Each pair's final-loss gap is the window mean: (2 + 2(1 + 2g)) / 2 / 2 - 1 = g.
+  summary = fp8.seed_summary(results)
+  gaps = [0.01, -0.02, 0.04]
+  assert summary["seeds"] == [0, 1, 7]
+  assert [r["relative_difference"] for r in summary["per_seed"]] == [pytest.approx(g) for g in gaps]
+  assert summary["mean_relative_difference"] == pytest.approx(0.01)
+  sd = (sum((g - 0.01) ** 2 for g in gaps) / 2) ** 0.5
+  assert summary["std_relative_difference"] == pytest.approx(sd)
+  assert summary["stderr_relative_difference"] == pytest.approx(sd / 3 ** 0.5)
+  assert summary["mean_final_baseline"] == pytest.approx(2.0)
+  table = fp8.seed_markdown(summary, "bfloat16")
+  assert "| 1 | 2.0000 | 1.9600 | -2.00% |" in table
+  assert "| mean of 3 | 2.0000 | 2.0200 | +1.00% (sd 3.00%, s.e. 1.73%) |" in table
+  with pytest.raises(ValueError, match="--seeds"):
+    fp8.seed_summary({})
