@@ -37,6 +37,14 @@ Kernel bodies that share the schedule and the store:
     "consumed" barrier one step late, after the wgmma that read the slot has finished.
     With `resident_lhs` (spec token "a") each SM takes whole items and keeps their lhs rows,
     all of K, in shared memory, so that only rhs streams (small K only; it lost at K=512).
+    With `ordered` (spec token "o") the main loops take strict turns, as in CUTLASS's ping-pong:
+    a warpgroup issues its unit's first wgmma only once the other has issued the last of the
+    unit before, so that the tensor cores run one main loop at a time and each epilogue has the
+    other warpgroup's whole main loop to hide behind.
+    With `multicast_lhs` (spec token "c") the SMs pair up in 2-CTA clusters that take column
+    tiles 2c and 2c + 1 of the same item at the same time: each CTA loads half of every lhs
+    step and TMA multicasts it to both, so that lhs crosses from L2 once per pair. A slot is
+    reloaded only when both CTAs have released it (a cluster-wide "consumed" barrier).
   - "pipe": one warpgroup, `plgpu.emit_pipeline` (simpler; kept as a fallback and a baseline).
 The epilogue of the "ws" bodies stores in slabs of `epi_n` columns through two SMEM slots: a
 slab's TMA store runs while the next slab is written, and the last ones while the next unit's
@@ -79,6 +87,8 @@ class TileConfig:
   split: str = "n"  # ws bodies: the compute warpgroups split the CTA tile's columns or rows ("m")
   epi_n: int | None = None  # columns per epilogue store slab; None: all tile_n at once
   resident_lhs: bool = False  # "pp" only: keep each item's lhs rows (all of K) in shared memory
+  ordered: bool = False  # "pp" only: the compute warpgroups' main loops take strict turns
+  multicast_lhs: bool = False  # "pp" only: 2-CTA clusters on neighbouring column tiles share lhs
 
   @property
   def splits_tile(self) -> bool:
@@ -128,9 +138,10 @@ class TileConfig:
     return cfg
 
   def spec(self) -> str:
-    """The bench flag string: body:tile_m:tile_n:tile_k:stages[:m][:e<epi_n>][:a]."""
+    """The bench flag string: body:tile_m:tile_n:tile_k:stages[:m][:e<epi_n>][:a][:o][:c]."""
     extra = (":m" if self.split == "m" else "") + (f":e{self.epi_n}" if self.epi_n else "")
-    extra += ":a" if self.resident_lhs else ""
+    extra += (":a" if self.resident_lhs else "") + (":o" if self.ordered else "")
+    extra += ":c" if self.multicast_lhs else ""
     return f"{self.body}:{self.tile_m}:{self.tile_n}:{self.tile_k}:{self.stages}{extra}"
 
 
@@ -143,7 +154,7 @@ def parse_tile_config(spec: str) -> TileConfig:
   if body not in _BODIES:
     raise ValueError(f"parse_tile_config: unknown body {body!r} in {spec!r}; expected one of "
                      f"{_BODIES}.")
-  split, epi_n, resident = "n", None, False
+  split, epi_n, resident, ordered, multicast = "n", None, False, False, False
   for token in extra:
     if token == "m":
       split = "m"
@@ -151,23 +162,41 @@ def parse_tile_config(spec: str) -> TileConfig:
       epi_n = int(token[1:])
     elif token == "a":
       resident = True
+    elif token == "o":
+      ordered = True
+    elif token == "c":
+      multicast = True
     else:
       raise ValueError(f"parse_tile_config: unknown token {token!r} in {spec!r}; expected 'm' "
-                       "(split rows), 'e<int>' (epilogue slab columns) or 'a' (resident lhs).")
+                       "(split rows), 'e<int>' (epilogue slab columns), 'a' (resident lhs), "
+                       "'o' (ordered main loops) or 'c' (2-CTA clusters sharing lhs).")
   if split == "m" and body not in ("ws", "ws_chain"):
     raise ValueError(f"parse_tile_config: {spec!r} splits rows ('m'), which only the 'ws' and "
                      "'ws_chain' bodies do; drop the 'm'.")
   if resident and body != "pp":
     raise ValueError(f"parse_tile_config: {spec!r} keeps lhs resident ('a'), which only the "
                      "'pp' body does; drop the 'a' or use body 'pp'.")
-  return TileConfig(int(tm), int(tn), int(tk), int(stages), body, split, epi_n, resident)
+  if (ordered or multicast) and body != "pp":
+    raise ValueError(f"parse_tile_config: {spec!r} asks for 'o' (ordered main loops) or 'c' "
+                     "(clusters sharing lhs), which only the 'pp' body has; drop them or use "
+                     "body 'pp'.")
+  if multicast and resident:
+    raise ValueError(f"parse_tile_config: {spec!r} combines 'a' (resident lhs) with 'c' "
+                     "(clusters sharing lhs); keep one of them.")
+  return TileConfig(int(tm), int(tn), int(tk), int(stages), body, split, epi_n, resident, ordered,
+                    multicast)
 
 
 # Chosen from measurements on an H200 on 2026-11-29 (experiments/bench_kernels.py; the figures are
 # in BENCHMARKS.md). Session 4: the ping-pong body with 128x128 units won all four Ling-mini
 # problems against session 3's entries (balanced: down 519 vs 471, up 648 vs 626, up dgrad 622
 # vs 590, down dgrad 574 vs 563 TFLOP/s; Zipf likewise), as did the expert FFN under jax.grad.
-# The resident-lhs variant lost at K=512 (463 and, with tile_k 128, 357).
+# The resident-lhs variant lost at K=512 (463 and, with tile_k 128, 357). Session 5 (2026-11-30,
+# after the schedule's one-fusion searchsorted, which alone took the down projection from 504 to
+# 453 us a call): the ordered ("o") and lhs-multicast ("c") variants did not win both balances
+# in two calls (balanced / Zipf, first and second call: down fwd table 570 / 517 and 580 / 507,
+# "c" 577 / 500 and 587 / 489; up fwd table 640 / 581 and 677 / 556, "o" 660 / 571 and
+# 687 / 581), nor the expert FFN (550 with both against the table's 555), so the table stays.
 # Key: (K, N, transpose_rhs, dtype name) of the forward op as the kernel sees it.
 _PING_PONG = TileConfig(128, 128, 64, 6, "pp", epi_n=64)  # 6 x 32 KiB ring + 2 x 16 KiB staging
 TILE_CONFIGS: dict[tuple[int, int, bool, str], TileConfig] = {
@@ -246,8 +275,10 @@ def make_tile_schedule(group_sizes_G: jax.Array, num_rows: int, tile_m: int) -> 
   item_ends_H = jnp.cumsum(tiles_H)
   item_starts_H = item_ends_H - tiles_H
   items_I = jnp.arange(max_schedule_items(num_rows, num_groups, tile_m), dtype=jnp.int32)
-  group_I = jnp.searchsorted(item_ends_H, items_I, side="right").astype(jnp.int32)
-  group_I = jnp.minimum(group_I, num_groups)
+  # All pairs compared at once: one small fusion on GPU, where the default binary search is a
+  # while loop of several kernels per step, timed as part of every call.
+  group_I = jnp.searchsorted(item_ends_H, items_I, side="right", method="compare_all")
+  group_I = jnp.minimum(group_I.astype(jnp.int32), num_groups)
   tile_start_I = base_H[group_I] + (items_I - item_starts_H[group_I]) * tile_m
   read_start_I = jnp.minimum(tile_start_I, num_rows - tile_m)
   lo_I = jnp.maximum(starts_H[group_I], tile_start_I)
@@ -543,15 +574,21 @@ def _pp_body(cfg: TileConfig, transpose_rhs: bool, swiglu: bool, num_groups: int
   n_tiles = out_gmem.shape[1] // tn
   dtype = lhs_gmem.dtype
   rhs_block = (tn, tk) if transpose_rhs else (tk, tn)
-  resident = cfg.resident_lhs
-  sm, num_sms = jax.lax.axis_index("sm"), jax.lax.axis_size("sm")
-  if resident:  # items sm, sm + num_sms, ...; each item's column tiles in a row
+  resident, multicast = cfg.resident_lhs, cfg.multicast_lhs
+  sm, num_sms = jax.lax.axis_index("sm"), jax.lax.axis_size("sm")  # clusters, with multicast
+  if multicast:  # cluster sm takes unit pairs sm, sm + num_sms, ...; CTA r of it unit 2p + r
+    rank = jax.lax.axis_index("cluster")
+    num_local = jnp.maximum(count_gmem[0] * n_tiles // 2 - sm + num_sms - 1, 0) // num_sms
+    unit_of = lambda j: 2 * (j * num_sms + sm) + rank
+  elif resident:  # items sm, sm + num_sms, ...; each item's column tiles in a row
     num_local = jnp.maximum(count_gmem[0] - sm + num_sms - 1, 0) // num_sms * n_tiles
     unit_of = lambda j: ((j // n_tiles) * num_sms + sm) * n_tiles + j % n_tiles
   else:  # units sm, sm + num_sms, ...
     num_local = jnp.maximum(count_gmem[0] * n_tiles - sm + num_sms - 1, 0) // num_sms
     unit_of = lambda j: j * num_sms + sm
   lhs_slots = k_steps if resident else stages
+  # cfg.ordered: turn[w] says that warpgroup w may start its next unit's wgmmas.
+  turns = {"turn": plgpu.Barrier(num_arrivals=1, num_barriers=2)} if cfg.ordered else {}
 
   @functools.partial(
       pl.run_scoped,
@@ -560,10 +597,14 @@ def _pp_body(cfg: TileConfig, transpose_rhs: bool, swiglu: bool, num_groups: int
       out_smem=plgpu.SMEM((2, cfg.out_slots(), tm, epi_n), out_gmem.dtype,
                           transforms=_swizzled((tm, epi_n), out_gmem.dtype, tile_rows=1)),
       loaded=plgpu.Barrier(num_arrivals=2, num_barriers=2 * stages),  # [wg * stages + slot]
-      consumed=plgpu.Barrier(num_arrivals=1, num_barriers=stages),
+      # With multicast a slot is free once the step's owner in both CTAs released it.
+      consumed=(plgpu.ClusterBarrier(collective_axes=("cluster",), num_arrivals=1,
+                                     num_barriers=stages)
+                if multicast else plgpu.Barrier(num_arrivals=1, num_barriers=stages)),
       collective_axes="wg",
+      **turns,
   )
-  def _scope(lhs_smem, rhs_smem, out_smem, loaded, consumed):
+  def _scope(lhs_smem, rhs_smem, out_smem, loaded, consumed, turn=None):
     wg = jax.lax.axis_index("wg")
 
     @pl.when(wg == 2)
@@ -597,7 +638,8 @@ def _pp_body(cfg: TileConfig, transpose_rhs: bool, swiglu: bool, num_groups: int
             def _():
               plgpu.barrier_arrive(barrier)  # the second of the step's two arrivals
           else:
-            plgpu.copy_gmem_to_smem(lhs_src, lhs_smem.at[slot], barrier)
+            plgpu.copy_gmem_to_smem(lhs_src, lhs_smem.at[slot], barrier,
+                                    collective_axes="cluster" if multicast else None)
           rhs_src = (rhs_gmem.at[u.weight, pl.ds(col, tn), pl.ds(k * tk, tk)] if transpose_rhs
                      else rhs_gmem.at[u.weight, pl.ds(k * tk, tk), pl.ds(col, tn)])
           plgpu.copy_gmem_to_smem(rhs_src, rhs_smem.at[slot], barrier)
@@ -620,6 +662,9 @@ def _pp_body(cfg: TileConfig, transpose_rhs: bool, swiglu: bool, num_groups: int
         first = j * k_steps
 
         def acc_scope(acc_ref):
+          if turn is not None:  # unit j - 1 (the other warpgroup's) has issued all its wgmmas
+            pl.when(j > 0)(lambda: plgpu.barrier_wait(turn.at[wg]))
+
           def step(k, _):
             slot = (first + k) % stages
             plgpu.barrier_wait(loaded.at[wg * stages + slot])
@@ -633,6 +678,8 @@ def _pp_body(cfg: TileConfig, transpose_rhs: bool, swiglu: bool, num_groups: int
               plgpu.barrier_arrive(consumed.at[(first + k - 1) % stages])
 
           jax.lax.fori_loop(0, k_steps, step, None)
+          if turn is not None:  # hand the tensor cores to unit j + 1, if there is one
+            pl.when(j + 1 < num_local)(lambda: plgpu.barrier_arrive(turn.at[1 - wg]))
           plgpu.wgmma_wait(0)
           plgpu.barrier_arrive(consumed.at[(first + k_steps - 1) % stages])
           return acc_ref[...]
@@ -672,6 +719,10 @@ def supports(lhs_MK: jax.Array, rhs_GKN: jax.Array, transpose_rhs: bool, out_dty
     fits = fits and k_dim % cfg.tile_k == 0 and (k_dim // cfg.tile_k) % fitted.stages == 0
   if cfg.resident_lhs:  # a chunk is reloaded only after its readers' steps are consumed
     fits = fits and cfg.body == "pp" and fitted.stages <= k_dim // cfg.tile_k
+  fits = fits and (not cfg.ordered or cfg.body == "pp")
+  if cfg.multicast_lhs:  # the two CTAs of a cluster take column tiles 2c and 2c + 1 of one item
+    fits = (fits and cfg.body == "pp" and not cfg.resident_lhs
+            and (n_dim // max(fitted.cta_n, 1)) % 2 == 0)
   # The ragged stores start at any row of the staging slab, and TMA needs 128-byte aligned
   # shared-memory addresses: slab rows must be whole multiples of 128 bytes (an H200 run faulted
   # with "misaligned address" on 64-byte slab rows). Checked where slabs are asked for; the
@@ -728,11 +779,15 @@ def gmm(lhs_MK: jax.Array, rhs_GKN: jax.Array, group_sizes_G: jax.Array, *,
   if save_preact:
     out_types.append(jax.ShapeDtypeStruct((padded_rows, n_dim), out_dtype))
   body = {"pipe": _pipe_body, "pp": _pp_body}.get(cfg.body, _ws_body)
+  num_sms = num_sms or _num_sms()
+  # multicast_lhs: one program per 2-SM cluster (an odd SM is left idle).
+  clusters = dict(cluster=(2,), cluster_names=("cluster",)) if cfg.multicast_lhs else {}
   kernel = plgpu.kernel(
       functools.partial(body, cfg, transpose_rhs, swiglu, num_groups),
       out_type=tuple(out_types),
-      grid=(num_sms or _num_sms(),),
+      grid=(max(num_sms // 2, 1) if cfg.multicast_lhs else num_sms,),
       grid_names=("sm",),
+      **clusters,
       num_threads=None if cfg.body == "pipe" else 3,
       thread_name=None if cfg.body == "pipe" else "wg",
       compiler_params=plgpu.CompilerParams(

@@ -34,11 +34,13 @@ _SPLIT_M = mgpu.TileConfig(tile_m=128, tile_n=64, tile_k=64, stages=2, body="ws_
 # Ping-pong: each compute warpgroup owns whole units; 3 stages over 2 K steps per unit make the
 # ring's slots wrap at a different step of each unit. With the lhs resident, 2 stages over 3 K
 # steps (stages may not exceed them) and 3 column tiles per item, so that an item's first unit
-# alternates between the warpgroups.
+# alternates between the warpgroups. "ordered_multicast": main loops in strict turns, and 2-CTA
+# clusters whose CTAs share every lhs step (each loads half, TMA multicast to both).
 _PING_PONG = {
     "streamed": mgpu.TileConfig(tile_m=64, tile_n=64, tile_k=64, stages=3, body="pp"),
     "resident": mgpu.TileConfig(tile_m=64, tile_n=64, tile_k=64, stages=2, body="pp",
                                 resident_lhs=True),
+    "ordered_multicast": mgpu.parse_tile_config("pp:64:64:64:3:o:c"),
 }
 _SMALL_WGRAD = mgpu.WgradConfig(tile_k=64, tile_n=64, chunk=64, stages=2)
 _INTERPRET = plgpu.InterpretGPUParams()
@@ -192,6 +194,7 @@ def test_gmm_split_rows_and_slab_epilogue_interpret_matches_fp64(transpose):
     ("streamed", True, *_SIZE_CASES["ragged_with_tail"]),
     ("resident", True, *_SIZE_CASES["one_group_all_rows"]),
     ("streamed", False, *_SIZE_CASES["fewer_rows_than_tile"]),
+    ("ordered_multicast", False, *_SIZE_CASES["ragged_with_tail"]),
 ])
 def test_gmm_ping_pong_interpret_matches_fp64(variant, transpose, num_rows, sizes):
   cfg = _PING_PONG[variant]
@@ -246,6 +249,8 @@ def test_tile_config_spec_round_trips_and_bad_tokens_fail():
               *_PING_PONG.values(), *mgpu.TILE_CONFIGS.values()]:
     assert mgpu.parse_tile_config(cfg.spec()) == cfg
   assert mgpu.parse_tile_config("pp:128:128:64:4:e64:a").resident_lhs
+  cfg = mgpu.parse_tile_config("pp:128:128:64:6:e64:o:c")
+  assert cfg.ordered and cfg.multicast_lhs and cfg.spec() == "pp:128:128:64:6:e64:o:c"
   with pytest.raises(ValueError, match="unknown token 'x'"):
     mgpu.parse_tile_config("ws:128:128:64:4:x")
   with pytest.raises(ValueError, match="unknown body 'wss'"):
@@ -254,6 +259,21 @@ def test_tile_config_spec_round_trips_and_bad_tokens_fail():
     mgpu.parse_tile_config("ws_chain:128:128:64:4:a")
   with pytest.raises(ValueError, match="drop the 'm'"):
     mgpu.parse_tile_config("pp:128:128:64:4:m")
+  with pytest.raises(ValueError, match="only the 'pp' body has"):
+    mgpu.parse_tile_config("ws:128:128:64:4:o")
+  with pytest.raises(ValueError, match="keep one of them"):
+    mgpu.parse_tile_config("pp:128:128:64:4:a:c")
+
+
+def test_multicast_lhs_needs_column_tile_pairs():
+  """The two CTAs of a cluster take column tiles 2c and 2c + 1 of one item."""
+  cfg = mgpu.parse_tile_config("pp:128:128:64:6:e64:c")
+  lhs = jax.ShapeDtypeStruct((1024, 512), jnp.bfloat16)
+  rhs = lambda n: jax.ShapeDtypeStruct((8, 512, n), jnp.bfloat16)
+  assert mgpu.supports(lhs, rhs(2048), False, jnp.bfloat16, cfg)  # 16 column tiles
+  assert not mgpu.supports(lhs, rhs(384), False, jnp.bfloat16, cfg)  # 3
+  assert mgpu.supports(lhs, rhs(384), False, jnp.bfloat16,
+                       dataclasses.replace(cfg, multicast_lhs=False))
 
 
 @pytest.mark.parametrize("case", sorted(_SIZE_CASES))
