@@ -65,6 +65,9 @@ _GRAD_CHECK = flags.DEFINE_bool(
     "grad_check", True, "Also check jax.grad through the backend (the checked-in tilings).")
 _FFN_ZIPF = flags.DEFINE_bool("ffn_zipf", True, "Time the expert FFN with Zipf groups too.")
 _REPEATS = flags.DEFINE_integer("repeats", 20, "Calls per timed batch (median of 3 batches).")
+_ROUNDS = flags.DEFINE_integer(
+    "rounds", 1, "Grouped GEMMs: time the balanced and Zipf groups alternately this many times "
+    "per tiling and report the median, so that clock drift does not land on one balance.")
 
 # tokens x top_k, experts, hidden, expert width
 _MODEL_SHAPES = {"mini": (16384 * 8, 256, 2048, 512), "flash": (16384 * 8, 256, 4096, 1024),
@@ -322,6 +325,23 @@ def _problems(shape) -> dict:
           "up dgrad": (2 * width, hidden, True), "down dgrad": (hidden, width, True)}
 
 
+def _alternate(f, lhs, rhs, balances, label: str) -> dict[str, float]:
+  """Seconds per call of `f(lhs, rhs, sizes)` for each (balance, sizes): `--rounds` timings per
+  balance, taken in turns, and their median. A balance that fails is left out (and printed):
+  one failing tiling should not hide the others."""
+  times = {balance: [] for balance, _ in balances}
+  for _ in range(max(_ROUNDS.value, 1)):
+    for balance, sizes_np in balances:
+      if times[balance] is None:
+        continue
+      try:
+        times[balance].append(_bench(f, lhs, rhs, jnp.asarray(sizes_np)))
+      except Exception as e:  # pylint: disable=broad-except
+        print(f"{label.format(balance)} failed: {type(e).__name__}: {str(e)[:300]}")
+        times[balance] = None
+  return {b: float(np.median(t)) for b, t in times.items() if t}
+
+
 def _balances(rows, groups):
   out = [("balanced", _balanced_sizes(rows, groups))]
   if _ZIPF.value:
@@ -349,27 +369,24 @@ def time_shapes(tokamax) -> list:
         cfg = _parse_config(spec, k_dim, n_dim, transpose)
         f = jax.jit(lambda a, b, s, cfg=cfg, t=transpose: mgpu.gmm(
             a, b, s, transpose_rhs=t, config=cfg))  # one compile for both balances
-        for balance, sizes_np in _balances(rows, groups):
+        label = f"{shape} {{}} {pname} {spec}"
+        times = _alternate(f, lhs, rhs, _balances(rows, groups), label)
+        for balance, seconds in times.items():
           row = by_balance[balance]
-          try:
-            tf = flops / _bench(f, lhs, rhs, jnp.asarray(sizes_np)) / 1e12
-          except Exception as e:  # keep going: one failing tiling should not hide the others
-            print(f"{shape} {balance} {pname} {spec} failed: {type(e).__name__}: {str(e)[:300]}")
-            continue
+          tf = flops / seconds / 1e12
           fitted = cfg.fit_smem(2, 2, k_dim=k_dim).spec()
           _record(f"{shape} {balance} {pname} ours {spec}", tf, "TFLOP/s", cfg=fitted)
           row[f"ours {spec}"] = tf
           if tf > row["ours best"]:
             row["ours best"], row["best spec"] = tf, fitted
-      for balance, sizes_np in _balances(rows, groups):
-        row, sizes = by_balance[balance], jnp.asarray(sizes_np)
-        if tokamax is not None and not transpose:
-          rd = jax.jit(lambda a, b, s: tokamax.ragged_dot(a, b, s, implementation="mosaic"))
-          try:
-            row["tokamax"] = flops / _bench(rd, lhs, rhs, sizes) / 1e12
-            _record(f"{shape} {balance} {pname} tokamax mosaic", row["tokamax"], "TFLOP/s")
-          except Exception as e:
-            print(f"tokamax {pname} failed: {type(e).__name__}: {str(e)[:300]}")
+      if tokamax is not None and not transpose:
+        rd = jax.jit(lambda a, b, s: tokamax.ragged_dot(a, b, s, implementation="mosaic"))
+        times = _alternate(rd, lhs, rhs, _balances(rows, groups), f"tokamax {{}} {pname}")
+        for balance, seconds in times.items():
+          by_balance[balance]["tokamax"] = flops / seconds / 1e12
+          _record(f"{shape} {balance} {pname} tokamax mosaic", flops / seconds / 1e12, "TFLOP/s")
+      for balance, _ in _balances(rows, groups):
+        row = by_balance[balance]
         if balance == "balanced" and _EINSUM.value:
           einsum = jax.jit(lambda x, w, t=transpose: jnp.einsum(
               "ecd,efd->ecf" if t else "ecd,edf->ecf", x, w))

@@ -128,8 +128,9 @@ def _train_all(runs: list[tuple[int | None, str | None]]) -> list[str]:
 def _parse_seeds() -> list[int | None]:
   try:
     seeds = [int(v) for v in _SEEDS.value]
-  except ValueError:
-    raise app.UsageError(f"--seeds: {_SEEDS.value} are not all integers; use e.g. --seeds=0,1,2.")
+  except ValueError as e:
+    raise app.UsageError(
+        f"--seeds: {_SEEDS.value} are not all integers; use e.g. --seeds=0,1,2.") from e
   if len(set(seeds)) != len(seeds):
     raise app.UsageError(f"--seeds: {_SEEDS.value} repeats a seed; list each once.")
   return seeds or [None]
