@@ -24,8 +24,10 @@ profile (`<name>.trace.json.gz`, Perfetto JSON) and compiled HLO (`<name>.hlo.tx
 `ling_jax.profiling.breakdown` re-reads the breakdown offline.
 """
 
+import copy
 import functools
 import gzip
+import hashlib
 import json
 import os
 import shutil
@@ -66,17 +68,17 @@ _PEAK = flags.DEFINE_float("peak_tflops", 989.0, "Per-device peak for MFU (dense
 
 
 class SyntheticBatches:
-  """Random-token batches (one document per row), with the data-iterator interface."""
+  """Random-token batches (one document per row), with the data-iterator interface. A step's
+  batch depends only on the seed and the step."""
 
   def __init__(self, rows: int, seq_len: int, vocab: int, seed: int = 0):
-    self._rng = np.random.default_rng(seed)
-    self._shape, self._vocab = (rows, seq_len), vocab
+    self._seed, self._shape, self._vocab = seed, (rows, seq_len), vocab
     self._count = 0
 
   def next_batch(self, step: int) -> dict[str, np.ndarray]:
-    del step
     self._count += 1
-    tokens = self._rng.integers(0, self._vocab, (self._shape[0], self._shape[1] + 1), np.int32)
+    rng = np.random.default_rng((self._seed, step))
+    tokens = rng.integers(0, self._vocab, (self._shape[0], self._shape[1] + 1), np.int32)
     return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
             "positions": np.broadcast_to(np.arange(self._shape[1], dtype=np.int32), self._shape),
             "segment_ids": np.ones(self._shape, np.int32)}
@@ -107,9 +109,15 @@ def _peak_memory_gib() -> float | None:
 
 
 def run_variant(config: Any, source: Any, name: str, out_dir: str,
-                profile: bool = True) -> dict[str, Any]:
-  """Compiles, times and (with `profile`) profiles one variant; returns its results."""
+                profile: bool = True, source_state: Any = None) -> dict[str, Any]:
+  """Compiles, times and (with `profile`) profiles one variant; returns its results.
+
+  `source_state` (from `source.get_state()`) rewinds the input first, so that every variant of
+  one process trains on the same batches.
+  """
   trainer.validate_config(config)
+  if source_state is not None:
+    source.set_state(copy.deepcopy(source_state))
   m, t = config.model, config.train
   mesh = sharding.make_mesh(config.mesh)
   target = trainer.abstract_state(config, mesh)
@@ -126,6 +134,9 @@ def run_variant(config: Any, source: Any, name: str, out_dir: str,
   step = 0
   with jax.set_mesh(mesh):
     batch = batches.next_batch(step)
+    first_inputs = batch["inputs"]  # Its digest shows which variants saw the same data.
+    input_digest = (hashlib.sha1(np.asarray(jax.device_get(first_inputs))).hexdigest()[:12]
+                    if first_inputs.is_fully_addressable else None)
     start = time.time()
     compiled = step_fn.lower(state, batch).compile()
     compile_s = time.time() - start
@@ -184,6 +195,7 @@ def run_variant(config: Any, source: Any, name: str, out_dir: str,
       "flops_per_token": flops, "mfu": flops * tokens / step_s / (_PEAK.value * 1e12),
       "peak_memory_gib": _peak_memory_gib(), "losses": losses, "breakdown": summary,
       "profiled_step_ms": profiled_step_s and profiled_step_s * 1e3,
+      "input_digest": input_digest,
   }
   metrics_lib.log("[%s] %.1f ms/step, %.0f tokens/s, MFU %.1f%%, peak memory %s GiB", name,
                   result["step_ms"], result["tokens_per_s"], 100 * result["mfu"],
@@ -239,6 +251,7 @@ def main(argv: list[str]) -> None:
   else:
     source = SyntheticBatches(t.batch_size, t.seq_len, base.model.vocab_size, t.seed)
   full = variant_config(base, "none", _FULL_DEPTH.value).model
+  start_state = copy.deepcopy(source.get_state())  # Every variant starts from the same batch.
   results = []
   for quant in _QUANTS.value:
     for depth in depths:
@@ -246,7 +259,8 @@ def main(argv: list[str]) -> None:
       name = f"{quant}-L{config.model.num_hidden_layers}"
       try:
         result = run_variant(config, source, name, _OUT_DIR.value,
-                             profile=_PROFILE_STEPS.value > 0 and depth == profile_depth)
+                             profile=_PROFILE_STEPS.value > 0 and depth == profile_depth,
+                             source_state=start_state)
       except config_lib.ConfigError:
         raise  # A bad flag: nothing else would run either.
       except Exception as e:  # pylint: disable=broad-except  (e.g. out of memory: go on)

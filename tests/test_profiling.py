@@ -136,12 +136,15 @@ def test_bench_train_end_to_end(tmp_path):
          *test_trainer.MICRO_MODEL, "--config.train.batch_size=2", "--config.train.seq_len=32",
          f"--config.train.compilation_cache_dir={test_trainer._CACHE}",
          f"--out_dir={tmp_path}", "--steps=2", "--warmup=1", "--profile_steps=1",
-         "--data=synthetic", "--peak_tflops=1"]
+         "--data=synthetic", "--peak_tflops=1", "--depths=2,3"]
   proc = subprocess.run(cmd, capture_output=True, text=True, env=test_trainer._env(),
                         timeout=600, cwd=os.path.dirname(os.path.dirname(__file__)))
   assert proc.returncode == 0, proc.stderr[-3000:]
-  (result,) = [json.loads(line) for line in open(tmp_path / "results.jsonl")]
-  assert result["name"] == "none-L2" and result["tokens_per_s"] > 0
+  shallow, result = [json.loads(line) for line in open(tmp_path / "results.jsonl")]
+  # Every variant starts from the same batch (the input is rewound between them).
+  assert shallow["name"] == "none-L2" and shallow["breakdown"] is None
+  assert shallow["input_digest"] == result["input_digest"] is not None
+  assert result["name"] == "none-L3" and result["tokens_per_s"] > 0
   assert result["mfu"] == pytest.approx(
       result["flops_per_token"] * result["tokens_per_s"] / 1e12)
   assert len(result["losses"]) == 2  # The timed steps.
@@ -149,8 +152,8 @@ def test_bench_train_end_to_end(tmp_path):
   shares = result["breakdown"]["share"]
   assert sum(shares.values()) == pytest.approx(1.0)
   assert {"moe_experts", "optimizer", "attention_core"} <= set(shares)
-  assert (tmp_path / "none-L2.trace.json.gz").exists()
-  assert (tmp_path / "none-L2.hlo.txt.gz").exists()
+  assert (tmp_path / "none-L3.trace.json.gz").exists()
+  assert (tmp_path / "none-L3.hlo.txt.gz").exists()
   assert "| none-L2 |" in (tmp_path / "summary.md").read_text()
 
 
