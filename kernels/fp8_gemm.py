@@ -20,6 +20,9 @@ summation order. Backends:
 
 `fp8_linear` and `fp8_grouped_linear` are the training ops: custom VJPs whose forward (fprop),
 input gradient (dgrad) and weight gradient (wgrad) run as FP8 GEMMs, E4M3 in both directions.
+Their quantisation (`kernels.fp8_quant`) follows the GEMM backend (`_QUANT_BACKEND`): the Triton
+kernels with "pallas_mosaic_gpu" and on "auto", XLA with the reference and the interpreter; x and
+the output gradient are each read once for both of their layouts.
 Their `recipe` (`Fp8Recipe`, static) can keep any of the three GEMMs in the input dtype (bf16
 operands, fp32 accumulation, as the unquantised model computes them) and round scales to powers
 of two; the default is Ling's full recipe. Their `probe_2` input is a zero [2] array that
@@ -231,6 +234,33 @@ def fp8_transposed_grouped_matmul(
                                            backend="reference")
 
 
+# The quantisation backend (kernels/fp8_quant.py) that goes with each GEMM backend: the reference
+# stays all-XLA; the interpret backend keeps XLA quantisation too (the Triton kernels have their
+# own interpret-mode tests, and CPU tests stay cheap).
+_QUANT_BACKEND = {"auto": "auto", "reference": "xla", "pallas_mosaic_gpu": "pallas_triton",
+                  "pallas_mosaic_gpu_interpret": "xla"}
+
+
+def _quant_backend(backend: str) -> str:
+  _resolve_backend(backend)  # the clear error for an unknown name
+  return _QUANT_BACKEND[backend]
+
+
+def _quantize_x(x_MK, tile_ids_M, num_tiles, recipe, backend):
+  """x's FP8 operands for the forward's GEMM (1x128 tiles) and for wgrad (its transpose), from
+  one read of x where both are asked for; None where the recipe keeps a GEMM unquantised."""
+  pow2, qb = recipe.pow2_scales, _quant_backend(backend)
+  if recipe.fprop and recipe.wgrad:
+    x_q, x_s, xt_q, xt_s = fq.quantize_tiles_with_transpose(x_MK, tile_ids_M, num_tiles, pow2,
+                                                            backend=qb)
+    return (x_q, x_s), (xt_q, xt_s)
+  if recipe.fprop:
+    return fq.quantize_tiles(x_MK, pow2_scales=pow2, backend=qb), None
+  if recipe.wgrad:
+    return None, fq.quantize_rows_transposed(x_MK, tile_ids_M, num_tiles, pow2, backend=qb)
+  return None, None
+
+
 def _metrics_of(x: jax.Array, q: jax.Array, scale: jax.Array) -> jax.Array:
   return fq.quant_metrics(x, q, fq.dequantize_tiles(q, scale))
 
@@ -255,18 +285,15 @@ def _fp8_linear_fwd(x_MK, w_KN, probe_2, backend, recipe):
   del probe_2
   pow2 = recipe.pow2_scales
   w_q_KN, w_s = fq.quantize_blocks(w_KN, pow2_scales=pow2)
+  # 128-row tiles for x^T (tile ids None: no groups).
+  x_fp8, xt_fp8 = _quantize_x(x_MK, None, fq._cdiv(x_MK.shape[0], fq.TILE), recipe, backend)
   if recipe.fprop:
-    x_q, x_s = fq.quantize_tiles(x_MK, pow2_scales=pow2)
-    y_MN = fp8_matmul(x_q, x_s, w_q_KN.T, w_s.T, out_dtype=x_MK.dtype, backend=backend)
+    y_MN = fp8_matmul(*x_fp8, w_q_KN.T, w_s.T, out_dtype=x_MK.dtype, backend=backend)
   else:
     y_MN = _dot_hp(x_MK, w_KN, (1, 0), x_MK.dtype)
   # Saved for the backward pass in FP8 where its GEMM is FP8: x^T for wgrad, w for dgrad (w's
   # transpose for fprop was built on the fly).
-  if recipe.wgrad:
-    tile_ids_M, num_tiles = fq.row_tile_ids(x_MK.shape[0])
-    x_saved = fq.quantize_rows_transposed(x_MK, tile_ids_M, num_tiles, pow2)
-  else:
-    x_saved = x_MK
+  x_saved = xt_fp8 if recipe.wgrad else x_MK
   w_saved = (w_q_KN, w_s) if recipe.dgrad else w_KN
   dtypes = (jnp.zeros((0,), x_MK.dtype), jnp.zeros((0,), w_KN.dtype))
   return y_MN, (x_saved, w_saved, dtypes)
@@ -274,9 +301,9 @@ def _fp8_linear_fwd(x_MK, w_KN, probe_2, backend, recipe):
 
 def _fp8_linear_bwd(backend, recipe, res, dy_MN):
   x_saved, w_saved, (x_dt, w_dt) = res
-  tile_ids_M, num_tiles = fq.row_tile_ids(dy_MN.shape[0])
   dy_q, dy_s, dyt_q_NM, dyt_s_NC = fq.quantize_tiles_with_transpose(
-      dy_MN, tile_ids_M, num_tiles, recipe.pow2_scales)
+      dy_MN, None, fq._cdiv(dy_MN.shape[0], fq.TILE), recipe.pow2_scales,
+      backend=_quant_backend(backend))
   if recipe.dgrad:
     dx_MK = fp8_matmul(dy_q, dy_s, *w_saved, out_dtype=x_dt.dtype, backend=backend)
   else:
@@ -310,18 +337,15 @@ def _fp8_grouped_fwd(x_MK, w_GKN, group_sizes_G, probe_2, backend, recipe):
   del probe_2
   pow2 = recipe.pow2_scales
   w_q_GKN, w_s_GKtNt = fq.quantize_blocks(w_GKN, pow2_scales=pow2)
+  x_fp8, xt_fp8 = _quantize_x(x_MK, *fq.row_tile_ids(x_MK.shape[0], group_sizes_G), recipe,
+                              backend)
   if recipe.fprop:
-    x_q, x_s = fq.quantize_tiles(x_MK, pow2_scales=pow2)
-    y_MN = fp8_grouped_matmul(x_q, x_s, jnp.swapaxes(w_q_GKN, 1, 2),
+    y_MN = fp8_grouped_matmul(*x_fp8, jnp.swapaxes(w_q_GKN, 1, 2),
                               jnp.swapaxes(w_s_GKtNt, 1, 2), group_sizes_G,
                               out_dtype=x_MK.dtype, backend=backend)
   else:
     y_MN = gmm_lib.grouped_matmul(x_MK, w_GKN, group_sizes_G, preferred_element_type=x_MK.dtype)
-  if recipe.wgrad:
-    tile_ids_M, num_tiles = fq.row_tile_ids(x_MK.shape[0], group_sizes_G)
-    x_saved = fq.quantize_rows_transposed(x_MK, tile_ids_M, num_tiles, pow2)
-  else:
-    x_saved = x_MK
+  x_saved = xt_fp8 if recipe.wgrad else x_MK
   w_saved = (w_q_GKN, w_s_GKtNt) if recipe.dgrad else w_GKN
   dtypes = (jnp.zeros((0,), x_MK.dtype), jnp.zeros((0,), w_GKN.dtype))
   return y_MN, (x_saved, w_saved, group_sizes_G, dtypes)
@@ -331,7 +355,7 @@ def _fp8_grouped_bwd(backend, recipe, res, dy_MN):
   x_saved, w_saved, group_sizes_G, (x_dt, w_dt) = res
   tile_ids_M, num_tiles = fq.row_tile_ids(dy_MN.shape[0], group_sizes_G)
   dy_q, dy_s, dyt_q_NM, dyt_s_NC = fq.quantize_tiles_with_transpose(
-      dy_MN, tile_ids_M, num_tiles, recipe.pow2_scales)
+      dy_MN, tile_ids_M, num_tiles, recipe.pow2_scales, backend=_quant_backend(backend))
   if recipe.dgrad:
     dx_MK = fp8_grouped_matmul(dy_q, dy_s, *w_saved, group_sizes_G, out_dtype=x_dt.dtype,
                                backend=backend)

@@ -9,7 +9,14 @@ output gradient: `quantize_tiles_with_transpose` returns both layouts from one r
 grouped (expert) operands those tiles restart at every group's first row, so that no scale spans
 two experts; `row_tile_ids` maps each row to its tile.
 
-This module is the pure-JAX reference; it runs everywhere and is the oracle for GPU kernels.
+The functions here are the pure-JAX (XLA) reference; they run everywhere and are the oracle for
+the GPU kernels. `quantize_tiles`, `quantize_rows_transposed` and `quantize_tiles_with_transpose`
+take a `backend`:
+  - "xla": the reference;
+  - "pallas_triton": kernels/fp8_quant_triton.py, one read of x for both layouts (GPU);
+  - "pallas_triton_interpret": the same kernel in Pallas's interpreter (CPU tests);
+  - "auto": "pallas_triton" on Hopper GPUs (`_AUTO_USES_KERNEL`: the measurement), else "xla".
+Kernel and reference give bit-identical codes and scales (on the GPU, see `_inv` for the one gap).
 Dequantisation reads the E4M3 codes through an optimisation barrier (`_codes_f32`): XLA:GPU's
 default `--xla_allow_excess_precision` otherwise rewrites an f32 -> e4m3 -> f32 convert chain to
 the identity (its SimplifyFPConversions pass), and the "FP8" reference silently computes with
@@ -32,6 +39,31 @@ E4M3 = jnp.float8_e4m3fn
 E4M3_MAX = 448.0
 E4M3_INV_MAX = np.float32(1.0 / 448.0)  # scale = amax * this (see _scale_of)
 TILE = 128
+_BACKENDS = ("xla", "pallas_triton", "pallas_triton_interpret")
+# "auto" takes the Triton kernels on sm_90. On an H200 (BENCHMARKS.md, "Blockwise FP8 kernels",
+# session 5), against XLA's GB/s: 1x128 tiles 1.4x at 16384 rows (2.1x before `quantize_tiles`
+# transposes the scales back) and 2.0x at 131072; both layouts at once 4.9x (128-row tiles) and
+# 1.9x (per-expert tiles). The jitted fp8_linear forward + backward at 16384 x 2048 -> 3072: 389
+# TFLOP/s against 242 with XLA quantisation.
+_AUTO_USES_KERNEL = True
+
+
+def _resolve_backend(backend: str) -> str:
+  if backend == "auto":
+    on_hopper = (jax.default_backend() == "gpu"
+                 and getattr(jax.devices()[0], "compute_capability", None) == "9.0")
+    return "pallas_triton" if _AUTO_USES_KERNEL and on_hopper else "xla"
+  if backend not in _BACKENDS:
+    raise ValueError(f"Unknown FP8 quantisation backend {backend!r}; expected 'auto' or one of "
+                     f"{list(_BACKENDS)}.")
+  return backend
+
+
+def _kernel_takes(x: jax.Array) -> bool:
+  """Shapes and dtypes the Triton kernel covers (others take the reference on any backend)."""
+  return (x.size > 0 and x.ndim >= 1
+          and jnp.dtype(x.dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16),
+                                     jnp.dtype(jnp.float32)))
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -66,23 +98,44 @@ def _codes_f32(q: jax.Array) -> jax.Array:
   return jax.lax.optimization_barrier(q).astype(jnp.float32)
 
 
+def _inv(scale: jax.Array) -> jax.Array:
+  """1 / scale, correctly rounded: codes are x * (1 / scale), never x / scale.
+
+  XLA rewrites a division by a broadcast into a multiply by the reciprocal (its algebraic
+  simplifier, on CPU and GPU alike) but not a division by a gathered scale, and the two differ
+  in the last bit, so a code could differ by one E4M3 step between layouts. Spelled out, the
+  rule is the same in every function here and in the GPU kernels (kernels/fp8_quant_triton.py).
+  One known gap, on the GPU only: XLA's code for the transposed layouts misrounds a few E4M3
+  subnormal near-ties of bf16 inputs (20 of 2,048,000 codes, one step each, in BENCHMARKS.md's
+  session-5 check), where the Triton kernel keeps the rule as NumPy computes it.
+  """
+  return 1.0 / scale
+
+
 def _to_e4m3(x32: jax.Array) -> jax.Array:
-  # x / (amax / 448) can round to a hair above 448; clip so the cast never makes NaN.
+  # x * (448 / amax) can round to a hair above 448; clip so the cast never makes NaN.
   return jnp.clip(x32, -E4M3_MAX, E4M3_MAX).astype(E4M3)
 
 
-def quantize_tiles(x: jax.Array, tile: int = TILE,
-                   pow2_scales: bool = False) -> tuple[jax.Array, jax.Array]:
-  """Quantises x [..., K] in 1 x `tile` tiles along its last axis (`pow2_scales`: module doc).
+def quantize_tiles(x: jax.Array, tile: int = TILE, pow2_scales: bool = False, *,
+                   backend: str = "auto") -> tuple[jax.Array, jax.Array]:
+  """Quantises x [..., K] in 1 x `tile` tiles along its last axis (`pow2_scales`, `backend`:
+  module doc; the kernel takes tile 128 only).
 
   Returns:
     q [..., K] in E4M3 and scales [..., Kt] in fp32 (a partial last tile has its own scale).
   """
+  backend = _resolve_backend(backend)
+  if backend != "xla" and tile == TILE and _kernel_takes(x):
+    from kernels import fp8_quant_triton as fqt
+    q_MK, scale_KtM = fqt.quantize(x.reshape(-1, x.shape[-1]), pow2=pow2_scales,
+                                   interpret=backend == "pallas_triton_interpret")
+    return q_MK.reshape(x.shape), scale_KtM.T.reshape(*x.shape[:-1], -1)
   k_dim = x.shape[-1]
   x32 = _pad_axis(x.astype(jnp.float32), x.ndim - 1, tile)
   x_tiles = x32.reshape(*x32.shape[:-1], -1, tile)
   scale = _scale_of(jnp.max(jnp.abs(x_tiles), axis=-1), pow2_scales)
-  q = _to_e4m3(x_tiles / scale[..., None]).reshape(x32.shape)[..., :k_dim]
+  q = _to_e4m3(x_tiles * _inv(scale)[..., None]).reshape(x32.shape)[..., :k_dim]
   return q, scale
 
 
@@ -108,7 +161,7 @@ def quantize_blocks(w: jax.Array, block: int = TILE,
   kt, nt = w32.shape[-2] // block, w32.shape[-1] // block
   w_blocks = w32.reshape(*w32.shape[:-2], kt, block, nt, block)
   scale = _scale_of(jnp.max(jnp.abs(w_blocks), axis=(-3, -1)), pow2_scales)
-  q = _to_e4m3(w_blocks / scale[..., :, None, :, None]).reshape(w32.shape)
+  q = _to_e4m3(w_blocks * _inv(scale)[..., :, None, :, None]).reshape(w32.shape)
   return q[..., :k_dim, :n_dim], scale
 
 
@@ -143,14 +196,47 @@ def row_tile_ids(num_rows: int, group_sizes_G: jax.Array | None = None,
   return (tile_starts_G1[group_M] + offset_M // tile).astype(jnp.int32), num_tiles
 
 
-def quantize_rows_transposed(x_MK: jax.Array, tile_ids_M: jax.Array, num_tiles: int,
-                             pow2_scales: bool = False) -> tuple[jax.Array, jax.Array]:
+def _tile_bounds(tile_ids_M: jax.Array, num_tiles: int) -> tuple[jax.Array, jax.Array]:
+  """Each tile's first row and row count, for tile ids as `row_tile_ids` makes them."""
+  tiles_C = jnp.arange(num_tiles, dtype=tile_ids_M.dtype)
+  starts_C = jnp.searchsorted(tile_ids_M, tiles_C)
+  return starts_C, jnp.searchsorted(tile_ids_M, tiles_C, side="right") - starts_C
+
+
+def _transposed_kernel(x_MK, tile_ids_M, num_tiles, pow2_scales, backend, want_rows):
+  """The Triton kernel's outputs in the public layouts (scales transposed back)."""
+  from kernels import fp8_quant_triton as fqt
+  bounds = (None, None) if tile_ids_M is None else _tile_bounds(tile_ids_M, num_tiles)
+  outs = fqt.quantize(x_MK, *bounds, want_rows=want_rows, want_cols=True,
+                      num_tiles=None if tile_ids_M is None else num_tiles, pow2=pow2_scales,
+                      interpret=backend == "pallas_triton_interpret")
+  return tuple(o.T if i % 2 else o for i, o in enumerate(outs))
+
+
+def quantize_rows_transposed(x_MK: jax.Array, tile_ids_M: jax.Array | None, num_tiles: int,
+                             pow2_scales: bool = False, *,
+                             backend: str = "auto") -> tuple[jax.Array, jax.Array]:
   """Quantises x^T [K, M] in 1 x 128 tiles along M given by `row_tile_ids`.
+
+  tile_ids_M None stands for `row_tile_ids(M)` without groups (128-row tiles from row 0), which
+  the kernel reads with aligned stores; num_tiles must then be ceil(M / 128).
 
   Returns:
     q_KM in E4M3 (K-major for the wgrad GEMM) and scales [K, C] in fp32.
   """
+  backend = _resolve_backend(backend)
   num_rows = x_MK.shape[0]
+  if tile_ids_M is None:
+    if num_tiles != _cdiv(num_rows, TILE):
+      raise ValueError(f"quantize_rows_transposed: without tile_ids_M the tiles are the "
+                       f"{_cdiv(num_rows, TILE)} 128-row tiles of {num_rows} rows; got "
+                       f"num_tiles={num_tiles}. Pass row_tile_ids' ids and count.")
+    if backend != "xla" and _kernel_takes(x_MK):
+      return _transposed_kernel(x_MK, None, num_tiles, pow2_scales, backend, want_rows=False)
+    tile_ids_M, _ = row_tile_ids(num_rows)
+  elif backend != "xla" and _kernel_takes(x_MK):
+    return _transposed_kernel(x_MK, tile_ids_M, num_tiles, pow2_scales, backend,
+                              want_rows=False)
   x32 = x_MK.astype(jnp.float32)
   # Each tile is <= 128 consecutive rows: gather them as [C, 128, K] and reduce, instead of a
   # segment max (a scatter, 50 GB/s on an H200 against ~1 TB/s for this; the max is the same).
@@ -161,15 +247,14 @@ def quantize_rows_transposed(x_MK: jax.Array, tile_ids_M: jax.Array, num_tiles: 
   abs_CRK = jnp.abs(x32[jnp.minimum(rows_CR, num_rows - 1)])
   amax_CK = jnp.max(jnp.where(in_tile_CR[:, :, None], abs_CRK, 0.0), axis=1)
   scale_CK = _scale_of(amax_CK, pow2_scales)  # empty tiles: scale 1
-  q_MK = _to_e4m3(x32 / scale_CK[tile_ids_M])
+  q_MK = _to_e4m3(x32 * _inv(scale_CK)[tile_ids_M])
   return q_MK.T, scale_CK.T
 
 
 def quantize_columns(x_MK: jax.Array, tile: int = TILE) -> tuple[jax.Array, jax.Array]:
-  """`quantize_rows_transposed` for tiles at multiples of 128 rows (no groups).
+  """`quantize_rows_transposed` for tiles at multiples of 128 rows (no groups), in XLA.
 
-  A reshape instead of a segment max (a scatter). Same scales; a code can differ by one E4M3 step
-  where XLA fuses the division differently (seen on CPU at subnormal rounding ties).
+  A reshape instead of a gather; the same codes and scales (both multiply by `_inv`).
 
   Returns:
     q_KM in E4M3 and scales [K, Mt] in fp32.
@@ -178,7 +263,7 @@ def quantize_columns(x_MK: jax.Array, tile: int = TILE) -> tuple[jax.Array, jax.
   x32 = _pad_axis(x_MK.astype(jnp.float32), 0, tile)
   x_tiles = x32.reshape(-1, tile, x32.shape[1])
   scale_MtK = _scale_of(jnp.max(jnp.abs(x_tiles), axis=1))
-  q_MK = _to_e4m3(x_tiles / scale_MtK[:, None, :]).reshape(x32.shape)[:num_rows]
+  q_MK = _to_e4m3(x_tiles * _inv(scale_MtK)[:, None, :]).reshape(x32.shape)[:num_rows]
   return q_MK.T, scale_MtK.T
 
 
@@ -189,15 +274,26 @@ def dequantize_rows_transposed(q_KM: jax.Array, scale_KC: jax.Array, tile_ids_M:
 
 
 def quantize_tiles_with_transpose(
-    x_MK: jax.Array, tile_ids_M: jax.Array, num_tiles: int, pow2_scales: bool = False
-) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    x_MK: jax.Array, tile_ids_M: jax.Array | None, num_tiles: int, pow2_scales: bool = False,
+    *, backend: str = "auto") -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
   """Both FP8 layouts of x for the backward pass: K-tiles of x and M-tiles of x^T.
+
+  tile_ids_M as for `quantize_rows_transposed` (None: 128-row tiles). The kernel backends read
+  x once for both.
 
   Returns:
     (q_MK, scale_MKt) as `quantize_tiles`, and (q_KM, scale_KC) as `quantize_rows_transposed`.
   """
-  q_MK, scale_MKt = quantize_tiles(x_MK, pow2_scales=pow2_scales)
-  q_KM, scale_KC = quantize_rows_transposed(x_MK, tile_ids_M, num_tiles, pow2_scales)
+  backend = _resolve_backend(backend)
+  if backend != "xla" and _kernel_takes(x_MK):
+    if tile_ids_M is None and num_tiles != _cdiv(x_MK.shape[0], TILE):
+      raise ValueError(f"quantize_tiles_with_transpose: without tile_ids_M num_tiles must be "
+                       f"ceil(M / 128) = {_cdiv(x_MK.shape[0], TILE)}, got {num_tiles}.")
+    return _transposed_kernel(x_MK, tile_ids_M, num_tiles, pow2_scales, backend,
+                              want_rows=True)
+  q_MK, scale_MKt = quantize_tiles(x_MK, pow2_scales=pow2_scales, backend="xla")
+  q_KM, scale_KC = quantize_rows_transposed(x_MK, tile_ids_M, num_tiles, pow2_scales,
+                                            backend="xla")
   return q_MK, scale_MKt, q_KM, scale_KC
 
 

@@ -1,0 +1,94 @@
+"""Tests for kernels/fp8_quant_triton.py (the one-pass quantise kernel) on CPU.
+
+The kernel runs in Pallas's interpreter through kernels/fp8_quant.py's "pallas_triton_interpret"
+backend and must give exactly the codes and scales of the XLA reference ("xla"), which a NumPy
+computation of the rule checks in turn. What only a GPU checks (Triton's compiled arithmetic,
+bandwidth) is in experiments/bench_fp8.py.
+
+Key: M rows, K columns, Kt 128-tiles along K, C tiles along M.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+from kernels import fp8_quant as fq
+
+_INTERP = "pallas_triton_interpret"
+
+
+def _x(rng, shape, dtype):
+  """Rows over 130 binades (the smallest keep scales normal), a zero tile and exact zeros."""
+  x = rng.standard_normal(shape) * np.exp2(rng.integers(-100, 30, shape[:-1] + (1,)))
+  x[..., 5, 128:256] = 0.0
+  return jnp.asarray(x, dtype)
+
+
+def _jit(fn, *args, **static):
+  """fn jitted with its static arguments bound: one compile each instead of one per op."""
+  return jax.jit(functools.partial(fn, **static))(*args)
+
+
+def _bits(a):
+  a = np.asarray(a)
+  return a.view(np.uint8) if a.dtype == ml_dtypes.float8_e4m3fn else a.view(np.uint32)
+
+
+def _assert_same(got, want):
+  for g, w in zip(got, want, strict=True):
+    assert g.shape == w.shape and g.dtype == w.dtype
+    np.testing.assert_array_equal(_bits(g), _bits(w))
+
+
+def test_tiles_kernel_bit_identical_to_xla_and_numpy():
+  """Leading axes, K off the tile (333), rows off the launch's 64 (pow2 scales: below)."""
+  rng = np.random.default_rng(0)
+  x = _x(rng, (2, 75, 333), jnp.float32)
+  q_got, s_got = _jit(fq.quantize_tiles, x, backend=_INTERP)
+  _assert_same((q_got, s_got), _jit(fq.quantize_tiles, x, backend="xla"))
+  # The rule itself, in NumPy (exact scales only): scale = amax * fp32(1/448), q = x * (1/scale).
+  x32 = np.pad(np.asarray(x), ((0, 0), (0, 0), (0, 51))).reshape(2, 75, 3, 128)
+  amax = np.abs(x32).max(-1)
+  scale = np.where(amax > 0, amax * fq.E4M3_INV_MAX, np.float32(1)).astype(np.float32)
+  q = np.clip(x32 * (np.float32(1) / scale)[..., None], -448, 448).astype(ml_dtypes.float8_e4m3fn)
+  np.testing.assert_array_equal(_bits(s_got), _bits(scale))
+  np.testing.assert_array_equal(_bits(q_got), _bits(q.reshape(2, 75, 384)[..., :333]))
+  assert np.asarray(s_got)[0, 5, 1] == 1.0 and np.all(np.asarray(q_got)[0, 5, 128:256] == 0)
+
+
+@pytest.mark.parametrize("case", ["groups_fused_pow2", "aligned_transposed_bf16"])
+def test_transposed_kernels_bit_identical_to_xla(case):
+  """Both layouts from one read, with tiles restarting per group (empty groups, tiny ones, one
+  over 128 rows, rows past the groups, K off the tile); the transposed layout alone over
+  128-row tiles of a shape that needs no masks."""
+  rng = np.random.default_rng(1)
+  if case == "groups_fused_pow2":
+    x = _x(rng, (300, 200), jnp.float32)
+    tile_ids, num_tiles = fq.row_tile_ids(300, jnp.asarray([0, 70, 3, 0, 150, 1], jnp.int32))
+    op = functools.partial(fq.quantize_tiles_with_transpose, num_tiles=num_tiles,
+                           pow2_scales=True)
+  else:
+    x, tile_ids = _x(rng, (256, 256), jnp.bfloat16), None  # no masks: the GPU's fast path
+    op = functools.partial(fq.quantize_rows_transposed, num_tiles=2)
+  got = _jit(op, x, tile_ids, backend=_INTERP)
+  _assert_same(got, _jit(op, x, tile_ids, backend="xla"))
+  if tile_ids is not None:  # empty tiles get scale 1
+    empty = np.setdiff1d(np.arange(num_tiles), np.asarray(tile_ids))
+    assert empty.size and np.all(np.asarray(got[3])[:, empty] == 1.0)
+
+
+def test_backend_choice_and_errors():
+  assert fq._resolve_backend("auto") == "xla"  # CPU
+  with pytest.raises(ValueError, match="Unknown FP8 quantisation backend 'triton'"):
+    fq.quantize_tiles(jnp.ones((4, 128)), backend="triton")
+  with pytest.raises(ValueError, match="num_tiles must be ceil"):
+    fq.quantize_tiles_with_transpose(jnp.ones((300, 128)), None, 2, backend=_INTERP)
+  # tile_ids None is row_tile_ids(M) in the reference too.
+  x = jnp.asarray(np.random.default_rng(2).standard_normal((130, 40)), jnp.float32)
+  ids, num_tiles = fq.row_tile_ids(130)
+  _assert_same(_jit(fq.quantize_rows_transposed, x, None, num_tiles=2, backend="xla"),
+               _jit(fq.quantize_rows_transposed, x, ids, num_tiles=num_tiles, backend="xla"))
