@@ -18,8 +18,10 @@ setup: $(VENV)/.installed
 train: setup
 	$(VENV)/bin/python -m experiments.train --config=configs/ling2.py:tiny --workdir=$(WORKDIR) $(ARGS)
 
+# Files run whole on 2 workers, longest first (tests/conftest.py orders them; xdist's own
+# reorder, by test count, would start the longest files last).
 test: setup
-	$(VENV)/bin/python -m pytest -q -n 2 --dist loadfile --durations=15 tests
+	$(VENV)/bin/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=15 tests
 
 lint: setup
 	$(VENV)/bin/ruff check .

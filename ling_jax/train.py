@@ -244,6 +244,10 @@ def accumulate_gradients(state: TrainState, batch: dict, *, m: Any,
   def micro_step(carry, micro_batch):
     return jax.tree.map(jnp.add, carry, micro_loss(micro_batch)), None
 
+  if num_micro == 1:  # No loop: tracing the loss once, not twice (eval_shape, then scan).
+    loss, aux, grads = micro_loss(batch)
+    aux["tokens"] = denominators[0]
+    return loss, aux, grads
   micro_batches = _split_micro(batch, num_micro)
   aux_shapes = jax.eval_shape(
       lambda: micro_loss(jax.tree.map(lambda x: x[0], micro_batches))[1])

@@ -1,5 +1,7 @@
 """Expert parallelism under shard_map against the single-device dispatch, values and gradients."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -70,6 +72,15 @@ def _emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, outp
   return output
 
 
+@functools.cache
+def _single_device(skewed: bool):
+  """The reference: output and gradients on one device (computed once per input set)."""
+  x, ids, w, w1, w2 = _inputs(skewed)
+  single = lambda *a: dispatch.expert_ffn(*a, backend="reference")
+  return (single(x, ids, w, w1, w2),
+          jax.grad(_loss, argnums=(1, 3, 4, 5))(single, x, ids, w, w1, w2))
+
+
 @pytest.mark.parametrize("mesh_name,skewed,exchange", [
     ("8 data", False, "padded"),
     ("2 data x 4 expert", True, "padded"),
@@ -81,9 +92,7 @@ def _emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, outp
 ])
 def test_matches_single_device(mesh_name, skewed, exchange, monkeypatch):
   x, ids, w, w1, w2 = _inputs(skewed)
-  single = lambda *a: dispatch.expert_ffn(*a, backend="reference")
-  want_y = single(x, ids, w, w1, w2)
-  want_grads = jax.grad(_loss, argnums=(1, 3, 4, 5))(single, x, ids, w, w1, w2)
+  want_y, want_grads = _single_device(skewed)
 
   if exchange == "ragged":  # The offsets bookkeeping, checked against the op's semantics.
     monkeypatch.setattr(jax.lax, "ragged_all_to_all", _emulated_ragged_all_to_all)

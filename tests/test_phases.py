@@ -146,7 +146,7 @@ MICRO = [
 
 def _run(module, *args):
   result = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT,
-                          env=test_trainer._env(),
+                          env=test_trainer._cached_env(),
                           capture_output=True, text=True, timeout=900)
   assert result.returncode == 0, result.stdout + result.stderr
   return result.stdout

@@ -214,10 +214,13 @@ def test_small_sweep_end_to_end_and_resume(tmp_path):
       "--variant=seed1:arch=dense --config.train.seed=1", "--baseline=base",
       "--train_flag=--config.train.schedule=wsm", "--train_flag=--config.train.warmup_steps=1",
       "--train_flag=--config.train.learning_rate=3e-3",
-      "--train_flag=--config.train.batch_size=4", "--train_flag=--config.train.eval_batches=1",
-      f"--train_flag=--config.train.compilation_cache_dir={tmp_path / 'xla'}"]
-  # One CPU device, as users have; cheapest code generation, as in conftest.py.
-  env = dict(os.environ, XLA_FLAGS="--xla_backend_optimization_level=0")
+      "--train_flag=--config.train.batch_size=4", "--train_flag=--config.train.eval_batches=1"]
+  # One CPU device, as users have; cheapest code generation, as in conftest.py. The runs share
+  # one persistent cache of every program they compile, however quick (the job's own setting
+  # keeps only those over 1 s).
+  env = dict(os.environ, XLA_FLAGS="--xla_backend_optimization_level=0",
+             JAX_COMPILATION_CACHE_DIR=str(tmp_path / "xla"),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
   first = subprocess.run([*command, "--budgets=6e11"], cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=600)
   assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
