@@ -18,12 +18,11 @@ setup: $(VENV)/.installed
 train: setup
 	$(VENV)/bin/python -m experiments.train --config=configs/ling2.py:tiny --workdir=$(WORKDIR) $(ARGS)
 
-# Files run whole on 3 workers, longest first. On 2 cores a third worker uses the CPU that
-# another leaves while it waits on its subprocesses (777 s against 808 s with 2, 2026-11-30).
-# tests/conftest.py orders the files; xdist's own reorder, by test count, would start the
-# longest files last.
+# Files run whole on 2 workers, longest first: tests/conftest.py orders them; xdist's own
+# reorder, by test count, would start the longest files last. (3 workers on CI's 2 cores
+# measured 777 and 866 s of tests against 808 s with 2: no steady gain.)
 test: setup
-	$(VENV)/bin/python -m pytest -q -n 3 --dist loadfile --no-loadscope-reorder --durations=15 tests
+	$(VENV)/bin/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=15 tests
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -35,9 +35,9 @@ def corpus(tmp_path_factory):
 
 
 # Seconds each file takes under `make test` on this 2-core machine (measured, rounded; only their
-# order matters). Files run whole on 3 workers (`--dist loadfile --no-loadscope-reorder`) in
+# order matters). Files run whole on 2 workers (`--dist loadfile --no-loadscope-reorder`) in
 # collection order, so the longest go first and the short ones fill in at the end: no worker is
-# left with a long file while the others idle. Files not listed count as DEFAULT_COST_S.
+# left with a long file while the other idles. Files not listed count as DEFAULT_COST_S.
 # This orders the files; it skips nothing.
 FILE_COST_S = {
     "test_trainer.py": 360, "test_sharding.py": 300, "test_multihost.py": 140,
