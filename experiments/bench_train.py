@@ -65,6 +65,7 @@ _PROFILE_DEPTH = flags.DEFINE_integer("profile_depth", None,
                                       "Which of --depths to profile (default: the deepest).")
 _DATA = flags.DEFINE_enum("data", "corpus", ["corpus", "synthetic"], "Input batches.")
 _PEAK = flags.DEFINE_float("peak_tflops", 989.0, "Per-device peak for MFU (dense bf16).")
+_TOP_OPS = flags.DEFINE_integer("top_ops", 25, "Costliest ops listed per profiled variant.")
 
 
 class SyntheticBatches:
@@ -173,7 +174,8 @@ def run_variant(config: Any, source: Any, name: str, out_dir: str,
       with profiling.trace(trace_dir):
         run(_PROFILE_STEPS.value)
       hlo_text, trace_path = compiled.as_text(), profiling.find_trace(trace_dir)
-      summary = profiling.breakdown(trace_path, hlo_text, _PROFILE_STEPS.value)
+      summary = profiling.breakdown(trace_path, hlo_text, _PROFILE_STEPS.value,
+                                   top=_TOP_OPS.value)
       # Keep the trace and the HLO that names its ops side by side, flat in out_dir.
       shutil.move(trace_path, os.path.join(out_dir, f"{name}.trace.json.gz"))
       shutil.rmtree(trace_dir)
