@@ -53,6 +53,9 @@ def model_config(variant: str) -> ml_collections.ConfigDict:
   # activations and gradients (model._stack); slower to compile, faster steps on GPUs.
   m.unroll_layers = False
   m.moe_backend = "auto"  # grouped-matmul backend, see kernels/grouped_matmul.py.
+  # The router's fp32 matmul: "float32" (XLA's fp32 dot) or "bf16x6" (fp32-accurate emulation
+  # with six bf16 tensor-core products; on CPU the same as "float32"), ling_jax/config.py.
+  m.router_precision = "float32"
   # Token exchange under expert parallelism: "auto" (ragged on GPU/TPU, padded on CPU, where XLA
   # has no ragged all-to-all), "ragged" or "padded" (worst-case blocks): expert_parallel.py.
   m.moe_all_to_all = "auto"
@@ -131,6 +134,9 @@ def train_config(variant: str) -> ml_collections.ConfigDict:
   # AdamW moments: "float32", or "bfloat16" (updated in fp32, stored in bf16: 4 bytes less per
   # parameter in memory and in the update's traffic; train.scale_by_adam_stored_in).
   t.moment_dtype = "float32"
+  # Write each weight gradient out whole before the optimizer (train._materialize): with
+  # unrolled layers, one update pass per stacked parameter instead of three.
+  t.materialize_grads = False
   t.mtp_loss_weight = 0.1
   t.router_z_loss_coef = 0.0  # The open recipe uses 3.5e-6.
   t.expert_bias_update_rate = 1e-3  # 1e-4 after context extension.

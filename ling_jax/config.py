@@ -2,6 +2,7 @@
 
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 
 _DTYPES = ("float32", "bfloat16", "float16")
@@ -99,6 +100,9 @@ def validate_model_config(m: Any) -> None:
     _fail("moe_all_to_all", f"unknown {m.moe_all_to_all!r}", "use 'auto', 'ragged' or 'padded'")
   if m.get("embedding_backward", "sorted") not in ("sorted", "scatter"):
     _fail("embedding_backward", f"unknown {m.embedding_backward!r}", "use 'sorted' or 'scatter'")
+  if m.get("router_precision", "float32") not in ROUTER_PRECISIONS:
+    _fail("router_precision", f"unknown {m.router_precision!r}",
+          f"use one of {tuple(ROUTER_PRECISIONS)}")
   if m.get("logits_dtype", "float32") not in ("float32", "bfloat16"):
     _fail("logits_dtype", f"unknown {m.logits_dtype!r}", "use 'float32' or 'bfloat16'")
   if m.get("quant", "none") not in QUANT_MODES:
@@ -110,6 +114,20 @@ def validate_model_config(m: Any) -> None:
   if recipe != "full" and m.get("quant", "none") != "fp8_blockwise":
     _fail("fp8_recipe", f"{recipe!r} has no effect with quant={m.get('quant', 'none')!r}",
           "set quant='fp8_blockwise', or leave fp8_recipe='full'")
+
+
+# The router's fp32 matmul (model.router_precision): "float32" is XLA's full fp32 dot (on
+# GPUs the SIMT cores); "bf16x6" splits each fp32 operand into three bf16 terms and sums six
+# bf16 tensor-core products in fp32, an emulation XLA keeps at fp32 accuracy.
+ROUTER_PRECISIONS = {
+    "float32": jax.lax.Precision.HIGHEST,
+    "bf16x6": jax.lax.DotAlgorithmPreset.BF16_BF16_F32_X6,
+}
+
+
+def router_precision(m: Any) -> Any:
+  """Returns the `precision` argument of the router's matmul for `model.router_precision`."""
+  return ROUTER_PRECISIONS[m.get("router_precision", "float32")]
 
 
 def dtype_of(name: str) -> jnp.dtype:

@@ -41,10 +41,11 @@ class MoE(nn.Module):
       bias_E = jnp.zeros_like(bias_E)
 
     x_TD = x_BLD.reshape(batch * length, d)
-    # The router always runs in fp32, whatever the activation dtype.
+    # The router always runs in fp32, whatever the activation dtype (m.router_precision: XLA's
+    # fp32 dot, or its fp32-accurate emulation on bf16 tensor cores).
     with jax.named_scope("router"):  # Named for profiles (ling_jax/profiling.py).
       logits_TE = jnp.dot(x_TD.astype(jnp.float32), w_router_DE.astype(jnp.float32),
-                          precision=jax.lax.Precision.HIGHEST)
+                          precision=config_lib.router_precision(m))
       routing = router.route_tokens(
           logits_TE, bias_E, top_k=m.num_experts_per_tok, n_group=m.n_group,
           topk_group=m.topk_group, routed_scaling_factor=m.routed_scaling_factor,

@@ -247,7 +247,7 @@ def accumulate_gradients(state: TrainState, batch: dict, *, m: Any,
   if num_micro == 1:  # No loop: tracing the loss once, not twice (eval_shape, then scan).
     loss, aux, grads = micro_loss(batch)
     aux["tokens"] = denominators[0]
-    return loss, aux, grads
+    return loss, aux, _materialize(grads, t)
   micro_batches = _split_micro(batch, num_micro)
   aux_shapes = jax.eval_shape(
       lambda: micro_loss(jax.tree.map(lambda x: x[0], micro_batches))[1])
@@ -255,7 +255,19 @@ def accumulate_gradients(state: TrainState, batch: dict, *, m: Any,
                       (jax.ShapeDtypeStruct((), jnp.float32), aux_shapes, state.params))
   (loss, aux, grads), _ = jax.lax.scan(micro_step, init, micro_batches)
   aux["tokens"] = denominators[0]
-  return loss, aux, grads
+  return loss, aux, _materialize(grads, t)
+
+
+def _materialize(grads: Any, t: Any) -> Any:
+  """With `train.materialize_grads`, writes every gradient out whole before the optimizer.
+
+  The values are unchanged; what changes is XLA's fusion. Under `model.unroll_layers` a stacked
+  parameter's gradient is a concatenation of per-layer pieces, and XLA fuses that concatenation
+  into the update: one fusion per output (the parameter and each moment), each reading all the
+  pieces again. Behind the barrier the concatenation is one copy and the update one pass that
+  writes all three (BENCHMARKS.md, training throughput).
+  """
+  return jax.lax.optimization_barrier(grads) if t.get("materialize_grads", False) else grads
 
 
 def train_step(state: TrainState, batch: dict, *, m: Any, t: Any) -> tuple[TrainState, dict]:

@@ -216,3 +216,23 @@ def test_unknown_moment_dtype_names_the_field():
   config.train.moment_dtype = "float16"
   with pytest.raises(ValueError, match="config.train.moment_dtype.*Fix"):
     trainer.validate_config(config)
+
+
+def test_throughput_settings_leave_the_step_unchanged(setup):
+  """Unrolled layers, gradients written out whole before the optimizer, and the router's bf16x6
+  emulation (on CPU XLA's fp32 dot itself) change how the step compiles, not what it computes."""
+  c, state, batch = setup
+  fast = c.copy_and_resolve_references()
+  fast.model.unroll_layers, fast.train.materialize_grads = True, True
+  fast.model.router_precision = "bf16x6"
+  (want, want_metrics), (got, got_metrics) = _step(c, state, batch), _step(fast, state, batch)
+  np.testing.assert_allclose(got_metrics["grad_norm"], want_metrics["grad_norm"], rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+               (got.params, got.opt_state), (want.params, want.opt_state))
+
+
+def test_unknown_router_precision_names_the_field():
+  config = ling2.get_config("tiny")
+  config.model.router_precision = "tf32"
+  with pytest.raises(ValueError, match="config.model.router_precision.*Fix"):
+    trainer.validate_config(config)
