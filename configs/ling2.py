@@ -53,8 +53,8 @@ def model_config(variant: str) -> ml_collections.ConfigDict:
   # activations and gradients (model._stack); slower to compile, faster steps on GPUs.
   m.unroll_layers = False
   m.moe_backend = "auto"  # grouped-matmul backend, see kernels/grouped_matmul.py.
-  # The router's fp32 matmul: "float32" (XLA's fp32 dot) or "bf16x6" (fp32-accurate emulation
-  # with six bf16 tensor-core products; on CPU the same as "float32"), ling_jax/config.py.
+  # The router's fp32 matmul: "float32" (XLA's fp32 dot), or its emulation on bf16 tensor
+  # cores, "bf16x6" (as accurate) or "bf16x3" (faster); ling_jax/config.py has the numbers.
   m.router_precision = "float32"
   # Token exchange under expert parallelism: "auto" (ragged on GPU/TPU, padded on CPU, where XLA
   # has no ragged all-to-all), "ragged" or "padded" (worst-case blocks): expert_parallel.py.
@@ -174,20 +174,26 @@ def mini_h200(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   Every mini dimension is kept (hidden 2048, 256 experts x 512, top-8, one shared expert, 16/4
   heads, MTP 1, vocab 157,184) but the depth: fp32 master weights, their gradients and two bf16
   AdamW moments take 12 bytes per parameter and mini has 16.3B, so 4 of its 20 layers (1 dense
-  + 3 MoE; 4.0B parameters with MTP) fit beside the activations of a 4 x 4096-token batch.
-  Attention is cuDNN's fused causal kernel without document masks (packed documents see earlier
-  ones in their row, Megatron's default): with a document mask cuDNN runs 3x slower. The logits
-  stay bf16 (the LM head's matmul rounds them there anyway; the loss runs in fp32), and the layer
-  scan is unrolled when compiled.
+  + 3 MoE; 4.0B parameters with MTP) run beside the activations of an 8 x 4096-token batch
+  (93 GiB; 6 layers take 102 GiB). Attention is cuDNN's fused causal kernel without document
+  masks (packed documents see earlier ones in their row, Megatron's default): with a document
+  mask cuDNN runs 3x slower. The logits stay bf16 (the LM head's matmul rounds them there
+  anyway; the loss runs in fp32), the layer scan is unrolled when compiled, the weight gradients
+  are written out whole before the optimizer, and the router's fp32 matmul runs as its bf16x6
+  emulation on the tensor cores.
   """
   m, t = config.model, config.train
   m.num_hidden_layers = 4
   m.attention_impl = "cudnn_causal"
   m.logits_dtype = "bfloat16"
   m.unroll_layers = True  # 7% faster steps and 11 GiB less at 4 layers (BENCHMARKS.md)
+  m.router_precision = "bf16x6"  # as accurate as XLA's fp32 dot, and ~10% faster
   t.moment_dtype = "bfloat16"
+  t.materialize_grads = True  # optimizer 31 -> 22 ms, gradient copies +4 ms (4 layers)
   m.remat_policy = "none"
-  t.batch_size, t.seq_len = 4, 4096  # 16,384 tokens: 131,072 routed rows per MoE layer.
+  # 32,768 tokens: 262,144 routed rows per MoE layer. Twice session 4's batch: the optimizer's
+  # cost per step is spread over twice the tokens (46.0% -> 50.0% MFU at 4 layers, one H200).
+  t.batch_size, t.seq_len = 8, 4096
   t.num_steps, t.warmup_steps = 200, 20
   t.log_every, t.eval_every, t.eval_batches = 10, 1000, 2
   t.checkpoint_every = 1000
