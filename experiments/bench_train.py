@@ -124,8 +124,7 @@ def run_variant(config: Any, source: Any, name: str, out_dir: str,
   target = trainer.abstract_state(config, mesh)
   shardings = jax.tree.map(lambda x: x.sharding, target)
   with jax.set_mesh(mesh):
-    state = jax.jit(functools.partial(train_lib.init_state, m, t, jax.random.key(t.seed)),
-                    out_shardings=shardings)()
+    state = jax.jit(train_lib.init_state_fn(m, t), out_shardings=shardings)()
   params = sum(x.size for x in jax.tree.leaves(state.params))
   batches = data_lib.Prefetcher(source, first_step=0, depth=t.get("prefetch_batches", 2),
                                 transform=lambda b: sharding.global_batch(b, mesh))

@@ -142,8 +142,7 @@ def init_from_previous(config: Any, target: train_lib.TrainState, state_sharding
       config_lib.fail("train.init_from", f"{source} holds parameters of other shapes",
                       "start this phase from a checkpoint of the same architecture")
     metrics_lib.log("Initialised from %s (params and expert biases)", source)
-  init_fn = functools.partial(train_lib.init_state, config.model, t, jax.random.key(t.seed))
-  fresh = jax.jit(init_fn, out_shardings=state_shardings)()
+  fresh = jax.jit(train_lib.init_state_fn(config.model, t), out_shardings=state_shardings)()
   return fresh.replace(params=params, moe_state=moe_state)
 
 

@@ -117,6 +117,21 @@ def init_state(m: Any, t: Any, rng: jax.Array) -> TrainState:
       nan_skips=jnp.zeros((), jnp.int32), nan_streak=jnp.zeros((), jnp.int32))
 
 
+_INIT_FNS: dict[str, Any] = {}
+
+
+def init_state_fn(m: Any, t: Any) -> Any:
+  """Returns `init_state` bound to (m, t, the key of `t.seed`): one object per distinct config.
+
+  Jobs call it twice, `jax.eval_shape` for the restore target, then `jax.jit` for a fresh state;
+  with the same function object JAX traces it once.
+  """
+  key = m.to_json_best_effort() + t.to_json_best_effort()
+  if key not in _INIT_FNS:
+    _INIT_FNS[key] = functools.partial(init_state, m, t, jax.random.key(t.seed))
+  return _INIT_FNS[key]
+
+
 @jax.custom_vjp
 def token_cross_entropy(logits_BLV: jax.Array, targets_BL: jax.Array) -> jax.Array:
   """Returns each position's cross-entropy [B, L] in nats, computed in fp32 from the logits.

@@ -181,9 +181,8 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
       step, state = 0, phases.init_from_previous(config, target, state_shardings,
                                                  model_signature(target))
   elif restored is None:
-    init_fn = functools.partial(train_lib.init_state, m, t, jax.random.key(t.seed))
     with jax.set_mesh(mesh):
-      step, state = 0, jax.jit(init_fn, out_shardings=state_shardings)()
+      step, state = 0, jax.jit(train_lib.init_state_fn(m, t), out_shardings=state_shardings)()
     metrics_lib.log("Starting from scratch in %s", workdir)
   else:
     step, state, data_state = restored
@@ -287,8 +286,7 @@ def abstract_state(config: Any, mesh: Any = None) -> train_lib.TrainState:
   With a mesh, each carries its sharding, so that a checkpoint restores straight into that
   layout, whatever the mesh it was saved from.
   """
-  shapes = jax.eval_shape(functools.partial(train_lib.init_state, config.model, config.train,
-                                            jax.random.key(config.train.seed)))
+  shapes = jax.eval_shape(train_lib.init_state_fn(config.model, config.train))
   if mesh is None:
     return shapes
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),

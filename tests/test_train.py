@@ -236,3 +236,13 @@ def test_unknown_router_precision_names_the_field():
   config.model.router_precision = "tf32"
   with pytest.raises(ValueError, match="config.model.router_precision.*Fix"):
     trainer.validate_config(config)
+
+
+def test_init_state_fn_is_one_object_per_config():
+  """Jobs trace init_state once (eval_shape, then jit) only if both get the same function."""
+  c = ling2.get_config("tiny")
+  fn = train.init_state_fn(c.model, c.train)
+  assert train.init_state_fn(c.model.copy_and_resolve_references(),
+                             c.train.copy_and_resolve_references()) is fn
+  c.train.seed = 1
+  assert train.init_state_fn(c.model, c.train) is not fn
