@@ -74,10 +74,8 @@ class SyntheticBatches:
 
   def __init__(self, rows: int, seq_len: int, vocab: int, seed: int = 0):
     self._seed, self._shape, self._vocab = seed, (rows, seq_len), vocab
-    self._count = 0
 
   def next_batch(self, step: int) -> dict[str, np.ndarray]:
-    self._count += 1
     rng = np.random.default_rng((self._seed, step))
     tokens = rng.integers(0, self._vocab, (self._shape[0], self._shape[1] + 1), np.int32)
     return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
@@ -85,10 +83,10 @@ class SyntheticBatches:
             "segment_ids": np.ones(self._shape, np.int32)}
 
   def get_state(self) -> dict[str, Any]:
-    return {"count": self._count}
+    return {}  # Nothing to rewind: a batch is a function of (seed, step).
 
   def set_state(self, state: dict[str, Any]) -> None:
-    self._count = state["count"]
+    del state
 
 
 def variant_config(base: Any, quant: str, depth: int | None) -> Any:

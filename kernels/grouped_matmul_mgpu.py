@@ -197,6 +197,9 @@ def parse_tile_config(spec: str) -> TileConfig:
 # in two calls (balanced / Zipf, first and second call: down fwd table 570 / 517 and 580 / 507,
 # "c" 577 / 500 and 587 / 489; up fwd table 640 / 581 and 677 / 556, "o" 660 / 571 and
 # 687 / 581), nor the expert FFN (550 with both against the table's 555), so the table stays.
+# Session 6: L2 prefetches of the operands of later units lost in both calls (down fwd 486
+# against 513, up fwd 452 against 615; not kept). The table's kernels run at the board's 700 W
+# power cap (~1400-1470 MHz, tokamax's ~1860), so they are bound by energy per FLOP.
 # Key: (K, N, transpose_rhs, dtype name) of the forward op as the kernel sees it.
 _PING_PONG = TileConfig(128, 128, 64, 6, "pp", epi_n=64)  # 6 x 32 KiB ring + 2 x 16 KiB staging
 TILE_CONFIGS: dict[tuple[int, int, bool, str], TileConfig] = {
