@@ -46,8 +46,10 @@ _SECTIONS = flags.DEFINE_list(
 _DENSE_CONFIGS = flags.DEFINE_list(
     "dense_configs", ["128:128:3:n:1:1", "128:128:3:m:8:1", "128:128:3:m:16:1",
                       "128:128:3:m:8:0"],
-    "Tilings tm:tn:stages:grid_minor:grid_width:scalar_b_scale[:body] for the dense GEMMs "
-    "(body 'pp': the ping-pong body, e.g. 128:128:4:m:16:1:pp).")
+    "Tilings tm:tn:stages:grid_minor:grid_width:scalar_b_scale[:body[:wg_split[:acc_cols"
+    "[:probe]]]] for the dense GEMMs (Fp8TileConfig's fields; e.g. 128:128:4:m:16:1:pp, the "
+    "ping-pong body; 128:128:3:m:16:1:ws:m:128, warpgroups split by rows, 128-column "
+    "accumulators; a 10th field times a probe: const_sb or no_promote, numerically wrong).")
 _GROUPED_CONFIGS = flags.DEFINE_list(
     "grouped_configs", ["128:128:3:n:1:1", "128:128:3:m:4:1", "128:64:4:n:1:1"],
     "Tilings for the grouped GEMMs (same format).")
@@ -63,6 +65,13 @@ _LINEAR_DTYPES = flags.DEFINE_list("linear_dtypes", ["float32", "bfloat16"],
 _REPEATS = flags.DEFINE_integer("repeats", 20, "Calls per timed batch (median of 3 batches).")
 _GEMM_CHECK = flags.DEFINE_bool(
     "gemm_check", True, "Run the GEMM correctness section first (compiles every tiling).")
+_BASELINES = flags.DEFINE_bool(
+    "baselines", True, "Run .bench/gpu_baselines.py's dense bf16 and fp8 first (the dense "
+    "section times XLA's fp8 and bf16 itself).")
+_CHECK_CONFIGS = flags.DEFINE_list(
+    "check_configs", [],
+    "Tilings to check quickly first (`check_configs`: the grouped cases of the full check and "
+    "dense 8192^3, fp32 out, against the reference backend); independent of --gemm_check.")
 _QUANT_LAUNCHES = flags.DEFINE_list(
     "quant_launches", ["64:2:8"],
     "Triton quantise kernel launches R:T:num_warps for the 1x128 tiles alone (R rows, T tiles "
@@ -106,10 +115,13 @@ def _write_json() -> None:
 
 
 def _config(spec: str) -> mgpu.Fp8TileConfig:
-  """tm:tn:stages:grid_minor:grid_width:scalar_b_scale[:body], body "ws" (default) or "pp"."""
-  tm, tn, stages, minor, width, scalar, *body = spec.split(":")
+  """tm:tn:stages:grid_minor:grid_width:scalar_b_scale[:body[:wg_split[:acc_cols[:probe]]]]."""
+  tm, tn, stages, minor, width, scalar, *rest = spec.split(":")
+  extra = dict(zip(("body", "wg_split", "acc_cols", "probe"), rest))
+  if "acc_cols" in extra:
+    extra["acc_cols"] = int(extra["acc_cols"])
   return mgpu.Fp8TileConfig(int(tm), int(tn), int(stages), minor, int(width), scalar == "1",
-                            *body)
+                            **extra)
 
 
 def _operands(key, m_dim, k_dim, n_dim, groups=None):
@@ -206,6 +218,55 @@ def check_correctness() -> bool:
              lambda row=row, out=out: row[out][0], tol)
   print("CORRECTNESS", "PASS" if ok else "FAIL", flush=True)
   RESULTS["correctness"] = {"value": float(ok), "unit": "pass"}
+  return ok
+
+
+def check_configs(specs) -> bool:
+  """Grouped (empty groups, tiny groups, tails, one group holding every row) at K=N=512, dense
+  with 1x128-tiled B and dense 8192^3, fp32 out, every spec against the reference backend (fp32
+  HIGHEST on the GPU).
+  A kernel that drops a scale or a row is off by order 1; the tolerance is 2e-4."""
+  ok = True
+  key = jax.random.PRNGKey(5)
+  cases = {"zeros+tail": (1003, [0, 300, 1, 0, 7, 128, 0, 500]), "one group": (640, [0, 640, 0]),
+           "all empty": (256, [0, 0, 0]), "tiny M": (40, [10, 0, 25])}
+  grouped = []
+  for case, (rows, sizes) in cases.items():
+    a_q, sa, b_q, sb = _operands(key, rows, 512, 512, len(sizes))
+    sizes = jnp.asarray(sizes, jnp.int32)
+    ref = np.array(fp8_gemm.fp8_grouped_matmul(a_q, sa, b_q, sb, sizes, out_dtype=jnp.float32,
+                                               backend="reference"))
+    ref[int(sizes.sum()):] = 0.0
+    grouped.append((case, (a_q, sa.T, b_q, jnp.swapaxes(sb, 1, 2), sizes), ref))
+  # B in 1x128 tiles (the wgrad's operand), at 1024 x 2048 -> 768
+  t_a, t_sa, t_b, _ = _operands(key, 1024, 2048, 768)
+  t_sb = jnp.exp2(jax.random.randint(key, (768, 16), -10, -4)).astype(jnp.float32)
+  ref_tile = np.float32(fp8_gemm.fp8_matmul(t_a, t_sa, t_b, t_sb, b_scaling="tile",
+                                            out_dtype=jnp.float32, backend="reference"))
+  a_q, sa, b_q, sb = _operands(key, *_CHECK_DENSE)
+  ref_dense = np.float32(fp8_gemm.fp8_matmul(a_q, sa, b_q, sb, out_dtype=jnp.float32,
+                                             backend="reference"))
+  for spec in specs:
+    cfg = _config(spec)
+    errs = {}
+    try:
+      for case, args, ref in grouped:
+        out = np.float32(mgpu.gmm_fp8(*args, out_dtype=jnp.float32, config=cfg))
+        errs[case] = _rel_err(out, ref) if np.any(ref) else float(np.abs(out).max())
+      errs["tile-scaled B"] = _rel_err(np.float32(mgpu.matmul_fp8(
+          t_a, t_sa.T, t_b, t_sb.T, b_scaling="tile", out_dtype=jnp.float32, config=cfg)),
+          ref_tile)
+      errs["dense 8192^3"] = _rel_err(np.float32(mgpu.matmul_fp8(
+          a_q, sa.T, b_q, sb.T, out_dtype=jnp.float32, config=cfg)), ref_dense)
+    except Exception as e:
+      print(f"check {spec} raised {type(e).__name__}: {str(e)[:600]}", flush=True)
+      errs["raised"] = float("nan")
+    good = all(np.isfinite(v) and v < 2e-4 for v in errs.values())
+    ok &= good
+    print(f"check {spec}: " + ", ".join(f"{k} {v:.1e}" for k, v in errs.items())
+          + (" ok" if good else " FAIL"), flush=True)
+  print("CONFIG CHECK", "PASS" if ok else "FAIL", flush=True)
+  RESULTS["config check"] = {"value": float(ok), "unit": "pass"}
   return ok
 
 
@@ -698,10 +759,12 @@ def main(argv):
     time_linear()
     return
   ok = check_correctness() if _GEMM_CHECK.value else True
+  if _CHECK_CONFIGS.value:
+    ok &= check_configs(_CHECK_CONFIGS.value)
   _write_json()
   sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                   ".bench"))
-  if {"dense", "grouped"} & set(_SECTIONS.value):
+  if {"dense", "grouped"} & set(_SECTIONS.value) and _BASELINES.value:
     try:
       import gpu_baselines
       gpu_baselines.dense_bf16()
@@ -709,7 +772,7 @@ def main(argv):
       RESULTS.update({f"baseline {k}": v for k, v in gpu_baselines.RESULTS.items()})
     except Exception as e:
       print("gpu_baselines failed:", type(e).__name__, str(e)[:300])
-  for section, fn in (("quant", time_quant), ("grouped", time_grouped), ("dense", time_dense),
+  for section, fn in (("dense", time_dense), ("grouped", time_grouped), ("quant", time_quant),
                       ("linear_time", time_linear)):
     if section in _SECTIONS.value:
       try:

@@ -24,12 +24,20 @@ and rows past the last group come out zero.
 Body "pp" (`Fp8TileConfig.body`, 128x128-blocked B only): ping-pong, as grouped_matmul_mgpu's
 bf16 "pp" body. Each compute warpgroup owns whole tile_m x tile_n units, alternating, so that one
 warpgroup's promotion and epilogue can run while the other's wgmma does; in the default "ws"
-body both wait on the same step, then both promote, and the tensor cores idle meanwhile. It is
-checked in interpret mode and lowers for CUDA, but it has not been timed on a GPU yet, so no
-shape takes it by default.
+body both wait on the same step, then both promote.
+
+Registers decide the speed. A compute warpgroup holds its running fp32 sum and the fp32
+accumulator of the step's wgmma: 128 x 128 of each is 256 registers a thread, more than the 232
+it gets, so one 128 x 128 accumulator per warpgroup spills (session 5's tiling: ~500 TFLOP/s
+at 8192^3). `Fp8TileConfig.acc_cols` splits a step's wgmma into several accumulators, each
+waited and promoted in turn (one live at a time: 1147 TFLOP/s with two 128 x 64), and
+`wg_split="m"` gives each warpgroup half the rows and all columns of a unit (DeepGEMM's
+layout: wgmmas 64 rows high). In the "ws" body B's block scales are read from global memory
+one step ahead (carried), off the critical path, and A's before the wgmma is issued.
 
 Supported: K a multiple of 128, N a multiple of 2 * tile_n (of tile_n for "pp"; tile_n 128 or
-64 after the shared-memory fit), bf16 or fp32 out. `supports` says so; kernels/fp8_gemm.py falls
+64 after the shared-memory fit), bf16 or fp32 out, accumulators of whole 128-byte rows of the
+output tile lying in one 128-column block of B. `supports` says so; kernels/fp8_gemm.py falls
 back to its reference for anything else (the tiny CPU model's K=64 experts, for one).
 
 Shape key: M rows, K contraction, N output columns, G groups, Kt K-steps of 128, R tile rows.
@@ -46,6 +54,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from kernels.grouped_matmul_mgpu import make_tile_schedule
 
 _BODIES = ("ws", "pp")
+_PROBES = ("", "const_sb", "no_promote")
 TILE_K = 128  # one wgmma K step = one scale block; 128 e4m3 bytes = one 128B swizzle row
 _ROW_ALIGN = 8  # row offsets of A tiles are multiples of this (8-row SMEM tiling)
 _SMEM_BUDGET = 232448 - 4096  # 227 KiB per CTA on Hopper, less room for barriers
@@ -67,6 +76,31 @@ class Fp8TileConfig:
   # "pp" (ping-pong): each compute warpgroup owns whole tile_m x tile_n units, alternating, so
   # that one's promotion and epilogue can overlap the other's wgmma (block-scaled B only).
   body: str = "ws"
+  # How the "ws" body splits a unit (tile_m x 2 tile_n) between its compute warpgroups: "n",
+  # each takes tile_n columns of all rows; "m", each takes tile_m / 2 rows of all 2 tile_n
+  # columns (DeepGEMM's layout: wgmmas 64 rows high and up to 256 wide).
+  wg_split: str = "n"
+  # Columns per wgmma accumulator (0: all of the warpgroup's). Each step a compute warpgroup runs
+  # one wgmma per accumulator, each waited and promoted before the next, so that only one
+  # accumulator of partial sums is live next to the running sum: 128 x 128 fp32 of each is 256
+  # registers a thread, past the 232 a compute warpgroup gets (spills).
+  acc_cols: int = 0
+  # Timing probes of bench_fp8's ceiling experiments, numerically WRONG: "const_sb" takes B's
+  # block scale as 1 instead of reading it from global memory; "no_promote" accumulates all of K
+  # in one wgmma accumulator (no per-step wait, no scales), as a bf16 GEMM does. "" = the kernel.
+  probe: str = ""
+
+  @property
+  def wg_shape(self) -> tuple[int, int]:
+    """Rows and columns of one compute warpgroup's part of a unit."""
+    if self.body == "ws" and self.wg_split == "m":
+      return self.tile_m // 2, 2 * self.tile_n
+    return self.tile_m, self.tile_n
+
+  @property
+  def acc_n(self) -> int:
+    """Columns of one wgmma accumulator."""
+    return min(self.acc_cols or self.wg_shape[1], self.wg_shape[1])
 
   @property
   def cta_n(self) -> int:
@@ -91,17 +125,19 @@ class Fp8TileConfig:
     return cfg
 
 
-# Key: (K, N, out dtype name). From experiments/bench_fp8.py on an H200, 2026-11-29: walking row
-# tiles in bands ("m") beat column-first by 5-10% (8192^3: 550 vs 511 TFLOP/s; Ling-flash
-# expert up-projection: 446 vs 402); 128x(2x128) tiles with 3 stages everywhere. Absent shapes
-# take the default, narrowed by `fit_smem` and by N.
-_EXPERTS = Fp8TileConfig(grid_minor="m", grid_width=4)
+# Key: (K, N, out dtype name). From experiments/bench_fp8.py on an H200 (BENCHMARKS.md, session 6,
+# 2026-11-30): the old single 128 x 128 accumulator per warpgroup spilled (489 TFLOP/s at 8192^3,
+# 445 / 365 on the Ling-mini experts). Two 128 x 64 accumulators per warpgroup gave 1147 at
+# 8192^3; on the expert shapes 128 x 128 units with each warpgroup on 64 rows gave 853 / 519.
+# Absent shapes take the default, narrowed by `fit_smem` and by N.
+_EXPERTS = Fp8TileConfig(tile_n=64, stages=5, grid_minor="m", grid_width=4, wg_split="m")
 TILE_CONFIGS: dict[tuple[int, int, str], Fp8TileConfig] = {
     (2048, 1024, "bfloat16"): _EXPERTS,  # Ling-mini expert gate+up
     (512, 2048, "bfloat16"): _EXPERTS,  # Ling-mini expert down
-    (4096, 2048, "bfloat16"): _EXPERTS,  # Ling-flash expert gate+up
+    # Ling-flash expert gate+up: not timed with the new tilings yet (session 4's choice)
+    (4096, 2048, "bfloat16"): Fp8TileConfig(grid_minor="m", grid_width=4),
 }
-DEFAULT_TILE_CONFIG = Fp8TileConfig(grid_minor="m", grid_width=16)
+DEFAULT_TILE_CONFIG = Fp8TileConfig(grid_minor="m", grid_width=16, acc_cols=64)
 
 
 def tile_config(k_dim: int, n_dim: int, out_dtype) -> Fp8TileConfig:
@@ -120,7 +156,13 @@ def supports(k_dim: int, n_dim: int, out_dtype, cfg: Fp8TileConfig | None = None
   if out_dtype not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)):
     return False
   cfg = (cfg or tile_config(k_dim, n_dim, out_dtype)).fit_smem(out_dtype.itemsize)
-  return (cfg.body in _BODIES and cfg.smem_bytes(out_dtype.itemsize) <= _SMEM_BUDGET
+  wg_rows, wg_cols = cfg.wg_shape
+  return (cfg.body in _BODIES and cfg.probe in _PROBES and cfg.wg_split in ("n", "m")
+          and cfg.smem_bytes(out_dtype.itemsize) <= _SMEM_BUDGET
+          # chunks of whole 128-byte swizzle rows of the output tile (its stores slice them)
+          and wg_cols % cfg.acc_n == 0 and cfg.acc_n * out_dtype.itemsize % 128 == 0
+          # an accumulator's columns lie in one 128x128 block of B (one block scale)
+          and (TILE_K % cfg.acc_n == 0 or cfg.probe == "no_promote") and wg_rows % 64 == 0
           and k_dim >= TILE_K
           and k_dim % TILE_K == 0 and n_dim % cfg.cta_n == 0 and cfg.tile_m % 64 == 0)
 
@@ -154,28 +196,65 @@ def _store_owned_rows(out_smem, out_gmem, read_start, own_offset, own_rows, col_
   plgpu.commit_smem_to_gmem_group()
 
 
+def _zero_sums(cfg: Fp8TileConfig) -> tuple:
+  """The running fp32 sums of one warpgroup's part of a unit, one array per accumulator."""
+  wg_rows, wg_cols = cfg.wg_shape
+  zeros = jnp.zeros((wg_rows, cfg.acc_n), jnp.float32)
+  return tuple(plgpu.layout_cast(zeros, plgpu.Layout.WGMMA)
+               for _ in range(wg_cols // cfg.acc_n))
+
+
+def _mma_promote(cfg: Fp8TileConfig, a_smem, b_smem_NK, sums: tuple, scale_of) -> tuple:
+  """One K step of a warpgroup: sums[c] += (A @ B[cols of c]^T) * scale_of(c).
+
+  a_smem holds the warpgroup's rows of A, b_smem_NK its rows of B (output columns). Per
+  accumulator c (cfg.acc_n columns), one wgmma into a fresh fp32 accumulator, then its wait and
+  the promotion. scale_of(c) gives a rows x acc_n scale from values loaded before the wgmma.
+  """
+  out = []
+  for c, sum_RN in enumerate(sums):
+    def partial(acc_ref, c=c):
+      b_cols = b_smem_NK.at[pl.ds(c * cfg.acc_n, cfg.acc_n)]
+      plgpu.wgmma(acc_ref, a_smem, b_cols.transpose((1, 0)))
+      return acc_ref[...]  # waits for the wgmma
+
+    part_RN = pl.run_scoped(partial, plgpu.ACC(sum_RN.shape, jnp.float32))
+    out.append(sum_RN + part_RN * scale_of(c))
+  return tuple(out)
+
+
+def _store_sums(out_smem_wg, sums: tuple, acc_n: int) -> None:
+  """Writes a warpgroup's sums into its output tile in shared memory, one accumulator each."""
+  for c, sum_RN in enumerate(sums):
+    out_smem_wg.at[:, pl.ds(c * acc_n, acc_n)][...] = sum_RN.astype(out_smem_wg.dtype)
+
+
 def _kernel_body(cfg: Fp8TileConfig, num_groups: int, scalar_sb: bool,
                  count_gmem, group_gmem, start_gmem, offset_gmem, rows_gmem,
                  a_gmem, sa_gmem, b_gmem, sb_gmem, out_gmem):
   """Memory warpgroup: TMA ring of A, B, sa (and sb columns). Compute warpgroups: wgmma + fp32
-  promotion. With scalar_sb, sb_gmem is [G, Kt, Nt] block scales read as scalars."""
+  promotion. With scalar_sb, sb_gmem is [G, Kt, Nt] block scales read as scalars from global
+  memory, one step ahead."""
   k_steps = a_gmem.shape[1] // TILE_K
-  tm, tn, cta_n = cfg.tile_m, cfg.tile_n, cfg.cta_n
+  tm, tn, cta_n, acc_n = cfg.tile_m, cfg.tile_n, cfg.cta_n, cfg.acc_n
   n_tiles = out_gmem.shape[1] // cta_n
   f32 = jnp.float32
 
   def pipeline(mma_step, compute_context, col_tile):
+    # "no_promote" keeps a wgmma in flight past its step: release each slot one step late.
+    late = dict(delay_release=1) if cfg.probe == "no_promote" else {}
     in_specs = [
         plgpu.BlockSpec((tm, TILE_K), lambda k: (0, k),
-                        transforms=_swizzled((tm, TILE_K), a_gmem.dtype), memory_space=plgpu.SMEM),
+                        transforms=_swizzled((tm, TILE_K), a_gmem.dtype), memory_space=plgpu.SMEM,
+                        **late),
         plgpu.BlockSpec((cta_n, TILE_K), lambda k: (col_tile, k),
                         transforms=_swizzled((cta_n, TILE_K), b_gmem.dtype),
-                        memory_space=plgpu.SMEM),
-        plgpu.BlockSpec((1, tm), lambda k: (k, 0), memory_space=plgpu.SMEM),
+                        memory_space=plgpu.SMEM, **late),
+        plgpu.BlockSpec((1, tm), lambda k: (k, 0), memory_space=plgpu.SMEM, **late),
     ]
     if not scalar_sb:
       in_specs.append(plgpu.BlockSpec((1, cta_n), lambda k: (k, col_tile),
-                                      memory_space=plgpu.SMEM))
+                                      memory_space=plgpu.SMEM, **late))
     return plgpu.emit_pipeline_warp_specialized(
         mma_step,
         grid=(k_steps,),
@@ -193,17 +272,22 @@ def _kernel_body(cfg: Fp8TileConfig, num_groups: int, scalar_sb: bool,
     return ops if scalar_sb else ops + (sb_gmem.at[g],)
 
   ignore = lambda *_, **__: None
+  # This compute warpgroup's part of a unit: rows [row0, row0 + wg_rows), columns
+  # [col0, col0 + wg_cols) of the CTA's tile (Fp8TileConfig.wg_split).
+  wg_rows, wg_cols = cfg.wg_shape
+  split_m = wg_rows != tm
 
   @functools.partial(
       pl.run_scoped,
       allocs=pipeline(ignore, ignore, 0).get_allocations(*operands(0, 0)),
-      out_smem=plgpu.SMEM((2, tm, tn), out_gmem.dtype,
-                          transforms=_swizzled((tm, tn), out_gmem.dtype, tile_rows=1)),
+      # (Mosaic GPU's layout inference rejects 64-row stores into the swizzled tile.)
+      out_smem=plgpu.SMEM((2, wg_rows, wg_cols), out_gmem.dtype, transforms=() if split_m else
+                          _swizzled((wg_rows, wg_cols), out_gmem.dtype, tile_rows=1)),
       collective_axes="wg",
   )
   def _scope(allocs, out_smem):
     wg = jax.lax.axis_index("wg")
-    wg_cols = pl.ds(wg * tn, tn)
+    row0, col0 = (wg * wg_rows, 0) if split_m else (0, wg * tn)
 
     @plgpu.nd_loop((count_gmem[0] * n_tiles,), collective_axes="sm")
     def _unit(info):
@@ -217,42 +301,67 @@ def _kernel_body(cfg: Fp8TileConfig, num_groups: int, scalar_sb: bool,
       offset, rows = offset_gmem[item], rows_gmem[item]
       is_tail = group == num_groups
 
-      def store(sum_RN):
+      def store(sums):
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last unit's stores read out_smem
-        out_smem[wg] = sum_RN.astype(out_smem.dtype)
+        _store_sums(out_smem.at[wg], sums, acc_n)
         plgpu.commit_smem()
-        _store_owned_rows(out_smem.at[wg], out_gmem, start, offset, rows,
-                          ni * cta_n + wg * tn, tm)
+        # The unit owns rows [offset, offset + rows) of the tile; this warpgroup stores its share.
+        lo = jnp.clip(offset - row0, 0, wg_rows)
+        hi = jnp.clip(offset + rows - row0, 0, wg_rows)
+        _store_owned_rows(out_smem.at[wg], out_gmem, start + row0, lo, hi - lo,
+                          ni * cta_n + col0, wg_rows)
 
       def compute_context(run_pipeline):
-        zeros = plgpu.layout_cast(jnp.zeros((tm, tn), f32), plgpu.Layout.WGMMA)
-        store(run_pipeline(zeros))
+        if cfg.probe == "no_promote":
+          def run(acc_ref):
+            run_pipeline(acc_ref)
+            store((acc_ref[...],))
+          pl.run_scoped(run, plgpu.ACC((wg_rows, wg_cols), f32))
+        else:
+          sums, _ = run_pipeline((_zero_sums(cfg), block_scales(0)))
+          store(sums)
+
+      def block_scales(k):
+        """B's 128x128 block scales of K step k, one per accumulator, from global memory."""
+        if not scalar_sb:
+          return None
+        if cfg.probe == "const_sb":
+          return (jnp.float32(1.0),) * (wg_cols // acc_n)
+        g = jnp.minimum(group, num_groups - 1)
+        return tuple(sb_gmem[g, k, (ni * cta_n + col0 + c * acc_n) // TILE_K]
+                     for c in range(wg_cols // acc_n))
 
       def mma_step(idx, a_smem, b_smem, sa_smem, *rest):
-        *sb_smem, sum_RN = rest
-        if scalar_sb:  # issued before the wgmma, so that its latency hides behind it
-          sb = sb_gmem[jnp.minimum(group, num_groups - 1), idx[0], (ni * cta_n + wg * tn) // 128]
+        *sb_smem, carry = rest
+        a_wg = a_smem.at[pl.ds(row0, wg_rows)] if split_m else a_smem
+        b_wg = b_smem.at[pl.ds(col0, wg_cols)]
+        if cfg.probe == "no_promote":  # carry is the accumulator; keep one wgmma in flight
+          plgpu.wgmma(carry, a_wg, b_wg.transpose((1, 0)))
+          plgpu.wgmma_wait(1)
+          return carry
+        sums, sb = carry
+        # The next step's block scales: their global-memory latency hides behind this step.
+        sb_next = block_scales(jnp.minimum(idx[0] + 1, k_steps - 1))
+        sa_R = plgpu.load(sa_smem.at[0, pl.ds(row0, wg_rows)],
+                          layout=plgpu.Layout.WGMMA.reduce(1))
 
-        def partial(acc_ref):
-          plgpu.wgmma(acc_ref, a_smem, b_smem.at[wg_cols].transpose((1, 0)))
-          return acc_ref[...]  # waits for the wgmma
+        def scale_of(c):
+          if scalar_sb:
+            return jax.lax.broadcast_in_dim(sa_R * sb[c], (wg_rows, acc_n), [0])
+          sb_N = plgpu.load(sb_smem[0].at[0, pl.ds(col0 + c * acc_n, acc_n)],
+                            layout=plgpu.Layout.WGMMA.reduce(0))
+          return (jax.lax.broadcast_in_dim(sa_R, (wg_rows, acc_n), [0])
+                  * jax.lax.broadcast_in_dim(sb_N, (wg_rows, acc_n), [1]))
 
-        part_RN = pl.run_scoped(partial, plgpu.ACC((tm, tn), f32))
-        sa_R = plgpu.load(sa_smem.at[0], layout=plgpu.Layout.WGMMA.reduce(1))
-        if scalar_sb:
-          return sum_RN + part_RN * jax.lax.broadcast_in_dim(sa_R * sb, (tm, tn), [0])
-        sb_N = plgpu.load(sb_smem[0].at[0, wg_cols], layout=plgpu.Layout.WGMMA.reduce(0))
-        scale_RN = (jax.lax.broadcast_in_dim(sa_R, (tm, tn), [0])
-                    * jax.lax.broadcast_in_dim(sb_N, (tm, tn), [1]))
-        return sum_RN + part_RN * scale_RN
+        return _mma_promote(cfg, a_wg, b_wg, sums, scale_of), sb_next
+
+      @pl.when(is_tail & (wg < 2))
+      def _():
+        store(_zero_sums(cfg))
 
       @pl.when(jnp.logical_not(is_tail))
       def _():
         pipeline(mma_step, compute_context, ni)(*operands(start, group), allocations=allocs)
-
-      @pl.when(is_tail & (wg < 2))
-      def _():
-        store(plgpu.layout_cast(jnp.zeros((tm, tn), f32), plgpu.Layout.WGMMA))
 
   plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
@@ -412,6 +521,10 @@ def gmm_fp8(a_q_MK: jax.Array, sa_KtM: jax.Array, b_q_GNK: jax.Array, sb_GKtX: j
     raise ValueError(f"gmm_fp8: the 'pp' body reads 128x128 block scales of B as scalars; got "
                      f"b_scaling={b_scaling!r}, scalar_b_scale={cfg.scalar_b_scale}. Use a 'ws' "
                      f"tiling (Fp8TileConfig.body) for 1x128-tiled B.")
+  if cfg.body == "pp" and (cfg.acc_n != cfg.tile_n or cfg.probe):
+    raise ValueError(f"gmm_fp8: the 'pp' body runs one accumulator per warpgroup and no probes; "
+                     f"got acc_cols={cfg.acc_cols}, probe={cfg.probe!r}. Leave them unset "
+                     f"(Fp8TileConfig) or use the 'ws' body.")
   if b_scaling == "block" and not scalar_sb:
     sb_GKtX = expand_block_scales(sb_GKtX, n_dim)
   # Row tiles start on multiples of 8 (the SMEM tiling): pad M to that, and to one tile at least.

@@ -65,15 +65,20 @@ def _assert_close(out, ref, rtol):
 
 @pytest.mark.parametrize("case", ["ragged_with_tail", "all_empty"])
 def test_grouped_kernel_matches_fp64(case):
-  """Empty groups, groups under a tile, a shared tile, unaligned M and zero tail rows."""
+  """Empty groups, groups under a tile, a shared tile, unaligned M and zero tail rows; two wgmma
+  accumulators per warpgroup (acc_cols) in the ragged case."""
   m_dim, sizes = {"ragged_with_tail": (203, [0, 70, 3, 0, 100]), "all_empty": (64, [0, 0])}[case]
   rng = np.random.default_rng(len(case))
-  (a_q, sa, b_q, sb), (a_MK, b_GNK) = _operands(rng, m_dim, 256, 128, len(sizes))
+  # N = 256 where there are rows: two column tiles, each in its own block of B (its own scale).
+  n_dim = 256 if case == "ragged_with_tail" else 128
+  (a_q, sa, b_q, sb), (a_MK, b_GNK) = _operands(rng, m_dim, 256, n_dim, len(sizes))
   # "m" order walks row tiles in bands (the dense kernel's L2 order); it must cover every unit.
-  cfg = mgpu.Fp8TileConfig(tile_m=64, tile_n=64, stages=2, grid_minor="m", grid_width=2)
+  # Two wgmma accumulators per warpgroup (acc_cols) where there are rows.
+  cfg = mgpu.Fp8TileConfig(tile_m=64, tile_n=64, stages=2, grid_minor="m", grid_width=2,
+                           acc_cols=32 if case == "ragged_with_tail" else 0)
   out = mgpu.gmm_fp8(a_q, sa.T, b_q, jnp.swapaxes(sb, 1, 2), jnp.asarray(sizes, jnp.int32),
                      out_dtype=jnp.float32, config=cfg, interpret=_INTERPRET, num_sms=3)
-  assert out.shape == (m_dim, 128) and out.dtype == jnp.float32
+  assert out.shape == (m_dim, n_dim) and out.dtype == jnp.float32
   ref = _np_grouped(a_MK, b_GNK, sizes)
   _assert_close(out, ref, 1e-5)
   np.testing.assert_array_equal(np.asarray(out)[sum(sizes):], 0.0)
@@ -96,7 +101,40 @@ def test_ping_pong_body_matches_fp64(case):
   np.testing.assert_array_equal(np.asarray(out)[sum(sizes):], 0.0)
   with pytest.raises(ValueError, match="'pp' body reads 128x128 block scales"):
     mgpu.gmm_fp8(a_q, sa.T, b_q, jnp.zeros((len(sizes), 2, 128)), jnp.asarray(sizes, jnp.int32),
-                 b_scaling="tile", config=cfg, interpret=_INTERPRET)
+                 b_scaling="tile", out_dtype=jnp.float32, config=cfg, interpret=_INTERPRET)
+
+
+@pytest.mark.parametrize("case", ["ragged", "tile_scaled"])
+def test_row_split_body_matches_fp64(case):
+  """wg_split "m" (each compute warpgroup takes half the rows of a unit, all its columns) with
+  several wgmma accumulators per warpgroup: units whose row ranges cut across the two halves,
+  empty and tiny groups, zero tail rows; one group of all rows with B scaled per row (the
+  wgrad's B)."""
+  m_dim, sizes, cfg = {
+      "ragged": (203, [0, 70, 3, 0, 100], mgpu.Fp8TileConfig(
+          tile_m=128, tile_n=128, stages=2, grid_minor="m", grid_width=2, wg_split="m",
+          acc_cols=64)),
+      "tile_scaled": (130, [130], mgpu.Fp8TileConfig(
+          tile_m=128, tile_n=64, stages=2, wg_split="m", acc_cols=64)),
+  }[case]
+  rng = np.random.default_rng(len(case))
+  # N = 256 in the ragged case: each warpgroup's columns span two of B's blocks (two scales).
+  n_dim = 2 * cfg.tile_n
+  (a_q, sa, b_q, sb), (a_MK, b_GNK) = _operands(rng, m_dim, 256, n_dim, len(sizes))
+  sb_GKtX, b_scaling = jnp.swapaxes(sb, 1, 2), "block"
+  if case == "tile_scaled":  # one scale per row of B and 128 of K (wgrad operand)
+    sb_GNKt = _scales(rng, (len(sizes), 128, 2))
+    b_GNK = _np(b_q) * np.repeat(_np(sb_GNKt), 128, axis=2)
+    sb_GKtX, b_scaling = jnp.swapaxes(sb_GNKt, 1, 2), "tile"
+  # bf16 out where fp32's output tile would not fit next to two stages (fit_smem would narrow
+  # the tile to one block of B).
+  out_dtype, rtol = (jnp.bfloat16, 2**-8) if case == "ragged" else (jnp.float32, 1e-5)
+  assert cfg.fit_smem(jnp.dtype(out_dtype).itemsize) == cfg
+  out = mgpu.gmm_fp8(a_q, sa.T, b_q, sb_GKtX, jnp.asarray(sizes, jnp.int32),
+                     b_scaling=b_scaling, out_dtype=out_dtype, config=cfg,
+                     interpret=_INTERPRET, num_sms=3)
+  _assert_close(out, _np_grouped(a_MK, b_GNK, sizes), rtol)
+  np.testing.assert_array_equal(np.asarray(out)[sum(sizes):], 0.0)
 
 
 @pytest.mark.parametrize("b_scaling", ["block", "tile"])
@@ -170,16 +208,19 @@ def test_supports_and_smem_fit():
       assert n_dim % cfg.cta_n == 0 and cfg.stages >= 2
 
 
-@pytest.mark.parametrize("shape", ["dense_8192", "mini_up", "wgrad_tile", "mini_up_pp"])
+@pytest.mark.parametrize("shape", ["dense_8192", "mini_up", "wgrad_tile", "mini_up_pp",
+                                   "dense_8192_rows"])
 def test_kernel_lowers_for_cuda_at_full_size(shape):
   """Layout inference (WGMMA row/column scale vectors, fp8 swizzles) without a GPU."""
   m_dim, k_dim, n_dim, groups = {"dense_8192": (8192, 8192, 8192, 1),
                                  "mini_up": (16384, 2048, 1024, 256),
                                  "wgrad_tile": (2048, 16384, 2048, 1),
-                                 "mini_up_pp": (16384, 2048, 1024, 256)}[shape]
+                                 "mini_up_pp": (16384, 2048, 1024, 256),
+                                 "dense_8192_rows": (8192, 8192, 8192, 1)}[shape]
   b_scaling = "tile" if shape == "wgrad_tile" else "block"
-  cfg = mgpu.Fp8TileConfig(stages=4, grid_minor="m", grid_width=4, body="pp") if (
-      shape.endswith("_pp")) else None
+  cfg = {"mini_up_pp": mgpu.Fp8TileConfig(stages=4, grid_minor="m", grid_width=4, body="pp"),
+         "dense_8192_rows": mgpu.Fp8TileConfig(grid_minor="m", grid_width=16, wg_split="m",
+                                               acc_cols=128)}.get(shape)
   sb_cols = n_dim if b_scaling == "tile" else n_dim // 128
   spec = jax.ShapeDtypeStruct
   f = jax.jit(lambda *a: mgpu.gmm_fp8(*a, b_scaling=b_scaling, config=cfg, num_sms=132))
