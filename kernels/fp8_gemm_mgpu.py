@@ -125,12 +125,13 @@ class Fp8TileConfig:
     return cfg
 
 
-# Key: (K, N, out dtype name). From experiments/bench_fp8.py on an H200 (BENCHMARKS.md, session 6,
+# Key: (K, N, out dtype name). From experiments/bench_fp8.py on H200s (BENCHMARKS.md, session 6,
 # 2026-11-30): the old single 128 x 128 accumulator per warpgroup spilled (489 TFLOP/s at 8192^3,
-# 445 / 365 on the Ling-mini experts). Two 128 x 64 accumulators per warpgroup gave 1147 at
-# 8192^3; on the expert shapes 128 x 128 units with each warpgroup on 64 rows gave 853 / 519.
+# 445 / 365 on the Ling-mini experts up / down). Two 128 x 64 accumulators per warpgroup: 1147
+# and 1175 at 8192^3 (two machines), 966 / 551 on the experts, where 128 x 128 units with each
+# warpgroup on 64 rows (wg_split "m") gave 862 / 523 in the same call.
 # Absent shapes take the default, narrowed by `fit_smem` and by N.
-_EXPERTS = Fp8TileConfig(tile_n=64, stages=5, grid_minor="m", grid_width=4, wg_split="m")
+_EXPERTS = Fp8TileConfig(grid_minor="m", grid_width=4, acc_cols=64)
 TILE_CONFIGS: dict[tuple[int, int, str], Fp8TileConfig] = {
     (2048, 1024, "bfloat16"): _EXPERTS,  # Ling-mini expert gate+up
     (512, 2048, "bfloat16"): _EXPERTS,  # Ling-mini expert down
