@@ -187,7 +187,7 @@ def mini_h200(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   m.attention_impl = "cudnn_causal"
   m.logits_dtype = "bfloat16"
   m.unroll_layers = True  # 7% faster steps and 11 GiB less at 4 layers (BENCHMARKS.md)
-  m.router_precision = "bf16x6"  # as accurate as XLA's fp32 dot, and ~10% faster
+  m.router_precision = "bf16x6"  # as accurate as XLA's fp32 dot; alone 0.78 against 0.87 ms
   t.moment_dtype = "bfloat16"
   t.materialize_grads = True  # optimizer 31 -> 22 ms, gradient copies +4 ms (4 layers)
   m.remat_policy = "none"
