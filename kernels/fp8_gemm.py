@@ -39,6 +39,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import pallas as pl
 
 from kernels import fp8_quant as fq
 from kernels import grouped_matmul as gmm_lib
@@ -159,7 +160,7 @@ def fp8_matmul(a_q_MK: jax.Array, a_scale_MKt: jax.Array, b_q_NK: jax.Array,
   _check_e4m3(fn, a_q=a_q_MK, b_q=b_q_NK)
   backend = _resolve_backend(backend)
   (m_dim, k_dim), (n_dim, k_b) = a_q_MK.shape, b_q_NK.shape
-  kt, nt = fq._cdiv(k_dim, fq.TILE), fq._cdiv(n_dim, fq.TILE)
+  kt, nt = pl.cdiv(k_dim, fq.TILE), pl.cdiv(n_dim, fq.TILE)
   want_b = {"block": (nt, kt), "tile": (n_dim, kt)}.get(b_scaling)
   if want_b is None:
     raise ValueError(f"{fn}: b_scaling must be 'block' or 'tile', got {b_scaling!r}.")
@@ -192,7 +193,7 @@ def fp8_grouped_matmul(a_q_MK: jax.Array, a_scale_MKt: jax.Array, b_q_GNK: jax.A
   _check_e4m3(fn, a_q=a_q_MK, b_q=b_q_GNK)
   backend = _resolve_backend(backend)
   (m_dim, k_dim), (g_dim, n_dim, k_b) = a_q_MK.shape, b_q_GNK.shape
-  kt, nt = fq._cdiv(k_dim, fq.TILE), fq._cdiv(n_dim, fq.TILE)
+  kt, nt = pl.cdiv(k_dim, fq.TILE), pl.cdiv(n_dim, fq.TILE)
   if (k_b != k_dim or a_scale_MKt.shape != (m_dim, kt)
       or b_scale_GNtKt.shape != (g_dim, nt, kt) or group_sizes_G.shape != (g_dim,)):
     raise ValueError(
@@ -286,7 +287,7 @@ def _fp8_linear_fwd(x_MK, w_KN, probe_2, backend, recipe):
   pow2 = recipe.pow2_scales
   w_q_KN, w_s = fq.quantize_blocks(w_KN, pow2_scales=pow2)
   # 128-row tiles for x^T (tile ids None: no groups).
-  x_fp8, xt_fp8 = _quantize_x(x_MK, None, fq._cdiv(x_MK.shape[0], fq.TILE), recipe, backend)
+  x_fp8, xt_fp8 = _quantize_x(x_MK, None, pl.cdiv(x_MK.shape[0], fq.TILE), recipe, backend)
   if recipe.fprop:
     y_MN = fp8_matmul(*x_fp8, w_q_KN.T, w_s.T, out_dtype=x_MK.dtype, backend=backend)
   else:
@@ -302,7 +303,7 @@ def _fp8_linear_fwd(x_MK, w_KN, probe_2, backend, recipe):
 def _fp8_linear_bwd(backend, recipe, res, dy_MN):
   x_saved, w_saved, (x_dt, w_dt) = res
   dy_q, dy_s, dyt_q_NM, dyt_s_NC = fq.quantize_tiles_with_transpose(
-      dy_MN, None, fq._cdiv(dy_MN.shape[0], fq.TILE), recipe.pow2_scales,
+      dy_MN, None, pl.cdiv(dy_MN.shape[0], fq.TILE), recipe.pow2_scales,
       backend=_quant_backend(backend))
   if recipe.dgrad:
     dx_MK = fp8_matmul(dy_q, dy_s, *w_saved, out_dtype=x_dt.dtype, backend=backend)

@@ -168,10 +168,6 @@ def supports(k_dim: int, n_dim: int, out_dtype, cfg: Fp8TileConfig | None = None
           and k_dim % TILE_K == 0 and n_dim % cfg.cta_n == 0 and cfg.tile_m % 64 == 0)
 
 
-def _cdiv(a: int, b: int) -> int:
-  return -(-a // b)
-
-
 def _swizzled(block_shape, dtype, tile_rows: int = 8):
   swizzle = plgpu.find_swizzle(block_shape[-1] * jnp.dtype(dtype).itemsize * 8)
   return (plgpu.TilingTransform((tile_rows, swizzle // jnp.dtype(dtype).itemsize)),
@@ -508,7 +504,7 @@ def gmm_fp8(a_q_MK: jax.Array, sa_KtM: jax.Array, b_q_GNK: jax.Array, sb_GKtX: j
   num_groups, n_dim, _ = b_q_GNK.shape
   out_dtype = jnp.dtype(out_dtype)
   cfg = (config or tile_config(k_dim, n_dim, out_dtype)).fit_smem(out_dtype.itemsize)
-  kt, nt = k_dim // TILE_K, _cdiv(n_dim, TILE_K)
+  kt, nt = k_dim // TILE_K, pl.cdiv(n_dim, TILE_K)
   want_sb = {"block": (num_groups, kt, nt), "tile": (num_groups, kt, n_dim)}.get(b_scaling)
   if (not supports(k_dim, n_dim, out_dtype, cfg) or b_q_GNK.shape[2] != k_dim
       or sa_KtM.shape != (kt, num_rows) or sb_GKtX.shape != want_sb
@@ -529,7 +525,7 @@ def gmm_fp8(a_q_MK: jax.Array, sa_KtM: jax.Array, b_q_GNK: jax.Array, sb_GKtX: j
   if b_scaling == "block" and not scalar_sb:
     sb_GKtX = expand_block_scales(sb_GKtX, n_dim)
   # Row tiles start on multiples of 8 (the SMEM tiling): pad M to that, and to one tile at least.
-  padded_rows = max(_cdiv(num_rows, _ROW_ALIGN) * _ROW_ALIGN, cfg.tile_m)
+  padded_rows = max(pl.cdiv(num_rows, _ROW_ALIGN) * _ROW_ALIGN, cfg.tile_m)
   if padded_rows != num_rows:
     a_q_MK = jnp.pad(a_q_MK, ((0, padded_rows - num_rows), (0, 0)))
     sa_KtM = jnp.pad(sa_KtM, ((0, 0), (0, padded_rows - num_rows)))

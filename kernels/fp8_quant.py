@@ -34,6 +34,7 @@ Shape key:
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import pallas as pl
 
 E4M3 = jnp.float8_e4m3fn
 E4M3_MAX = 448.0
@@ -64,10 +65,6 @@ def _kernel_takes(x: jax.Array) -> bool:
   return (x.size > 0 and x.ndim >= 1
           and jnp.dtype(x.dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16),
                                      jnp.dtype(jnp.float32)))
-
-
-def _cdiv(a: int, b: int) -> int:
-  return -(-a // b)
 
 
 def _pad_axis(x: jax.Array, axis: int, multiple: int) -> jax.Array:
@@ -182,7 +179,7 @@ def row_tile_ids(num_rows: int, group_sizes_G: jax.Array | None = None,
   form one more group, so their contents never share a scale with an expert's rows.
   """
   if group_sizes_G is None:
-    return jnp.arange(num_rows, dtype=jnp.int32) // tile, _cdiv(num_rows, tile)
+    return jnp.arange(num_rows, dtype=jnp.int32) // tile, pl.cdiv(num_rows, tile)
   sizes_G = group_sizes_G.astype(jnp.int32)
   sizes_G1 = jnp.concatenate([sizes_G, (num_rows - jnp.sum(sizes_G))[None]])
   ends_G1 = jnp.cumsum(sizes_G1)
@@ -192,7 +189,7 @@ def row_tile_ids(num_rows: int, group_sizes_G: jax.Array | None = None,
   group_M = jnp.searchsorted(ends_G1, rows_M, side="right")
   offset_M = rows_M - (ends_G1 - sizes_G1)[group_M]
   # Each group adds at most one partial tile to the cdiv(M, 128) full ones.
-  num_tiles = _cdiv(num_rows, tile) + sizes_G1.shape[0] - 1
+  num_tiles = pl.cdiv(num_rows, tile) + sizes_G1.shape[0] - 1
   return (tile_starts_G1[group_M] + offset_M // tile).astype(jnp.int32), num_tiles
 
 
@@ -227,9 +224,9 @@ def quantize_rows_transposed(x_MK: jax.Array, tile_ids_M: jax.Array | None, num_
   backend = _resolve_backend(backend)
   num_rows = x_MK.shape[0]
   if tile_ids_M is None:
-    if num_tiles != _cdiv(num_rows, TILE):
+    if num_tiles != pl.cdiv(num_rows, TILE):
       raise ValueError(f"quantize_rows_transposed: without tile_ids_M the tiles are the "
-                       f"{_cdiv(num_rows, TILE)} 128-row tiles of {num_rows} rows; got "
+                       f"{pl.cdiv(num_rows, TILE)} 128-row tiles of {num_rows} rows; got "
                        f"num_tiles={num_tiles}. Pass row_tile_ids' ids and count.")
     if backend != "xla" and _kernel_takes(x_MK):
       return _transposed_kernel(x_MK, None, num_tiles, pow2_scales, backend, want_rows=False)
@@ -286,9 +283,9 @@ def quantize_tiles_with_transpose(
   """
   backend = _resolve_backend(backend)
   if backend != "xla" and _kernel_takes(x_MK):
-    if tile_ids_M is None and num_tiles != _cdiv(x_MK.shape[0], TILE):
+    if tile_ids_M is None and num_tiles != pl.cdiv(x_MK.shape[0], TILE):
       raise ValueError(f"quantize_tiles_with_transpose: without tile_ids_M num_tiles must be "
-                       f"ceil(M / 128) = {_cdiv(x_MK.shape[0], TILE)}, got {num_tiles}.")
+                       f"ceil(M / 128) = {pl.cdiv(x_MK.shape[0], TILE)}, got {num_tiles}.")
     return _transposed_kernel(x_MK, tile_ids_M, num_tiles, pow2_scales, backend,
                               want_rows=True)
   q_MK, scale_MKt = quantize_tiles(x_MK, pow2_scales=pow2_scales, backend="xla")

@@ -48,10 +48,6 @@ COLS_LAUNCH = {"rows_per_prog": TILE, "tiles_per_prog": 1, "num_warps": 8,
                "transpose_codes": True}
 
 
-def _cdiv(a: int, b: int) -> int:
-  return -(-a // b)
-
-
 def _recip_rn(scale: jax.Array, interpret: bool) -> jax.Array:
   """1 / scale in fp32, correctly rounded (IEEE), as XLA divides."""
   if interpret:
@@ -166,7 +162,7 @@ def quantize(x_MK: jax.Array, starts_C: jax.Array | None = None,
     transpose_codes: transpose the column tiles' codes rather than their fp32 values.
   """
   num_rows, k_dim = x_MK.shape
-  kt = _cdiv(k_dim, TILE)
+  kt = pl.cdiv(k_dim, TILE)
   aligned = starts_C is None
   launch = COLS_LAUNCH if want_cols else ROWS_LAUNCH
   tiles_per_prog = tiles_per_prog or launch["tiles_per_prog"]
@@ -175,10 +171,10 @@ def quantize(x_MK: jax.Array, starts_C: jax.Array | None = None,
     transpose_codes = COLS_LAUNCH["transpose_codes"]
   if want_cols:
     r = TILE
-    num_c = _cdiv(num_rows, TILE) if aligned else num_tiles
+    num_c = pl.cdiv(num_rows, TILE) if aligned else num_tiles
   else:
     r = rows_per_prog or launch["rows_per_prog"]
-    num_c = _cdiv(num_rows, r)
+    num_c = pl.cdiv(num_rows, r)
   if aligned:
     starts_C = counts_C = jnp.zeros((1,), jnp.int32)
   t_per = _tiles_per_prog(kt, tiles_per_prog)

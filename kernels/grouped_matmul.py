@@ -29,6 +29,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import pallas as pl
 
 # Smallest tile the reference shrinks to when groups are small (fine-grained MoE at small batch).
 _MIN_REFERENCE_TILE = 8
@@ -53,17 +54,13 @@ class _Plan(NamedTuple):
   num_items: jax.Array  # work items in use; the rest of the static I are never visited
 
 
-def _cdiv(a: int, b: int) -> int:
-  return -(-a // b)
-
-
 def _reference_tile_rows(num_rows: int, num_groups: int, tile_m: int) -> int:
   """Rows per tile: tile_m, or less when the average group is much smaller than a tile.
 
   Each work item computes a whole tile, so the work is at most (cdiv(M, R) + G - 1) * R rows;
   keeping R near M / G bounds the waste at about 3x the M rows even for hundreds of experts.
   """
-  balanced = 1 << max(_cdiv(num_rows, num_groups) - 1, 0).bit_length()
+  balanced = 1 << max(pl.cdiv(num_rows, num_groups) - 1, 0).bit_length()
   return max(1, min(tile_m, num_rows, max(_MIN_REFERENCE_TILE, balanced)))
 
 
@@ -79,7 +76,7 @@ def _make_plan(group_sizes_G: jax.Array, num_rows: int, rows_per_tile: int) -> _
   item_starts_G = item_ends_G - tiles_G
   # A group of s rows touches at most cdiv(s, R) + 1 tiles, but summed over groups this
   # telescopes: each boundary between two groups adds at most one tile.
-  max_items = _cdiv(num_rows, rows_per_tile) + num_groups - 1
+  max_items = pl.cdiv(num_rows, rows_per_tile) + num_groups - 1
   items_I = jnp.arange(max_items, dtype=jnp.int32)
   group_ids_I = jnp.searchsorted(item_ends_G, items_I, side="right").astype(jnp.int32)
   group_ids_I = jnp.minimum(group_ids_I, num_groups - 1)

@@ -246,17 +246,13 @@ _ROW_ALIGN = 8
 _SMEM_BUDGET = 232448 - 1024
 
 
-def _cdiv(a: int, b: int) -> int:
-  return -(-a // b)
-
-
 def max_schedule_items(num_rows: int, num_groups: int, tile_m: int) -> int:
   """Static bound on the items of `make_tile_schedule`.
 
   Group h of s_h rows starting a_h < 8 rows past the 8-row grid takes cdiv(s_h + a_h, R) items;
   summed over the G + 1 groups (tail included) that is below (M + 7(G+1)) / R + G + 1.
   """
-  return _cdiv(num_rows + (_ROW_ALIGN - 1) * (num_groups + 1), tile_m) + num_groups + 1
+  return pl.cdiv(num_rows + (_ROW_ALIGN - 1) * (num_groups + 1), tile_m) + num_groups + 1
 
 
 def make_tile_schedule(group_sizes_G: jax.Array, num_rows: int, tile_m: int) -> TileSchedule:
@@ -774,7 +770,7 @@ def gmm(lhs_MK: jax.Array, rhs_GKN: jax.Array, group_sizes_G: jax.Array, *,
                      f"swiglu={swiglu}, {cfg}.")
   # Tiles start on multiples of 8 rows (the SMEM tiling); the schedule's shifted last tile does
   # too when M is a multiple of 8. Otherwise, or with fewer rows than a tile, pad (a copy of lhs).
-  padded_rows = max(_cdiv(num_rows, _ROW_ALIGN) * _ROW_ALIGN, cfg.tile_m)
+  padded_rows = max(pl.cdiv(num_rows, _ROW_ALIGN) * _ROW_ALIGN, cfg.tile_m)
   if padded_rows != num_rows:
     lhs_MK = jnp.pad(lhs_MK, ((0, padded_rows - num_rows), (0, 0)))
   schedule = make_tile_schedule(group_sizes_G, padded_rows, cfg.tile_m)
@@ -905,7 +901,7 @@ def tgmm(lhs_MK: jax.Array, rhs_MN: jax.Array, group_sizes_G: jax.Array, *, out_
                      f"{rhs_MN.shape} {rhs_MN.dtype}, {cfg}.")
   # Chunks are read whole from chunk-aligned rows: pad M to a multiple of the chunk (a copy, only
   # when M is not one already), so that every chunk read stays inside the operands.
-  padded_rows = _cdiv(num_rows, cfg.chunk) * cfg.chunk
+  padded_rows = pl.cdiv(num_rows, cfg.chunk) * cfg.chunk
   if padded_rows != num_rows:
     lhs_MK = jnp.pad(lhs_MK, ((0, padded_rows - num_rows), (0, 0)))
     rhs_MN = jnp.pad(rhs_MN, ((0, padded_rows - num_rows), (0, 0)))

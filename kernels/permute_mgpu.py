@@ -48,10 +48,6 @@ def _num_sms() -> int:
   return getattr(jax.devices()[0], "core_count", None) or 132
 
 
-def _cdiv(a: int, b: int) -> int:
-  return -(-a // b)
-
-
 def supports(num_blocks_rows: int, d_model: int, dtype, cfg: PermuteConfig, rows_per_block: int,
              out_rows: int, index_bytes: int) -> bool:
   """Whether the kernels cover this shape: whole blocks, rows of whole 128-byte lines with at
@@ -127,8 +123,8 @@ def _gather_body(cfg: PermuteConfig, blocks_per_sm: int, rows_gmem, x_gmem, out_
 
 def _per_sm_layout(num_blocks: int, rows_per_block: int, num_sms: int) -> tuple[int, int]:
   """Blocks per SM and the padded length of each SM's index chunk (whole 128-byte lines)."""
-  blocks_per_sm = _cdiv(num_blocks, num_sms)
-  return blocks_per_sm, _cdiv(blocks_per_sm * rows_per_block, 32) * 32
+  blocks_per_sm = pl.cdiv(num_blocks, num_sms)
+  return blocks_per_sm, pl.cdiv(blocks_per_sm * rows_per_block, 32) * 32
 
 
 def _pad_per_sm(v_M: jax.Array, per_sm: int, blocks_per_sm: int, rows_per_block: int,
