@@ -52,6 +52,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from kernels.grouped_matmul_mgpu import make_tile_schedule
+from kernels.grouped_matmul_mgpu import shrink_to_fit
 
 _BODIES = ("ws", "pp")
 _PROBES = ("", "const_sb", "no_promote")
@@ -114,15 +115,7 @@ class Fp8TileConfig:
 
   def fit_smem(self, out_itemsize: int) -> "Fp8TileConfig":
     """Drops stages (not below 2), then halves tile_n, until shared memory fits."""
-    cfg = self
-    while cfg.smem_bytes(out_itemsize) > _SMEM_BUDGET:
-      if cfg.stages > 2:
-        cfg = dataclasses.replace(cfg, stages=cfg.stages - 1)
-      elif cfg.tile_n > 64:
-        cfg = dataclasses.replace(cfg, tile_n=cfg.tile_n // 2, stages=self.stages)
-      else:
-        break
-    return cfg
+    return shrink_to_fit(self, lambda cfg: cfg.smem_bytes(out_itemsize), _SMEM_BUDGET)
 
 
 # Key: (K, N, out dtype name). From experiments/bench_fp8.py on H200s (BENCHMARKS.md, session 6,

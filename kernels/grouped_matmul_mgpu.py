@@ -67,12 +67,29 @@ Shape key:
 
 import dataclasses
 import functools
+from collections.abc import Callable
+from typing import Any
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
+
+
+def shrink_to_fit(cfg: Any, smem_bytes: Callable[[Any], int], budget: int) -> Any:
+  """Returns `cfg` (a tiling dataclass with `stages` and `tile_n`) with pipeline stages dropped
+  (not below 2), then tile_n halved (not below 64, stages restored), until `smem_bytes` of it
+  fits `budget`; the smallest such tiling if none fits (`supports` then says no)."""
+  fitted = cfg
+  while smem_bytes(fitted) > budget:
+    if fitted.stages > 2:
+      fitted = dataclasses.replace(fitted, stages=fitted.stages - 1)
+    elif fitted.tile_n > 64:
+      fitted = dataclasses.replace(fitted, tile_n=fitted.tile_n // 2, stages=cfg.stages)
+    else:
+      break
+  return fitted
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,15 +144,8 @@ class TileConfig:
   def fit_smem(self, in_itemsize: int, out_itemsize: int, swiglu: bool = False,
                k_dim: int = 0) -> "TileConfig":
     """Drops pipeline stages (not below 2), then halves tile_n, until shared memory fits."""
-    cfg = self
-    while cfg.smem_bytes(in_itemsize, out_itemsize, swiglu, k_dim) > _SMEM_BUDGET:
-      if cfg.stages > 2:
-        cfg = dataclasses.replace(cfg, stages=cfg.stages - 1)
-      elif cfg.tile_n > 64:
-        cfg = dataclasses.replace(cfg, tile_n=cfg.tile_n // 2, stages=self.stages)
-      else:
-        break
-    return cfg
+    return shrink_to_fit(
+        self, lambda cfg: cfg.smem_bytes(in_itemsize, out_itemsize, swiglu, k_dim), _SMEM_BUDGET)
 
   def spec(self) -> str:
     """The bench flag string: body:tile_m:tile_n:tile_k:stages[:m][:e<epi_n>][:a][:o][:c]."""
