@@ -200,6 +200,14 @@ def _tile_bounds(tile_ids_M: jax.Array, num_tiles: int) -> tuple[jax.Array, jax.
   return starts_C, jnp.searchsorted(tile_ids_M, tiles_C, side="right") - starts_C
 
 
+def _check_untiled(fn: str, num_rows: int, tile_ids_M: jax.Array | None, num_tiles: int):
+  """Without tile ids the tiles are the 128-row tiles from row 0: num_tiles must count them."""
+  if tile_ids_M is None and num_tiles != pl.cdiv(num_rows, TILE):
+    raise ValueError(f"{fn}: without tile_ids_M num_tiles must be ceil(M / 128) = "
+                     f"{pl.cdiv(num_rows, TILE)} for {num_rows} rows, got {num_tiles}. Pass "
+                     f"row_tile_ids' ids and count.")
+
+
 def _transposed_kernel(x_MK, tile_ids_M, num_tiles, pow2_scales, backend, want_rows):
   """The Triton kernel's outputs in the public layouts (scales transposed back)."""
   from kernels import fp8_quant_triton as fqt
@@ -223,17 +231,12 @@ def quantize_rows_transposed(x_MK: jax.Array, tile_ids_M: jax.Array | None, num_
   """
   backend = _resolve_backend(backend)
   num_rows = x_MK.shape[0]
-  if tile_ids_M is None:
-    if num_tiles != pl.cdiv(num_rows, TILE):
-      raise ValueError(f"quantize_rows_transposed: without tile_ids_M the tiles are the "
-                       f"{pl.cdiv(num_rows, TILE)} 128-row tiles of {num_rows} rows; got "
-                       f"num_tiles={num_tiles}. Pass row_tile_ids' ids and count.")
-    if backend != "xla" and _kernel_takes(x_MK):
-      return _transposed_kernel(x_MK, None, num_tiles, pow2_scales, backend, want_rows=False)
-    tile_ids_M, _ = row_tile_ids(num_rows)
-  elif backend != "xla" and _kernel_takes(x_MK):
+  _check_untiled("quantize_rows_transposed", num_rows, tile_ids_M, num_tiles)
+  if backend != "xla" and _kernel_takes(x_MK):
     return _transposed_kernel(x_MK, tile_ids_M, num_tiles, pow2_scales, backend,
                               want_rows=False)
+  if tile_ids_M is None:
+    tile_ids_M, _ = row_tile_ids(num_rows)
   x32 = x_MK.astype(jnp.float32)
   # Each tile is <= 128 consecutive rows: gather them as [C, 128, K] and reduce, instead of a
   # segment max (a scatter, 50 GB/s on an H200 against ~1 TB/s for this; the max is the same).
@@ -282,10 +285,8 @@ def quantize_tiles_with_transpose(
     (q_MK, scale_MKt) as `quantize_tiles`, and (q_KM, scale_KC) as `quantize_rows_transposed`.
   """
   backend = _resolve_backend(backend)
+  _check_untiled("quantize_tiles_with_transpose", x_MK.shape[0], tile_ids_M, num_tiles)
   if backend != "xla" and _kernel_takes(x_MK):
-    if tile_ids_M is None and num_tiles != pl.cdiv(x_MK.shape[0], TILE):
-      raise ValueError(f"quantize_tiles_with_transpose: without tile_ids_M num_tiles must be "
-                       f"ceil(M / 128) = {pl.cdiv(x_MK.shape[0], TILE)}, got {num_tiles}.")
     return _transposed_kernel(x_MK, tile_ids_M, num_tiles, pow2_scales, backend,
                               want_rows=True)
   q_MK, scale_MKt = quantize_tiles(x_MK, pow2_scales=pow2_scales, backend="xla")

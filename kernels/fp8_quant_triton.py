@@ -32,11 +32,11 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-TILE = 128
-E4M3 = jnp.float8_e4m3fn
-_E4M3_MAX = 448.0
-_INV_MAX = np.float32(1.0 / 448.0)  # fp8_quant.E4M3_INV_MAX
-
+# fp8_quant imports this module only inside its functions, so no import cycle.
+from kernels.fp8_quant import E4M3
+from kernels.fp8_quant import E4M3_INV_MAX
+from kernels.fp8_quant import E4M3_MAX
+from kernels.fp8_quant import TILE
 
 # Launches, the best of experiments/bench_fp8.py's on an H200 (2026-11-30, BENCHMARKS.md, session
 # 5). Rows alone, R rows x T 128-column tiles per program: 32 x 4 with 4 warps (every launch tried
@@ -65,7 +65,7 @@ def _scale_of(amax: jax.Array, pow2: bool) -> jax.Array:
   exponent up (exact for normal s, that is amax >= 448 * 2^-126; below that the reciprocal
   overflows on every backend and no tile of real data gets there).
   """
-  scale = amax * _INV_MAX
+  scale = amax * E4M3_INV_MAX
   if pow2:
     bits = jax.lax.bitcast_convert_type(scale, jnp.int32)
     exp_bits = bits & np.int32(0x7F800000)
@@ -75,7 +75,7 @@ def _scale_of(amax: jax.Array, pow2: bool) -> jax.Array:
 
 
 def _to_e4m3(x32: jax.Array) -> jax.Array:
-  return jnp.minimum(jnp.maximum(x32, -_E4M3_MAX), _E4M3_MAX).astype(E4M3)
+  return jnp.minimum(jnp.maximum(x32, -E4M3_MAX), E4M3_MAX).astype(E4M3)
 
 
 def _kernel(starts_ref, counts_ref, x_ref, *out_refs, num_rows, k_dim, rows_per_prog,
