@@ -36,6 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from kernels import fp8_gemm  # noqa: E402
 from kernels import fp8_gemm_mgpu as mgpu  # noqa: E402
 from kernels import fp8_quant as fq  # noqa: E402
+from kernels import fp8_quant_triton as fqt  # noqa: E402
 from kernels import grouped_matmul_mgpu as bf16_mgpu  # noqa: E402
 from ling_jax import profiling  # noqa: E402
 
@@ -73,13 +74,14 @@ _CHECK_CONFIGS = flags.DEFINE_list(
     "Tilings to check quickly first (`check_configs`: the grouped cases of the full check and "
     "dense 8192^3, fp32 out, against the reference backend); independent of --gemm_check.")
 _QUANT_LAUNCHES = flags.DEFINE_list(
-    "quant_launches", ["64:2:8"],
+    "quant_launches", ["{rows_per_prog}:{tiles_per_prog}:{num_warps}".format(**fqt.ROWS_LAUNCH)],
     "Triton quantise kernel launches R:T:num_warps for the 1x128 tiles alone (R rows, T tiles "
-    "per program).")
+    "per program); default: the kernel's own (fp8_quant_triton.ROWS_LAUNCH).")
 _QUANT_COLS_LAUNCHES = flags.DEFINE_list(
-    "quant_cols_launches", ["2:8:0"],
+    "quant_cols_launches",
+    ["{tiles_per_prog}:{num_warps}:{transpose_codes:d}".format(**fqt.COLS_LAUNCH)],
     "Launches T:num_warps:transpose_codes of the Triton kernel with column tiles (R = 128); the "
-    "first is checked in every dtype and scale rule.")
+    "first is checked in every dtype and scale rule; default: the kernel's own (COLS_LAUNCH).")
 
 # rows (tokens x top-8), experts, hidden, expert width
 _EXPERT_SHAPES = {"mini": (131072, 256, 2048, 512), "flash": (131072, 256, 4096, 1024),
@@ -543,7 +545,6 @@ def _cols_launch(spec: str) -> dict:
 
 def check_quant() -> bool:
   """The Triton kernels' codes and scales against the XLA functions, bit for bit, on this GPU."""
-  from kernels import fp8_quant_triton as fqt
   ok = True
   rng = np.random.default_rng(5)
   m_dim, k_dim = _QUANT_CHECK
@@ -614,7 +615,6 @@ def _same(name, got, want) -> bool:
 
 
 def time_quant() -> None:
-  from kernels import fp8_quant_triton as fqt
   try:
     check_quant()
   except Exception as e:
