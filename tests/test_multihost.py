@@ -9,6 +9,7 @@ import numpy as np
 from ling_jax import metrics as metrics_lib
 from tests.test_trainer import MICRO
 from tests.test_trainer import ROOT
+from tests.test_trainer import compile_cache_env
 
 # Enough steps for a wrong gradient, expert bias or data position to show in the losses; the
 # match itself does not depend on how many.
@@ -23,11 +24,9 @@ def _run(args, *, processes: int, cache: str) -> str:
   env = dict(os.environ, PYTHONUNBUFFERED="1", JAX_PLATFORMS="cpu")
   # Compiling dominates these short runs; XLA's cheapest CPU code generation halves it.
   env["XLA_FLAGS"] = "--xla_backend_optimization_level=0"
-  # The three runs share one persistent cache of every program they compile, however quick (the
-  # job itself keeps only those over 1 s): the resumed run compiles nothing the 1-process run
-  # has not.
-  env["JAX_COMPILATION_CACHE_DIR"] = cache
-  env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+  # The three runs share one persistent cache of every program they compile: the resumed run
+  # compiles nothing the 1-process run has not.
+  env.update(compile_cache_env(cache))
   if processes == 1:
     env["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
     cmd = [sys.executable, "-m", "experiments.train"]

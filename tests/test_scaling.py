@@ -16,6 +16,7 @@ from experiments import sweep
 from ling_jax import config as config_lib
 from ling_jax import params
 from ling_jax import scaling
+from tests import test_trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -216,11 +217,9 @@ def test_small_sweep_end_to_end_and_resume(tmp_path):
       "--train_flag=--config.train.learning_rate=3e-3",
       "--train_flag=--config.train.batch_size=4", "--train_flag=--config.train.eval_batches=1"]
   # One CPU device, as users have; cheapest code generation, as in conftest.py. The runs share
-  # one persistent cache of every program they compile, however quick (the job's own setting
-  # keeps only those over 1 s).
+  # one persistent cache of every program they compile.
   env = dict(os.environ, XLA_FLAGS="--xla_backend_optimization_level=0",
-             JAX_COMPILATION_CACHE_DIR=str(tmp_path / "xla"),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+             **test_trainer.compile_cache_env(tmp_path / "xla"))
   first = subprocess.run([*command, "--budgets=6e11"], cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=600)
   assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]

@@ -51,11 +51,16 @@ def _env():
   return env
 
 
+def compile_cache_env(path) -> dict[str, str]:
+  """Environment that keeps every program a job compiles in the persistent cache at `path`,
+  however quick to compile (the job's own setting keeps only those over 1 s): jobs that share
+  the cache, and a rerun of the same job, compile nothing twice."""
+  return {"JAX_COMPILATION_CACHE_DIR": str(path), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+
+
 def _cached_env():
-  """_env(), with every program the job compiles kept in _CACHE, however quick to compile (the
-  job's own setting keeps only those over 1 s): a rerun of the same job compiles nothing."""
-  return dict(_env(), JAX_COMPILATION_CACHE_DIR=_CACHE,
-              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+  """_env(), with every program the job compiles kept in _CACHE (`compile_cache_env`)."""
+  return dict(_env(), **compile_cache_env(_CACHE))
 
 
 def _run(workdir, corpus, *extra, timeout=600):
