@@ -56,6 +56,8 @@ def model_config(variant: str) -> ml_collections.ConfigDict:
   # The router's fp32 matmul: "float32" (XLA's fp32 dot), or its emulation on bf16 tensor
   # cores, "bf16x6" (as accurate) or "bf16x3" (faster); ling_jax/config.py has the numbers.
   m.router_precision = "float32"
+  # The precision of the router matmul's two backward products (dx, dw); unset: the forward's.
+  m.router_grad_precision = config_dict.placeholder(str)
   # Token exchange under expert parallelism: "auto" (ragged on GPU/TPU, padded on CPU, where XLA
   # has no ragged all-to-all), "ragged" or "padded" (worst-case blocks): expert_parallel.py.
   m.moe_all_to_all = "auto"

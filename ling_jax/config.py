@@ -103,6 +103,9 @@ def validate_model_config(m: Any) -> None:
   if m.get("router_precision", "float32") not in ROUTER_PRECISIONS:
     _fail("router_precision", f"unknown {m.router_precision!r}",
           f"use one of {tuple(ROUTER_PRECISIONS)}")
+  if m.get("router_grad_precision") not in (None, *ROUTER_PRECISIONS):
+    _fail("router_grad_precision", f"unknown {m.router_grad_precision!r}",
+          f"use one of {tuple(ROUTER_PRECISIONS)}, or leave it unset (router_precision's)")
   if m.get("logits_dtype", "float32") not in ("float32", "bfloat16"):
     _fail("logits_dtype", f"unknown {m.logits_dtype!r}", "use 'float32' or 'bfloat16'")
   if m.get("quant", "none") not in QUANT_MODES:
@@ -132,6 +135,15 @@ ROUTER_PRECISIONS = {
 def router_precision(m: Any) -> Any:
   """Returns the `precision` argument of the router's matmul for `model.router_precision`."""
   return ROUTER_PRECISIONS[m.get("router_precision", "float32")]
+
+
+def router_grad_precision(m: Any) -> Any:
+  """Returns the `precision` of the router matmul's two backward products.
+
+  `model.router_grad_precision` when set, else the forward's (`router_precision`).
+  """
+  name = m.get("router_grad_precision") or m.get("router_precision", "float32")
+  return ROUTER_PRECISIONS[name]
 
 
 def dtype_of(name: str) -> jnp.dtype:

@@ -8,6 +8,8 @@ by the optimiser), `moe_stats` (written on every call: per-expert token counts a
 
 from typing import Any
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -20,6 +22,33 @@ from ling_jax import router
 
 STATE = "moe_state"
 STATS = "moe_stats"
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def router_logits(x_TD: jax.Array, w_DE: jax.Array, precision: Any,
+                  grad_precision: Any) -> jax.Array:
+  """Returns the fp32 router logits x @ w, with `precision` forward and `grad_precision` for
+  the two backward products (dx = g @ w^T, dw = x^T @ g).
+
+  x may be bf16: it is saved as it is and cast to fp32 where used. dx comes back in x's dtype.
+  """
+  return jnp.dot(x_TD.astype(jnp.float32), w_DE.astype(jnp.float32), precision=precision)
+
+
+def _router_logits_fwd(x_TD, w_DE, precision, grad_precision):
+  return router_logits(x_TD, w_DE, precision, grad_precision), (x_TD, w_DE)
+
+
+def _router_logits_bwd(precision, grad_precision, res, g_TE):
+  del precision
+  x_TD, w_DE = res
+  x32_TD, w32_DE = x_TD.astype(jnp.float32), w_DE.astype(jnp.float32)
+  dx_TD = jnp.dot(g_TE, w32_DE.T, precision=grad_precision)
+  dw_DE = jnp.dot(x32_TD.T, g_TE, precision=grad_precision)
+  return dx_TD.astype(x_TD.dtype), dw_DE.astype(w_DE.dtype)
+
+
+router_logits.defvjp(_router_logits_fwd, _router_logits_bwd)
 
 
 class MoE(nn.Module):
@@ -42,10 +71,10 @@ class MoE(nn.Module):
 
     x_TD = x_BLD.reshape(batch * length, d)
     # The router always runs in fp32, whatever the activation dtype (m.router_precision: XLA's
-    # fp32 dot, or its fp32-accurate emulation on bf16 tensor cores).
+    # fp32 dot, or its emulation on bf16 tensor cores; m.router_grad_precision: its backward's).
     with jax.named_scope("router"):  # Named for profiles (ling_jax/profiling.py).
-      logits_TE = jnp.dot(x_TD.astype(jnp.float32), w_router_DE.astype(jnp.float32),
-                          precision=config_lib.router_precision(m))
+      logits_TE = router_logits(x_TD, w_router_DE, config_lib.router_precision(m),
+                                config_lib.router_grad_precision(m))
       routing = router.route_tokens(
           logits_TE, bias_E, top_k=m.num_experts_per_tok, n_group=m.n_group,
           topk_group=m.topk_group, routed_scaling_factor=m.routed_scaling_factor,

@@ -100,3 +100,34 @@ def test_update_expert_bias_properties(seed):
 def test_max_violation():
   np.testing.assert_allclose(router.max_violation(jnp.array([4.0, 2.0, 1.0, 1.0])), 1.0)
   np.testing.assert_allclose(router.max_violation(jnp.ones((2, 8))), [0.0, 0.0])
+
+
+@pytest.mark.parametrize("precision,grad_precision", [("float32", "float32"),
+                                                      ("bf16x6", "bf16x3")])
+def test_router_logits_and_their_gradients_match_float64(precision, grad_precision):
+  """moe.router_logits (separate forward and backward precisions) against a float64 NumPy VJP;
+  x is bf16, as in the model, and its gradient comes back in bf16."""
+  from ling_jax import config as config_lib
+  from ling_jax import moe
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((64, 32)), jnp.bfloat16)
+  w = jnp.asarray(rng.standard_normal((32, 16)) * 0.1, jnp.float32)
+  g = rng.standard_normal((64, 16)).astype(np.float32)
+  f = lambda x, w: moe.router_logits(x, w, config_lib.ROUTER_PRECISIONS[precision],
+                                     config_lib.ROUTER_PRECISIONS[grad_precision])
+  logits, vjp = jax.vjp(f, x, w)
+  dx, dw = vjp(jnp.asarray(g))
+  x64, w64, g64 = np.asarray(x, np.float64), np.asarray(w, np.float64), g.astype(np.float64)
+  assert logits.dtype == jnp.float32 and dx.dtype == jnp.bfloat16 and dw.dtype == jnp.float32
+  np.testing.assert_allclose(logits, x64 @ w64, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(dx, np.float64), g64 @ w64.T, rtol=1e-2, atol=1e-2)
+  np.testing.assert_allclose(dw, x64.T @ g64, rtol=1e-5, atol=1e-4)
+
+
+def test_unknown_router_grad_precision_names_the_field():
+  from configs import ling2
+  from ling_jax import trainer
+  config = ling2.get_config("tiny")
+  config.model.router_grad_precision = "bf16"
+  with pytest.raises(ValueError, match="config.model.router_grad_precision.*Fix"):
+    trainer.validate_config(config)

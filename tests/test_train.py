@@ -66,6 +66,8 @@ def test_grad_accumulation_matches_full_batch(setup):
   c, state, batch = setup
   c2 = c.copy_and_resolve_references()
   c2.train.grad_accum_steps = 2
+  # As mini_h200 runs it: a scan over micro-batches, the layers unrolled inside it.
+  c2.model.unroll_layers, c2.train.materialize_grads = True, True
   grads = {}
   for cfg in (c, c2):
     grads[cfg.train.grad_accum_steps] = _jitted(train.accumulate_gradients, cfg)(state, batch)
@@ -219,12 +221,13 @@ def test_unknown_moment_dtype_names_the_field():
 
 
 def test_throughput_settings_leave_the_step_unchanged(setup):
-  """Unrolled layers, gradients written out whole before the optimizer, and the router's bf16x6
-  emulation (on CPU XLA's fp32 dot itself) change how the step compiles, not what it computes."""
+  """Unrolled layers, gradients written out whole before the optimizer, the router's bf16x6 and
+  bf16x3 emulations (on CPU XLA's fp32 dot itself) change how the step compiles, not what it
+  computes (micro-batches under the same settings: test_grad_accumulation_matches_full_batch)."""
   c, state, batch = setup
   fast = c.copy_and_resolve_references()
   fast.model.unroll_layers, fast.train.materialize_grads = True, True
-  fast.model.router_precision = "bf16x6"
+  fast.model.router_precision, fast.model.router_grad_precision = "bf16x6", "bf16x3"
   (want, want_metrics), (got, got_metrics) = _step(c, state, batch), _step(fast, state, batch)
   np.testing.assert_allclose(got_metrics["grad_norm"], want_metrics["grad_norm"], rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
