@@ -139,6 +139,9 @@ def train_config(variant: str) -> ml_collections.ConfigDict:
   # Write each weight gradient out whole before the optimizer (train._materialize): with
   # unrolled layers, one update pass per stacked parameter instead of three.
   t.materialize_grads = False
+  # Differentiate the matmul kernels as the model reads them, in model.dtype (bf16): the same
+  # gradient values in half the bytes for the gradient copy, norm and update (train.py).
+  t.compute_dtype_grads = False
   t.mtp_loss_weight = 0.1
   t.router_z_loss_coef = 0.0  # The open recipe uses 3.5e-6.
   t.expert_bias_update_rate = 1e-3  # 1e-4 after context extension.

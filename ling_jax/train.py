@@ -238,9 +238,42 @@ def _split_micro(batch: dict, num_micro: int) -> dict:
                       batch)
 
 
+# Weights the model reads only through a cast to `model.dtype`: the kernels of its matmuls.
+# Not the LM head's or the embedding's: the MTP head reads both a second time, and the sum of
+# their two gradients should stay fp32.
+_COMPUTE_DTYPE_NAMES = ("kernel", "wi_gate_up", "wo")
+_READ_TWICE = ("lm_head", "embed")
+
+
+def compute_dtype_params(params: Any, m: Any, t: Any) -> Any:
+  """Returns `params` with the matmul kernels cast to `model.dtype`, under
+  `train.compute_dtype_grads` (else `params` unchanged).
+
+  The model casts these kernels to `model.dtype` where it uses them, so their gradients are
+  `model.dtype` values either way. Differentiating with respect to the cast copies leaves those
+  gradients in `model.dtype` (bf16), which halves the bytes of the gradient copy, the norm and
+  the update's read of them; `apply_gradients` upcasts inside those passes. The values are the
+  same.
+  """
+  if not t.get("compute_dtype_grads", False):
+    return params
+  dtype = jnp.dtype(m.dtype)
+
+  def cast(path, x):
+    names = [getattr(k, "key", str(k)) for k in path]
+    if names[-1] in _COMPUTE_DTYPE_NAMES and names[0] not in _READ_TWICE:
+      return x.astype(dtype)
+    return x
+  return jax.tree_util.tree_map_with_path(cast, params)
+
+
 def accumulate_gradients(state: TrainState, batch: dict, *, m: Any,
                          t: Any) -> tuple[jax.Array, dict, Any]:
-  """Returns (loss, aux metrics, gradients) of `batch`, summed over its micro-batches."""
+  """Returns (loss, aux metrics, gradients) of `batch`, summed over its micro-batches.
+
+  Gradients of micro-batches are summed in the parameters' dtype (fp32); with one micro-batch
+  and `train.compute_dtype_grads` the matmul kernels' gradients come back in `model.dtype`.
+  """
   num_micro = t.grad_accum_steps
   depths = 1 + m.num_nextn_predict_layers
   denominators = jnp.stack([jnp.maximum(jnp.sum(loss_masks(batch, d)), 1.0)
@@ -250,7 +283,8 @@ def accumulate_gradients(state: TrainState, batch: dict, *, m: Any,
 
   def micro_loss(micro_batch):
     (loss, aux), (grads, probe_grads) = grad_fn(
-        state.params, state.moe_state, micro_batch, denominators, m, t, probes)
+        compute_dtype_params(state.params, m, t), state.moe_state, micro_batch, denominators,
+        m, t, probes)
     if "fp8_stats" in aux:  # FP8 safeguard metrics, averaged over the micro-batches.
       aux["fp8"] = jax.tree.map(lambda v: v / num_micro,
                                 fp8.summarize(aux.pop("fp8_stats"), probe_grads))
@@ -299,6 +333,8 @@ def apply_gradients(state: TrainState, loss: jax.Array, aux: dict, grads: Any, *
                     t: Any) -> tuple[TrainState, dict]:
   """Returns the state after the optimiser and expert-bias updates from `accumulate_gradients`."""
   with jax.named_scope("optimizer"):  # Named for profiles (ling_jax/profiling.py).
+    # bf16 gradients (`train.compute_dtype_grads`) in fp32: XLA fuses the cast into each reader.
+    grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
     grad_norm = optax.global_norm(grads)
     # One scalar test: a NaN or Inf anywhere in the gradients makes their norm non-finite.
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)

@@ -3,6 +3,7 @@
 import functools
 
 import jax
+from flax import traverse_util
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -231,6 +232,29 @@ def test_throughput_settings_leave_the_step_unchanged(setup):
   (want, want_metrics), (got, got_metrics) = _step(c, state, batch), _step(fast, state, batch)
   np.testing.assert_allclose(got_metrics["grad_norm"], want_metrics["grad_norm"], rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+               (got.params, got.opt_state), (want.params, want.opt_state))
+
+
+def test_compute_dtype_grads_give_the_same_step():
+  """bf16 gradients for the matmul kernels (`train.compute_dtype_grads`) are the values the
+  fp32 path casts up: the step is unchanged. The gradients really come back in bf16 for the
+  kernels, and in fp32 for the LM head, embedding, router and norms."""
+  c = _micro_config()
+  c.model.dtype = "bfloat16"
+  state = jax.jit(functools.partial(train.init_state, c.model, c.train))(jax.random.key(0))
+  batch = _batch(c)
+  fast = c.copy_and_resolve_references()
+  fast.train.compute_dtype_grads = True
+  _, _, grads = jax.eval_shape(functools.partial(train.accumulate_gradients, m=fast.model,
+                                                 t=fast.train), state, batch)
+  flat = traverse_util.flatten_dict(grads)
+  bf16 = {"/".join(k) for k, g in flat.items() if g.dtype == jnp.bfloat16}
+  assert "moe_layers/mlp/wi_gate_up" in bf16 and "mtp_0/eh_proj/kernel" in bf16
+  assert not bf16 & {"lm_head/kernel", "embed/embedding", "moe_layers/mlp/router",
+                     "final_norm/scale"}
+  (want, want_metrics), (got, got_metrics) = _step(c, state, batch), _step(fast, state, batch)
+  np.testing.assert_allclose(got_metrics["grad_norm"], want_metrics["grad_norm"], rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-8),
                (got.params, got.opt_state), (want.params, want.opt_state))
 
 
