@@ -193,12 +193,14 @@ def mini_h200(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   m.logits_dtype = "bfloat16"
   m.unroll_layers = True  # 7% faster steps and 11 GiB less at 4 layers (BENCHMARKS.md)
   m.router_precision = "bf16x6"  # as accurate as XLA's fp32 dot; alone 0.78 against 0.87 ms
+  m.router_grad_precision = "bf16x3"  # its backward: ~2^-16 relative, against bf16 elsewhere
   t.moment_dtype = "bfloat16"
   t.materialize_grads = True  # optimizer 31 -> 22 ms, gradient copies +4 ms (4 layers)
+  t.compute_dtype_grads = True  # bf16 gradients of the matmul weights: the same values
   m.remat_policy = "none"
-  # 32,768 tokens: 262,144 routed rows per MoE layer. Twice session 4's batch: the optimizer's
-  # cost per step is spread over twice the tokens (46.0% -> 50.0% MFU at 4 layers, one H200).
-  t.batch_size, t.seq_len = 8, 4096
+  # 49,152 tokens: 393,216 routed rows per MoE layer. The optimizer's cost per step is fixed,
+  # so each step's tokens spread it (session 6: 4 -> 8 rows gave 46.0% -> 50.0% MFU at 4 layers).
+  t.batch_size, t.seq_len = 12, 4096
   t.num_steps, t.warmup_steps = 200, 20
   t.log_every, t.eval_every, t.eval_batches = 10, 1000, 2
   t.checkpoint_every = 1000
