@@ -177,15 +177,16 @@ def mini_h200(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Ling-mini-2.0 width on one H200 (experiments/bench_train.py, BENCHMARKS.md).
 
   Every mini dimension is kept (hidden 2048, 256 experts x 512, top-8, one shared expert, 16/4
-  heads, MTP 1, vocab 157,184) but the depth: fp32 master weights, their gradients and two bf16
-  AdamW moments take 12 bytes per parameter and mini has 16.3B, so 4 of its 20 layers (1 dense
-  + 3 MoE; 4.0B parameters with MTP) run beside the activations of an 8 x 4096-token batch
-  (93 GiB; 6 layers take 102 GiB). Attention is cuDNN's fused causal kernel without document
-  masks (packed documents see earlier ones in their row, Megatron's default): with a document
-  mask cuDNN runs 3x slower. The logits stay bf16 (the LM head's matmul rounds them there
-  anyway; the loss runs in fp32), the layer scan is unrolled when compiled, the weight gradients
-  are written out whole before the optimizer, and the router's fp32 matmul runs as its bf16x6
-  emulation on the tensor cores.
+  heads, MTP 1, vocab 157,184) but the depth: fp32 master weights and two bf16 AdamW moments
+  take 8 bytes per parameter, the gradients 2-4 more, and mini has 16.3B, so 4 of its 20 layers
+  (1 dense + 3 MoE; 4.0B parameters with MTP) run beside the activations of a 12 x 4096-token
+  batch (121 GiB with 95% of the memory given to JAX, as bench_train does; 6 layers need 148
+  GiB, which XLA brings to 130 by recomputing). Attention is cuDNN's fused causal kernel without
+  document masks (packed documents see earlier ones in their row, Megatron's default): with a
+  document mask cuDNN runs 3x slower. The logits stay bf16 (the LM head's matmul rounds them
+  there anyway; the loss runs in fp32), the layer scan is unrolled when compiled, the weight
+  gradients are taken in bf16 and written out whole before the optimizer, and the router's fp32
+  matmul runs as its bf16x6 emulation on the tensor cores (bf16x3 in its backward).
   """
   m, t = config.model, config.train
   m.num_hidden_layers = 4
