@@ -4,6 +4,11 @@ Dropless: every (token, expert) pair is computed. The copies are sorted by exper
 FFN is two grouped matmuls; the custom VJPs make both directions of the permutation plain gathers
 (a permutation's transpose is its inverse), never scatter-adds.
 
+With `group_align` (the FP8 expert path), `permute` pads every expert's copies to a multiple of
+that many rows through the routing map: extra copies of a zero row, sorted right after the
+expert's own, with no router weight. Padding rows are zeros forward and get zero gradients back,
+so they change no result; they let the FP8 quantise kernel store its per-expert tiles aligned.
+
 The permute's row copies run as an XLA gather, or on Hopper GPUs as the Pallas Mosaic GPU
 kernel `permute_mgpu.gather_rows` (bulk row copies; 1.3x XLA's gather on an H200). `backend`
 picks it as it picks the grouped matmul: "auto" and "pallas_mosaic_gpu" use the kernel on Hopper
@@ -14,7 +19,7 @@ gather-reduce everywhere: it beat the Pallas `permute_mgpu.combine_rows` (see `_
 Shape key:
   T: tokens
   K: experts per token (top_k)
-  M: token copies (T * K), sorted by expert
+  M: token copies (T * K), sorted by expert, and with group_align the padding rows
   D: model dim
   E: experts
   F: expert width
@@ -82,20 +87,27 @@ def _combine_rows(y_MD: jax.Array, rows_M: jax.Array, weights_TK: jax.Array) -> 
   return _combine(y_TKD, weights_TK).astype(y_MD.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _copy_tokens(x_TD: jax.Array, sort_idx_M: jax.Array, top_k: int, impl: str) -> jax.Array:
-  return _gather_rows(x_TD, sort_idx_M // top_k, impl)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _copy_tokens(x_TD: jax.Array, sort_idx_M: jax.Array, top_k: int, impl: str,
+                 num_tokens: int) -> jax.Array:
+  if sort_idx_M.shape[0] == num_tokens * top_k:
+    return _gather_rows(x_TD, sort_idx_M // top_k, impl)
+  # Padding copies (sort_idx >= T * K) read a zero row appended to x.
+  x_T1D = jnp.concatenate([x_TD, jnp.zeros((1, x_TD.shape[1]), x_TD.dtype)])
+  return _gather_rows(x_T1D, jnp.minimum(sort_idx_M // top_k, num_tokens), impl)
 
 
-def _copy_tokens_fwd(x_TD, sort_idx_M, top_k, impl):
-  return _copy_tokens(x_TD, sort_idx_M, top_k, impl), sort_idx_M
+def _copy_tokens_fwd(x_TD, sort_idx_M, top_k, impl, num_tokens):
+  return _copy_tokens(x_TD, sort_idx_M, top_k, impl, num_tokens), sort_idx_M
 
 
-def _copy_tokens_bwd(top_k, impl, sort_idx_M, dx_MD):
+def _copy_tokens_bwd(top_k, impl, num_tokens, sort_idx_M, dx_MD):
   del impl  # the un-permute direction is XLA's in every implementation (see _combine_rows)
-  # Undo the sort with a gather, then add up each token's K copies in fp32.
-  ones_TK = jnp.ones((sort_idx_M.shape[0] // top_k, top_k), jnp.float32)
-  dx_TD = _combine_rows(dx_MD, _inverse_permutation(sort_idx_M), ones_TK)
+  # Undo the sort with a gather, then add up each token's K copies in fp32 (padding rows are
+  # nobody's copy and are never read).
+  ones_TK = jnp.ones((num_tokens, top_k), jnp.float32)
+  rows_M = _inverse_permutation(sort_idx_M)[:num_tokens * top_k]
+  dx_TD = _combine_rows(dx_MD, rows_M, ones_TK)
   return dx_TD, np.zeros(sort_idx_M.shape, jax.dtypes.float0)
 
 
@@ -103,7 +115,8 @@ _copy_tokens.defvjp(_copy_tokens_fwd, _copy_tokens_bwd)
 
 
 def permute(
-    x_TD: jax.Array, expert_ids_TK: jax.Array, num_experts: int, *, backend: str = "auto"
+    x_TD: jax.Array, expert_ids_TK: jax.Array, num_experts: int, *, backend: str = "auto",
+    group_align: int = 1,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Copies each token once per chosen expert and sorts the copies by expert.
 
@@ -113,11 +126,15 @@ def permute(
       marks a dropped slot: its copy sorts last, outside every group, and contributes zero.
     num_experts: E.
     backend: a grouped-matmul backend name; picks the row-copy implementation (module doc).
+    group_align: pads each expert's copies with zero rows to a multiple of this many (module
+      doc); M is then T * K + E * (group_align - 1) rounded up to a multiple of it (static),
+      and the unused padding sorts last, as dropped slots do.
 
   Returns:
-    x_MD: the copies, sorted by expert id; ties keep (token, slot) order.
-    group_sizes_E: int32 copies per expert.
-    sort_idx_M: for each sorted row, its index into the flattened (token, slot) list.
+    x_MD: the copies, sorted by expert id; ties keep (token, slot) order, padding last.
+    group_sizes_E: int32 rows per expert (copies and padding).
+    sort_idx_M: for each sorted row, its index into the flattened (token, slot) list; indices
+      from T * K on are padding rows.
   """
   x_TD, expert_ids_TK = jnp.asarray(x_TD), jnp.asarray(expert_ids_TK)
   if x_TD.ndim != 2 or expert_ids_TK.ndim != 2 or x_TD.shape[0] != expert_ids_TK.shape[0]:
@@ -126,19 +143,39 @@ def permute(
         f"{list(x_TD.shape)} and expert_ids {list(expert_ids_TK.shape)}.")
   if not jnp.issubdtype(expert_ids_TK.dtype, jnp.integer):
     raise ValueError(f"permute: expert_ids must be integers, got {expert_ids_TK.dtype}.")
-  top_k = expert_ids_TK.shape[1]
+  if group_align < 1:
+    raise ValueError(f"permute: group_align must be >= 1 (1: no padding), got {group_align}.")
+  num_tokens, top_k = expert_ids_TK.shape
   impl = _row_impl(backend)
   with jax.named_scope("dispatch"):  # Named for profiles (ling_jax/profiling.py).
     ids_M = expert_ids_TK.reshape(-1).astype(jnp.int32)
-    sort_idx_M = jnp.argsort(ids_M, stable=True).astype(jnp.int32)
     group_sizes_E = jnp.bincount(ids_M, length=num_experts).astype(jnp.int32)
-    return _copy_tokens(x_TD, sort_idx_M, top_k, impl), group_sizes_E, sort_idx_M
+    if group_align > 1:
+      ids_M = jnp.concatenate([ids_M, _padding_ids(group_sizes_E, ids_M.shape[0], group_align)])
+      group_sizes_E = -(-group_sizes_E // group_align) * group_align
+    sort_idx_M = jnp.argsort(ids_M, stable=True).astype(jnp.int32)
+    x_MD = _copy_tokens(x_TD, sort_idx_M, top_k, impl, num_tokens)
+    return x_MD, group_sizes_E, sort_idx_M
 
 
-def _gather_copies(y_MD: jax.Array, sort_idx_M: jax.Array, top_k: int) -> jax.Array:
-  """Puts sorted rows back in (token, slot) order as [T, K, D]."""
-  y_MD = y_MD[_inverse_permutation(sort_idx_M)]
-  return y_MD.reshape(-1, top_k, y_MD.shape[-1])
+def _padding_ids(group_sizes_E: jax.Array, num_copies: int, align: int) -> jax.Array:
+  """Expert ids of the padding copies: expert e's first (-size_e mod align) of its align - 1
+  slots, E (dropped) for the rest and for the slots that round M up to a multiple of align."""
+  num_experts = group_sizes_E.shape[0]
+  num_rows = -(-(num_copies + num_experts * (align - 1)) // align) * align
+  pads_E = -group_sizes_E % align
+  slot_EA = jnp.arange(align - 1, dtype=jnp.int32)[None, :]
+  ids_EA = jnp.where(slot_EA < pads_E[:, None],
+                     jnp.arange(num_experts, dtype=jnp.int32)[:, None], num_experts)
+  tail = jnp.full((num_rows - num_copies - ids_EA.size,), num_experts, jnp.int32)
+  return jnp.concatenate([ids_EA.reshape(-1), tail])
+
+
+def _gather_copies(y_MD: jax.Array, sort_idx_M: jax.Array, num_tokens: int,
+                   top_k: int) -> jax.Array:
+  """Puts sorted rows back in (token, slot) order as [T, K, D] (padding rows left out)."""
+  y_MD = y_MD[_inverse_permutation(sort_idx_M)[:num_tokens * top_k]]
+  return y_MD.reshape(num_tokens, top_k, y_MD.shape[-1])
 
 
 def _combine(y_TKD: jax.Array, weights_TK: jax.Array) -> jax.Array:
@@ -148,7 +185,7 @@ def _combine(y_TKD: jax.Array, weights_TK: jax.Array) -> jax.Array:
 
 @jax.custom_vjp
 def _unpermute(y_MD: jax.Array, sort_idx_M: jax.Array, weights_TK: jax.Array) -> jax.Array:
-  return _combine_rows(y_MD, _inverse_permutation(sort_idx_M), weights_TK)
+  return _combine_rows(y_MD, _inverse_permutation(sort_idx_M)[:weights_TK.size], weights_TK)
 
 
 def _unpermute_fwd(y_MD, sort_idx_M, weights_TK):
@@ -157,12 +194,17 @@ def _unpermute_fwd(y_MD, sort_idx_M, weights_TK):
 
 def _unpermute_bwd(res, dout_TD):
   y_MD, sort_idx_M, weights_TK = res
-  top_k = weights_TK.shape[1]
+  num_tokens, top_k = weights_TK.shape
   dout_TD = dout_TD.astype(jnp.float32)
   # Row m of y is copy (t, k) = divmod(sort_idx[m], K): its cotangent is weights[t, k] * dout[t].
-  weights_M = weights_TK.reshape(-1)[sort_idx_M].astype(jnp.float32)
-  dy_MD = (dout_TD[sort_idx_M // top_k] * weights_M[:, None]).astype(y_MD.dtype)
-  y_TKD = _gather_copies(y_MD, sort_idx_M, top_k).astype(jnp.float32)
+  padded = sort_idx_M.shape[0] != weights_TK.size
+  copy_M = jnp.minimum(sort_idx_M, weights_TK.size - 1) if padded else sort_idx_M
+  weights_M = weights_TK.reshape(-1)[copy_M].astype(jnp.float32)
+  dy_MD = dout_TD[copy_M // top_k] * weights_M[:, None]
+  if padded:  # padding rows: exactly zero (a select, not a zero weight, which keeps inf * 0)
+    dy_MD = jnp.where((sort_idx_M < weights_TK.size)[:, None], dy_MD, 0.0)
+  dy_MD = dy_MD.astype(y_MD.dtype)
+  y_TKD = _gather_copies(y_MD, sort_idx_M, num_tokens, top_k).astype(jnp.float32)
   dweights_TK = jnp.sum(y_TKD * dout_TD[:, None, :], axis=-1).astype(weights_TK.dtype)
   return dy_MD, np.zeros(sort_idx_M.shape, jax.dtypes.float0), dweights_TK
 
@@ -186,14 +228,23 @@ def unpermute(y_MD: jax.Array, sort_idx_M: jax.Array, weights_TK: jax.Array, *,
   """
   y_MD, sort_idx_M, weights_TK = map(jnp.asarray, (y_MD, sort_idx_M, weights_TK))
   if (y_MD.ndim != 2 or sort_idx_M.shape != (y_MD.shape[0],) or weights_TK.ndim != 2
-      or weights_TK.size != y_MD.shape[0]):
+      or weights_TK.size > y_MD.shape[0]):
     raise ValueError(
-        f"unpermute: expected y [M, D], sort_idx [M] and weights [T, K] with M = T * K, got y "
+        f"unpermute: expected y [M, D], sort_idx [M] and weights [T, K] with M >= T * K (M = "
+        f"T * K, or more with permute's group_align), got y "
         f"{list(y_MD.shape)}, sort_idx {list(sort_idx_M.shape)}, weights "
         f"{list(weights_TK.shape)}.")
   _row_impl(backend)  # every backend un-permutes with XLA (see _combine_rows); names still checked
   with jax.named_scope("dispatch"):
     return _unpermute(y_MD, sort_idx_M, weights_TK)
+
+
+# Rows per expert the FP8 path pads to: the quantise kernel's per-expert tiles of x^T and dy^T
+# then start at multiples of it and store 16 bytes at a time (kernels/fp8_quant_triton.py). On an
+# H200 (BENCHMARKS.md, "Blockwise FP8 kernels", session 7), both layouts of [131072, 2048] bf16
+# over 256 experts: 0.64 of copy against 0.42 unpadded, and 32 or 128 rows no faster (0.65); the
+# Ling-mini up-projection's FP8 GEMM over the padded rows: 1.01x, 1.00x, 0.97x of unpadded.
+FP8_GROUP_ALIGN = 16
 
 
 def expert_ffn(
@@ -220,7 +271,8 @@ def expert_ffn(
       implementation (module doc), and whether the SwiGLU runs fused into the first GEMM
       (`grouped_matmul.fused_swiglu_wins`).
     quant: "none", or "fp8_blockwise" for both projections as `fp8_gemm.fp8_grouped_linear`
-      (E4M3 fprop, dgrad and wgrad; the permutation and SwiGLU stay in x's dtype).
+      (E4M3 fprop, dgrad and wgrad; the permutation and SwiGLU stay in x's dtype), with each
+      expert's rows padded to `FP8_GROUP_ALIGN` (module doc).
     fp8_probes: with FP8, zero [2] arrays for the two projections whose cotangents become the
       output gradients' [underflow, cosine] (see `kernels/fp8_gemm.py`).
     fp8_recipe: with FP8, the `fp8_gemm.Fp8Recipe` of both projections (None: the full one).
@@ -248,17 +300,20 @@ def expert_ffn(
     from kernels import fp8_gemm  # lazy: the default path does not need it
 
     probe_up, probe_down = fp8_probes or (jnp.zeros((2,), jnp.float32),) * 2
+    group_align = FP8_GROUP_ALIGN
 
     def matmul(x, w, sizes, probe):
       return fp8_gemm.fp8_grouped_linear(x, w, sizes, probe, "auto",
-                                         fp8_recipe or fp8_gemm.FULL_RECIPE)
+                                         fp8_recipe or fp8_gemm.FULL_RECIPE, group_align)
   else:
     probe_up = probe_down = None
+    group_align = 1
 
     def matmul(x, w, sizes, probe):
       del probe
       return gmm_lib.grouped_matmul(x, w, sizes, backend=backend)
-  x_MD, group_sizes_E, sort_idx_M = permute(x_TD, expert_ids_TK, num_experts, backend=backend)
+  x_MD, group_sizes_E, sort_idx_M = permute(x_TD, expert_ids_TK, num_experts, backend=backend,
+                                            group_align=group_align)
   if quant == "none" and gmm_lib.fused_swiglu_wins(backend, x_TD.dtype, d_model, two_f):
     # The SwiGLU in the first GEMM's epilogue (kernels/grouped_matmul_mgpu.py).
     act_MF = gmm_lib.grouped_matmul_swiglu(x_MD, w_gate_up_EDF2, group_sizes_E, backend=backend)

@@ -247,18 +247,19 @@ def _quant_backend(backend: str) -> str:
   return _QUANT_BACKEND[backend]
 
 
-def _quantize_x(x_MK, tile_ids_M, num_tiles, recipe, backend):
+def _quantize_x(x_MK, tile_ids_M, num_tiles, recipe, backend, row_align=1):
   """x's FP8 operands for the forward's GEMM (1x128 tiles) and for wgrad (its transpose), from
   one read of x where both are asked for; None where the recipe keeps a GEMM unquantised."""
   pow2, qb = recipe.pow2_scales, _quant_backend(backend)
   if recipe.fprop and recipe.wgrad:
     x_q, x_s, xt_q, xt_s = fq.quantize_tiles_with_transpose(x_MK, tile_ids_M, num_tiles, pow2,
-                                                            backend=qb)
+                                                            backend=qb, row_align=row_align)
     return (x_q, x_s), (xt_q, xt_s)
   if recipe.fprop:
     return fq.quantize_tiles(x_MK, pow2_scales=pow2, backend=qb), None
   if recipe.wgrad:
-    return None, fq.quantize_rows_transposed(x_MK, tile_ids_M, num_tiles, pow2, backend=qb)
+    return None, fq.quantize_rows_transposed(x_MK, tile_ids_M, num_tiles, pow2, backend=qb,
+                                             row_align=row_align)
   return None, None
 
 
@@ -323,23 +324,26 @@ fp8_linear.defvjp(_fp8_linear_fwd, _fp8_linear_bwd)
 # ---- FP8 grouped linear: the routed experts' projections. ----
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
 def fp8_grouped_linear(x_MK: jax.Array, w_GKN: jax.Array, group_sizes_G: jax.Array,
                        probe_2: jax.Array, backend: str = "auto",
-                       recipe: Fp8Recipe = FULL_RECIPE) -> jax.Array:
+                       recipe: Fp8Recipe = FULL_RECIPE, row_align: int = 1) -> jax.Array:
   """out[rows of g] = x[rows of g] @ w[g], the recipe's GEMMs in FP8; in x's dtype.
 
-  Unquantised GEMMs go through `grouped_matmul` with its "auto" backend.
+  Unquantised GEMMs go through `grouped_matmul` with its "auto" backend. row_align: a promise
+  that M and every group size are multiples of it (`dispatch.permute`'s group_align), which
+  lets the quantise kernel store the per-expert tiles of x^T and dy^T aligned
+  (`fp8_quant.quantize_rows_transposed`); the results do not depend on it.
   """
-  return _fp8_grouped_fwd(x_MK, w_GKN, group_sizes_G, probe_2, backend, recipe)[0]
+  return _fp8_grouped_fwd(x_MK, w_GKN, group_sizes_G, probe_2, backend, recipe, row_align)[0]
 
 
-def _fp8_grouped_fwd(x_MK, w_GKN, group_sizes_G, probe_2, backend, recipe):
+def _fp8_grouped_fwd(x_MK, w_GKN, group_sizes_G, probe_2, backend, recipe, row_align):
   del probe_2
   pow2 = recipe.pow2_scales
   w_q_GKN, w_s_GKtNt = fq.quantize_blocks(w_GKN, pow2_scales=pow2)
   x_fp8, xt_fp8 = _quantize_x(x_MK, *fq.row_tile_ids(x_MK.shape[0], group_sizes_G), recipe,
-                              backend)
+                              backend, row_align)
   if recipe.fprop:
     y_MN = fp8_grouped_matmul(*x_fp8, jnp.swapaxes(w_q_GKN, 1, 2),
                               jnp.swapaxes(w_s_GKtNt, 1, 2), group_sizes_G,
@@ -352,11 +356,12 @@ def _fp8_grouped_fwd(x_MK, w_GKN, group_sizes_G, probe_2, backend, recipe):
   return y_MN, (x_saved, w_saved, group_sizes_G, dtypes)
 
 
-def _fp8_grouped_bwd(backend, recipe, res, dy_MN):
+def _fp8_grouped_bwd(backend, recipe, row_align, res, dy_MN):
   x_saved, w_saved, group_sizes_G, (x_dt, w_dt) = res
   tile_ids_M, num_tiles = fq.row_tile_ids(dy_MN.shape[0], group_sizes_G)
   dy_q, dy_s, dyt_q_NM, dyt_s_NC = fq.quantize_tiles_with_transpose(
-      dy_MN, tile_ids_M, num_tiles, recipe.pow2_scales, backend=_quant_backend(backend))
+      dy_MN, tile_ids_M, num_tiles, recipe.pow2_scales, backend=_quant_backend(backend),
+      row_align=row_align)
   if recipe.dgrad:
     dx_MK = fp8_grouped_matmul(dy_q, dy_s, *w_saved, group_sizes_G, out_dtype=x_dt.dtype,
                                backend=backend)

@@ -66,6 +66,33 @@ def test_permute_hand_worked():
   chex.assert_type([sizes_E, sort_idx_M], jnp.int32)
 
 
+def test_permute_pads_groups_through_the_routing_map():
+  """group_align=4: each expert's copies, then zero rows up to a multiple of 4; unused padding
+  and dropped slots (id E) last. Padding changes neither the output nor the gradients."""
+  ids_TK = jnp.asarray([[0, 2], [2, 3], [0, 4], [4, 2], [1, 0]], jnp.int32)  # E = 4: 4 drops
+  x_TD = jnp.arange(5 * 2, dtype=jnp.float32).reshape(5, 2) + 1
+  x_MD, sizes_E, sort_idx_M = dispatch.permute(x_TD, ids_TK, 4, group_align=4)
+  # 10 copies + 4 * 3 padding slots = 22, rounded up to 24 rows; copy c is token c // 2.
+  tok = [0, 2, 4, -1, 4, -1, -1, -1, 0, 1, 3, -1, 1, -1, -1, -1, 2, 3] + [-1] * 6
+  np.testing.assert_array_equal(sizes_E, [4, 4, 4, 4])
+  sort_idx_M = np.asarray(sort_idx_M)
+  np.testing.assert_array_equal(np.where(sort_idx_M < 10, sort_idx_M // 2, -1), tok)
+  assert sorted(sort_idx_M) == list(range(24))
+  want_MD = np.where(np.asarray(tok)[:, None] >= 0, np.asarray(x_TD)[np.asarray(tok)], 0.0)
+  np.testing.assert_array_equal(x_MD, want_MD)
+  weights_TK = jnp.asarray([[0.5, 1.0], [2.0, 0.25], [1.5, 3.0], [1.0, 0.5], [0.75, 2.5]])
+  scale_MD = jnp.asarray(np.random.default_rng(0).standard_normal((10, 2)), jnp.float32)
+
+  def loss(x_TD, weights_TK, align):
+    x_MD, _, sort_idx_M = dispatch.permute(x_TD, ids_TK, 4, group_align=align)
+    # Each copy gets its own factor, so a mix-up between rows shows.
+    y_MD = jnp.tanh(x_MD * jnp.concatenate([scale_MD, jnp.ones((14, 2))])[sort_idx_M])
+    return jnp.sum(dispatch.unpermute(y_MD, sort_idx_M, weights_TK) ** 2)
+  value_and_grad = jax.jit(jax.value_and_grad(loss, (0, 1)), static_argnums=2)
+  chex.assert_trees_all_close(value_and_grad(x_TD, weights_TK, 4),
+                              value_and_grad(x_TD, weights_TK, 1), rtol=1e-6)
+
+
 def test_permute_random_is_sorted_and_complete():
   t, k, e, d = 50, 4, 12, 3
   ids_TK, _ = _routing(0, t, k, e)

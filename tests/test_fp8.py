@@ -442,6 +442,35 @@ def test_model_fp8_forward_and_probes():
     assert 0.0 <= float(scalars[f"fp8_{kind}_underflow_max"]) < 0.01
 
 
+def test_fp8_experts_padded_groups_match_unpadded(monkeypatch):
+  """The FP8 expert FFN pads each expert to dispatch.FP8_GROUP_ALIGN rows (zero rows, no
+  weight): output, input and router-weight gradients are bit-identical to the unpadded path,
+  expert weight gradients equal up to fp32 summation order (the reference wgrad sums other row
+  tiles). An empty expert and dropped slots included."""
+  rng = np.random.default_rng(3)
+  t, k, d, f, e = 24, 2, 128, 64, 4
+  x = rng.standard_normal((t, d)).astype(np.float32)
+  ids = np.stack([rng.choice([0, 1, 2, e], k, replace=False) for _ in range(t)]).astype(np.int32)
+  w = rng.uniform(0.1, 1.0, (t, k)).astype(np.float32)
+  w1 = (rng.standard_normal((e, d, 2 * f)) / np.sqrt(d)).astype(np.float32)
+  w2 = (rng.standard_normal((e, f, d)) / np.sqrt(f)).astype(np.float32)
+
+  def loss(x, w, w1, w2):
+    y = dispatch.expert_ffn(x, ids, w, w1, w2, backend="reference", quant="fp8_blockwise")
+    return jnp.sum(y * jnp.cos(jnp.arange(y.size, dtype=y.dtype).reshape(y.shape))), y
+
+  assert dispatch.FP8_GROUP_ALIGN > 1
+  grads = lambda: jax.jit(jax.grad(loss, (0, 1, 2, 3), has_aux=True))(x, w, w1, w2)
+  (dx, dw, dw1, dw2), y = grads()
+  monkeypatch.setattr(dispatch, "FP8_GROUP_ALIGN", 1)
+  (dx_1, dw_1, dw1_1, dw2_1), y_1 = grads()
+  for got, want in ((y, y_1), (dx, dx_1), (dw, dw_1)):
+    np.testing.assert_array_equal(got, want)
+  for got, want in ((dw1, dw1_1), (dw2, dw2_1)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * np.abs(want).max())
+  assert not np.any(dw1[3]) and all(np.any(dw1[i]) for i in range(3))  # expert 3: no rows
+
+
 def test_fp8_experts_under_expert_parallel_mesh():
   rng = np.random.default_rng(7)
   t, k, d, f, e = 64, 2, 128, 64, 8

@@ -60,21 +60,31 @@ def test_tiles_kernel_bit_identical_to_xla_and_numpy():
   assert np.asarray(s_got)[0, 5, 1] == 1.0 and np.all(np.asarray(q_got)[0, 5, 128:256] == 0)
 
 
-@pytest.mark.parametrize("case", ["groups_fused_pow2", "aligned_transposed_bf16"])
+@pytest.mark.parametrize("case", ["groups_fused_pow2", "aligned_transposed_bf16",
+                                  "groups_row_align_16_bf16"])
 def test_transposed_kernels_bit_identical_to_xla(case):
   """Both layouts from one read, with tiles restarting per group (empty groups, tiny ones, one
   over 128 rows, rows past the groups, K off the tile); the transposed layout alone over
-  128-row tiles of a shape that needs no masks."""
+  128-row tiles of a shape that needs no masks; both layouts over groups padded to 16 rows (as
+  dispatch.permute pads them: a group of one real row and zeros, one of 144 rows, rows past the
+  groups) with the kernel told so."""
   rng = np.random.default_rng(1)
+  row_align = 1
   if case == "groups_fused_pow2":
     x = _x(rng, (300, 200), jnp.float32)
     tile_ids, num_tiles = fq.row_tile_ids(300, jnp.asarray([0, 70, 3, 0, 150, 1], jnp.int32))
     op = functools.partial(fq.quantize_tiles_with_transpose, num_tiles=num_tiles,
                            pow2_scales=True)
-  else:
+  elif case == "aligned_transposed_bf16":
     x, tile_ids = _x(rng, (256, 256), jnp.bfloat16), None  # no masks: the GPU's fast path
     op = functools.partial(fq.quantize_rows_transposed, num_tiles=2)
-  got = _jit(op, x, tile_ids, backend=_INTERP)
+  else:
+    row_align, x = 16, np.array(_x(rng, (256, 200), jnp.float32))
+    x[1:16] = 0.0  # group 1: one real row, then padding
+    x = jnp.asarray(x, jnp.bfloat16)
+    tile_ids, num_tiles = fq.row_tile_ids(256, jnp.asarray([0, 16, 144, 0, 48], jnp.int32))
+    op = functools.partial(fq.quantize_tiles_with_transpose, num_tiles=num_tiles)
+  got = _jit(op, x, tile_ids, backend=_INTERP, row_align=row_align)
   _assert_same(got, _jit(op, x, tile_ids, backend="xla"))
   if tile_ids is not None:  # empty tiles get scale 1
     empty = np.setdiff1d(np.arange(num_tiles), np.asarray(tile_ids))
@@ -87,6 +97,8 @@ def test_backend_choice_and_errors():
     fq.quantize_tiles(jnp.ones((4, 128)), backend="triton")
   with pytest.raises(ValueError, match="num_tiles must be ceil"):
     fq.quantize_tiles_with_transpose(jnp.ones((300, 128)), None, 2, backend=_INTERP)
+  with pytest.raises(ValueError, match="row_align must be a power of two <= 128 that divides"):
+    fq.quantize_rows_transposed(jnp.ones((300, 128)), None, 3, backend=_INTERP, row_align=16)
   # tile_ids None is row_tile_ids(M) in the reference too.
   x = jnp.asarray(np.random.default_rng(2).standard_normal((130, 40)), jnp.float32)
   ids, num_tiles = fq.row_tile_ids(130)
