@@ -32,6 +32,7 @@ import json
 import os
 import shutil
 import time
+import traceback
 from typing import Any
 
 # JAX's GPU client takes 75% of device memory unless told otherwise; at Ling-mini width the step
@@ -269,7 +270,10 @@ def main(argv: list[str]) -> None:
       except config_lib.ConfigError:
         raise  # A bad flag: nothing else would run either.
       except Exception as e:  # pylint: disable=broad-except  (e.g. out of memory: go on)
-        metrics_lib.log("[%s] failed: %s: %s", name, type(e).__name__, str(e)[:2000])
+        # The message, and where it was raised (a bare assert has no message).
+        where = "".join(traceback.format_exception(e)[-12:])
+        metrics_lib.log("[%s] failed: %s: %s\n%s", name, type(e).__name__, str(e)[:2000],
+                        where[-4000:])
         continue
       result["_full_flops_ratio"] = (scaling.flops_per_token(full, t.seq_len)
                                      / result["flops_per_token"])
