@@ -73,13 +73,20 @@ def recipe_for(m: Any, role: str) -> fp8_gemm.Fp8Recipe | None:
 
 
 def activation_metrics(x: jax.Array, pow2_scales: bool = False) -> jax.Array:
-  """[underflow, cosine] of x quantised in 1x128 tiles along its last axis."""
+  """[underflow, cosine] of x quantised in 1x128 tiles along its last axis.
+
+  Metrics, not part of the loss: no gradient flows through them. (On Hopper the quantisation is
+  a Pallas kernel, which cannot be differentiated; x's tangent must not reach it.)
+  """
+  x = jax.lax.stop_gradient(x)
   q, scale = fp8_quant.quantize_tiles(x, pow2_scales=pow2_scales)
   return fp8_quant.quant_metrics(x, q, fp8_quant.dequantize_tiles(q, scale))
 
 
 def weight_metrics(w: jax.Array, pow2_scales: bool = False) -> jax.Array:
-  """[underflow, cosine] of w quantised in 128x128 blocks over its last two axes."""
+  """[underflow, cosine] of w quantised in 128x128 blocks over its last two axes (no gradient,
+  as `activation_metrics`)."""
+  w = jax.lax.stop_gradient(w)
   q, scale = fp8_quant.quantize_blocks(w, pow2_scales=pow2_scales)
   return fp8_quant.quant_metrics(w, q, fp8_quant.dequantize_blocks(q, scale))
 

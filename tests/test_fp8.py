@@ -355,6 +355,19 @@ def test_metrics_on_crafted_tile():
   np.testing.assert_allclose(fp8.weight_metrics(w)[0], 7 / w.size)
 
 
+def test_metrics_carry_no_gradient_through_the_quantise_kernel(monkeypatch):
+  """On Hopper the metrics quantise with a Pallas kernel, which has no JVP: a model step once
+  failed there (an AssertionError in Pallas's JVP rule). Here the interpreted kernel stands in."""
+  x = jnp.asarray(_rng_matrix(np.random.default_rng(0), (8, 256)))
+  want = fp8.activation_metrics(x)
+  real = fq._resolve_backend
+  monkeypatch.setattr(fq, "_resolve_backend",
+                      lambda b: "pallas_triton_interpret" if b == "auto" else real(b))
+  loss = lambda x: jnp.sum(x * x) + jnp.sum(fp8.activation_metrics(x))
+  np.testing.assert_allclose(jax.grad(loss)(x), 2 * x, rtol=1e-6)
+  np.testing.assert_allclose(fp8.activation_metrics(x), want, rtol=1e-6)
+
+
 def test_summarize_mean_and_worst():
   stats = {"a": {"fp8_act": jnp.array([[0.1, 0.99], [0.3, 0.97]]), "counts": jnp.ones(4)},
            "b": {"fp8_act": jnp.array([0.2, 0.98]), "fp8_weight_down": jnp.array([0.0, 1.0])}}
