@@ -218,21 +218,26 @@ def fp8_transposed_grouped_matmul(
 
   Both operands come transposed and 1x128-tiled along M with tiles that restart per group
   (`fp8_quant.row_tile_ids`), so a tile's scale never spans two experts.
+
+  There is no FP8 kernel for this GEMM yet. The reference dequantises to fp32 and loops over
+  row tiles in XLA; the kernel backends dequantise to bf16 (each value an E4M3 code times its
+  fp32 scale, rounded once: 2^-9 relative, far inside FP8's own error) and run the bf16 grouped
+  weight-gradient kernel (`grouped_matmul.transposed_grouped_matmul`) on tensor cores.
   """
   fn = "fp8_transposed_grouped_matmul"
   _check_e4m3(fn, a_q=a_q_KM, b_q=b_q_NM)
-  _resolve_backend(backend)
+  resolved = _resolve_backend(backend)
   if (a_q_KM.shape[1] != b_q_NM.shape[1] or tile_ids_M.shape != (a_q_KM.shape[1],)
       or a_scale_KC.shape[0] != a_q_KM.shape[0] or b_scale_NC.shape[0] != b_q_NM.shape[0]):
     raise ValueError(
         f"{fn}: expected A^T [K, M], B^T [N, M], tile_ids [M] and scales [K, C], [N, C], got "
         f"{list(a_q_KM.shape)}, {list(b_q_NM.shape)}, {list(tile_ids_M.shape)}, "
         f"{list(a_scale_KC.shape)}, {list(b_scale_NC.shape)}.")
-  a_MK = fq.dequantize_rows_transposed(a_q_KM, a_scale_KC, tile_ids_M).T
-  b_MN = fq.dequantize_rows_transposed(b_q_NM, b_scale_NC, tile_ids_M).T
+  dtype = jnp.float32 if resolved == "reference" else jnp.bfloat16
+  a_MK = fq.dequantize_rows_transposed(a_q_KM, a_scale_KC, tile_ids_M, dtype).T
+  b_MN = fq.dequantize_rows_transposed(b_q_NM, b_scale_NC, tile_ids_M, dtype).T
   return gmm_lib.transposed_grouped_matmul(a_MK, b_MN, group_sizes_G,
-                                           preferred_element_type=out_dtype,
-                                           backend="reference")
+                                           preferred_element_type=out_dtype, backend=resolved)
 
 
 # The quantisation backend (kernels/fp8_quant.py) that goes with each GEMM backend: the reference

@@ -18,6 +18,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from kernels import fp8_gemm
 from kernels import fp8_gemm_mgpu as mgpu
+from kernels import fp8_quant as fq
 
 _INTERPRET = plgpu.InterpretGPUParams()
 _SMALL = mgpu.INTERPRET_CONFIG
@@ -230,3 +231,30 @@ def test_kernel_lowers_for_cuda_at_full_size(shape):
                     spec((groups, k_dim // 128, sb_cols), jnp.float32),
                     spec((groups,), jnp.int32)).lower(lowering_platforms=("cuda",))
   assert "mosaic_gpu" in lowered.as_text()
+
+
+def test_fp8_wgrad_runs_the_bf16_kernel_on_dequantised_operands():
+  """The FP8 experts' weight gradient on a kernel backend: both transposed operands (per-group
+  1x128 tiles along M: an empty group, a group over 128 rows, rows past the groups) dequantised
+  to bf16 through the interpreted bf16 wgrad kernel, which raises rather than fall back; the
+  oracle is the float64 product of the dequantised operands."""
+  rng = np.random.default_rng(5)
+  sizes = np.array([40, 0, 200, 8], np.int32)
+  x = jnp.asarray(rng.standard_normal((288, 128)), jnp.float32)
+  dy = jnp.asarray(rng.standard_normal((288, 128)), jnp.float32)
+  tile_ids, num_tiles = fq.row_tile_ids(288, jnp.asarray(sizes))
+  xt_q, xt_s = fq.quantize_rows_transposed(x, tile_ids, num_tiles)
+  dyt_q, dyt_s = fq.quantize_rows_transposed(dy, tile_ids, num_tiles)
+  got = fp8_gemm.fp8_transposed_grouped_matmul(
+      xt_q, xt_s, dyt_q, dyt_s, tile_ids, jnp.asarray(sizes),
+      backend="pallas_mosaic_gpu_interpret")
+  tiles = np.asarray(tile_ids)
+  xd, dyd = _np(xt_q) * _np(xt_s)[:, tiles], _np(dyt_q) * _np(dyt_s)[:, tiles]
+  starts = np.r_[0, np.cumsum(sizes)]
+  for g in range(4):
+    r = slice(starts[g], starts[g + 1])
+    want = xd[:, r] @ dyd[:, r].T
+    if sizes[g] == 0:
+      np.testing.assert_array_equal(got[g], 0)
+    else:  # both operands rounded to bf16 once (2^-9 each); a wrong scale would be O(1) off
+      _assert_close(got[g], want, 2**-7)
