@@ -50,10 +50,10 @@ _SECTIONS = flags.DEFINE_list(
 _DENSE_CONFIGS = flags.DEFINE_list(
     "dense_configs", ["128:128:3:n:1:1", "128:128:3:m:8:1", "128:128:3:m:16:1",
                       "128:128:3:m:8:0"],
-    "Tilings tm:tn:stages:grid_minor:grid_width:scalar_b_scale[:body[:wg_split[:acc_cols"
-    "[:probe]]]] for the dense GEMMs (Fp8TileConfig's fields; e.g. 128:128:4:m:16:1:pp, the "
-    "ping-pong body; 128:128:3:m:16:1:ws:m:128, warpgroups split by rows, 128-column "
-    "accumulators; a 10th field times a probe: const_sb or no_promote, numerically wrong).")
+    "Tilings tm:tn:stages:grid_minor:grid_width:scalar_b_scale[:wg_split[:acc_cols[:probe]]] "
+    "for the dense GEMMs (Fp8TileConfig's fields; e.g. 128:128:3:m:16:1:m:128, warpgroups "
+    "split by rows, 128-column accumulators; a 9th field times a probe: const_sb or "
+    "no_promote, numerically wrong). Session 6's specs had a body field (ws) after the 6th.")
 _GROUPED_CONFIGS = flags.DEFINE_list(
     "grouped_configs", ["128:128:3:n:1:1", "128:128:3:m:4:1", "128:64:4:n:1:1"],
     "Tilings for the grouped GEMMs (same format).")
@@ -126,9 +126,9 @@ def _write_json() -> None:
 
 
 def _config(spec: str) -> mgpu.Fp8TileConfig:
-  """tm:tn:stages:grid_minor:grid_width:scalar_b_scale[:body[:wg_split[:acc_cols[:probe]]]]."""
+  """tm:tn:stages:grid_minor:grid_width:scalar_b_scale[:wg_split[:acc_cols[:probe]]]."""
   tm, tn, stages, minor, width, scalar, *rest = spec.split(":")
-  extra = dict(zip(("body", "wg_split", "acc_cols", "probe"), rest))
+  extra = dict(zip(("wg_split", "acc_cols", "probe"), rest))
   if "acc_cols" in extra:
     extra["acc_cols"] = int(extra["acc_cols"])
   return mgpu.Fp8TileConfig(int(tm), int(tn), int(stages), minor, int(width), scalar == "1",

@@ -21,10 +21,10 @@ two compute warpgroups each own tile_n of the CTA's columns; the epilogue stores
 unit owns, so groups that share a row tile, empty groups and groups smaller than a tile all work,
 and rows past the last group come out zero.
 
-Body "pp" (`Fp8TileConfig.body`, 128x128-blocked B only): ping-pong, as grouped_matmul_mgpu's
-bf16 "pp" body. Each compute warpgroup owns whole tile_m x tile_n units, alternating, so that one
-warpgroup's promotion and epilogue can run while the other's wgmma does; in the default "ws"
-body both wait on the same step, then both promote.
+Both compute warpgroups work on the same unit in lockstep: they wait on the same step, then
+both promote. (A ping-pong body, each warpgroup owning whole units so that one's promotion could
+overlap the other's wgmma, was tried in sessions 5 and 6 and removed: 0.80-1.02x this body
+before the split accumulators below, and wrong on the GPU with them.)
 
 Registers decide the speed. A compute warpgroup holds its running fp32 sum and the fp32
 accumulator of the step's wgmma: 128 x 128 of each is 256 registers a thread, more than the 232
@@ -32,11 +32,11 @@ it gets, so one 128 x 128 accumulator per warpgroup spills (session 5's tiling: 
 at 8192^3). `Fp8TileConfig.acc_cols` splits a step's wgmma into several accumulators, each
 waited and promoted in turn (one live at a time: 1147 TFLOP/s with two 128 x 64), and
 `wg_split="m"` gives each warpgroup half the rows and all columns of a unit (DeepGEMM's
-layout: wgmmas 64 rows high). In the "ws" body B's block scales are read from global memory
-one step ahead (carried), off the critical path, and A's before the wgmma is issued.
+layout: wgmmas 64 rows high). B's block scales are read from global memory one step ahead
+(carried), off the critical path, and A's before the wgmma is issued.
 
-Supported: K a multiple of 128, N a multiple of 2 * tile_n (of tile_n for "pp"; tile_n 128 or
-64 after the shared-memory fit), bf16 or fp32 out, accumulators of whole 128-byte rows of the
+Supported: K a multiple of 128, N a multiple of 2 * tile_n (tile_n 128 or 64 after the
+shared-memory fit), bf16 or fp32 out, accumulators of whole 128-byte rows of the
 output tile lying in one 128-column block of B. `supports` says so; kernels/fp8_gemm.py falls
 back to its reference for anything else (the tiny CPU model's K=64 experts, for one).
 
@@ -54,7 +54,6 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from kernels.grouped_matmul_mgpu import make_tile_schedule
 from kernels.grouped_matmul_mgpu import shrink_to_fit
 
-_BODIES = ("ws", "pp")
 _PROBES = ("", "const_sb", "no_promote")
 TILE_K = 128  # one wgmma K step = one scale block; 128 e4m3 bytes = one 128B swizzle row
 _ROW_ALIGN = 8  # row offsets of A tiles are multiples of this (8-row SMEM tiling)
@@ -73,11 +72,7 @@ class Fp8TileConfig:
   # 128x128-blocked B: read each step's block scale as one scalar from global memory (its latency
   # hides behind the wgmma) instead of a per-column vector through the TMA ring.
   scalar_b_scale: bool = True
-  # "ws": both compute warpgroups share each step (tile_m x 2 tile_n per unit), in lockstep.
-  # "pp" (ping-pong): each compute warpgroup owns whole tile_m x tile_n units, alternating, so
-  # that one's promotion and epilogue can overlap the other's wgmma (block-scaled B only).
-  body: str = "ws"
-  # How the "ws" body splits a unit (tile_m x 2 tile_n) between its compute warpgroups: "n",
+  # How a unit (tile_m x 2 tile_n) is split between the two compute warpgroups: "n",
   # each takes tile_n columns of all rows; "m", each takes tile_m / 2 rows of all 2 tile_n
   # columns (DeepGEMM's layout: wgmmas 64 rows high and up to 256 wide).
   wg_split: str = "n"
@@ -94,7 +89,7 @@ class Fp8TileConfig:
   @property
   def wg_shape(self) -> tuple[int, int]:
     """Rows and columns of one compute warpgroup's part of a unit."""
-    if self.body == "ws" and self.wg_split == "m":
+    if self.wg_split == "m":
       return self.tile_m // 2, 2 * self.tile_n
     return self.tile_m, self.tile_n
 
@@ -105,8 +100,8 @@ class Fp8TileConfig:
 
   @property
   def cta_n(self) -> int:
-    """Output columns of one unit: both warpgroups' for "ws", one warpgroup's for "pp"."""
-    return self.tile_n if self.body == "pp" else 2 * self.tile_n
+    """Output columns of one unit (both warpgroups')."""
+    return 2 * self.tile_n
 
   def smem_bytes(self, out_itemsize: int) -> int:
     operands = (self.tile_m + self.cta_n) * TILE_K  # e4m3: 1 byte each
@@ -151,7 +146,7 @@ def supports(k_dim: int, n_dim: int, out_dtype, cfg: Fp8TileConfig | None = None
     return False
   cfg = (cfg or tile_config(k_dim, n_dim, out_dtype)).fit_smem(out_dtype.itemsize)
   wg_rows, wg_cols = cfg.wg_shape
-  return (cfg.body in _BODIES and cfg.probe in _PROBES and cfg.wg_split in ("n", "m")
+  return (cfg.probe in _PROBES and cfg.wg_split in ("n", "m")
           and cfg.smem_bytes(out_dtype.itemsize) <= _SMEM_BUDGET
           # chunks of whole 128-byte swizzle rows of the output tile (its stores slice them)
           and wg_cols % cfg.acc_n == 0 and cfg.acc_n * out_dtype.itemsize % 128 == 0
@@ -356,122 +351,6 @@ def _kernel_body(cfg: Fp8TileConfig, num_groups: int, scalar_sb: bool,
   plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
 
-def _pp_kernel_body(cfg: Fp8TileConfig, num_groups: int, count_gmem, group_gmem, start_gmem,
-                    offset_gmem, rows_gmem, a_gmem, sa_gmem, b_gmem, sb_gmem, out_gmem):
-  """Ping-pong: compute warpgroup w takes the SM's local units w, w + 2, ... whole.
-
-  A unit is a tile_m x tile_n output block. Local unit j's K step k is step t = j * k_steps + k
-  of one chain through the ring (slot t % stages): the memory warpgroup waits until step
-  t - stages is consumed, then loads A, B and A's scales of step t, signalling the "loaded"
-  barrier of the warpgroup that owns unit j. Each step the owner runs one wgmma into a fresh
-  accumulator, reads it, releases the slot and promotes (sum += partial * sa x sb); meanwhile
-  the other warpgroup's wgmma can run. sb_gmem is [G, Kt, Nt] block scales, read as scalars.
-  """
-  k_steps = a_gmem.shape[1] // TILE_K
-  tm, tn, stages = cfg.tile_m, cfg.tile_n, cfg.stages
-  n_tiles = out_gmem.shape[1] // tn
-  num_units = count_gmem[0] * n_tiles
-  sm, num_sms = jax.lax.axis_index("sm"), jax.lax.axis_size("sm")
-  num_local = jnp.maximum(num_units - sm + num_sms - 1, 0) // num_sms
-  f32 = jnp.float32
-
-  def decode(j):
-    unit = j * num_sms + sm
-    if cfg.grid_minor == "m":
-      item, ni = plgpu.planar_snake(unit, (count_gmem[0], n_tiles), 0, cfg.grid_width)
-    else:
-      item, ni = unit // n_tiles, unit % n_tiles
-    group = group_gmem[item]
-    return (ni, jnp.minimum(group, num_groups - 1), pl.multiple_of(start_gmem[item], _ROW_ALIGN),
-            offset_gmem[item], rows_gmem[item], group == num_groups)
-
-  @functools.partial(
-      pl.run_scoped,
-      a_smem=plgpu.SMEM((stages, tm, TILE_K), a_gmem.dtype,
-                        transforms=_swizzled((tm, TILE_K), a_gmem.dtype)),
-      b_smem=plgpu.SMEM((stages, tn, TILE_K), b_gmem.dtype,
-                        transforms=_swizzled((tn, TILE_K), b_gmem.dtype)),
-      sa_smem=plgpu.SMEM((stages, 1, tm), f32),
-      out_smem=plgpu.SMEM((2, tm, tn), out_gmem.dtype,
-                          transforms=_swizzled((tm, tn), out_gmem.dtype, tile_rows=1)),
-      loaded=plgpu.Barrier(num_arrivals=3, num_barriers=2 * stages),  # [wg * stages + slot]
-      consumed=plgpu.Barrier(num_arrivals=1, num_barriers=stages),
-      collective_axes="wg",
-  )
-  def _scope(a_smem, b_smem, sa_smem, out_smem, loaded, consumed):
-    wg = jax.lax.axis_index("wg")
-
-    @pl.when(wg == 2)
-    def _memory():
-      plgpu.set_max_registers(40, action="decrease")
-
-      @pl.loop(0, num_local)
-      def _unit(j):
-        ni, group, start, _, _, _ = decode(j)
-
-        @pl.loop(0, k_steps)
-        def _step(k):
-          t = j * k_steps + k
-          slot = t % stages
-
-          @pl.when(t >= stages)
-          def _():
-            plgpu.barrier_wait(consumed.at[slot])
-
-          barrier = loaded.at[(j % 2) * stages + slot]
-          ks = pl.ds(k * TILE_K, TILE_K)
-          plgpu.copy_gmem_to_smem(a_gmem.at[pl.ds(start, tm), ks], a_smem.at[slot], barrier)
-          plgpu.copy_gmem_to_smem(b_gmem.at[group, pl.ds(ni * tn, tn), ks], b_smem.at[slot],
-                                  barrier)
-          plgpu.copy_gmem_to_smem(sa_gmem.at[pl.ds(k, 1), pl.ds(start, tm)], sa_smem.at[slot],
-                                  barrier)
-
-      # Observe the last steps' releases too, so that no barrier phase is left unawaited.
-      total_steps = num_local * k_steps
-
-      @pl.loop(jnp.maximum(total_steps - stages, 0), total_steps)
-      def _drain(t):
-        plgpu.barrier_wait(consumed.at[t % stages])
-
-    @pl.when(wg < 2)
-    def _compute():
-      plgpu.set_max_registers(232, action="increase")
-
-      @pl.loop(0, (num_local - wg + 1) // 2)
-      def _unit(i):
-        j = 2 * i + wg
-        ni, group, start, offset, rows, is_tail = decode(j)
-        first = j * k_steps
-
-        def step(k, sum_RN):
-          slot = (first + k) % stages
-          sb = sb_gmem[group, k, (ni * tn) // 128]  # issued early: its latency hides
-          plgpu.barrier_wait(loaded.at[wg * stages + slot])
-
-          def partial(acc_ref):
-            plgpu.wgmma(acc_ref, a_smem.at[slot], b_smem.at[slot].transpose((1, 0)))
-            return acc_ref[...]  # waits for the wgmma
-
-          part_RN = pl.run_scoped(partial, plgpu.ACC((tm, tn), f32))
-          sa_R = plgpu.load(sa_smem.at[slot, 0], layout=plgpu.Layout.WGMMA.reduce(1))
-          plgpu.barrier_arrive(consumed.at[slot])
-          return sum_RN + part_RN * jax.lax.broadcast_in_dim(sa_R * sb, (tm, tn), [0])
-
-        def store(value_RN):
-          plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last unit's stores read it
-          out_smem[wg] = value_RN.astype(out_smem.dtype)
-          plgpu.commit_smem()
-          _store_owned_rows(out_smem.at[wg], out_gmem, start, offset, rows, ni * tn, tm)
-
-        zeros = plgpu.layout_cast(jnp.zeros((tm, tn), f32), plgpu.Layout.WGMMA)
-        # The zero tail runs the loop too (every unit keeps the ring in step); it stores zeros.
-        sum_RN = jax.lax.fori_loop(0, k_steps, step, zeros)
-        pl.when(is_tail)(lambda: store(zeros))
-        pl.when(jnp.logical_not(is_tail))(lambda: store(sum_RN))
-
-  plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-
-
 def _num_sms() -> int:
   return getattr(jax.devices()[0], "core_count", None) or 132
 
@@ -507,14 +386,6 @@ def gmm_fp8(a_q_MK: jax.Array, sa_KtM: jax.Array, b_q_GNK: jax.Array, sb_GKtX: j
         f"B {b_q_GNK.shape} {b_q_GNK.dtype}, sb {sb_GKtX.shape} ({b_scaling}), out "
         f"{out_dtype}, {cfg}; check fp8_gemm_mgpu.supports and the scale layouts.")
   scalar_sb = b_scaling == "block" and cfg.scalar_b_scale
-  if cfg.body == "pp" and not scalar_sb:
-    raise ValueError(f"gmm_fp8: the 'pp' body reads 128x128 block scales of B as scalars; got "
-                     f"b_scaling={b_scaling!r}, scalar_b_scale={cfg.scalar_b_scale}. Use a 'ws' "
-                     f"tiling (Fp8TileConfig.body) for 1x128-tiled B.")
-  if cfg.body == "pp" and (cfg.acc_n != cfg.tile_n or cfg.probe):
-    raise ValueError(f"gmm_fp8: the 'pp' body runs one accumulator per warpgroup and no probes; "
-                     f"got acc_cols={cfg.acc_cols}, probe={cfg.probe!r}. Leave them unset "
-                     f"(Fp8TileConfig) or use the 'ws' body.")
   if b_scaling == "block" and not scalar_sb:
     sb_GKtX = expand_block_scales(sb_GKtX, n_dim)
   # Row tiles start on multiples of 8 (the SMEM tiling): pad M to that, and to one tile at least.
@@ -523,10 +394,8 @@ def gmm_fp8(a_q_MK: jax.Array, sa_KtM: jax.Array, b_q_GNK: jax.Array, sb_GKtX: j
     a_q_MK = jnp.pad(a_q_MK, ((0, padded_rows - num_rows), (0, 0)))
     sa_KtM = jnp.pad(sa_KtM, ((0, 0), (0, padded_rows - num_rows)))
   schedule = make_tile_schedule(group_sizes_G, padded_rows, cfg.tile_m)
-  body = (functools.partial(_pp_kernel_body, cfg, num_groups) if cfg.body == "pp"
-          else functools.partial(_kernel_body, cfg, num_groups, scalar_sb))
   kernel = plgpu.kernel(
-      body,
+      functools.partial(_kernel_body, cfg, num_groups, scalar_sb),
       out_type=jax.ShapeDtypeStruct((padded_rows, n_dim), out_dtype),
       grid=(num_sms or _num_sms(),),
       grid_names=("sm",),

@@ -85,26 +85,6 @@ def test_grouped_kernel_matches_fp64(case):
   np.testing.assert_array_equal(np.asarray(out)[sum(sizes):], 0.0)
 
 
-@pytest.mark.parametrize("case", ["ragged_with_tail", "one_group"])
-def test_ping_pong_body_matches_fp64(case):
-  """The "pp" body (each compute warpgroup owns whole units): empty groups, groups under a
-  tile, a shared tile and zero tail rows in band order; one group holding every row, M off the
-  tile, column-first."""
-  m_dim, sizes, minor = {"ragged_with_tail": (203, [0, 70, 3, 0, 100], "m"),
-                         "one_group": (130, [130], "n")}[case]
-  rng = np.random.default_rng(len(case))
-  (a_q, sa, b_q, sb), (a_MK, b_GNK) = _operands(rng, m_dim, 256, 128, len(sizes))
-  cfg = mgpu.Fp8TileConfig(tile_m=64, tile_n=64, stages=2, grid_minor=minor, grid_width=2,
-                           body="pp")
-  out = mgpu.gmm_fp8(a_q, sa.T, b_q, jnp.swapaxes(sb, 1, 2), jnp.asarray(sizes, jnp.int32),
-                     out_dtype=jnp.float32, config=cfg, interpret=_INTERPRET, num_sms=3)
-  _assert_close(out, _np_grouped(a_MK, b_GNK, sizes), 1e-5)
-  np.testing.assert_array_equal(np.asarray(out)[sum(sizes):], 0.0)
-  with pytest.raises(ValueError, match="'pp' body reads 128x128 block scales"):
-    mgpu.gmm_fp8(a_q, sa.T, b_q, jnp.zeros((len(sizes), 2, 128)), jnp.asarray(sizes, jnp.int32),
-                 b_scaling="tile", out_dtype=jnp.float32, config=cfg, interpret=_INTERPRET)
-
-
 @pytest.mark.parametrize("case", ["ragged", "tile_scaled"])
 def test_row_split_body_matches_fp64(case):
   """wg_split "m" (each compute warpgroup takes half the rows of a unit, all its columns) with
@@ -199,9 +179,7 @@ def test_supports_and_smem_fit():
   assert not mgpu.supports(2048, 2048, jnp.float16)
   assert not mgpu.supports(192, 256, jnp.bfloat16)  # K off the 128 step
   assert not mgpu.supports(256, 96, jnp.bfloat16)  # N off 2 x 64
-  pp = mgpu.Fp8TileConfig(tile_n=64, body="pp")  # units one warpgroup wide: N a multiple of 64
-  assert mgpu.supports(256, 192, jnp.bfloat16, pp) and not mgpu.supports(256, 96, jnp.bfloat16, pp)
-  assert not mgpu.supports(256, 256, jnp.bfloat16, mgpu.Fp8TileConfig(body="lockstep"))
+  assert not mgpu.supports(256, 256, jnp.bfloat16, mgpu.Fp8TileConfig(wg_split="k"))
   for k_dim, n_dim in ((2048, 1024), (512, 2048), (8192, 8192), (2048, 384)):
     for out_dtype in (jnp.bfloat16, jnp.float32):
       cfg = mgpu.tile_config(k_dim, n_dim, out_dtype)
@@ -209,18 +187,15 @@ def test_supports_and_smem_fit():
       assert n_dim % cfg.cta_n == 0 and cfg.stages >= 2
 
 
-@pytest.mark.parametrize("shape", ["dense_8192", "mini_up", "wgrad_tile", "mini_up_pp",
-                                   "dense_8192_rows"])
+@pytest.mark.parametrize("shape", ["dense_8192", "mini_up", "wgrad_tile", "dense_8192_rows"])
 def test_kernel_lowers_for_cuda_at_full_size(shape):
   """Layout inference (WGMMA row/column scale vectors, fp8 swizzles) without a GPU."""
   m_dim, k_dim, n_dim, groups = {"dense_8192": (8192, 8192, 8192, 1),
                                  "mini_up": (16384, 2048, 1024, 256),
                                  "wgrad_tile": (2048, 16384, 2048, 1),
-                                 "mini_up_pp": (16384, 2048, 1024, 256),
                                  "dense_8192_rows": (8192, 8192, 8192, 1)}[shape]
   b_scaling = "tile" if shape == "wgrad_tile" else "block"
-  cfg = {"mini_up_pp": mgpu.Fp8TileConfig(stages=4, grid_minor="m", grid_width=4, body="pp"),
-         "dense_8192_rows": mgpu.Fp8TileConfig(grid_minor="m", grid_width=16, wg_split="m",
+  cfg = {"dense_8192_rows": mgpu.Fp8TileConfig(grid_minor="m", grid_width=16, wg_split="m",
                                                acc_cols=128)}.get(shape)
   sb_cols = n_dim if b_scaling == "tile" else n_dim // 128
   spec = jax.ShapeDtypeStruct
