@@ -105,3 +105,38 @@ def test_interpret_backend_refuses_operands_it_cannot_run():
   rhs = jnp.ones((2, 128, 128), jnp.float32)
   with pytest.raises(ValueError, match="pallas_mosaic_gpu_interpret.*bfloat16"):
     gmm_lib.grouped_matmul(lhs, rhs, jnp.asarray([30, 34]), backend="pallas_mosaic_gpu_interpret")
+
+
+@pytest.mark.parametrize("quant", ["none", "fp8_blockwise"])
+def test_train_step_traces_with_the_hopper_kernels(monkeypatch, quant):
+  """The whole train step as `auto` builds it on an H200, traced here on the CPU: every GPU
+  kernel in place (Mosaic GPU GEMMs and permutation; with FP8 the Triton quantise kernels too).
+  A kernel reached by autodiff outside its custom VJP fails at trace time, as the FP8 model
+  once did on the GPU only. bf16 is also lowered for CUDA (Mosaic GPU lowers without a GPU;
+  Triton does not, hence trace only for FP8)."""
+  from configs import ling2
+  from kernels import fp8_gemm
+  from kernels import fp8_quant
+  from ling_jax import train
+  monkeypatch.setattr(gmm_lib, "_is_hopper_gpu", lambda: True)
+  monkeypatch.setattr(fp8_gemm, "_is_hopper_gpu", lambda: True)
+  real = fp8_quant._resolve_backend
+  monkeypatch.setattr(fp8_quant, "_resolve_backend",
+                      lambda b: "pallas_triton" if b == "auto" else real(b))
+  c = ling2.get_config("tiny")
+  m, t = c.model, c.train
+  # Dimensions every kernel covers (multiples of 128); one dense and one MoE layer.
+  m.hidden_size, m.moe_intermediate_size, m.intermediate_size = 256, 128, 512
+  m.num_attention_heads, m.num_key_value_heads, m.head_dim = 2, 1, 128
+  m.num_experts, m.num_experts_per_tok, m.n_group, m.topk_group = 8, 2, 2, 1
+  m.num_hidden_layers, m.num_nextn_predict_layers = 2, 0
+  m.dtype, m.quant = "bfloat16", quant
+  t.batch_size, t.seq_len = 2, 128
+  state = jax.eval_shape(train.init_state_fn(m, t))
+  batch = {k: jax.ShapeDtypeStruct((2, 128), jnp.int32)
+           for k in ("inputs", "targets", "positions", "segment_ids")}
+  traced = jax.jit(functools.partial(train.train_step, m=m, t=t)).trace(state, batch)
+  if quant == "none":
+    assert "mosaic_gpu" in traced.lower(lowering_platforms=("cuda",)).as_text()
+  else:  # the FP8 metrics' quantisation, outside any custom VJP
+    assert "pallas_call" in str(traced.jaxpr)
