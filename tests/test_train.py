@@ -241,6 +241,7 @@ def test_compute_dtype_grads_give_the_same_step():
   kernels, and in fp32 for the LM head, embedding, router and norms."""
   c = _micro_config()
   c.model.dtype = "bfloat16"
+  c.model.num_nextn_predict_layers = 0  # halves the compile; the rule is by name (train.py)
   state = jax.jit(functools.partial(train.init_state, c.model, c.train))(jax.random.key(0))
   batch = _batch(c)
   fast = c.copy_and_resolve_references()
@@ -249,7 +250,8 @@ def test_compute_dtype_grads_give_the_same_step():
                                                  t=fast.train), state, batch)
   flat = traverse_util.flatten_dict(grads)
   bf16 = {"/".join(k) for k, g in flat.items() if g.dtype == jnp.bfloat16}
-  assert "moe_layers/mlp/wi_gate_up" in bf16 and "mtp_0/eh_proj/kernel" in bf16
+  assert {"moe_layers/mlp/wi_gate_up", "moe_layers/mlp/wo",
+          "dense_layers/attention/qkv/kernel"} <= bf16
   assert not bf16 & {"lm_head/kernel", "embed/embedding", "moe_layers/mlp/router",
                      "final_norm/scale"}
   (want, want_metrics), (got, got_metrics) = _step(c, state, batch), _step(fast, state, batch)
