@@ -42,6 +42,7 @@ from kernels.fp8_quant import E4M3
 from kernels.fp8_quant import E4M3_INV_MAX
 from kernels.fp8_quant import E4M3_MAX
 from kernels.fp8_quant import TILE
+from kernels.fp8_quant import _check_row_align
 
 # Launches, the best of experiments/bench_fp8.py's on an H200 (2026-11-30, BENCHMARKS.md, session
 # 5). Rows alone, R rows x T 128-column tiles per program: 32 x 4 with 4 warps (every launch tried
@@ -185,9 +186,7 @@ def quantize(x_MK: jax.Array, starts_C: jax.Array | None = None,
     transpose_codes: transpose the column tiles' codes rather than their fp32 values.
   """
   num_rows, k_dim = x_MK.shape
-  if not 1 <= row_align <= TILE or row_align & (row_align - 1) or num_rows % row_align:
-    raise ValueError(f"quantize: row_align must be a power of two <= {TILE} that divides the "
-                     f"{num_rows} rows, got {row_align}.")
+  _check_row_align("quantize", num_rows, row_align)
   kt = pl.cdiv(k_dim, TILE)
   aligned = starts_C is None
   launch = COLS_LAUNCH if want_cols else ROWS_LAUNCH

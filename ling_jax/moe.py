@@ -6,9 +6,8 @@ Collections: `params` (trained), `moe_state` (the fp32 expert bias, updated by t
 by the optimiser), `moe_stats` (written on every call: per-expert token counts and router z-loss).
 """
 
-from typing import Any
-
 import functools
+from typing import Any
 
 import flax.linen as nn
 import jax

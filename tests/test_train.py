@@ -3,10 +3,10 @@
 import functools
 
 import jax
-from flax import traverse_util
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import traverse_util
 
 from configs import ling2
 from ling_jax import train
