@@ -68,6 +68,12 @@ _PROFILE_STEPS = flags.DEFINE_integer("profile_steps", 2,
 _QUANTS = flags.DEFINE_list("quants", ["none"], "model.quant values to time.")
 _DEPTHS = flags.DEFINE_list("depths", [], "num_hidden_layers values (default: the config's).")
 _FULL_DEPTH = flags.DEFINE_integer("full_depth", 20, "Depth to project step time to.")
+_PROFILE_QUANTS = flags.DEFINE_list("profile_quants", [],
+                                    "Quants profiled at --profile_depth (default: all).")
+_LOSS_WINDOW = flags.DEFINE_integer("loss_window", 20,
+                                    "Steps per window mean when curves of two quants are compared.")
+_LOSS_TOLERANCE = flags.DEFINE_float("loss_tolerance", 0.01,
+                                     "Largest relative gap of window means called an overlap.")
 _PROFILE_DEPTH = flags.DEFINE_integer("profile_depth", None,
                                       "Which of --depths to profile (default: the deepest).")
 _DATA = flags.DEFINE_enum("data", "corpus", ["corpus", "synthetic"], "Input batches.")
@@ -158,9 +164,9 @@ def run_variant(config: Any, source: Any, name: str, out_dir: str,
       jax.block_until_ready(state)
       return losses
 
-    run(_WARMUP.value)
+    losses = run(_WARMUP.value)  # Every step's loss from the first: the curves compare whole.
     start = time.time()
-    losses = run(_STEPS.value)
+    losses += run(_STEPS.value)
     step_s = (time.time() - start) / _STEPS.value
     summary, profiled_step_s = None, None
     if profile:
@@ -199,7 +205,8 @@ def run_variant(config: Any, source: Any, name: str, out_dir: str,
       "remat_policy": m.remat_policy, "data": _DATA.value, "compile_s": compile_s,
       "step_ms": step_s * 1e3, "tokens_per_s": tokens / step_s,
       "flops_per_token": flops, "mfu": flops * tokens / step_s / (_PEAK.value * 1e12),
-      "peak_memory_gib": _peak_memory_gib(), "losses": losses, "breakdown": summary,
+      "peak_memory_gib": _peak_memory_gib(), "losses": losses, "timed_from_step": _WARMUP.value,
+      "breakdown": summary,
       "profiled_step_ms": profiled_step_s and profiled_step_s * 1e3,
       "input_digest": input_digest,
   }
@@ -211,7 +218,8 @@ def run_variant(config: Any, source: Any, name: str, out_dir: str,
   return result
 
 
-def markdown(results: list[dict[str, Any]], projections: list[dict[str, Any]]) -> str:
+def markdown(results: list[dict[str, Any]], projections: list[dict[str, Any]],
+             curves: list[dict[str, Any]] = ()) -> str:
   """Returns the results as Markdown tables."""
   lines = ["| variant | layers | params | step (ms) | tokens/s | MFU | peak mem (GiB) "
            "| compile (s) |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -226,6 +234,14 @@ def markdown(results: list[dict[str, Any]], projections: list[dict[str, Any]]) -
       lines.append(f"| {p['quant']}, {p['layers']} layers | {p['ms_per_layer']:.1f} | "
                    f"{p['fixed_ms']:.1f} | {p['step_ms']:.1f} | {p['tokens_per_s']:,.0f} | "
                    f"{p['mfu']:.1%} |")
+  for c in curves:
+    verdict = "overlap" if c["overlap"] else "do NOT overlap"
+    lines += ["", f"Loss curves, {c['name']} against {c['baseline']} (same init and batches; "
+              f"{c['window']}-step means; the curves {verdict}: largest gap "
+              f"{c['max_rel_gap']:+.2%}, tolerance {c['tolerance']:.0%}):", "",
+              "| steps | " + c["baseline"] + " | " + c["name"] + " | gap |", "|---|---:|---:|---:|"]
+    lines += [f"| {w['first']}-{w['last']} | {w['baseline']:.4f} | {w['loss']:.4f} "
+              f"| {w['rel_gap']:+.2%} |" for w in c["windows"]]
   for r in results:
     if r["breakdown"]:
       b = r["breakdown"]
@@ -249,6 +265,9 @@ def main(argv: list[str]) -> None:
                          f"{','.join(_DEPTHS.value)}: pick one of them, or leave it unset to "
                          "profile the deepest")
   profile_depth = _PROFILE_DEPTH.value or max(depths, key=lambda d: d or 0)  # One is profiled.
+  if unknown := set(_PROFILE_QUANTS.value) - set(_QUANTS.value):
+    raise app.UsageError(f"--profile_quants={','.join(sorted(unknown))} is not one of --quants="
+                         f"{','.join(_QUANTS.value)}: pick from those, or leave it unset")
   os.makedirs(_OUT_DIR.value, exist_ok=True)
   trainer.enable_compilation_cache(base.train.get("compilation_cache_dir"))
   t = base.train
@@ -265,7 +284,8 @@ def main(argv: list[str]) -> None:
       name = f"{quant}-L{config.model.num_hidden_layers}"
       try:
         result = run_variant(config, source, name, _OUT_DIR.value,
-                             profile=_PROFILE_STEPS.value > 0 and depth == profile_depth,
+                             profile=(_PROFILE_STEPS.value > 0 and depth == profile_depth
+                                      and quant in (_PROFILE_QUANTS.value or [quant])),
                              source_state=start_state)
       except config_lib.ConfigError:
         raise  # A bad flag: nothing else would run either.
@@ -281,7 +301,8 @@ def main(argv: list[str]) -> None:
       with open(os.path.join(_OUT_DIR.value, "results.jsonl"), "a") as f:
         f.write(json.dumps({k: v for k, v in result.items() if not k.startswith("_")}) + "\n")
   projections = profiling.project_to_depth(results, _FULL_DEPTH.value, _PEAK.value)
-  table = markdown(results, projections)
+  curves = profiling.compare_losses(results, _LOSS_WINDOW.value, _LOSS_TOLERANCE.value)
+  table = markdown(results, projections, curves)
   with open(os.path.join(_OUT_DIR.value, "summary.md"), "w") as f:
     f.write(table)
   print(table, flush=True)

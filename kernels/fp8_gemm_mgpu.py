@@ -208,10 +208,17 @@ def _mma_promote(cfg: Fp8TileConfig, a_smem, b_smem_NK, sums: tuple, scale_of) -
   return tuple(out)
 
 
-def _store_sums(out_smem_wg, sums: tuple, acc_n: int) -> None:
-  """Writes a warpgroup's sums into its output tile in shared memory, one accumulator each."""
+def _store_sums(out_smem_wg, sums: tuple) -> None:
+  """Writes a warpgroup's sums into its output tiles in shared memory, one per accumulator.
+
+  Each accumulator has a whole swizzled tile of its own ([c] of `out_smem_wg`), rather than a
+  column slice of one tile: on the GPU a store into a column slice of a swizzled tile wrote the
+  bf16 outputs of split accumulators to the wrong places (relative error 1.0 against the
+  reference; interpret mode, which has no swizzle, was right). fp32 outputs never split there:
+  their tile_n is 64 after `fit_smem`.
+  """
   for c, sum_RN in enumerate(sums):
-    out_smem_wg.at[:, pl.ds(c * acc_n, acc_n)][...] = sum_RN.astype(out_smem_wg.dtype)
+    out_smem_wg.at[c][...] = sum_RN.astype(out_smem_wg.dtype)
 
 
 def _kernel_body(cfg: Fp8TileConfig, num_groups: int, scalar_sb: bool,
@@ -265,9 +272,11 @@ def _kernel_body(cfg: Fp8TileConfig, num_groups: int, scalar_sb: bool,
   @functools.partial(
       pl.run_scoped,
       allocs=pipeline(ignore, ignore, 0).get_allocations(*operands(0, 0)),
-      # (Mosaic GPU's layout inference rejects 64-row stores into the swizzled tile.)
-      out_smem=plgpu.SMEM((2, wg_rows, wg_cols), out_gmem.dtype, transforms=() if split_m else
-                          _swizzled((wg_rows, wg_cols), out_gmem.dtype, tile_rows=1)),
+      # [warpgroup, accumulator]: one output tile per accumulator (`_store_sums`). (Mosaic
+      # GPU's layout inference rejects 64-row stores into a swizzled tile.)
+      out_smem=plgpu.SMEM((2, wg_cols // acc_n, wg_rows, acc_n), out_gmem.dtype,
+                          transforms=() if split_m else
+                          _swizzled((wg_rows, acc_n), out_gmem.dtype, tile_rows=1)),
       collective_axes="wg",
   )
   def _scope(allocs, out_smem):
@@ -288,13 +297,14 @@ def _kernel_body(cfg: Fp8TileConfig, num_groups: int, scalar_sb: bool,
 
       def store(sums):
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last unit's stores read out_smem
-        _store_sums(out_smem.at[wg], sums, acc_n)
+        _store_sums(out_smem.at[wg], sums)
         plgpu.commit_smem()
         # The unit owns rows [offset, offset + rows) of the tile; this warpgroup stores its share.
         lo = jnp.clip(offset - row0, 0, wg_rows)
         hi = jnp.clip(offset + rows - row0, 0, wg_rows)
-        _store_owned_rows(out_smem.at[wg], out_gmem, start + row0, lo, hi - lo,
-                          ni * cta_n + col0, wg_rows)
+        for c in range(wg_cols // acc_n):
+          _store_owned_rows(out_smem.at[wg, c], out_gmem, start + row0, lo, hi - lo,
+                            ni * cta_n + col0 + c * acc_n, wg_rows)
 
       def compute_context(run_pipeline):
         if cfg.probe == "no_promote":
@@ -385,6 +395,9 @@ def gmm_fp8(a_q_MK: jax.Array, sa_KtM: jax.Array, b_q_GNK: jax.Array, sb_GKtX: j
         f"gmm_fp8: no Mosaic GPU kernel for A {a_q_MK.shape} {a_q_MK.dtype}, sa {sa_KtM.shape}, "
         f"B {b_q_GNK.shape} {b_q_GNK.dtype}, sb {sb_GKtX.shape} ({b_scaling}), out "
         f"{out_dtype}, {cfg}; check fp8_gemm_mgpu.supports and the scale layouts.")
+  if cfg.probe == "no_promote" and cfg.acc_n != cfg.wg_shape[1]:
+    raise ValueError(f"gmm_fp8: the 'no_promote' probe runs one accumulator per warpgroup; got "
+                     f"acc_cols={cfg.acc_cols} of {cfg.wg_shape[1]} columns. Use acc_cols=0.")
   scalar_sb = b_scaling == "block" and cfg.scalar_b_scale
   if b_scaling == "block" and not scalar_sb:
     sb_GKtX = expand_block_scales(sb_GKtX, n_dim)

@@ -207,6 +207,38 @@ def project_to_depth(results: list[dict[str, Any]], full_depth: int,
   return projections
 
 
+def compare_losses(results: list[dict[str, Any]], window: int,
+                   tolerance: float) -> list[dict[str, Any]]:
+  """Compares each quant's loss curve with the first quant's at the same depth.
+
+  `results` are `experiments/bench_train.py`'s rows (name, quant, layers, losses: every step's
+  loss from the first, all variants on the same batches). The curves are cut to the steps both
+  ran and averaged over `window` steps (one step's loss on one batch is noisy); they overlap
+  when no window mean differs from the baseline's by more than `tolerance`, relative.
+  """
+  if window < 1:
+    raise ValueError(f"window={window}: average over at least one step (e.g. 20)")
+  comparisons = []
+  for layers in dict.fromkeys(r["layers"] for r in results):
+    rows = [r for r in results if r["layers"] == layers]
+    for row in rows[1:]:
+      base = rows[0]
+      steps = min(len(base["losses"]), len(row["losses"])) // window * window
+      if row["quant"] == base["quant"] or steps == 0:
+        continue
+      ref = np.asarray(base["losses"][:steps]).reshape(-1, window).mean(axis=1)
+      ours = np.asarray(row["losses"][:steps]).reshape(-1, window).mean(axis=1)
+      gaps = (ours - ref) / ref
+      windows = [{"first": i * window, "last": (i + 1) * window - 1, "baseline": float(b),
+                  "loss": float(o), "rel_gap": float(g)}
+                 for i, (b, o, g) in enumerate(zip(ref, ours, gaps))]
+      worst = float(gaps[np.argmax(np.abs(gaps))])
+      comparisons.append({"name": row["name"], "baseline": base["name"], "window": window,
+                          "steps": steps, "windows": windows, "max_rel_gap": worst,
+                          "tolerance": tolerance, "overlap": abs(worst) <= tolerance})
+  return comparisons
+
+
 def time_queued(fn: Any, *args: Any, calls: int = 20, warmup: int = 3) -> float:
   """Returns seconds per call of `fn(*args)`: `calls` calls queued back to back and synchronised
   once, the median of 3 such batches, after `warmup` synchronised calls.

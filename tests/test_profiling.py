@@ -130,6 +130,23 @@ def test_projection_to_full_depth_is_linear_in_layers():
   assert profiling.project_to_depth(rows[:1], full_depth=20, peak_tflops=1.0) == []
 
 
+def test_loss_curves_compare_in_window_means():
+  base = [4.0, 2.0, 3.0, 1.0, 9.0]  # Window means 3.0 and 2.0; the fifth step is cut.
+  fp8 = [4.03, 2.03, 2.0, 2.0]  # +1% and 0%.
+  rows = [{"name": "none-L2", "quant": "none", "layers": 2, "losses": base},
+          {"name": "fp8-L2", "quant": "fp8_blockwise", "layers": 2, "losses": fp8},
+          {"name": "none-L4", "quant": "none", "layers": 4, "losses": base}]  # No partner.
+  (c,) = profiling.compare_losses(rows, window=2, tolerance=0.0105)
+  assert (c["name"], c["baseline"], c["steps"]) == ("fp8-L2", "none-L2", 4)
+  assert [w["rel_gap"] for w in c["windows"]] == pytest.approx([0.01, 0.0])
+  assert c["max_rel_gap"] == pytest.approx(0.01) and c["overlap"]
+  assert not profiling.compare_losses(rows, window=2, tolerance=0.0095)[0]["overlap"]
+  fp8[2:] = [1.0, 1.0]  # Second window 1.0 against 2.0: -50%, the largest gap by size.
+  assert profiling.compare_losses(rows, 2, 0.01)[0]["max_rel_gap"] == pytest.approx(-0.5)
+  with pytest.raises(ValueError, match="window"):
+    profiling.compare_losses(rows, window=0, tolerance=0.01)
+
+
 def test_bench_train_end_to_end(tmp_path):
   """The CLI on a micro model: timed steps, a breakdown from its own trace, and the files."""
   cmd = [sys.executable, "-m", "experiments.bench_train", "--config=configs/ling2.py:tiny",
@@ -147,7 +164,7 @@ def test_bench_train_end_to_end(tmp_path):
   assert result["name"] == "none-L3" and result["tokens_per_s"] > 0
   assert result["mfu"] == pytest.approx(
       result["flops_per_token"] * result["tokens_per_s"] / 1e12)
-  assert len(result["losses"]) == 2  # The timed steps.
+  assert len(result["losses"]) == 3 and result["timed_from_step"] == 1  # Warm-up + timed.
   assert all(np.isfinite(result["losses"]))
   shares = result["breakdown"]["share"]
   assert sum(shares.values()) == pytest.approx(1.0)

@@ -1,0 +1,277 @@
+"""FP8 kernels against the XLA reference at one model's own shapes, and the model's first loss.
+
+  python -m experiments.check_fp8_model --config=configs/ling2.py:mini_h200 \\
+      --config.model.num_hidden_layers=2 --out_dir=/tmp/check_fp8
+
+The CPU tests check every FP8 kernel in interpret mode at small shapes; this runs the compiled
+kernels on the GPU at the shapes a config actually feeds them, which the tests cannot reach.
+
+1. Op by op. The model's loss is traced once (abstractly) in FP8 and every FP8 op it calls is
+   recorded: `fp8_gemm.fp8_linear` and `fp8_gemm.fp8_grouped_linear`, with their shapes, dtypes
+   and (grouped) row alignment. Each distinct op then runs forward and backward on random
+   operands twice, with the kernels ("auto": Mosaic GPU GEMMs, Triton quantisation) and with the
+   reference backend (XLA dequantise-then-multiply in fp32), and y, dx and dw are compared. Both
+   see the same E4M3 codes, so they should agree to bf16 rounding (~1e-3); the product in bf16
+   without quantisation is printed beside as the scale of FP8's own error (~3-5%). Grouped ops
+   get expert sizes drawn as a router would (multinomial), each padded to the op's row alignment.
+2. The model. Loss and gradients at initialisation on one batch of random tokens: bf16, FP8 with
+   the kernels and FP8 with the reference. The two FP8 runs should agree far more closely than
+   either does with bf16.
+
+Writes `check.json` and `check.md` to --out_dir (after each part) and exits 1 when an op's kernel
+and reference differ by more than --tolerance.
+"""
+
+import functools
+import json
+import os
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+from kernels import fp8_gemm
+from kernels import fp8_quant
+from kernels import grouped_matmul as gmm_lib
+from ling_jax import metrics as metrics_lib
+from ling_jax import train as train_lib
+from ling_jax import trainer
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/ling2.py:mini_h200",
+                                          "Model and batch to take the shapes from.")
+_OUT_DIR = flags.DEFINE_string("out_dir", "/tmp/check_fp8", "check.json and check.md go here.")
+_TOLERANCE = flags.DEFINE_float("tolerance", 1e-2,
+                                "Largest relative error of kernel against reference.")
+_PARTS = flags.DEFINE_list("parts", ["ops", "model"], "What to check: ops, model.")
+_KERNEL_BACKEND = flags.DEFINE_string(
+    "kernel_backend", "auto", "FP8 GEMM backend of the ops' kernel runs (kernels/fp8_gemm.py); "
+    "pallas_mosaic_gpu_interpret checks the wiring on a CPU.")
+
+
+def _rel(a: jax.Array, b: jax.Array) -> float:
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def record_ops(config: Any) -> list[dict[str, Any]]:
+  """Returns the distinct FP8 ops the model's loss calls, from an abstract trace."""
+  m, t = config.model, config.train
+  seen: dict[tuple, dict[str, Any]] = {}
+  real = {"linear": fp8_gemm.fp8_linear, "grouped": fp8_gemm.fp8_grouped_linear}
+
+  def linear(x_MK, w_KN, probe_2, backend="auto", recipe=fp8_gemm.FULL_RECIPE):
+    key = ("linear", x_MK.shape, w_KN.shape, str(x_MK.dtype), str(w_KN.dtype))
+    seen.setdefault(key, {"op": "linear", "x": list(x_MK.shape), "w": list(w_KN.shape),
+                          "dtype": str(x_MK.dtype), "w_dtype": str(w_KN.dtype), "calls": 0,
+                          "recipe": recipe})["calls"] += 1
+    return real["linear"](x_MK, w_KN, probe_2, backend, recipe)
+
+  def grouped(x_MK, w_GKN, group_sizes_G, probe_2, backend="auto",
+              recipe=fp8_gemm.FULL_RECIPE, row_align=1):
+    key = ("grouped", x_MK.shape, w_GKN.shape, str(x_MK.dtype), str(w_GKN.dtype), row_align)
+    seen.setdefault(key, {"op": "grouped", "x": list(x_MK.shape), "w": list(w_GKN.shape),
+                          "dtype": str(x_MK.dtype), "w_dtype": str(w_GKN.dtype),
+                          "row_align": row_align, "calls": 0, "recipe": recipe})["calls"] += 1
+    return real["grouped"](x_MK, w_GKN, group_sizes_G, probe_2, backend, recipe, row_align)
+
+  # Neither the initialisation's forward nor the one that shapes the FP8 probes (8 tokens each)
+  # is recorded: only the step's.
+  state = jax.eval_shape(train_lib.init_state_fn(m, t))
+  batch = jax.eval_shape(lambda: _batch(config, 0))
+  probes = train_lib._zero_fp8_probes(m)
+  saved = train_lib._zero_fp8_probes
+  fp8_gemm.fp8_linear, fp8_gemm.fp8_grouped_linear = linear, grouped
+  train_lib._zero_fp8_probes = lambda _: probes
+  try:
+    jax.eval_shape(functools.partial(_loss_and_grads, m=m, t=t), state, batch)
+  finally:
+    fp8_gemm.fp8_linear, fp8_gemm.fp8_grouped_linear = real["linear"], real["grouped"]
+    train_lib._zero_fp8_probes = saved
+  return list(seen.values())
+
+
+def _batch(config: Any, seed: int) -> dict[str, jax.Array]:
+  t, m = config.train, config.model
+  tokens = jax.random.randint(jax.random.key(seed), (t.batch_size, t.seq_len + 1), 0,
+                              m.vocab_size, jnp.int32)
+  positions = jnp.broadcast_to(jnp.arange(t.seq_len, dtype=jnp.int32), (t.batch_size, t.seq_len))
+  return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "positions": positions,
+          "segment_ids": jnp.ones_like(positions)}
+
+
+def _loss_and_grads(state: Any, batch: dict, *, m: Any, t: Any) -> tuple[jax.Array, Any]:
+  """The training step's loss and gradients (no update)."""
+  loss, _, grads = train_lib.accumulate_gradients(state, batch, m=m, t=t)
+  return loss, grads
+
+
+def _group_sizes(rows: int, groups: int, align: int, key: jax.Array) -> jax.Array:
+  """Router-like expert sizes: the real rows (all but the padding room) spread multinomially,
+  each padded up to `align`; their sum fits `rows`."""
+  real = rows - groups * (align - 1) if align > 1 else rows
+  real -= real % max(align, 1)
+  p = np.full(groups, 1.0 / groups)
+  sizes = np.random.default_rng(int(jax.random.randint(key, (), 0, 2**30))).multinomial(real, p)
+  sizes = -(-sizes // align) * align
+  assert sizes.sum() <= rows, (sizes.sum(), rows)
+  return jnp.asarray(sizes, jnp.int32)
+
+
+def check_op(op: dict[str, Any], key: jax.Array,
+             kernel_backend: str = "auto") -> dict[str, Any]:
+  """Forward and backward of one FP8 op: kernels against the reference, and against bf16."""
+  kx, kw, kd, kg = jax.random.split(key, 4)
+  x = jax.random.normal(kx, op["x"], jnp.float32).astype(op["dtype"])
+  fan_in = op["w"][-2]
+  w = (jax.random.normal(kw, op["w"], jnp.float32) / np.sqrt(fan_in)).astype(op["w_dtype"])
+  probe = jnp.zeros((2,), jnp.float32)
+  if op["op"] == "linear":
+    n = op["w"][-1]
+    fn = lambda backend: (lambda x, w: fp8_gemm.fp8_linear(x, w, probe, backend, op["recipe"]))
+    plain = lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+  else:
+    n = op["w"][-1]
+    sizes = _group_sizes(op["x"][0], op["w"][0], op["row_align"], kg)
+    fn = lambda backend: (lambda x, w: fp8_gemm.fp8_grouped_linear(
+        x, w, sizes, probe, backend, op["recipe"], op["row_align"]))
+    plain = lambda x, w: gmm_lib.grouped_matmul(x, w, sizes)
+  dy = jax.random.normal(kd, (op["x"][0], n), jnp.float32).astype(op["dtype"])
+
+  def run(f):
+    y, vjp = jax.vjp(f, x, w)
+    dx, dw = vjp(dy)
+    return jax.device_get((y, dx, dw))
+
+  start = time.time()
+  got = run(jax.jit(fn(kernel_backend)))
+  ref = run(jax.jit(fn("reference")))
+  bf16 = run(jax.jit(plain))
+  result = {k: v for k, v in op.items() if k != "recipe"}
+  result["seconds"] = time.time() - start
+  for name, g, r, b in zip(("y", "dx", "dw"), got, ref, bf16):
+    result[f"{name}_kernel_vs_ref"] = _rel(g, r)
+    result[f"{name}_fp8_vs_bf16"] = _rel(r, b)
+    result[f"{name}_finite"] = bool(np.isfinite(np.asarray(g, np.float32)).all())
+  return result
+
+
+def _with_reference_fp8(fn):
+  """Runs `fn` with "auto" FP8 resolving to the XLA reference (GEMMs and quantisation)."""
+  saved = fp8_gemm._AUTO_USES_KERNEL, fp8_quant._AUTO_USES_KERNEL
+  fp8_gemm._AUTO_USES_KERNEL = fp8_quant._AUTO_USES_KERNEL = False
+  try:
+    return fn()
+  finally:
+    fp8_gemm._AUTO_USES_KERNEL, fp8_quant._AUTO_USES_KERNEL = saved
+
+
+def check_model(config: Any) -> list[dict[str, Any]]:
+  """Loss and gradients at init, one batch: bf16, FP8 (kernels), FP8 (reference)."""
+  rows, grads_of = [], {}
+  for name, quant, reference in (("bf16", "none", False), ("fp8_kernels", "fp8_blockwise", False),
+                                 ("fp8_reference", "fp8_blockwise", True)):
+    c = ml_collections.ConfigDict(config.to_dict())
+    c.model.quant = quant
+    m, t = c.model, c.train
+    state = jax.jit(train_lib.init_state_fn(m, t))()
+    batch = _batch(c, 0)
+    step = jax.jit(functools.partial(_loss_and_grads, m=m, t=t))
+    start = time.time()
+    run = functools.partial(lambda f, *args: jax.device_get(f(*args)), step, state, batch)
+    loss, grads = _with_reference_fp8(run) if reference else run()
+    grads_of[name] = grads
+    norm = float(np.sqrt(sum(np.sum(np.square(np.asarray(g, np.float64)))
+                             for g in jax.tree.leaves(grads))))
+    rows.append({"variant": name, "loss": float(loss), "grad_norm": norm,
+                 "seconds": time.time() - start})
+    metrics_lib.log("[%s] loss %.5f, gradient norm %.4f (%.0f s)", name, loss, norm,
+                    rows[-1]["seconds"])
+    del state, run  # (the next variant's state takes the memory)
+  flat = {k: jax.tree_util.tree_flatten_with_path(v)[0] for k, v in grads_of.items()}
+  worst = []
+  for (path, g), (_, r), (_, b) in zip(flat["fp8_kernels"], flat["fp8_reference"], flat["bf16"]):
+    worst.append((jax.tree_util.keystr(path), _rel(g, r), _rel(r, b)))
+  worst.sort(key=lambda w: -w[1])
+  rows.append({"variant": "grad_leaves", "leaves": [
+      {"path": p, "kernel_vs_ref": a, "fp8_ref_vs_bf16": b} for p, a, b in worst]})
+  return rows
+
+
+def failures(ops: list[dict[str, Any]], tolerance: float) -> list[dict[str, Any]]:
+  """The ops whose kernels differ from the reference by more than `tolerance`, or not finite."""
+  worst = lambda o: max(o["y_kernel_vs_ref"], o["dx_kernel_vs_ref"], o["dw_kernel_vs_ref"])
+  return [o for o in ops if not worst(o) <= tolerance
+          or not (o["y_finite"] and o["dx_finite"] and o["dw_finite"])]
+
+
+def _markdown(ops: list[dict[str, Any]], model: list[dict[str, Any]], tol: float) -> str:
+  lines = []
+  if ops:
+    lines += [f"FP8 ops, kernels against the reference (relative Frobenius error; tolerance "
+              f"{tol:g}); FP8 against bf16 for scale:", "",
+              "| op | x | w | align | traced | y | dx | dw | y fp8/bf16 | dx fp8/bf16 "
+              "| dw fp8/bf16 |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for o in ops:
+      lines.append(
+          f"| {o['op']} | {o['x']} {o['dtype']} | {o['w']} {o['w_dtype']} "
+          f"| {o.get('row_align', '-')} | {o['calls']} | {o['y_kernel_vs_ref']:.2e} "
+          f"| {o['dx_kernel_vs_ref']:.2e} | {o['dw_kernel_vs_ref']:.2e} "
+          f"| {o['y_fp8_vs_bf16']:.2e} | {o['dx_fp8_vs_bf16']:.2e} | {o['dw_fp8_vs_bf16']:.2e} |")
+  if model:
+    lines += ["", "Model at initialisation, one batch:", "", "| variant | loss | gradient norm |",
+              "|---|---:|---:|"]
+    lines += [f"| {r['variant']} | {r['loss']:.5f} | {r['grad_norm']:.4f} |"
+              for r in model if "loss" in r]
+    leaves = [r for r in model if r["variant"] == "grad_leaves"]
+    if leaves:
+      lines += ["", "Gradient leaves, FP8 kernels against FP8 reference (worst 12):", "",
+                "| leaf | kernels vs reference | reference vs bf16 |", "|---|---:|---:|"]
+      lines += [f"| {x['path']} | {x['kernel_vs_ref']:.2e} | {x['fp8_ref_vs_bf16']:.2e} |"
+                for x in leaves[0]["leaves"][:12]]
+  return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str]) -> None:
+  del argv
+  config = _CONFIG.value
+  config.model.quant = "fp8_blockwise"
+  trainer.validate_config(config)
+  os.makedirs(_OUT_DIR.value, exist_ok=True)
+  ops, model = [], []
+
+  def write():
+    with open(os.path.join(_OUT_DIR.value, "check.json"), "w") as f:
+      json.dump({"ops": ops, "model": model}, f, indent=1)
+    with open(os.path.join(_OUT_DIR.value, "check.md"), "w") as f:
+      f.write(_markdown(ops, model, _TOLERANCE.value))
+
+  if "ops" in _PARTS.value:
+    recorded = record_ops(config)
+    metrics_lib.log("%d distinct FP8 ops in the model's step", len(recorded))
+    for i, op in enumerate(recorded):
+      ops.append(check_op(op, jax.random.key(i), _KERNEL_BACKEND.value))
+      o = ops[-1]
+      metrics_lib.log("%s x%s w%s align %s: kernel/ref y %.2e dx %.2e dw %.2e (%.0f s)", o["op"],
+                      o["x"], o["w"], o.get("row_align", "-"), o["y_kernel_vs_ref"],
+                      o["dx_kernel_vs_ref"], o["dw_kernel_vs_ref"], o["seconds"])
+      write()
+  if "model" in _PARTS.value:
+    model = check_model(config)
+    write()
+  print(_markdown(ops, model, _TOLERANCE.value), flush=True)
+  bad = failures(ops, _TOLERANCE.value)
+  if bad:
+    print(f"FP8 KERNEL CHECK FAIL: {len(bad)} of {len(ops)} ops", flush=True)
+    sys.exit(1)
+  print(f"FP8 KERNEL CHECK PASS ({len(ops)} ops)", flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,75 @@
+"""experiments/check_fp8_model.py: the GPU check of the FP8 kernels at a model's shapes, run here
+with the interpreted Mosaic GPU kernels, and shown to catch a kernel that writes wrong outputs."""
+
+import jax.numpy as jnp
+import pytest
+
+from configs import ling2
+from experiments import check_fp8_model
+from kernels import fp8_gemm
+
+_INTERPRET = "pallas_mosaic_gpu_interpret"
+
+
+def _config():
+  c = ling2.get_config("tiny")
+  m, t = c.model, c.train
+  # Dimensions the interpreted kernels cover (multiples of 128); one dense and one MoE layer.
+  m.hidden_size, m.moe_intermediate_size, m.intermediate_size = 256, 128, 256
+  m.num_attention_heads, m.num_key_value_heads, m.head_dim = 2, 1, 128
+  m.num_experts, m.num_experts_per_tok, m.n_group, m.topk_group = 8, 2, 2, 1
+  m.num_hidden_layers, m.num_nextn_predict_layers = 2, 0
+  m.dtype, m.quant = "bfloat16", "fp8_blockwise"
+  t.batch_size, t.seq_len = 1, 128
+  return c
+
+
+@pytest.fixture(scope="module")
+def ops():
+  return check_fp8_model.record_ops(_config())
+
+
+def test_records_every_fp8_op_of_the_step(ops):
+  kinds = sorted((o["op"], tuple(o["x"]), tuple(o["w"])) for o in ops)
+  # 128 tokens. qkv 256 -> (2 + 2 * 1) * 128 and the dense MLP's 256 -> 2 * 256 (one shape), out
+  # 256 -> 256 (also the MLP's down and the shared expert's 256 -> 2 * 128), the shared expert's
+  # 128 -> 256; the routed experts, grouped over 128 * 2 rows plus up to 15 padding rows per
+  # expert (8 x 15 + 256 = 376, rounded up to 16: 384).
+  assert kinds == sorted([("linear", (128, 256), (256, 512)), ("linear", (128, 256), (256, 256)),
+                          ("linear", (128, 128), (128, 256)),
+                          ("grouped", (384, 256), (8, 256, 256)),
+                          ("grouped", (384, 128), (8, 128, 256))]), kinds
+  assert all(o["row_align"] == 16 for o in ops if o["op"] == "grouped")
+  assert all(o["dtype"] == "bfloat16" for o in ops)
+
+
+def _op(ops, kind, w_shape):
+  (op,) = [o for o in ops if o["op"] == kind and tuple(o["w"]) == w_shape]
+  return op
+
+
+def test_interpreted_kernels_match_the_reference_and_fp8_differs_from_bf16(ops):
+  # One op (interpret mode is slow; tests/test_fp8_mgpu.py checks the grouped kernels).
+  result = check_fp8_model.check_op(_op(ops, "linear", (256, 256)), jax_key(0), _INTERPRET)
+  assert not check_fp8_model.failures([result], 1e-2)
+  # Same E4M3 codes on both sides: only the accumulation order differs (bf16 outputs).
+  assert max(result[f"{g}_kernel_vs_ref"] for g in ("y", "dx", "dw")) < 1e-3, result
+  # Quantisation itself moves each product by ~4%, relative.
+  assert all(0.02 < result[f"{g}_fp8_vs_bf16"] < 0.06 for g in ("y", "dx", "dw")), result
+
+
+def test_a_kernel_with_wrong_outputs_fails_the_check(ops, monkeypatch):
+  real = fp8_gemm._kernel_gmm
+
+  def broken(*args, **kwargs):  # the kernel's rows, shifted by one: a misplaced store
+    kernel = real(*args, **kwargs)
+    return kernel and (lambda *a, **k: jnp.roll(kernel(*a, **k), 1, axis=0))
+  monkeypatch.setattr(fp8_gemm, "_kernel_gmm", broken)
+  result = check_fp8_model.check_op(_op(ops, "linear", (128, 256)), jax_key(0), _INTERPRET)
+  assert result["y_kernel_vs_ref"] > 0.5
+  assert check_fp8_model.failures([result], 1e-2) == [result]
+
+
+def jax_key(i):
+  import jax
+  return jax.random.key(i)
