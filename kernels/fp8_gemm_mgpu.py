@@ -117,7 +117,9 @@ class Fp8TileConfig:
 # 2026-11-30): the old single 128 x 128 accumulator per warpgroup spilled (489 TFLOP/s at 8192^3,
 # 445 / 365 on the Ling-mini experts up / down). Two 128 x 64 accumulators per warpgroup: 1147
 # and 1175 at 8192^3 (two machines), 966 / 551 on the experts, where 128 x 128 units with each
-# warpgroup on 64 rows (wg_split "m") gave 862 / 523 in the same call.
+# warpgroup on 64 rows (wg_split "m") gave 862 / 523 in the same call. Those bf16-output timings
+# were of the kernel before session 8's store fix (its outputs were wrong); after it, 1108 at
+# 8192^3 (the experts not yet re-timed).
 # Absent shapes take the default, narrowed by `fit_smem` and by N.
 _EXPERTS = Fp8TileConfig(grid_minor="m", grid_width=4, acc_cols=64)
 TILE_CONFIGS: dict[tuple[int, int, str], Fp8TileConfig] = {
