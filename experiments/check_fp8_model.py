@@ -19,7 +19,8 @@ kernels on the GPU at the shapes a config actually feeds them, which the tests c
    either does with bf16.
 
 Writes `check.json` and `check.md` to --out_dir (after each part) and exits 1 when an op's kernel
-and reference differ by more than --tolerance.
+and reference differ by more than --tolerance, or the two FP8 losses by more than
+--loss_tolerance.
 """
 
 import functools
@@ -49,6 +50,9 @@ _CONFIG = config_flags.DEFINE_config_file("config", "configs/ling2.py:mini_h200"
 _OUT_DIR = flags.DEFINE_string("out_dir", "/tmp/check_fp8", "check.json and check.md go here.")
 _TOLERANCE = flags.DEFINE_float("tolerance", 1e-2,
                                 "Largest relative error of kernel against reference.")
+_LOSS_TOLERANCE = flags.DEFINE_float(
+    "loss_tolerance", 1e-3, "Largest relative gap of the model's first loss, FP8 with kernels "
+    "against FP8 with the reference (same codes but for accumulation order: ~1e-5).")
 _PARTS = flags.DEFINE_list("parts", ["ops", "model"], "What to check: ops, model.")
 _KERNEL_BACKEND = flags.DEFINE_string(
     "kernel_backend", "auto", "FP8 GEMM backend of the ops' kernel runs (kernels/fp8_gemm.py); "
@@ -201,6 +205,10 @@ def check_model(config: Any) -> list[dict[str, Any]]:
   worst.sort(key=lambda w: -w[1])
   rows.append({"variant": "grad_leaves", "leaves": [
       {"path": p, "kernel_vs_ref": a, "fp8_ref_vs_bf16": b} for p, a, b in worst]})
+  loss = {r["variant"]: r["loss"] for r in rows if "loss" in r}
+  rows.append({"variant": "loss_gap", "kernels_vs_reference": abs(
+      loss["fp8_kernels"] - loss["fp8_reference"]) / abs(loss["fp8_reference"]),
+               "reference_vs_bf16": abs(loss["fp8_reference"] - loss["bf16"]) / abs(loss["bf16"])})
   return rows
 
 
@@ -229,6 +237,11 @@ def _markdown(ops: list[dict[str, Any]], model: list[dict[str, Any]], tol: float
               "|---|---:|---:|"]
     lines += [f"| {r['variant']} | {r['loss']:.5f} | {r['grad_norm']:.4f} |"
               for r in model if "loss" in r]
+    gap = [r for r in model if r["variant"] == "loss_gap"]
+    if gap:
+      lines += ["", f"Loss gap: FP8 kernels against FP8 reference "
+                f"{gap[0]['kernels_vs_reference']:.2e}; FP8 reference against bf16 "
+                f"{gap[0]['reference_vs_bf16']:.2e} (relative)."]
     leaves = [r for r in model if r["variant"] == "grad_leaves"]
     if leaves:
       lines += ["", "Gradient leaves, FP8 kernels against FP8 reference (worst 12):", "",
@@ -267,8 +280,10 @@ def main(argv: list[str]) -> None:
     write()
   print(_markdown(ops, model, _TOLERANCE.value), flush=True)
   bad = failures(ops, _TOLERANCE.value)
-  if bad:
-    print(f"FP8 KERNEL CHECK FAIL: {len(bad)} of {len(ops)} ops", flush=True)
+  gap = [r["kernels_vs_reference"] for r in model if r["variant"] == "loss_gap"]
+  if bad or (gap and not gap[0] <= _LOSS_TOLERANCE.value):
+    print(f"FP8 KERNEL CHECK FAIL: {len(bad)} of {len(ops)} ops; model loss gap "
+          f"{gap[0] if gap else 'not run'}", flush=True)
     sys.exit(1)
   print(f"FP8 KERNEL CHECK PASS ({len(ops)} ops)", flush=True)
 
