@@ -30,7 +30,8 @@ Registers decide the speed. A compute warpgroup holds its running fp32 sum and t
 accumulator of the step's wgmma: 128 x 128 of each is 256 registers a thread, more than the 232
 it gets, so one 128 x 128 accumulator per warpgroup spills (session 5's tiling: ~500 TFLOP/s
 at 8192^3). `Fp8TileConfig.acc_cols` splits a step's wgmma into several accumulators, each
-waited and promoted in turn (one live at a time: 1147 TFLOP/s with two 128 x 64), and
+waited and promoted in turn (one live at a time: 1108 TFLOP/s with two 128 x 64; each has
+its own output tile in shared memory, see `_store_sums`), and
 `wg_split="m"` gives each warpgroup half the rows and all columns of a unit (DeepGEMM's
 layout: wgmmas 64 rows high). B's block scales are read from global memory one step ahead
 (carried), off the critical path, and A's before the wgmma is issued.
