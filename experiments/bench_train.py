@@ -269,6 +269,10 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"--profile_quants={','.join(sorted(unknown))} is not one of --quants="
                          f"{','.join(_QUANTS.value)}: pick from those, or leave it unset")
   os.makedirs(_OUT_DIR.value, exist_ok=True)
+  stats = jax.devices()[0].memory_stats() or {}
+  if "bytes_limit" in stats:  # A smaller pool than usual: another process holds device memory.
+    metrics_lib.log("Device memory for this process: %.1f GiB (%.1f GiB in use)",
+                    stats["bytes_limit"] / 2**30, stats.get("bytes_in_use", 0) / 2**30)
   trainer.enable_compilation_cache(base.train.get("compilation_cache_dir"))
   t = base.train
   if _DATA.value == "corpus":
