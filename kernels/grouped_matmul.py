@@ -306,7 +306,86 @@ def _mosaic_gpu_interpret_tgmm(cfg: _Config, lhs_MK, rhs_MN, group_sizes_G):
   return _as_pure_callback(kernel, out_type, lhs_MK, rhs_MN, group_sizes_G)
 
 
-# The switch point for kernels: "pallas_tpu" registers here too.
+# Block size of the interpreted TPU kernels in K and N: the smallest the TPU takes, so that CPU
+# tests of shapes from 256 up run several blocks of each.
+INTERPRET_TPU_TILE_KN = 128
+
+
+def _pallas_tpu_gmm(cfg: _Config, lhs_MK, rhs_GKN, group_sizes_G):
+  """Pallas TPU kernel (megablox-style); operands it does not tile go to the reference."""
+  from kernels import grouped_matmul_tpu as tpu  # lazy, as for the GPU kernels
+
+  if not tpu.supports(tpu.check_gmm, lhs_MK, rhs_GKN, cfg.out_dtype, cfg.transpose_rhs,
+                      tile_m=cfg.tile_m):
+    return _reference_gmm(cfg, lhs_MK, rhs_GKN, group_sizes_G)
+  return tpu.gmm(lhs_MK, rhs_GKN, group_sizes_G, out_dtype=cfg.out_dtype,
+                 transpose_rhs=cfg.transpose_rhs, tile_m=cfg.tile_m)
+
+
+def _pallas_tpu_tgmm(cfg: _Config, lhs_MK, rhs_MN, group_sizes_G):
+  """Pallas TPU weight-gradient kernel; operands it does not tile go to the reference."""
+  from kernels import grouped_matmul_tpu as tpu
+
+  if not tpu.supports(tpu.check_tgmm, lhs_MK, rhs_MN, cfg.out_dtype, tile_m=cfg.tile_m):
+    return _reference_tgmm(cfg, lhs_MK, rhs_MN, group_sizes_G)
+  return tpu.tgmm(lhs_MK, rhs_MN, group_sizes_G, out_dtype=cfg.out_dtype, tile_m=cfg.tile_m)
+
+
+def _tpu_interpret_checked(op: str, check, *args) -> None:
+  """Raises, before anything is traced, for operands the interpreted TPU kernel does not take."""
+  try:
+    check(*args)
+  except ValueError as e:
+    raise ValueError(
+        f"{op}: backend 'pallas_tpu_interpret' does not take these operands: {e} The "
+        f"interpreted kernels tile K and N by {INTERPRET_TPU_TILE_KN}; tile_m is grouped_matmul's "
+        "(a multiple of 8). Or use backend='reference'.") from e
+
+
+@functools.cache
+def _tpu_interpreted_kernel(kernel_fn: Callable[..., jax.Array],
+                            **static) -> Callable[..., jax.Array]:
+  """The jitted kernel under Pallas's TPU interpreter; cached so each shape compiles once.
+
+  The TPU interpreter (unlike `interpret=True`) simulates VMEM blocks that stay resident between
+  grid steps, fills fresh memory with NaNs and rejects revisiting an output block, which is
+  what the masked stores of the kernels rely on.
+  """
+  from jax.experimental.pallas import tpu as pltpu
+
+  return jax.jit(functools.partial(kernel_fn, interpret=pltpu.InterpretParams(),
+                                   tile_k=INTERPRET_TPU_TILE_KN, tile_n=INTERPRET_TPU_TILE_KN,
+                                   **static))
+
+
+def _pallas_tpu_interpret_gmm(cfg: _Config, lhs_MK, rhs_GKN, group_sizes_G):
+  """The Pallas TPU forward/dgrad kernel run by Pallas's TPU interpreter (CPU tests); strict
+  like the Mosaic GPU interpreter's backend."""
+  from kernels import grouped_matmul_tpu as tpu
+
+  _tpu_interpret_checked("grouped_matmul", tpu.check_gmm, lhs_MK, rhs_GKN, cfg.out_dtype,
+                         cfg.transpose_rhs, cfg.tile_m, INTERPRET_TPU_TILE_KN,
+                         INTERPRET_TPU_TILE_KN)
+  kernel = _tpu_interpreted_kernel(tpu.gmm, out_dtype=cfg.out_dtype,
+                                   transpose_rhs=cfg.transpose_rhs, tile_m=cfg.tile_m)
+  n_dim = rhs_GKN.shape[1] if cfg.transpose_rhs else rhs_GKN.shape[2]
+  out_type = jax.ShapeDtypeStruct((lhs_MK.shape[0], n_dim), cfg.out_dtype)
+  return _as_pure_callback(kernel, out_type, lhs_MK, rhs_GKN, group_sizes_G)
+
+
+def _pallas_tpu_interpret_tgmm(cfg: _Config, lhs_MK, rhs_MN, group_sizes_G):
+  """The Pallas TPU weight-gradient kernel run by Pallas's TPU interpreter; strict like gmm."""
+  from kernels import grouped_matmul_tpu as tpu
+
+  _tpu_interpret_checked("transposed_grouped_matmul", tpu.check_tgmm, lhs_MK, rhs_MN,
+                         cfg.out_dtype, cfg.tile_m, INTERPRET_TPU_TILE_KN, INTERPRET_TPU_TILE_KN)
+  kernel = _tpu_interpreted_kernel(tpu.tgmm, out_dtype=cfg.out_dtype, tile_m=cfg.tile_m)
+  out_type = jax.ShapeDtypeStruct(
+      (group_sizes_G.shape[0], lhs_MK.shape[1], rhs_MN.shape[1]), cfg.out_dtype)
+  return _as_pure_callback(kernel, out_type, lhs_MK, rhs_MN, group_sizes_G)
+
+
+# The switch point for kernels.
 _BACKENDS: dict[str, _Backend] = {
     "reference": _Backend(_reference_gmm, _reference_tgmm),
     "ragged_dot": _Backend(_ragged_dot_gmm, _ragged_dot_tgmm),
@@ -316,6 +395,11 @@ _BACKENDS: dict[str, _Backend] = {
     # whole models. Needs bf16/fp16 operands and K, N that small tiles divide.
     "pallas_mosaic_gpu_interpret": _Backend(_mosaic_gpu_interpret_gmm, _mosaic_gpu_interpret_tgmm,
                                             _mosaic_gpu_interpret_swiglu),
+    # Megablox-style Pallas TPU kernels; fp16 operands and shapes they do not tile go to the
+    # reference inside. "auto" keeps ragged_dot on TPU until these are timed there.
+    "pallas_tpu": _Backend(_pallas_tpu_gmm, _pallas_tpu_tgmm),
+    # The same kernels under Pallas's TPU interpreter, on any platform: slow, for CPU tests.
+    "pallas_tpu_interpret": _Backend(_pallas_tpu_interpret_gmm, _pallas_tpu_interpret_tgmm),
 }
 
 
@@ -480,8 +564,10 @@ def grouped_matmul(
     tile_m: most rows per tile. The reference uses fewer when the average group is smaller,
       which bounds its wasted work for many small groups.
     backend: "auto" (the Mosaic GPU kernel on Hopper GPUs, ragged_dot on TPU, else the
-      reference), "reference", "ragged_dot", "pallas_mosaic_gpu", or
-      "pallas_mosaic_gpu_interpret" (the Mosaic GPU kernels in Pallas's interpreter; CPU tests).
+      reference), "reference", "ragged_dot", "pallas_mosaic_gpu",
+      "pallas_mosaic_gpu_interpret" (the Mosaic GPU kernels in Pallas's interpreter; CPU tests),
+      "pallas_tpu" (megablox-style Pallas TPU kernels; TPU only, not yet timed on one), or
+      "pallas_tpu_interpret" (those in Pallas's TPU interpreter; CPU tests).
 
   Returns:
     out_MN with out_MN[rows of g] = lhs_MK[rows of g] @ rhs_GKN[g].
@@ -567,8 +653,8 @@ def grouped_matmul_swiglu(
       defaults to lhs's. Products accumulate in fp32.
     tile_m: as for `grouped_matmul`.
     backend: as for `grouped_matmul`. "pallas_mosaic_gpu" (and its interpreter) compute the
-      SwiGLU in the GEMM's epilogue from the fp32 accumulators; the others run the GEMM and
-      then the SwiGLU in XLA on the rounded pre-activation.
+      SwiGLU in the GEMM's epilogue from the fp32 accumulators; the others (the TPU kernels
+      too) run the GEMM and then the SwiGLU in XLA on the rounded pre-activation.
 
   Returns:
     act_MF. Its VJP recomputes nothing: the forward under differentiation also stores the
