@@ -137,16 +137,14 @@ def check_op(op: dict[str, Any], key: jax.Array,
   w = (jax.random.normal(kw, op["w"], jnp.float32) / np.sqrt(fan_in)).astype(op["w_dtype"])
   probe = jnp.zeros((2,), jnp.float32)
   if op["op"] == "linear":
-    n = op["w"][-1]
     fn = lambda backend: (lambda x, w: fp8_gemm.fp8_linear(x, w, probe, backend, op["recipe"]))
     plain = lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
   else:
-    n = op["w"][-1]
     sizes = _group_sizes(op["x"][0], op["w"][0], op["row_align"], kg)
     fn = lambda backend: (lambda x, w: fp8_gemm.fp8_grouped_linear(
         x, w, sizes, probe, backend, op["recipe"], op["row_align"]))
     plain = lambda x, w: gmm_lib.grouped_matmul(x, w, sizes)
-  dy = jax.random.normal(kd, (op["x"][0], n), jnp.float32).astype(op["dtype"])
+  dy = jax.random.normal(kd, (op["x"][0], op["w"][-1]), jnp.float32).astype(op["dtype"])
 
   def run(f):
     y, vjp = jax.vjp(f, x, w)
