@@ -373,6 +373,10 @@ def expand_block_scales(sb_GKtNt: jax.Array, n_dim: int) -> jax.Array:
   return jnp.repeat(sb_GKtNt, TILE_K, axis=2)[:, :, :n_dim]
 
 
+# Jitted: a model calls it many times with the same shapes, and JAX then traces the kernel body
+# (its Python-unrolled accumulators and pipeline) once per shape rather than once per call.
+@functools.partial(jax.jit, static_argnames=("b_scaling", "out_dtype", "config", "interpret",
+                                             "num_sms"))
 def gmm_fp8(a_q_MK: jax.Array, sa_KtM: jax.Array, b_q_GNK: jax.Array, sb_GKtX: jax.Array,
             group_sizes_G: jax.Array, *, b_scaling: str = "block", out_dtype=jnp.bfloat16,
             config: Fp8TileConfig | None = None, interpret=None,

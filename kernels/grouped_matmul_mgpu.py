@@ -752,6 +752,10 @@ def _num_sms() -> int:
   return getattr(device, "core_count", None) or 132
 
 
+# gmm and tgmm are jitted: a model calls them many times with the same shapes, and JAX then
+# traces each kernel body once per shape rather than once per call.
+@functools.partial(jax.jit, static_argnames=("out_dtype", "transpose_rhs", "config", "swiglu",
+                                             "save_preact", "interpret", "num_sms"))
 def gmm(lhs_MK: jax.Array, rhs_GKN: jax.Array, group_sizes_G: jax.Array, *,
         out_dtype=None, transpose_rhs: bool = False, config: TileConfig | None = None,
         swiglu: bool = False, save_preact: bool = False,
@@ -895,6 +899,7 @@ def _tgmm_body(cfg: WgradConfig, starts_gmem, ends_gmem, lhs_gmem, rhs_gmem, out
       plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
 
+@functools.partial(jax.jit, static_argnames=("out_dtype", "config", "interpret", "num_sms"))
 def tgmm(lhs_MK: jax.Array, rhs_MN: jax.Array, group_sizes_G: jax.Array, *, out_dtype=None,
          config: WgradConfig | None = None, interpret=None, num_sms: int | None = None):
   """out[g] = lhs[rows of g].T @ rhs[rows of g]; groups without rows give zeros.
