@@ -4,24 +4,17 @@ with the interpreted Mosaic GPU kernels, and shown to catch a kernel that writes
 import jax.numpy as jnp
 import pytest
 
-from configs import ling2
 from experiments import check_fp8_model
 from kernels import fp8_gemm
+from tests import test_moe_backends
 
 _INTERPRET = "pallas_mosaic_gpu_interpret"
 
 
 def _config():
-  c = ling2.get_config("tiny")
-  m, t = c.model, c.train
-  # Dimensions the interpreted kernels cover (multiples of 128); one dense and one MoE layer.
-  m.hidden_size, m.moe_intermediate_size, m.intermediate_size = 256, 128, 256
-  m.num_attention_heads, m.num_key_value_heads, m.head_dim = 2, 1, 128
-  m.num_experts, m.num_experts_per_tok, m.n_group, m.topk_group = 8, 2, 2, 1
-  m.num_hidden_layers, m.num_nextn_predict_layers = 2, 0
-  m.dtype, m.quant = "bfloat16", "fp8_blockwise"
-  t.batch_size, t.seq_len = 1, 128
-  return c
+  # One dense and one MoE layer at kernel-sized dimensions; the dense MLP as wide as the model.
+  return test_moe_backends.kernel_sized_config("fp8_blockwise", intermediate_size=256,
+                                               batch_size=1)
 
 
 @pytest.fixture(scope="module")

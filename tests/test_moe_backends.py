@@ -11,6 +11,7 @@ Key: B batch, L length, V vocabulary.
 """
 
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -107,6 +108,21 @@ def test_interpret_backend_refuses_operands_it_cannot_run():
     gmm_lib.grouped_matmul(lhs, rhs, jnp.asarray([30, 34]), backend="pallas_mosaic_gpu_interpret")
 
 
+def kernel_sized_config(quant: str, intermediate_size: int = 512, batch_size: int = 2) -> Any:
+  """The tiny config at dimensions every GPU kernel covers (multiples of 128): one dense and one
+  MoE layer, no MTP, bf16, 128-token rows."""
+  from configs import ling2
+  c = ling2.get_config("tiny")
+  m, t = c.model, c.train
+  m.hidden_size, m.moe_intermediate_size, m.intermediate_size = 256, 128, intermediate_size
+  m.num_attention_heads, m.num_key_value_heads, m.head_dim = 2, 1, 128
+  m.num_experts, m.num_experts_per_tok, m.n_group, m.topk_group = 8, 2, 2, 1
+  m.num_hidden_layers, m.num_nextn_predict_layers = 2, 0
+  m.dtype, m.quant = "bfloat16", quant
+  t.batch_size, t.seq_len = batch_size, 128
+  return c
+
+
 @pytest.mark.parametrize("quant", ["none", "fp8_blockwise"])
 def test_train_step_traces_with_the_hopper_kernels(monkeypatch, quant):
   """The whole train step as `auto` builds it on an H200, traced here on the CPU: every GPU
@@ -114,7 +130,6 @@ def test_train_step_traces_with_the_hopper_kernels(monkeypatch, quant):
   A kernel reached by autodiff outside its custom VJP fails at trace time, as the FP8 model
   once did on the GPU only. bf16 is also lowered for CUDA (Mosaic GPU lowers without a GPU;
   Triton does not, hence trace only for FP8)."""
-  from configs import ling2
   from kernels import fp8_gemm
   from kernels import fp8_quant
   from ling_jax import train
@@ -123,15 +138,8 @@ def test_train_step_traces_with_the_hopper_kernels(monkeypatch, quant):
   real = fp8_quant._resolve_backend
   monkeypatch.setattr(fp8_quant, "_resolve_backend",
                       lambda b: "pallas_triton" if b == "auto" else real(b))
-  c = ling2.get_config("tiny")
+  c = kernel_sized_config(quant)
   m, t = c.model, c.train
-  # Dimensions every kernel covers (multiples of 128); one dense and one MoE layer.
-  m.hidden_size, m.moe_intermediate_size, m.intermediate_size = 256, 128, 512
-  m.num_attention_heads, m.num_key_value_heads, m.head_dim = 2, 1, 128
-  m.num_experts, m.num_experts_per_tok, m.n_group, m.topk_group = 8, 2, 2, 1
-  m.num_hidden_layers, m.num_nextn_predict_layers = 2, 0
-  m.dtype, m.quant = "bfloat16", quant
-  t.batch_size, t.seq_len = 2, 128
   state = jax.eval_shape(train.init_state_fn(m, t))
   batch = {k: jax.ShapeDtypeStruct((2, 128), jnp.int32)
            for k in ("inputs", "targets", "positions", "segment_ids")}
