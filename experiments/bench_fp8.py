@@ -55,8 +55,10 @@ _DENSE_CONFIGS = flags.DEFINE_list(
     "split by rows, 128-column accumulators; a 9th field times a probe: const_sb or "
     "no_promote, numerically wrong). Session 6's specs had a body field (ws) after the 6th.")
 _GROUPED_CONFIGS = flags.DEFINE_list(
-    "grouped_configs", ["128:128:3:n:1:1", "128:128:3:m:4:1", "128:64:4:n:1:1"],
-    "Tilings for the grouped GEMMs (same format).")
+    "grouped_configs", ["128:128:3:m:4:1:n:64", "128:64:4:n:1:1"],
+    "Tilings for the grouped GEMMs (same format); the first is the Ling-mini experts' tuning "
+    "(fp8_gemm_mgpu.TILE_CONFIGS). 128x128 warpgroup tiles without split accumulators "
+    "(acc_cols 0) spill registers.")
 _GROUPED_SHAPES = flags.DEFINE_list("grouped_shapes", ["mini", "flash", "1t"], "Expert shapes.")
 _DENSE_SHAPE_COUNT = flags.DEFINE_integer("dense_shapes", 5, "Time the first n dense shapes.")
 _TORCH = flags.DEFINE_bool("torch", True, "Time torch's blockwise scaled_mm too.")

@@ -10,6 +10,13 @@ compiled without CUDA graphs, so that every kernel shows), and the trace is read
 shares of device time per part of the step (`ling_jax/profiling.py`: MoE experts, dispatch,
 router, attention core and projections, LM head and loss, optimizer, ...).
 
+Every variant starts from the same initial state and batches, and every step's loss is kept;
+the curves of each variant are compared with the first's in `--loss_window`-step means. A
+`--quants` entry may carry model overrides joined by '+', for a control run: e.g.
+`none+embedding_backward=scatter` does the same maths as `none` with other rounding, and shows
+how far two curves drift apart from rounding alone (at Ling-mini width, as far as bf16 and FP8:
+BENCHMARKS.md, session 9).
+
 MFU convention: model FLOPs per token as `ling_jax.scaling.flops_per_token` counts them (every
 matmul, causal attention at half, LM head and MTP included, forward + backward = 3x forward),
 times tokens per second, divided by `--peak_tflops` (989 TFLOP/s: dense bf16 on an H100/H200),
@@ -26,6 +33,7 @@ profile (`<name>.trace.json.gz`, Perfetto JSON) and compiled HLO (`<name>.hlo.tx
 
 import copy
 import functools
+import gc
 import gzip
 import hashlib
 import json
@@ -65,13 +73,17 @@ _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps per variant.")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
 _PROFILE_STEPS = flags.DEFINE_integer("profile_steps", 2,
                                       "Profiled steps of the deepest variant (0: no profile).")
-_QUANTS = flags.DEFINE_list("quants", ["none"], "model.quant values to time.")
+_QUANTS = flags.DEFINE_list(
+    "quants", ["none"],
+    "Variants to time: a model.quant value, optionally with model overrides joined by '+', e.g. "
+    "none+embedding_backward=scatter (a control run: the same maths, other rounding).")
 _DEPTHS = flags.DEFINE_list("depths", [], "num_hidden_layers values (default: the config's).")
 _FULL_DEPTH = flags.DEFINE_integer("full_depth", 20, "Depth to project step time to.")
 _PROFILE_QUANTS = flags.DEFINE_list("profile_quants", [],
-                                    "Quants profiled at --profile_depth (default: all).")
+                                    "Variants (--quants entries) profiled at --profile_depth "
+                                    "(default: all).")
 _LOSS_WINDOW = flags.DEFINE_integer("loss_window", 20,
-                                    "Steps per window mean when curves of two quants are compared.")
+                                    "Steps per window mean when two variants' curves are compared.")
 _LOSS_TOLERANCE = flags.DEFINE_float("loss_tolerance", 0.01,
                                      "Largest relative gap of window means called an overlap.")
 _PROFILE_DEPTH = flags.DEFINE_integer("profile_depth", None,
@@ -102,10 +114,14 @@ class SyntheticBatches:
     del state
 
 
-def variant_config(base: Any, quant: str, depth: int | None) -> Any:
-  """Returns `base` with `model.quant` and (when given) `model.num_hidden_layers` set."""
+def variant_config(base: Any, quant: str, depth: int | None,
+                   overrides: dict[str, Any] | None = None) -> Any:
+  """Returns `base` with `model.quant`, the model `overrides` and (when given)
+  `model.num_hidden_layers` set."""
   config = ml_collections.ConfigDict(base.to_dict())
   config.model.quant = quant
+  for field, value in (overrides or {}).items():
+    config.model[field] = value
   if depth:
     if depth <= config.model.first_k_dense_replace:
       config_lib.fail("--depths", f"{depth} layers leave no MoE layer after the "
@@ -198,7 +214,8 @@ def run_variant(config: Any, source: Any, name: str, out_dir: str,
   tokens = t.batch_size * t.seq_len
   flops = scaling.flops_per_token(m, t.seq_len)
   result = {
-      "name": name, "quant": m.quant, "layers": m.num_hidden_layers,
+      "name": name, "variant": name.rsplit("-L", 1)[0], "quant": m.quant,
+      "layers": m.num_hidden_layers,
       "moe_layers": config_lib.num_moe_layers(m), "params": params,
       "device": jax.devices()[0].device_kind, "jax": jax.__version__,
       "batch": t.batch_size, "seq_len": t.seq_len, "attention_impl": m.attention_impl,
@@ -280,16 +297,28 @@ def main(argv: list[str]) -> None:
   else:
     source = SyntheticBatches(t.batch_size, t.seq_len, base.model.vocab_size, t.seed)
   full = variant_config(base, "none", _FULL_DEPTH.value).model
+  try:  # Every variant's config is checked before any compiles.
+    variants = [(spec, *profiling.parse_variant(spec, base.model)) for spec in _QUANTS.value]
+    for _, quant, overrides in variants:
+      for depth in depths:
+        trainer.validate_config(variant_config(base, quant, depth, overrides))
+  except config_lib.ConfigError as e:
+    raise app.UsageError(str(e)) from None
   start_state = copy.deepcopy(source.get_state())  # Every variant starts from the same batch.
   results = []
-  for quant in _QUANTS.value:
+  for spec, quant, overrides in variants:
     for depth in depths:
-      config = variant_config(base, quant, depth)
-      name = f"{quant}-L{config.model.num_hidden_layers}"
+      gc.collect()  # The last variant's state and executables go before this one allocates.
+      stats = jax.devices()[0].memory_stats() or {}
+      if stats.get("bytes_in_use"):  # What a variant left behind (GPU only)
+        metrics_lib.log("Device memory in use before %s-L%s: %.1f GiB", spec, depth or "",
+                        stats["bytes_in_use"] / 2**30)
+      config = variant_config(base, quant, depth, overrides)
+      name = f"{spec}-L{config.model.num_hidden_layers}"
       try:
         result = run_variant(config, source, name, _OUT_DIR.value,
                              profile=(_PROFILE_STEPS.value > 0 and depth == profile_depth
-                                      and quant in (_PROFILE_QUANTS.value or [quant])),
+                                      and spec in (_PROFILE_QUANTS.value or [spec])),
                              source_state=start_state)
       except config_lib.ConfigError:
         raise  # A bad flag: nothing else would run either.

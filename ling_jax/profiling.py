@@ -26,6 +26,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from ling_jax import config as config_lib
+
 # (category, scope names of which one must be in the name stack, a second name that must be
 # there too or None), first match wins; a name ending in "*" is a prefix. The scopes are Flax
 # module names (attention, mlp, shared_experts, lm_head, embed, mtp_*, dense_layers) and
@@ -182,17 +184,50 @@ def format_breakdown(summary: dict[str, Any], step_ms: float | None = None) -> s
   return "\n".join(lines)
 
 
+def parse_variant(spec: str, model: Any) -> tuple[str, dict[str, Any]]:
+  """Splits a `--quants` entry, `quant[+field=value...]`, into the quant and model overrides.
+
+  Each value is converted to the type of `model`'s field (`true`/`false` for booleans); an
+  unknown field or a value of the wrong type is a `config_lib.ConfigError` naming the entry.
+  For `experiments/bench_train.py`'s control runs, e.g. none+embedding_backward=scatter: the
+  same maths as none, other rounding.
+  """
+  quant, *pairs = spec.split("+")
+  overrides = {}
+  for pair in pairs:
+    field, sep, text = pair.partition("=")
+    if not sep or field not in model:
+      raise config_lib.ConfigError(
+          f"--quants={spec}: {pair!r} is not field=value for a field of config.model. Fix: "
+          "write e.g. none+embedding_backward=scatter")
+    current = model[field]
+    try:
+      if isinstance(current, bool):
+        if text.lower() not in ("true", "false"):
+          raise ValueError(text)
+        value = text.lower() == "true"
+      else:
+        value = type(current)(text) if current is not None else text
+    except ValueError:
+      raise config_lib.ConfigError(
+          f"--quants={spec}: {field}={text!r} is not a {type(current).__name__}. Fix: give "
+          f"{field} a value like {current!r}") from None
+    overrides[field] = value
+  return quant, overrides
+
+
 def project_to_depth(results: list[dict[str, Any]], full_depth: int,
                      peak_tflops: float) -> list[dict[str, Any]]:
-  """Fits step time = a + b * layers per quant; returns the projections to `full_depth` layers.
+  """Fits step time = a + b * layers per variant; returns the projections to `full_depth` layers.
 
-  `results` are `experiments/bench_train.py`'s rows (quant, layers, step_ms, batch, seq_len,
-  flops_per_token, and `_full_flops_ratio`: FLOPs per token at full depth over this row's). A
-  quant timed at fewer than two depths gets no projection. MFU is over `peak_tflops` per device.
+  `results` are `experiments/bench_train.py`'s rows (variant or else quant, layers, step_ms,
+  batch, seq_len, flops_per_token, and `_full_flops_ratio`: FLOPs per token at full depth over
+  this row's). A variant timed at fewer than two depths gets no projection. MFU is over
+  `peak_tflops` per device.
   """
   projections = []
-  for quant in dict.fromkeys(r["quant"] for r in results):
-    rows = [r for r in results if r["quant"] == quant]
+  for quant in dict.fromkeys(r.get("variant", r["quant"]) for r in results):
+    rows = [r for r in results if r.get("variant", r["quant"]) == quant]
     if len({r["layers"] for r in rows}) < 2:
       continue
     slope, intercept = np.polyfit([r["layers"] for r in rows], [r["step_ms"] for r in rows], 1)
@@ -209,12 +244,13 @@ def project_to_depth(results: list[dict[str, Any]], full_depth: int,
 
 def compare_losses(results: list[dict[str, Any]], window: int,
                    tolerance: float) -> list[dict[str, Any]]:
-  """Compares each quant's loss curve with the first quant's at the same depth.
+  """Compares each variant's loss curve with the first variant's at the same depth.
 
-  `results` are `experiments/bench_train.py`'s rows (name, quant, layers, losses: every step's
-  loss from the first, all variants on the same batches). The curves are cut to the steps both
-  ran and averaged over `window` steps (one step's loss on one batch is noisy); they overlap
-  when no window mean differs from the baseline's by more than `tolerance`, relative.
+  `results` are `experiments/bench_train.py`'s rows (name, variant or else quant, layers,
+  losses: every step's loss from the first, all variants on the same batches). The curves are
+  cut to the steps both ran and averaged over `window` steps (one step's loss on one batch is
+  noisy); they overlap when no window mean differs from the baseline's by more than
+  `tolerance`, relative.
   """
   if window < 1:
     raise ValueError(f"window={window}: average over at least one step (e.g. 20)")
@@ -224,7 +260,7 @@ def compare_losses(results: list[dict[str, Any]], window: int,
     for row in rows[1:]:
       base = rows[0]
       steps = min(len(base["losses"]), len(row["losses"])) // window * window
-      if row["quant"] == base["quant"] or steps == 0:
+      if row.get("variant", row["quant"]) == base.get("variant", base["quant"]) or steps == 0:
         continue
       ref = np.asarray(base["losses"][:steps]).reshape(-1, window).mean(axis=1)
       ours = np.asarray(row["losses"][:steps]).reshape(-1, window).mean(axis=1)

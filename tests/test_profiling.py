@@ -7,9 +7,11 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
+from ling_jax import config as config_lib
 from ling_jax import profiling
 from tests import test_trainer
 
@@ -183,3 +185,33 @@ def test_bench_train_refuses_a_profile_depth_it_does_not_run(tmp_path):
   assert proc.returncode != 0
   assert "--profile_depth=3 is not one of --depths=2,4" in proc.stderr + proc.stdout
   assert not out.exists()  # refused before anything is written or compiled
+
+
+def test_variant_specs_carry_typed_model_overrides():
+  model = ml_collections.ConfigDict({"quant": "none", "embedding_backward": "sorted",
+                                     "num_hidden_layers": 2, "unroll_layers": False})
+  assert profiling.parse_variant("fp8_blockwise", model) == ("fp8_blockwise", {})
+  quant, overrides = profiling.parse_variant(
+      "none+embedding_backward=scatter+num_hidden_layers=4+unroll_layers=true", model)
+  assert quant == "none"
+  assert overrides == {"embedding_backward": "scatter", "num_hidden_layers": 4,
+                       "unroll_layers": True}
+  with pytest.raises(config_lib.ConfigError, match="'no_such=1' is not field=value"):
+    profiling.parse_variant("none+no_such=1", model)
+  with pytest.raises(config_lib.ConfigError, match="num_hidden_layers='four' is not a int"):
+    profiling.parse_variant("none+num_hidden_layers=four", model)
+  with pytest.raises(config_lib.ConfigError, match="unroll_layers='yes'"):
+    profiling.parse_variant("none+unroll_layers=yes", model)
+
+
+def test_loss_curves_of_one_quant_compare_by_variant():
+  """A control run (same quant, other overrides) is compared like another quant; a repeat of
+  the baseline's own variant at the same depth is not."""
+  rows = [{"name": "none-L2", "variant": "none", "quant": "none", "layers": 2,
+           "losses": [2.0, 2.0]},
+          {"name": "none+x=1-L2", "variant": "none+x=1", "quant": "none", "layers": 2,
+           "losses": [2.2, 2.2]}]
+  (c,) = profiling.compare_losses(rows, window=2, tolerance=0.01)
+  assert c["baseline"] == "none-L2" and c["max_rel_gap"] == pytest.approx(0.1)
+  assert not c["overlap"]
+  assert profiling.compare_losses(rows[:1] * 2, window=2, tolerance=0.01) == []
