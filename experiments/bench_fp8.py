@@ -150,11 +150,6 @@ def _operands(key, m_dim, k_dim, n_dim, groups=None):
   return a_q, sa, b_q, sb.astype(jnp.float32)
 
 
-def _rel_err(out, ref) -> float:
-  out, ref = np.float64(out), np.float64(ref)
-  return float(np.linalg.norm(out - ref) / max(np.linalg.norm(ref), 1e-30))
-
-
 def _np_dequant(q, s, rows_tile, cols_tile=128):
   s = np.repeat(np.repeat(np.float32(s), rows_tile, axis=-2), cols_tile, axis=-1)
   return np.float32(q) * s[..., :q.shape[-2], :q.shape[-1]]
@@ -203,7 +198,7 @@ def check_correctness() -> bool:
           row_ref = np.linalg.norm(ref, axis=1)
           row_err = np.where(row_ref > 0, np.linalg.norm(out - ref, axis=1) / (row_ref + 1e-30),
                              np.abs(out).max(axis=1))
-          return max(_rel_err(out, ref), float(row_err.max()) / 10)
+          return max(profiling.rel_error(out, ref), float(row_err.max()) / 10)
         report(f"grouped {case} {spec} {jnp.dtype(out_dtype).name}", err, tol)
   # Dense through the public op: both B scalings (tile = the wgrad's operands), bf16 out.
   a_q, sa, b_q, sb = _operands(key, 1024, 2048, 768)
@@ -211,7 +206,7 @@ def check_correctness() -> bool:
   a_np = _np_dequant(a_q, sa, 1)
   for b_scaling, scale, rows_tile in (("block", sb, 128), ("tile", sb_tile, 1)):
     report(f"fp8_matmul {b_scaling} bf16", lambda b_scaling=b_scaling, scale=scale,
-           rows_tile=rows_tile: _rel_err(
+           rows_tile=rows_tile: profiling.rel_error(
                fp8_gemm.fp8_matmul(a_q, sa, b_q, scale, b_scaling=b_scaling,
                                    backend="pallas_mosaic_gpu"),
                a_np @ _np_dequant(b_q, scale, rows_tile).T), 5e-3)
@@ -219,7 +214,7 @@ def check_correctness() -> bool:
   a_q, sa, b_q, sb = _operands(key, *_CHECK_DENSE)
   ref_full = fp8_gemm.fp8_matmul(a_q, sa, b_q, sb, out_dtype=jnp.float32, backend="reference")
   for spec in _DENSE_CONFIGS.value[:1 if _QUICK_CHECK.value else None]:
-    report(f"dense {_CHECK_DENSE} {spec} fp32", lambda spec=spec, ref=ref_full: _rel_err(
+    report(f"dense {_CHECK_DENSE} {spec} fp32", lambda spec=spec, ref=ref_full: profiling.rel_error(
         mgpu.matmul_fp8(a_q, sa.T, b_q, sb.T, out_dtype=jnp.float32, config=_config(spec)),
         ref), 2e-4)
   del ref_full
@@ -271,13 +266,13 @@ def check_configs(specs) -> bool:
       for out_dtype, tol, suffix in ((jnp.float32, 2e-4, ""), (jnp.bfloat16, 5e-3, " bf16")):
         for case, args, ref in grouped:
           out = np.float32(mgpu.gmm_fp8(*args, out_dtype=out_dtype, config=cfg))
-          errs[case + suffix] = (_rel_err(out, ref) if np.any(ref)
+          errs[case + suffix] = (profiling.rel_error(out, ref) if np.any(ref)
                                  else float(np.abs(out).max()))
           tols[case + suffix] = tol
-        errs["tile-scaled B" + suffix] = _rel_err(np.float32(mgpu.matmul_fp8(
+        errs["tile-scaled B" + suffix] = profiling.rel_error(np.float32(mgpu.matmul_fp8(
             t_a, t_sa.T, t_b, t_sb.T, b_scaling="tile", out_dtype=out_dtype, config=cfg)),
             ref_tile)
-        errs["dense 8192^3" + suffix] = _rel_err(np.float32(mgpu.matmul_fp8(
+        errs["dense 8192^3" + suffix] = profiling.rel_error(np.float32(mgpu.matmul_fp8(
             a_q, sa.T, b_q, sb.T, out_dtype=out_dtype, config=cfg)), ref_dense)
         tols["tile-scaled B" + suffix] = tols["dense 8192^3" + suffix] = tol
     except Exception as e:
@@ -347,7 +342,7 @@ def linear_in_jit(backends, barriers, dtypes=(jnp.float32, jnp.bfloat16)) -> lis
         row = {"dtype": jnp.dtype(dtype).name, "backend": backend, "barrier": barrier,
                "probe_cos": float(dprobe[1])}
         for name, got in (("y", y), ("dgrad", dx), ("wgrad", dw)):
-          row[name] = tuple(_rel_err(got, ref) for ref in want[name])
+          row[name] = tuple(profiling.rel_error(got, ref) for ref in want[name])
         rows.append(row)
   return rows
 
@@ -367,7 +362,7 @@ def diagnose_linear() -> None:
                                backend="pallas_mosaic_gpu")
   want = _np_quant(np.float64(x), 1) @ _np_quant_blocks(np.float64(w))
   print(f"kernel, operands from another program: y rel_err vs NumPy FP8 "
-        f"{_rel_err(direct, want):.2e}")
+        f"{profiling.rel_error(direct, want):.2e}")
   print("\n| dtype | backend | dequant barrier | y vs FP8 / exact | dgrad vs FP8 / exact | "
         "wgrad vs FP8 / exact | grad probe cos |")
   print("|---|---|---|---|---|---|---|")
@@ -498,7 +493,7 @@ def time_dense() -> None:
         args = prepare(a_q, sa, b_q, sb)
         if name == "8192^3":  # its numbers against ours, on the same codes and scales
           ours = mgpu.matmul_fp8(a_q, sa.T, b_q, sb.T, out_dtype=jnp.float32)
-          err = _rel_err(to_np(run(*args)), np.float32(ours))
+          err = profiling.rel_error(to_np(run(*args)), np.float32(ours))
           print(f"check torch scaled_mm vs ours rel_err={err:.2e} {'ok' if err < 5e-3 else 'FAIL'}")
           row["torch err"] = err
         row["torch"] = flops / bench(args) / 1e12

@@ -161,15 +161,10 @@ def _np_gmm(lhs_MK, rhs_GKN, sizes_G, transpose):
   return out_MN
 
 
-def _rel_err(out, ref) -> float:
-  out, ref = np.float64(out), np.float64(ref)
-  return float(np.linalg.norm(out - ref) / max(np.linalg.norm(ref), 1e-30))
-
-
 def _row_check(label: str, out, ref, tol: float) -> bool:
   """Whole-array and per-row relative error, so that one unwritten or misrouted row cannot hide."""
   out, ref = np.float32(out), np.float32(ref)
-  err = _rel_err(out, ref)
+  err = profiling.rel_error(out, ref)
   ref_norm = np.linalg.norm(ref, axis=1)
   row_err = np.linalg.norm(out - ref, axis=1) / (ref_norm + 1e-6)
   row_err = np.where(ref_norm > 0, row_err, np.abs(out).max(axis=1))
@@ -273,8 +268,8 @@ def check_correctness(configs, wgrad_configs, swiglu_configs) -> bool:
         ref_w[g] = np.float32(lhs[start:start + size]).T @ np.float32(dout[start:start + size])
         start += size
       out = np.float32(f(lhs, dout, jnp.asarray(sizes)))
-      err = _rel_err(out, ref_w)
-      per_group = [_rel_err(o, r) if np.abs(r).max() > 0 else float(np.abs(o).max())
+      err = profiling.rel_error(out, ref_w)
+      per_group = [profiling.rel_error(o, r) if np.abs(r).max() > 0 else float(np.abs(o).max())
                    for o, r in zip(out, ref_w)]
       good = bool(np.isfinite(out).all() and err < 1e-5 and max(per_group) < 1e-4)
       ok &= good
@@ -308,7 +303,7 @@ def check_correctness(configs, wgrad_configs, swiglu_configs) -> bool:
     loss_scale = float(jnp.sum(jnp.abs(y_ref * dy)))
     for name, a, b in (("loss", v0, v1), ("dgrad", dx0, dx1), ("wgrad", dw0, dw1)):
       err = (abs(float(a) - float(b)) / loss_scale if name == "loss"
-             else _rel_err(np.float32(a), np.float32(b)))
+             else profiling.rel_error(np.float32(a), np.float32(b)))
       good = err < 1e-2  # bf16 gradients (dgrad output is bf16)
       ok &= bool(good)
       print(f"check grad {op.__name__} {name:6s} vs reference backend rel_err={err:.2e} "
@@ -675,7 +670,7 @@ def time_permute(shape) -> list:
   for a, b in (("permute rows, Pallas", "permute rows, XLA gather"),
                ("un-permute + weights, Pallas", "un-permute + weights, XLA")):
     if a in results:
-      err = _rel_err(np.float32(results[a]), np.float32(results[b]))
+      err = profiling.rel_error(np.float32(results[a]), np.float32(results[b]))
       # Gathers are exact; the weighted sums may round in another order (1 bf16 ulp here and
       # there, ~1e-5 in norm).
       good = err < 1e-4

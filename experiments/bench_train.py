@@ -93,27 +93,6 @@ _PEAK = flags.DEFINE_float("peak_tflops", 989.0, "Per-device peak for MFU (dense
 _TOP_OPS = flags.DEFINE_integer("top_ops", 25, "Costliest ops listed per profiled variant.")
 
 
-class SyntheticBatches:
-  """Random-token batches (one document per row), with the data-iterator interface. A step's
-  batch depends only on the seed and the step."""
-
-  def __init__(self, rows: int, seq_len: int, vocab: int, seed: int = 0):
-    self._seed, self._shape, self._vocab = seed, (rows, seq_len), vocab
-
-  def next_batch(self, step: int) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng((self._seed, step))
-    tokens = rng.integers(0, self._vocab, (self._shape[0], self._shape[1] + 1), np.int32)
-    return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
-            "positions": np.broadcast_to(np.arange(self._shape[1], dtype=np.int32), self._shape),
-            "segment_ids": np.ones(self._shape, np.int32)}
-
-  def get_state(self) -> dict[str, Any]:
-    return {}  # Nothing to rewind: a batch is a function of (seed, step).
-
-  def set_state(self, state: dict[str, Any]) -> None:
-    del state
-
-
 def variant_config(base: Any, quant: str, depth: int | None,
                    overrides: dict[str, Any] | None = None) -> Any:
   """Returns `base` with `model.quant`, the model `overrides` and (when given)
@@ -295,7 +274,7 @@ def main(argv: list[str]) -> None:
   if _DATA.value == "corpus":
     source = phases.make_train_batches(base, trainer.data_shards(base))
   else:
-    source = SyntheticBatches(t.batch_size, t.seq_len, base.model.vocab_size, t.seed)
+    source = data_lib.SyntheticBatches(t.batch_size, t.seq_len, base.model.vocab_size, t.seed)
   full = variant_config(base, "none", _FULL_DEPTH.value).model
   try:  # Every variant's config is checked before any compiles.
     variants = [(spec, *profiling.parse_variant(spec, base.model)) for spec in _QUANTS.value]

@@ -41,7 +41,9 @@ from ml_collections import config_flags
 from kernels import fp8_gemm
 from kernels import fp8_quant
 from kernels import grouped_matmul as gmm_lib
+from ling_jax import data as data_lib
 from ling_jax import metrics as metrics_lib
+from ling_jax import profiling
 from ling_jax import train as train_lib
 from ling_jax import trainer
 
@@ -57,11 +59,6 @@ _PARTS = flags.DEFINE_list("parts", ["ops", "model"], "What to check: ops, model
 _KERNEL_BACKEND = flags.DEFINE_string(
     "kernel_backend", "auto", "FP8 GEMM backend of the ops' kernel runs (kernels/fp8_gemm.py); "
     "pallas_mosaic_gpu_interpret checks the wiring on a CPU.")
-
-
-def _rel(a: jax.Array, b: jax.Array) -> float:
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
 def record_ops(config: Any) -> list[dict[str, Any]]:
@@ -101,13 +98,10 @@ def record_ops(config: Any) -> list[dict[str, Any]]:
   return list(seen.values())
 
 
-def _batch(config: Any, seed: int) -> dict[str, jax.Array]:
-  t, m = config.train, config.model
-  tokens = jax.random.randint(jax.random.key(seed), (t.batch_size, t.seq_len + 1), 0,
-                              m.vocab_size, jnp.int32)
-  positions = jnp.broadcast_to(jnp.arange(t.seq_len, dtype=jnp.int32), (t.batch_size, t.seq_len))
-  return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "positions": positions,
-          "segment_ids": jnp.ones_like(positions)}
+def _batch(config: Any, seed: int) -> dict[str, np.ndarray]:
+  t = config.train
+  return data_lib.SyntheticBatches(t.batch_size, t.seq_len, config.model.vocab_size,
+                                   seed).next_batch(0)
 
 
 def _loss_and_grads(state: Any, batch: dict, *, m: Any, t: Any) -> tuple[jax.Array, Any]:
@@ -158,8 +152,8 @@ def check_op(op: dict[str, Any], key: jax.Array,
   result = {k: v for k, v in op.items() if k != "recipe"}
   result["seconds"] = time.time() - start
   for name, g, r, b in zip(("y", "dx", "dw"), got, ref, bf16):
-    result[f"{name}_kernel_vs_ref"] = _rel(g, r)
-    result[f"{name}_fp8_vs_bf16"] = _rel(r, b)
+    result[f"{name}_kernel_vs_ref"] = profiling.rel_error(g, r)
+    result[f"{name}_fp8_vs_bf16"] = profiling.rel_error(r, b)
     result[f"{name}_finite"] = bool(np.isfinite(np.asarray(g, np.float32)).all())
   return result
 
@@ -199,7 +193,7 @@ def check_model(config: Any) -> list[dict[str, Any]]:
   flat = {k: jax.tree_util.tree_flatten_with_path(v)[0] for k, v in grads_of.items()}
   worst = []
   for (path, g), (_, r), (_, b) in zip(flat["fp8_kernels"], flat["fp8_reference"], flat["bf16"]):
-    worst.append((jax.tree_util.keystr(path), _rel(g, r), _rel(r, b)))
+    worst.append((jax.tree_util.keystr(path), profiling.rel_error(g, r), profiling.rel_error(r, b)))
   worst.sort(key=lambda w: -w[1])
   rows.append({"variant": "grad_leaves", "leaves": [
       {"path": p, "kernel_vs_ref": a, "fp8_ref_vs_bf16": b} for p, a, b in worst]})

@@ -24,6 +24,7 @@ Shape key:
 
 import functools
 from collections.abc import Callable
+from typing import Any
 from typing import NamedTuple
 
 import jax
@@ -219,12 +220,18 @@ def _mosaic_gpu_tgmm(cfg: _Config, lhs_MK, rhs_MN, group_sizes_G):
 
 
 @functools.cache
-def _interpreted_kernel(kernel_fn: Callable[..., jax.Array], **static) -> Callable[..., jax.Array]:
-  """The jitted kernel under Pallas's GPU interpreter; cached so each shape compiles once."""
-  from jax.experimental.pallas import mosaic_gpu as plgpu
+def _interpreted_kernel(kernel_fn: Callable[..., jax.Array], interpret: Any = None,
+                        **static) -> Callable[..., jax.Array]:
+  """The jitted kernel under a Pallas interpreter; cached so each shape compiles once.
 
-  return jax.jit(functools.partial(kernel_fn, interpret=plgpu.InterpretGPUParams(),
-                                   num_sms=INTERPRET_NUM_SMS, **static))
+  interpret: the interpreter's parameters, Pallas's GPU interpreter's by default (and then the
+  interpreted grid's number of SMs); `_tpu_interpreted_kernel` passes the TPU interpreter's.
+  """
+  if interpret is None:
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    interpret, static = plgpu.InterpretGPUParams(), {"num_sms": INTERPRET_NUM_SMS, **static}
+  return jax.jit(functools.partial(kernel_fn, interpret=interpret, **static))
 
 
 def _as_pure_callback(kernel: Callable[..., jax.Array], out_type, *args) -> jax.Array:
@@ -342,10 +349,9 @@ def _tpu_interpret_checked(op: str, check, *args) -> None:
         "(a multiple of 8). Or use backend='reference'.") from e
 
 
-@functools.cache
 def _tpu_interpreted_kernel(kernel_fn: Callable[..., jax.Array],
                             **static) -> Callable[..., jax.Array]:
-  """The jitted kernel under Pallas's TPU interpreter; cached so each shape compiles once.
+  """The jitted kernel under Pallas's TPU interpreter, with the interpreted K and N tiles.
 
   The TPU interpreter (unlike `interpret=True`) simulates VMEM blocks that stay resident between
   grid steps, fills fresh memory with NaNs and rejects revisiting an output block, which is
@@ -353,9 +359,8 @@ def _tpu_interpreted_kernel(kernel_fn: Callable[..., jax.Array],
   """
   from jax.experimental.pallas import tpu as pltpu
 
-  return jax.jit(functools.partial(kernel_fn, interpret=pltpu.InterpretParams(),
-                                   tile_k=INTERPRET_TPU_TILE_KN, tile_n=INTERPRET_TPU_TILE_KN,
-                                   **static))
+  return _interpreted_kernel(kernel_fn, pltpu.InterpretParams(), tile_k=INTERPRET_TPU_TILE_KN,
+                             tile_n=INTERPRET_TPU_TILE_KN, **static)
 
 
 def _pallas_tpu_interpret_gmm(cfg: _Config, lhs_MK, rhs_GKN, group_sizes_G):

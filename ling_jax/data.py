@@ -627,6 +627,27 @@ def pad_batches(batches: list[Batch], count: int, *, rows: int, seq_len: int,
   return batches + [empty] * (count - len(batches))
 
 
+class SyntheticBatches:
+  """Random-token batches (one document per row), with the data-iterator interface. A step's
+  batch depends only on the seed and the step."""
+
+  def __init__(self, rows: int, seq_len: int, vocab: int, seed: int = 0):
+    self._seed, self._shape, self._vocab = seed, (rows, seq_len), vocab
+
+  def next_batch(self, step: int) -> Batch:
+    rng = np.random.default_rng((self._seed, step))
+    tokens = rng.integers(0, self._vocab, (self._shape[0], self._shape[1] + 1), np.int32)
+    return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+            "positions": np.broadcast_to(np.arange(self._shape[1], dtype=np.int32), self._shape),
+            "segment_ids": np.ones(self._shape, np.int32)}
+
+  def get_state(self) -> dict[str, Any]:
+    return {}  # Nothing to rewind: a batch is a function of (seed, step).
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    del state
+
+
 class RampedBatches:
   """Train batches whose size ramps up: step s joins `rows_at(s) / base_rows` base batches.
 

@@ -275,6 +275,12 @@ def compare_losses(results: list[dict[str, Any]], window: int,
   return comparisons
 
 
+def rel_error(out: Any, ref: Any) -> float:
+  """The relative Frobenius error |out - ref| / |ref| in float64, as the GPU checks print it."""
+  out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
+  return float(np.linalg.norm(out - ref) / max(np.linalg.norm(ref), 1e-30))
+
+
 def time_queued(fn: Any, *args: Any, calls: int = 20, warmup: int = 3) -> float:
   """Returns seconds per call of `fn(*args)`: `calls` calls queued back to back and synchronised
   once, the median of 3 such batches, after `warmup` synchronised calls.
