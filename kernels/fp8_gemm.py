@@ -11,8 +11,9 @@ which is what a kernel that promotes its partial sums to fp32 every 128 of K com
 summation order. Backends:
   - "pallas_mosaic_gpu": `kernels.fp8_gemm_mgpu` (Hopper, e4m3 wgmma) for `fp8_matmul` and
     `fp8_grouped_matmul` where `fp8_gemm_mgpu.supports` holds (K a multiple of 128, N of 128,
-    bf16 or fp32 out); other shapes, and `fp8_transposed_grouped_matmul` (tiles that restart per
-    group; no kernel yet), take the reference.
+    bf16 or fp32 out); other shapes take the reference. `fp8_transposed_grouped_matmul` (tiles
+    that restart per group) has its own kernel, `kernels.fp8_tgmm_mgpu`, switched on for the GPU
+    by `_WGRAD_KERNEL_ON_GPU`; without it, it dequantises to bf16 for the bf16 wgrad kernel.
   - "pallas_mosaic_gpu_interpret": the same kernels in Pallas's GPU interpreter with small tiles,
     for CPU tests; strict: a shape they do not cover raises instead of falling back.
   - "auto": "pallas_mosaic_gpu" on Hopper GPUs (`_AUTO_USES_KERNEL`: the measurement), else
@@ -210,19 +211,63 @@ def fp8_grouped_matmul(a_q_MK: jax.Array, a_scale_MKt: jax.Array, b_q_GNK: jax.A
                                 backend="reference")
 
 
+# "pallas_mosaic_gpu" runs the FP8 wgrad kernel (`fp8_tgmm_mgpu.tgmm_fp8`) only while this is
+# True: it has run in the interpreter and been lowered for CUDA, but not yet on a GPU (its check
+# there: `python -m kernels.fp8_tgmm_mgpu`). False: the dequantise + bf16 path below.
+_WGRAD_KERNEL_ON_GPU = False
+
+
+def _kernel_tgmm(backend: str, fn: str, k_dim: int, n_dim: int, out_dtype, row_align: int):
+  """The FP8 wgrad kernel for this shape, backend and row_align, or None for the bf16 path.
+
+  The returned callable takes `fp8_tgmm_mgpu.tgmm_fp8`'s operands.
+  """
+  if backend == "reference":
+    return None
+  from kernels import fp8_tgmm_mgpu as tgmm
+  out_dtype = jnp.dtype(out_dtype)
+  if row_align < tgmm.MIN_ROW_ALIGN:
+    return None
+  if backend == "pallas_mosaic_gpu":
+    if not (_WGRAD_KERNEL_ON_GPU and tgmm.supports(k_dim, n_dim, out_dtype)):
+      return None
+    return functools.partial(tgmm.tgmm_fp8, row_align=row_align, out_dtype=out_dtype)
+  if not tgmm.supports(k_dim, n_dim, out_dtype, tgmm.INTERPRET_CONFIG):
+    raise ValueError(
+        f"{fn}: backend 'pallas_mosaic_gpu_interpret' has no FP8 wgrad kernel for K={k_dim}, "
+        f"N={n_dim}, out {out_dtype.name}: it needs K a multiple of "
+        f"{tgmm.INTERPRET_CONFIG.tile_k}, N of {tgmm.INTERPRET_CONFIG.tile_n} and a bf16 or fp32 "
+        f"output. Use backend='reference', or row_align=1 for the dequantising path.")
+  from jax.experimental.pallas import mosaic_gpu as plgpu
+  kernel = functools.partial(  # tgmm_fp8 is jitted: each shape compiles once
+      tgmm.tgmm_fp8, row_align=row_align, out_dtype=out_dtype, config=tgmm.INTERPRET_CONFIG,
+      interpret=plgpu.InterpretGPUParams(), num_sms=2)
+
+  def call(*args):
+    # As `_kernel_gmm`: the interpreter's IO effects stay inside a pure callback.
+    out_type = jax.ShapeDtypeStruct((args[-1].shape[0], k_dim, n_dim), out_dtype)
+    return jax.pure_callback(lambda *a: np.asarray(kernel(*a)), out_type, *args)
+  return call
+
+
 def fp8_transposed_grouped_matmul(
     a_q_KM: jax.Array, a_scale_KC: jax.Array, b_q_NM: jax.Array, b_scale_NC: jax.Array,
     tile_ids_M: jax.Array, group_sizes_G: jax.Array, *,
-    out_dtype: jnp.dtype = jnp.float32, backend: str = "auto") -> jax.Array:
+    out_dtype: jnp.dtype = jnp.float32, backend: str = "auto", row_align: int = 1) -> jax.Array:
   """Returns out[g] = A[rows of g]^T-contracted with B[rows of g]: [G, K, N], the weight gradient.
 
   Both operands come transposed and 1x128-tiled along M with tiles that restart per group
-  (`fp8_quant.row_tile_ids`), so a tile's scale never spans two experts.
+  (`fp8_quant.row_tile_ids`, whose numbering of the tiles the kernel assumes), so a tile's scale
+  never spans two experts. row_align: a promise that M and every group size are multiples of it,
+  as `fp8_quant.quantize_rows_transposed` takes it.
 
-  There is no FP8 kernel for this GEMM yet. The reference dequantises to fp32 and loops over
-  row tiles in XLA; the kernel backends dequantise to bf16 (each value an E4M3 code times its
-  fp32 scale, rounded once: 2^-9 relative, far inside FP8's own error) and run the bf16 grouped
-  weight-gradient kernel (`grouped_matmul.transposed_grouped_matmul`) on tensor cores.
+  The FP8 kernel (`kernels.fp8_tgmm_mgpu`: e4m3 wgmma per 128-row tile, fp32 promotion) runs in
+  the interpret backend, and on "pallas_mosaic_gpu" while `_WGRAD_KERNEL_ON_GPU` is set, for
+  row_align >= `fp8_tgmm_mgpu.MIN_ROW_ALIGN` (32) and the shapes `fp8_tgmm_mgpu.supports`. Else
+  the reference dequantises to fp32 and loops over row tiles in XLA, and the kernel backends
+  dequantise to bf16 (each value an E4M3 code times its fp32 scale, rounded once: 2^-9
+  relative, far inside FP8's own error) and run the bf16 grouped weight-gradient kernel
+  (`grouped_matmul.transposed_grouped_matmul`) on tensor cores.
   """
   fn = "fp8_transposed_grouped_matmul"
   _check_e4m3(fn, a_q=a_q_KM, b_q=b_q_NM)
@@ -233,6 +278,10 @@ def fp8_transposed_grouped_matmul(
         f"{fn}: expected A^T [K, M], B^T [N, M], tile_ids [M] and scales [K, C], [N, C], got "
         f"{list(a_q_KM.shape)}, {list(b_q_NM.shape)}, {list(tile_ids_M.shape)}, "
         f"{list(a_scale_KC.shape)}, {list(b_scale_NC.shape)}.")
+  kernel = _kernel_tgmm(resolved, fn, a_q_KM.shape[0], b_q_NM.shape[0], out_dtype, row_align)
+  if kernel is not None:
+    return kernel(a_q_KM, a_scale_KC, b_q_NM, b_scale_NC,
+                  _fit_group_sizes(group_sizes_G, a_q_KM.shape[1]))
   dtype = jnp.float32 if resolved == "reference" else jnp.bfloat16
   a_MK = fq.dequantize_rows_transposed(a_q_KM, a_scale_KC, tile_ids_M, dtype).T
   b_MN = fq.dequantize_rows_transposed(b_q_NM, b_scale_NC, tile_ids_M, dtype).T
@@ -375,7 +424,8 @@ def _fp8_grouped_bwd(backend, recipe, row_align, res, dy_MN):
                                    preferred_element_type=x_dt.dtype)
   if recipe.wgrad:
     dw_GKN = fp8_transposed_grouped_matmul(*x_saved, dyt_q_NM, dyt_s_NC, tile_ids_M,
-                                           group_sizes_G, out_dtype=w_dt.dtype, backend=backend)
+                                           group_sizes_G, out_dtype=w_dt.dtype, backend=backend,
+                                           row_align=row_align)
   else:
     dw_GKN = gmm_lib.transposed_grouped_matmul(x_saved, dy_MN, group_sizes_G,
                                                preferred_element_type=w_dt.dtype)

@@ -1,0 +1,292 @@
+"""The FP8 grouped weight gradient on Hopper GPUs through Pallas Mosaic GPU (e4m3 wgmma, TMA).
+
+`tgmm_fp8` computes out[g] = sum over rows m of group g of dequant(A)[:, m] (x) dequant(B)[:, m],
+[G, K, N], from the transposed operands the FP8 expert layer saves for its backward pass
+(`fp8_quant.quantize_rows_transposed`): A = x^T codes [K, M] and B = dy^T codes [N, M] in E4M3,
+both K-major along M (what FP8 wgmma reads, so no transpose here), each with one fp32 scale per
+row and 1x128 tile along M. The tiles restart at every group's first row (`fp8_quant.row_tile_ids`),
+so group g's tiles are c = first_g, first_g + 1, ... with first_g the number of tiles of the
+groups before it, and a tile never spans two groups.
+
+Structure, as `grouped_matmul_mgpu._tgmm_body` (the bf16 wgrad): one warpgroup per SM walks the
+(group, K tile, N tile) units persistently; per unit, `plgpu.emit_pipeline` runs over the
+group's cdiv(size_g, 128) tiles (a traced count: empty groups run none and store zeros). Each
+step loads an A box [tk, 128] and a B box [tn, 128] at the tile's first row (an element offset
+along M, `pl.Element`) with both tiles' scale vectors, runs one e4m3 wgmma per accumulator and
+adds partial * (sa [tk] column x sb [tn] row) to a running fp32 sum, as `fp8_gemm_mgpu` promotes
+its "tile"-scaled B (its `_mma_promote`, `_zero_sums` and `_store_sums` are reused here).
+
+Rows past the group's end. A group's last tile reads a full 128 rows of M, so when the group's
+size is not a multiple of 128 the box also holds the first rows of the next group (or rows past
+M, which TMA fills with zeros: the operands are never padded). Scales cannot mask them (one per
+row and tile, not per column of M), so that step zeroes those columns of A's box in shared memory
+before its wgmma: a load of the whole box, an AND of each code's byte with 0x00 or 0xFF from a
+column iota (Mosaic GPU has bitwise ops on 8-bit values, no select), a store of the whole box
+back through the same swizzled ref, then a fence for the async proxy. This is the scheme of the
+bf16 `_tgmm_body`, which runs on the GPU; it never stores into a slice of a swizzled tile
+(session 8's GPU-only bug), and only a group's last tile pays for it. Zeroing A alone suffices
+(the product of a zero with any finite code is zero; E4M3 codes from the quantiser are never
+NaN); B's out-of-group columns are left as they are.
+
+Alignment. Mosaic GPU addresses a TMA box along the minor dim in whole swizzle tiles, and its
+wgmma takes swizzles of 32, 64 or 128 bytes: boxes at group starts along M need those starts to
+be multiples of 32 rows at least. So the caller promises `row_align` >= `MIN_ROW_ALIGN` (M and
+every group size multiples of it; the expert layer pads groups to `dispatch.FP8_GROUP_ALIGN`),
+and the boxes take the widest swizzle that it allows (128 bytes from row_align 128 up). Interpret
+mode neither swizzles nor checks the promise.
+
+Supported: K a multiple of tile_k, N of tile_n, bf16 or fp32 out (`supports`), row_align as above.
+
+Shape key: M rows, K and N the output's dims, G groups, C 128-row tiles of M that restart per
+group.
+"""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from kernels.fp8_gemm_mgpu import TILE_K as TILE_M  # one wgmma step = one scale tile along M
+from kernels.fp8_gemm_mgpu import Fp8TileConfig
+from kernels.fp8_gemm_mgpu import _mma_promote
+from kernels.fp8_gemm_mgpu import _num_sms
+from kernels.fp8_gemm_mgpu import _store_sums
+from kernels.fp8_gemm_mgpu import _swizzled
+from kernels.fp8_gemm_mgpu import _zero_sums
+from kernels.grouped_matmul_mgpu import shrink_to_fit
+
+# Group starts along M are multiples of row_align >= this: Mosaic GPU's TMA reads a box at a
+# multiple of its swizzle along the minor dim, and its wgmma takes swizzles of 32 bytes and up.
+MIN_ROW_ALIGN = 32
+_SMEM_BUDGET = 232448 - 4096  # 227 KiB per CTA on Hopper, less room for barriers
+
+
+@dataclasses.dataclass(frozen=True)
+class Fp8WgradConfig:
+  """Static tiling of the FP8 weight-gradient kernel."""
+
+  tile_k: int = 128  # rows of the [K, N] output tile (wgmma rows)
+  tile_n: int = 128  # columns of the output tile
+  stages: int = 4  # pipeline depth
+  # Columns per wgmma accumulator (0: all tile_n). One warpgroup holds the tile_k x tile_n fp32
+  # running sum and one accumulator of partial sums at a time (`fp8_gemm_mgpu._mma_promote`).
+  acc_cols: int = 64
+
+  @property
+  def mma(self) -> Fp8TileConfig:
+    """The tiling `fp8_gemm_mgpu`'s step helpers read: one warpgroup's tile_k x tile_n."""
+    return Fp8TileConfig(tile_m=self.tile_k, tile_n=self.tile_n, acc_cols=self.acc_cols)
+
+  def smem_bytes(self, out_itemsize: int) -> int:
+    operands = (self.tile_k + self.tile_n) * (TILE_M + 4)  # e4m3 boxes and fp32 scale vectors
+    return self.stages * operands + self.tile_k * self.tile_n * out_itemsize
+
+  def fit_smem(self, out_itemsize: int) -> "Fp8WgradConfig":
+    """Drops stages (not below 2), then halves tile_n, until shared memory fits."""
+    return shrink_to_fit(self, lambda cfg: cfg.smem_bytes(out_itemsize), _SMEM_BUDGET)
+
+
+DEFAULT_CONFIG = Fp8WgradConfig()  # not yet timed on a GPU
+# Interpret mode (CPU tests): small tiles, since the interpreter's cost grows with tile sizes;
+# two accumulators per unit, as on the GPU.
+INTERPRET_CONFIG = Fp8WgradConfig(tile_k=64, tile_n=64, stages=2, acc_cols=32)
+
+
+def supports(k_dim: int, n_dim: int, out_dtype, cfg: Fp8WgradConfig | None = None) -> bool:
+  """Whether the kernel covers a weight gradient of K x N in out_dtype."""
+  out_dtype = jnp.dtype(out_dtype)
+  if out_dtype not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)):
+    return False
+  cfg = (cfg or DEFAULT_CONFIG).fit_smem(out_dtype.itemsize)
+  acc_n = cfg.mma.acc_n
+  return (cfg.smem_bytes(out_dtype.itemsize) <= _SMEM_BUDGET
+          and cfg.tile_k % 64 == 0 and cfg.tile_n % acc_n == 0 and acc_n % 8 == 0
+          and k_dim % cfg.tile_k == 0 and n_dim % cfg.tile_n == 0)
+
+
+def _tgmm_fp8_body(cfg: Fp8WgradConfig, row_align: int, starts_gmem, sizes_gmem, first_tile_gmem,
+                   a_gmem, sa_gmem, b_gmem, sb_gmem, out_gmem):
+  """One warpgroup per SM; each (group, K tile, N tile) unit contracts its group's 128-row tiles."""
+  num_groups, k_dim, n_dim = out_gmem.shape
+  tk, tn, mma = cfg.tile_k, cfg.tile_n, cfg.mma
+  acc_n = mma.acc_n
+
+  @plgpu.nd_loop((num_groups, k_dim // tk, n_dim // tn), collective_axes="sm")
+  def _unit(info):
+    group, ki, ni = info.index
+    start = pl.multiple_of(starts_gmem[group], row_align)
+    size, first = sizes_gmem[group], first_tile_gmem[group]
+    # The operand boxes' swizzle is no wider than the alignment of their offsets along M.
+    swizzle_m = min(row_align, TILE_M)
+
+    def step(idx, a_smem, b_smem, sa_smem, sb_smem, sums):
+      (j,) = idx
+      valid = size - j * TILE_M  # rows of the group in this tile; the rest belong to others
+
+      @pl.when(valid < TILE_M)
+      def _():
+        # Mosaic GPU has no 8-bit arithmetic or select, but has 8-bit bitwise ops: AND the
+        # codes' bits with an all-ones or all-zeros byte (E4M3's zero is the zero byte).
+        cols = plgpu.broadcasted_iota(jnp.int32, (tk, TILE_M), 1, layout=plgpu.Layout.WGMMA_8BIT)
+        keep = jnp.where(cols < valid, -1, 0).astype(jnp.int8)
+        bits = jax.lax.bitcast_convert_type(a_smem[...], jnp.int8)
+        a_smem[...] = jax.lax.bitcast_convert_type(bits & keep, a_smem.dtype)
+        plgpu.commit_smem()
+
+      sa_R = plgpu.load(sa_smem.at[0], layout=plgpu.Layout.WGMMA.reduce(1))
+
+      def scale_of(c):
+        sb_N = plgpu.load(sb_smem.at[0, pl.ds(c * acc_n, acc_n)],
+                          layout=plgpu.Layout.WGMMA.reduce(0))
+        return (jax.lax.broadcast_in_dim(sa_R, (tk, acc_n), [0])
+                * jax.lax.broadcast_in_dim(sb_N, (tk, acc_n), [1]))
+
+      return _mma_promote(mma, a_smem, b_smem, sums, scale_of)
+
+    num_tiles = (size + TILE_M - 1) // TILE_M
+    sums = plgpu.emit_pipeline(
+        step,
+        grid=(num_tiles,),
+        in_specs=[
+            # Boxes at the tile's first row of M (an element offset); TMA fills rows past M with
+            # zeros, and the step masks the next group's rows.
+            plgpu.BlockSpec((tk, pl.Element(TILE_M)), lambda j: (ki, start + j * TILE_M),
+                            transforms=_swizzled((tk, swizzle_m), a_gmem.dtype)),
+            plgpu.BlockSpec((tn, pl.Element(TILE_M)), lambda j: (ni, start + j * TILE_M),
+                            transforms=_swizzled((tn, swizzle_m), b_gmem.dtype)),
+            plgpu.BlockSpec((1, tk), lambda j: (first + j, ki)),
+            plgpu.BlockSpec((1, tn), lambda j: (first + j, ni)),
+        ],
+        max_concurrent_steps=cfg.stages,
+        init_carry=_zero_sums(mma),
+    )(a_gmem, b_gmem, sa_gmem, sb_gmem)
+
+    @functools.partial(pl.run_scoped, out_smem=plgpu.SMEM(
+        (tn // acc_n, tk, acc_n), out_gmem.dtype,
+        transforms=_swizzled((tk, acc_n), out_gmem.dtype)))
+    def _(out_smem):
+      _store_sums(out_smem, sums)  # one whole swizzled tile per accumulator
+      plgpu.commit_smem()
+      for c in range(tn // acc_n):
+        plgpu.copy_smem_to_gmem(
+            out_smem.at[c],
+            out_gmem.at[group, pl.ds(ki * tk, tk), pl.ds(ni * tn + c * acc_n, acc_n)],
+            commit_group=False)
+      plgpu.commit_smem_to_gmem_group()
+      plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+
+def group_tiles(group_sizes_G: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Each group's first row and first 128-row tile (`fp8_quant.row_tile_ids`' numbering)."""
+  sizes_G = group_sizes_G.astype(jnp.int32)
+  tiles_G = (sizes_G + TILE_M - 1) // TILE_M
+  return jnp.cumsum(sizes_G) - sizes_G, jnp.cumsum(tiles_G) - tiles_G
+
+
+@functools.partial(jax.jit, static_argnames=("row_align", "out_dtype", "config", "interpret",
+                                             "num_sms"))
+def tgmm_fp8(a_q_KM: jax.Array, a_scale_KC: jax.Array, b_q_NM: jax.Array, b_scale_NC: jax.Array,
+             group_sizes_G: jax.Array, *, row_align: int, out_dtype=jnp.float32,
+             config: Fp8WgradConfig | None = None, interpret=None,
+             num_sms: int | None = None) -> jax.Array:
+  """out[g] = dequant(A)[:, rows of g] @ dequant(B)[:, rows of g]^T, fp32-promoted: [G, K, N].
+
+  Args:
+    a_q_KM, a_scale_KC: x^T in E4M3 and its scales per row and per-group 128-row tile of M.
+    b_q_NM, b_scale_NC: dy^T likewise, with the same tiles.
+    group_sizes_G: rows per group, sorted along M from row 0; non-negative, summing to at most M.
+      Groups without rows give zeros.
+    row_align: a promise that M and every group's size are multiples of it (a power of two,
+      at least `MIN_ROW_ALIGN`; the module doc says why), as `fp8_quant.quantize_rows_transposed`
+      takes it. Interpret mode cannot check it: on the GPU a group start off it reads wrong rows.
+  """
+  (k_dim, num_rows), (n_dim, m_b) = a_q_KM.shape, b_q_NM.shape
+  num_tiles = a_scale_KC.shape[1]
+  out_dtype = jnp.dtype(out_dtype)
+  cfg = (config or DEFAULT_CONFIG).fit_smem(out_dtype.itemsize)
+  if (not supports(k_dim, n_dim, out_dtype, cfg) or m_b != num_rows
+      or b_scale_NC.shape != (n_dim, num_tiles) or a_scale_KC.shape[0] != k_dim
+      or a_q_KM.dtype != jnp.float8_e4m3fn or b_q_NM.dtype != jnp.float8_e4m3fn):
+    raise ValueError(
+        f"tgmm_fp8: no Mosaic GPU kernel for A^T {a_q_KM.shape} {a_q_KM.dtype}, scales "
+        f"{a_scale_KC.shape}, B^T {b_q_NM.shape} {b_q_NM.dtype}, scales {b_scale_NC.shape}, out "
+        f"{out_dtype}, {cfg}: it needs E4M3 codes with the same M, scales [K, C] and [N, C], K a "
+        f"multiple of tile_k, N of tile_n and a bf16 or fp32 output (fp8_tgmm_mgpu.supports).")
+  if row_align < MIN_ROW_ALIGN or row_align & (row_align - 1) or num_rows % row_align:
+    raise ValueError(
+        f"tgmm_fp8: row_align must be a power of two >= {MIN_ROW_ALIGN} that divides M = "
+        f"{num_rows}, got {row_align}. Pad every group to a multiple of {MIN_ROW_ALIGN} rows "
+        f"(dispatch.FP8_GROUP_ALIGN) or use the dequantising path of "
+        f"fp8_gemm.fp8_transposed_grouped_matmul.")
+  starts_G, first_tile_G = group_tiles(group_sizes_G)
+  kernel = plgpu.kernel(
+      functools.partial(_tgmm_fp8_body, cfg, row_align),
+      out_type=jax.ShapeDtypeStruct((group_sizes_G.shape[0], k_dim, n_dim), out_dtype),
+      grid=(num_sms or _num_sms(),),
+      grid_names=("sm",),
+      compiler_params=plgpu.CompilerParams(
+          lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+      interpret=interpret,
+  )
+  # Scales transposed, so that a tile's scales of one K (or N) tile are one contiguous TMA box.
+  return kernel(starts_G, group_sizes_G.astype(jnp.int32), first_tile_G, a_q_KM,
+                a_scale_KC.T.astype(jnp.float32), b_q_NM, b_scale_NC.T.astype(jnp.float32))
+
+
+def self_check(num_rows: int = 131072, num_groups: int = 256, row_align: int = 32,
+               shapes: tuple[tuple[int, int], ...] = ((2048, 1024), (512, 2048))) -> None:
+  """Prints the kernel's error against the reference backend and its TFLOP/s at Ling-mini's
+  expert wgrad shapes (K, N), after the dequantise + bf16 `tgmm` path on the same operands
+  (GPU only; a kernel failure is printed, and the next shape still runs if it can)."""
+  from kernels import fp8_gemm
+  from kernels import fp8_quant as fq
+  from ling_jax.profiling import time_queued
+
+  rng = np.random.default_rng(0)
+  # Balanced routing padded to row_align rows per expert: sizes near M / G, mostly not multiples
+  # of 128 (masked last tiles), and a few rows past the groups.
+  counts = rng.multinomial(num_rows // row_align - num_groups, np.full(num_groups, 1 / num_groups))
+  sizes_G = jnp.asarray(row_align * counts, jnp.int32)
+  tile_ids_M, num_tiles = fq.row_tile_ids(num_rows, sizes_G)
+  print(f"{jax.devices()[0].device_kind}: M={num_rows}, G={num_groups}, row_align={row_align}, "
+        f"{int(sizes_G.sum())} rows in groups of {int(sizes_G.min())}..{int(sizes_G.max())}, "
+        f"{int(np.sum(np.asarray(sizes_G) % TILE_M != 0))} not a multiple of 128")
+  for k_dim, n_dim in shapes:
+    x = jax.random.normal(jax.random.key(1), (num_rows, k_dim), jnp.bfloat16)
+    dy = jax.random.normal(jax.random.key(2), (num_rows, n_dim), jnp.bfloat16) * 1e-3
+    operands = (*fq.quantize_rows_transposed(x, tile_ids_M, num_tiles, row_align=row_align),
+                *fq.quantize_rows_transposed(dy, tile_ids_M, num_tiles, row_align=row_align),
+                tile_ids_M, sizes_G)
+    with jax.default_matmul_precision("highest"):  # no TF32 in the oracle
+      ref = fp8_gemm.fp8_transposed_grouped_matmul(*operands, backend="reference")
+    flops = 2.0 * int(sizes_G.sum()) * k_dim * n_dim
+    for out_dtype in (jnp.float32, jnp.bfloat16):
+      def kernel(a_q, sa, b_q, sb, tile_ids, sizes, out_dtype=out_dtype):
+        del tile_ids  # the kernel numbers the tiles from the group sizes
+        return tgmm_fp8(a_q, sa, b_q, sb, sizes, row_align=row_align, out_dtype=out_dtype)
+      current = functools.partial(fp8_gemm.fp8_transposed_grouped_matmul, out_dtype=out_dtype,
+                                  backend="pallas_mosaic_gpu", row_align=1)
+      # row_align 1: the dequantise + bf16 path, whatever _WGRAD_KERNEL_ON_GPU says.
+      paths = {"dequant+bf16": jax.jit(current), "fp8 kernel": jax.jit(kernel)}
+      for name, fn in paths.items():
+        try:
+          out = fn(*operands)
+          err = float(jnp.max(jnp.abs(out.astype(jnp.float32) - ref)) / jnp.max(jnp.abs(ref)))
+          seconds = time_queued(fn, *operands)
+        except Exception as e:  # noqa: BLE001 (print it and go on to the next shape)
+          print(f"K={k_dim:5d} N={n_dim:5d} {jnp.dtype(out_dtype).name:8s} {name:13s} FAILED: "
+                f"{type(e).__name__}: {str(e)[:300]}")
+          continue
+        print(f"K={k_dim:5d} N={n_dim:5d} {jnp.dtype(out_dtype).name:8s} {name:13s} "
+              f"max err / max |ref| {err:.2e}  {seconds * 1e3:7.3f} ms  "
+              f"{flops / seconds / 1e12:6.1f} TFLOP/s")
+
+
+if __name__ == "__main__":  # python -m kernels.fp8_tgmm_mgpu [ROW_ALIGN ...] (default 32)
+  import sys
+  for align in map(int, sys.argv[1:] or ["32"]):
+    self_check(row_align=align)
