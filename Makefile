@@ -10,7 +10,7 @@ ARGS ?=
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q -r requirements-dev.txt
+	$(VENV)/bin/pip install -q --no-compile -r requirements-dev.txt
 	touch $@
 
 setup: $(VENV)/.installed
