@@ -288,12 +288,12 @@ def main(argv: list[str]) -> None:
   for spec, quant, overrides in variants:
     for depth in depths:
       gc.collect()  # The last variant's state and executables go before this one allocates.
-      stats = jax.devices()[0].memory_stats() or {}
-      if stats.get("bytes_in_use"):  # What a variant left behind (GPU only)
-        metrics_lib.log("Device memory in use before %s-L%s: %.1f GiB", spec, depth or "",
-                        stats["bytes_in_use"] / 2**30)
       config = variant_config(base, quant, depth, overrides)
       name = f"{spec}-L{config.model.num_hidden_layers}"
+      live = jax.live_arrays()  # What earlier variants left behind, if anything.
+      metrics_lib.log("[%s] before: %d live arrays, %.2f GiB", name, len(live),
+                      sum(x.nbytes for x in live) / 2**30)
+      del live
       try:
         result = run_variant(config, source, name, _OUT_DIR.value,
                              profile=(_PROFILE_STEPS.value > 0 and depth == profile_depth
