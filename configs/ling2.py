@@ -73,6 +73,9 @@ def model_config(variant: str) -> ml_collections.ConfigDict:
   # Which GEMMs run in FP8 with quant="fp8_blockwise": "full" (Ling's recipe) or an ablation,
   # e.g. "wgrad_only", "bf16_attn_out", "experts_only", "pow2_scales" (ling_jax/fp8.py RECIPES).
   m.fp8_recipe = "full"
+  # Rows each expert's token copies are padded to in the FP8 expert path (kernels/dispatch.py:
+  # FP8_GROUP_ALIGN's note); 32 or more lets the FP8 wgrad kernel run (kernels/fp8_tgmm_mgpu.py).
+  m.fp8_group_align = 16
 
   if variant == "mini":
     m.num_hidden_layers, m.hidden_size = 20, 2048

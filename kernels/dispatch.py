@@ -258,6 +258,7 @@ def expert_ffn(
     quant: str = "none",
     fp8_probes: tuple[jax.Array, jax.Array] | None = None,
     fp8_recipe=None,
+    fp8_group_align: int = FP8_GROUP_ALIGN,
 ) -> jax.Array:
   """Runs the routed SwiGLU experts of a Ling 2.0 MoE layer and sums them with the router weights.
 
@@ -272,10 +273,13 @@ def expert_ffn(
       (`grouped_matmul.fused_swiglu_wins`).
     quant: "none", or "fp8_blockwise" for both projections as `fp8_gemm.fp8_grouped_linear`
       (E4M3 fprop, dgrad and wgrad; the permutation and SwiGLU stay in x's dtype), with each
-      expert's rows padded to `FP8_GROUP_ALIGN` (module doc).
+      expert's rows padded to `fp8_group_align` (module doc).
     fp8_probes: with FP8, zero [2] arrays for the two projections whose cotangents become the
       output gradients' [underflow, cosine] (see `kernels/fp8_gemm.py`).
     fp8_recipe: with FP8, the `fp8_gemm.Fp8Recipe` of both projections (None: the full one).
+    fp8_group_align: with FP8, rows each expert's copies are padded to (`FP8_GROUP_ALIGN` by
+      default; `config.model.fp8_group_align`); from `fp8_tgmm_mgpu.MIN_ROW_ALIGN` (32) up, the
+      weight gradient can run the FP8 wgrad kernel (`fp8_gemm.fp8_transposed_grouped_matmul`).
 
   Returns:
     y_TD = sum_k weights[t, k] * down_e(silu(gate_e(x_t)) * up_e(x_t)), e = expert_ids[t, k],
@@ -300,7 +304,7 @@ def expert_ffn(
     from kernels import fp8_gemm  # lazy: the default path does not need it
 
     probe_up, probe_down = fp8_probes or (jnp.zeros((2,), jnp.float32),) * 2
-    group_align = FP8_GROUP_ALIGN
+    group_align = fp8_group_align
 
     def matmul(x, w, sizes, probe):
       return fp8_gemm.fp8_grouped_linear(x, w, sizes, probe, "auto",

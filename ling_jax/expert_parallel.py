@@ -48,28 +48,30 @@ def expert_ffn(
     quant: str = "none",
     fp8_probes: tuple[jax.Array, jax.Array] | None = None,
     fp8_recipe=None,
+    fp8_group_align: int = dispatch.FP8_GROUP_ALIGN,
 ) -> jax.Array:
   """`kernels.dispatch.expert_ffn` over the mesh being traced under (see the module docstring).
 
   The inputs are global arrays; tokens are split over data x fsdp x expert and the experts over
   `expert`. Without a mesh, or on one device, this is `dispatch.expert_ffn` itself. `quant`,
-  `fp8_probes` and `fp8_recipe` go to it unchanged (see there).
+  `fp8_probes`, `fp8_recipe` and `fp8_group_align` go to it unchanged (see there).
   """
   with jax.named_scope("experts"):  # Named for profiles (ling_jax/profiling.py).
     return _expert_ffn(x_TD, expert_ids_TK, weights_TK, w_gate_up_EDF2, w_down_EFD,
                        backend=backend, all_to_all=all_to_all, quant=quant,
-                       fp8_probes=fp8_probes, fp8_recipe=fp8_recipe)
+                       fp8_probes=fp8_probes, fp8_recipe=fp8_recipe,
+                       fp8_group_align=fp8_group_align)
 
 
 def _expert_ffn(x_TD, expert_ids_TK, weights_TK, w_gate_up_EDF2, w_down_EFD, *, backend,
-                all_to_all, quant, fp8_probes, fp8_recipe):
+                all_to_all, quant, fp8_probes, fp8_recipe, fp8_group_align):
   mesh = jax.sharding.get_abstract_mesh()
   if fp8_probes is None:
     fp8_probes = (jnp.zeros((2,), jnp.float32),) * 2
   if mesh.empty or mesh.size == 1:
     return dispatch.expert_ffn(x_TD, expert_ids_TK, weights_TK, w_gate_up_EDF2, w_down_EFD,
                                backend=backend, quant=quant, fp8_probes=fp8_probes,
-                               fp8_recipe=fp8_recipe)
+                               fp8_recipe=fp8_recipe, fp8_group_align=fp8_group_align)
   shape = dict(mesh.shape)
   num_shards = shape.get(AXIS, 1)
   num_experts = w_gate_up_EDF2.shape[0]
@@ -80,7 +82,8 @@ def _expert_ffn(x_TD, expert_ids_TK, weights_TK, w_gate_up_EDF2, w_down_EFD, *, 
   token_spec = P(batch_axes or None)
   local = functools.partial(_local_expert_ffn, num_shards=num_shards, backend=backend,
                             impl=all_to_all_impl(all_to_all), quant=quant,
-                            fp8_recipe=fp8_recipe, num_devices=mesh.size)
+                            fp8_recipe=fp8_recipe, fp8_group_align=fp8_group_align,
+                            num_devices=mesh.size)
   return jax.shard_map(
       local, mesh=mesh,
       in_specs=(token_spec, token_spec, token_spec, P(AXIS), P(AXIS), P()),
@@ -91,7 +94,8 @@ def _expert_ffn(x_TD, expert_ids_TK, weights_TK, w_gate_up_EDF2, w_down_EFD, *, 
 
 
 def _local_expert_ffn(x_TD, expert_ids_TK, weights_TK, w_gate_up_XDF2, w_down_XFD, fp8_probes,
-                      *, num_shards, backend, impl, quant, fp8_recipe, num_devices):
+                      *, num_shards, backend, impl, quant, fp8_recipe, fp8_group_align,
+                      num_devices):
   """The per-device body: dispatch, exchange, local experts, exchange back, combine."""
   # The transpose sums a replicated input's cotangent over devices; the probes' cotangents are
   # per-device metrics, so scale them to come out as the mean.
@@ -99,7 +103,7 @@ def _local_expert_ffn(x_TD, expert_ids_TK, weights_TK, w_gate_up_XDF2, w_down_XF
   if num_shards == 1:
     return dispatch.expert_ffn(x_TD, expert_ids_TK, weights_TK, w_gate_up_XDF2, w_down_XFD,
                                backend=backend, quant=quant, fp8_probes=fp8_probes,
-                               fp8_recipe=fp8_recipe)
+                               fp8_recipe=fp8_recipe, fp8_group_align=fp8_group_align)
   local_experts = w_gate_up_XDF2.shape[0]
   x_MD, group_sizes_E, sort_idx_M = dispatch.permute(
       x_TD, expert_ids_TK, local_experts * num_shards)
@@ -114,7 +118,7 @@ def _local_expert_ffn(x_TD, expert_ids_TK, weights_TK, w_gate_up_XDF2, w_down_XF
   # Rows that carry nothing get the id X: they sort past every group and come out zero.
   y_RD = dispatch.expert_ffn(recv_RD, local_ids_R[:, None], ones_R1, w_gate_up_XDF2,
                              w_down_XFD, backend=backend, quant=quant, fp8_probes=fp8_probes,
-                             fp8_recipe=fp8_recipe)
+                             fp8_recipe=fp8_recipe, fp8_group_align=fp8_group_align)
   with jax.named_scope("all_to_all"):
     y_MD = back(y_RD)
   return dispatch.unpermute(y_MD, sort_idx_M, weights_TK)

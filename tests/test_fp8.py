@@ -386,6 +386,11 @@ def test_quant_config_is_validated():
   m.quant = "fp8_e5m2"
   with pytest.raises(config_lib.ConfigError, match=r"config\.model\.quant"):
     config_lib.validate_model_config(m)
+  m.quant = "fp8_blockwise"
+  for align in (24, 0, 256):
+    m.fp8_group_align = align
+    with pytest.raises(config_lib.ConfigError, match=r"config\.model\.fp8_group_align"):
+      config_lib.validate_model_config(m)
 
 
 def test_fp8_recipe_config_and_which_projections_quantise():
@@ -456,11 +461,11 @@ def test_model_fp8_forward_and_probes():
     assert 0.0 <= float(scalars[f"fp8_{kind}_underflow_max"]) < 0.01
 
 
-def test_fp8_experts_padded_groups_match_unpadded(monkeypatch):
-  """The FP8 expert FFN pads each expert to dispatch.FP8_GROUP_ALIGN rows (zero rows, no
-  weight): output, input and router-weight gradients are bit-identical to the unpadded path,
-  expert weight gradients equal up to fp32 summation order (the reference wgrad sums other row
-  tiles). An empty expert and dropped slots included."""
+def test_fp8_experts_padded_groups_match_unpadded():
+  """The FP8 expert FFN pads each expert to fp8_group_align rows (dispatch.FP8_GROUP_ALIGN by
+  default; zero rows, no weight): output, input and router-weight gradients are bit-identical
+  to the unpadded path, expert weight gradients equal up to fp32 summation order (the reference
+  wgrad sums other row tiles). An empty expert and dropped slots included."""
   rng = np.random.default_rng(3)
   t, k, d, f, e = 24, 2, 128, 64, 4
   x = rng.standard_normal((t, d)).astype(np.float32)
@@ -469,20 +474,55 @@ def test_fp8_experts_padded_groups_match_unpadded(monkeypatch):
   w1 = (rng.standard_normal((e, d, 2 * f)) / np.sqrt(d)).astype(np.float32)
   w2 = (rng.standard_normal((e, f, d)) / np.sqrt(f)).astype(np.float32)
 
-  def loss(x, w, w1, w2):
-    y = dispatch.expert_ffn(x, ids, w, w1, w2, backend="reference", quant="fp8_blockwise")
+  def loss(x, w, w1, w2, align):
+    y = dispatch.expert_ffn(x, ids, w, w1, w2, backend="reference", quant="fp8_blockwise",
+                            fp8_group_align=align)
     return jnp.sum(y * jnp.cos(jnp.arange(y.size, dtype=y.dtype).reshape(y.shape))), y
 
   assert dispatch.FP8_GROUP_ALIGN > 1
-  grads = lambda: jax.jit(jax.grad(loss, (0, 1, 2, 3), has_aux=True))(x, w, w1, w2)
-  (dx, dw, dw1, dw2), y = grads()
-  monkeypatch.setattr(dispatch, "FP8_GROUP_ALIGN", 1)
-  (dx_1, dw_1, dw1_1, dw2_1), y_1 = grads()
+  grads = jax.jit(jax.grad(loss, (0, 1, 2, 3), has_aux=True), static_argnums=4)
+  (dx, dw, dw1, dw2), y = grads(x, w, w1, w2, dispatch.FP8_GROUP_ALIGN)
+  (dx_1, dw_1, dw1_1, dw2_1), y_1 = grads(x, w, w1, w2, 1)
   for got, want in ((y, y_1), (dx, dx_1), (dw, dw_1)):
     np.testing.assert_array_equal(got, want)
   for got, want in ((dw1, dw1_1), (dw2, dw2_1)):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * np.abs(want).max())
   assert not np.any(dw1[3]) and all(np.any(dw1[i]) for i in range(3))  # expert 3: no rows
+
+
+def test_fp8_experts_with_32_row_groups_run_the_fp8_wgrad_kernel(monkeypatch):
+  """fp8_group_align=32 (config.model.fp8_group_align) routes the experts' weight gradient
+  through the FP8 wgrad kernel (here interpreted) and matches the reference backend."""
+  from kernels import fp8_tgmm_mgpu
+
+  rng = np.random.default_rng(5)
+  t, k, d, f, e = 24, 2, 128, 64, 4
+  x = rng.standard_normal((t, d)).astype(np.float32)
+  ids = np.stack([rng.choice([0, 1, 2, e], k, replace=False) for _ in range(t)]).astype(np.int32)
+  w = rng.uniform(0.1, 1.0, (t, k)).astype(np.float32)
+  w1 = (rng.standard_normal((e, d, 4 * f)) / np.sqrt(d)).astype(np.float32)
+  w2 = (rng.standard_normal((e, 2 * f, d)) / np.sqrt(2 * f)).astype(np.float32)
+  calls = []
+  kernel = fp8_tgmm_mgpu.tgmm_fp8
+  monkeypatch.setattr(fp8_tgmm_mgpu, "tgmm_fp8",
+                      lambda *a, **kw: calls.append(kw["row_align"]) or kernel(*a, **kw))
+
+  def grads():
+    def loss(w1, w2):
+      y = dispatch.expert_ffn(x, ids, w, w1, w2, backend="reference", quant="fp8_blockwise",
+                              fp8_group_align=32)
+      return jnp.sum(y * jnp.cos(jnp.arange(y.size, dtype=y.dtype).reshape(y.shape)))
+    return jax.jit(jax.grad(loss, (0, 1)))(w1, w2)
+
+  want = grads()  # The FP8 GEMMs' "auto" backend: the reference on the CPU.
+  resolve = fp8_gemm._resolve_backend  # "auto" as on a Hopper GPU, with interpreted kernels
+  monkeypatch.setattr(fp8_gemm, "_resolve_backend", lambda b: resolve(
+      "pallas_mosaic_gpu_interpret" if b == "auto" else b))
+  got = grads()
+  assert calls == [32, 32]  # both projections' weight gradients
+  for g, r in zip(got, want):
+    np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5 * np.abs(r).max())
+  assert not np.any(got[0][3]) and all(np.any(got[0][i]) for i in range(3))  # expert 3: no rows
 
 
 def test_fp8_experts_under_expert_parallel_mesh():
