@@ -461,18 +461,24 @@ def test_model_fp8_forward_and_probes():
     assert 0.0 <= float(scalars[f"fp8_{kind}_underflow_max"]) < 0.01
 
 
-def test_fp8_experts_padded_groups_match_unpadded():
-  """The FP8 expert FFN pads each expert to fp8_group_align rows (dispatch.FP8_GROUP_ALIGN by
-  default; zero rows, no weight): output, input and router-weight gradients are bit-identical
-  to the unpadded path, expert weight gradients equal up to fp32 summation order (the reference
-  wgrad sums other row tiles). An empty expert and dropped slots included."""
-  rng = np.random.default_rng(3)
-  t, k, d, f, e = 24, 2, 128, 64, 4
+def _routed_experts(seed: int, f: int, t: int = 24, k: int = 2, d: int = 128, e: int = 4):
+  """x [t, d], expert ids [t, k] from experts 0-2 and dropped slots (id e; expert 3 gets no
+  rows), router weights [t, k], w_gate_up [e, d, 2f] and w_down [e, f, d], all fp32."""
+  rng = np.random.default_rng(seed)
   x = rng.standard_normal((t, d)).astype(np.float32)
   ids = np.stack([rng.choice([0, 1, 2, e], k, replace=False) for _ in range(t)]).astype(np.int32)
   w = rng.uniform(0.1, 1.0, (t, k)).astype(np.float32)
   w1 = (rng.standard_normal((e, d, 2 * f)) / np.sqrt(d)).astype(np.float32)
   w2 = (rng.standard_normal((e, f, d)) / np.sqrt(f)).astype(np.float32)
+  return x, ids, w, w1, w2
+
+
+def test_fp8_experts_padded_groups_match_unpadded():
+  """The FP8 expert FFN pads each expert to fp8_group_align rows (dispatch.FP8_GROUP_ALIGN by
+  default; zero rows, no weight): output, input and router-weight gradients are bit-identical
+  to the unpadded path, expert weight gradients equal up to fp32 summation order (the reference
+  wgrad sums other row tiles). An empty expert and dropped slots included."""
+  x, ids, w, w1, w2 = _routed_experts(seed=3, f=64)
 
   def loss(x, w, w1, w2, align):
     y = dispatch.expert_ffn(x, ids, w, w1, w2, backend="reference", quant="fp8_blockwise",
@@ -495,13 +501,7 @@ def test_fp8_experts_with_32_row_groups_run_the_fp8_wgrad_kernel(monkeypatch):
   through the FP8 wgrad kernel (here interpreted) and matches the reference backend."""
   from kernels import fp8_tgmm_mgpu
 
-  rng = np.random.default_rng(5)
-  t, k, d, f, e = 24, 2, 128, 64, 4
-  x = rng.standard_normal((t, d)).astype(np.float32)
-  ids = np.stack([rng.choice([0, 1, 2, e], k, replace=False) for _ in range(t)]).astype(np.int32)
-  w = rng.uniform(0.1, 1.0, (t, k)).astype(np.float32)
-  w1 = (rng.standard_normal((e, d, 4 * f)) / np.sqrt(d)).astype(np.float32)
-  w2 = (rng.standard_normal((e, 2 * f, d)) / np.sqrt(2 * f)).astype(np.float32)
+  x, ids, w, w1, w2 = _routed_experts(seed=5, f=128)  # K = 128 for the down projection too
   calls = []
   kernel = fp8_tgmm_mgpu.tgmm_fp8
   monkeypatch.setattr(fp8_tgmm_mgpu, "tgmm_fp8",
