@@ -264,6 +264,13 @@ def main(argv: list[str]) -> None:
   if unknown := set(_PROFILE_QUANTS.value) - set(_QUANTS.value):
     raise app.UsageError(f"--profile_quants={','.join(sorted(unknown))} is not one of --quants="
                          f"{','.join(_QUANTS.value)}: pick from those, or leave it unset")
+  try:  # Every variant's config is checked before anything is written or built.
+    variants = [(spec, *profiling.parse_variant(spec, base.model)) for spec in _QUANTS.value]
+    for _, quant, overrides in variants:
+      for depth in depths:
+        trainer.validate_config(variant_config(base, quant, depth, overrides))
+  except config_lib.ConfigError as e:
+    raise app.UsageError(str(e)) from None
   os.makedirs(_OUT_DIR.value, exist_ok=True)
   stats = jax.devices()[0].memory_stats() or {}
   if "bytes_limit" in stats:  # A smaller pool than usual: another process holds device memory.
@@ -276,13 +283,6 @@ def main(argv: list[str]) -> None:
   else:
     source = data_lib.SyntheticBatches(t.batch_size, t.seq_len, base.model.vocab_size, t.seed)
   full = variant_config(base, "none", _FULL_DEPTH.value).model
-  try:  # Every variant's config is checked before any compiles.
-    variants = [(spec, *profiling.parse_variant(spec, base.model)) for spec in _QUANTS.value]
-    for _, quant, overrides in variants:
-      for depth in depths:
-        trainer.validate_config(variant_config(base, quant, depth, overrides))
-  except config_lib.ConfigError as e:
-    raise app.UsageError(str(e)) from None
   start_state = copy.deepcopy(source.get_state())  # Every variant starts from the same batch.
   results = []
   for spec, quant, overrides in variants:

@@ -176,14 +176,19 @@ def test_bench_train_end_to_end(tmp_path):
   assert "| none-L2 |" in (tmp_path / "summary.md").read_text()
 
 
-def test_bench_train_refuses_a_profile_depth_it_does_not_run(tmp_path):
+@pytest.mark.parametrize("flags, message", [
+    (["--depths=2,4", "--profile_depth=3"], "--profile_depth=3 is not one of --depths=2,4"),
+    (["--quants=none,none+moe_backnd=reference"],
+     "--quants=none+moe_backnd=reference: 'moe_backnd=reference' is not field=value"),
+])
+def test_bench_train_refuses_bad_flags_before_it_starts(tmp_path, flags, message):
   out = tmp_path / "out"
   cmd = [sys.executable, "-m", "experiments.bench_train", "--config=configs/ling2.py:tiny",
-         "--depths=2,4", "--profile_depth=3", f"--out_dir={out}"]
+         *flags, f"--out_dir={out}"]
   proc = subprocess.run(cmd, capture_output=True, text=True, env=test_trainer._env(),
                         timeout=300, cwd=os.path.dirname(os.path.dirname(__file__)))
   assert proc.returncode != 0
-  assert "--profile_depth=3 is not one of --depths=2,4" in proc.stderr + proc.stdout
+  assert message in proc.stderr + proc.stdout
   assert not out.exists()  # refused before anything is written or compiled
 
 
