@@ -31,7 +31,7 @@ accumulator of the step's wgmma: 128 x 128 of each is 256 registers a thread, mo
 it gets, so one 128 x 128 accumulator per warpgroup spills (session 5's tiling: ~500 TFLOP/s
 at 8192^3). `Fp8TileConfig.acc_cols` splits a step's wgmma into several accumulators, each
 waited and promoted in turn (one live at a time: 1108 TFLOP/s with two 128 x 64; each has
-its own output tile in shared memory, see `_store_sums`), and
+its own output tile in shared memory, see `store_sums`), and
 `wg_split="m"` gives each warpgroup half the rows and all columns of a unit (DeepGEMM's
 layout: wgmmas 64 rows high). B's block scales are read from global memory one step ahead
 (carried), off the critical path, and A's before the wgmma is issued.
@@ -159,7 +159,9 @@ def supports(k_dim: int, n_dim: int, out_dtype, cfg: Fp8TileConfig | None = None
           and k_dim % TILE_K == 0 and n_dim % cfg.cta_n == 0 and cfg.tile_m % 64 == 0)
 
 
-def _swizzled(block_shape, dtype, tile_rows: int = 8):
+def swizzled(block_shape, dtype, tile_rows: int = 8):
+  """The tiling and swizzle transforms of a shared-memory tile whose rows are block_shape[-1]
+  elements of dtype (the widest swizzle that divides a row)."""
   swizzle = plgpu.find_swizzle(block_shape[-1] * jnp.dtype(dtype).itemsize * 8)
   return (plgpu.TilingTransform((tile_rows, swizzle // jnp.dtype(dtype).itemsize)),
           plgpu.SwizzleTransform(swizzle))
@@ -168,8 +170,8 @@ def _swizzled(block_shape, dtype, tile_rows: int = 8):
 def _store_owned_rows(out_smem, out_gmem, read_start, own_offset, own_rows, col_start, tile_m):
   """TMA-stores rows [own_offset, own_offset + own_rows) of the tile in power-of-two pieces.
 
-  Same scheme as grouped_matmul_mgpu's store (kept here: that module's private helpers may
-  change under it).
+  Same scheme as grouped_matmul_mgpu's `_store_rows` (kept here: that module's private helpers
+  may change under it).
   """
   offset, piece = own_offset, tile_m
   while piece >= 1:
@@ -184,7 +186,7 @@ def _store_owned_rows(out_smem, out_gmem, read_start, own_offset, own_rows, col_
   plgpu.commit_smem_to_gmem_group()
 
 
-def _zero_sums(cfg: Fp8TileConfig) -> tuple:
+def zero_sums(cfg: Fp8TileConfig) -> tuple:
   """The running fp32 sums of one warpgroup's part of a unit, one array per accumulator."""
   wg_rows, wg_cols = cfg.wg_shape
   zeros = jnp.zeros((wg_rows, cfg.acc_n), jnp.float32)
@@ -192,7 +194,7 @@ def _zero_sums(cfg: Fp8TileConfig) -> tuple:
                for _ in range(wg_cols // cfg.acc_n))
 
 
-def _mma_promote(cfg: Fp8TileConfig, a_smem, b_smem_NK, sums: tuple, scale_of) -> tuple:
+def mma_promote(cfg: Fp8TileConfig, a_smem, b_smem_NK, sums: tuple, scale_of) -> tuple:
   """One K step of a warpgroup: sums[c] += (A @ B[cols of c]^T) * scale_of(c).
 
   a_smem holds the warpgroup's rows of A, b_smem_NK its rows of B (output columns). Per
@@ -211,7 +213,7 @@ def _mma_promote(cfg: Fp8TileConfig, a_smem, b_smem_NK, sums: tuple, scale_of) -
   return tuple(out)
 
 
-def _store_sums(out_smem_wg, sums: tuple) -> None:
+def store_sums(out_smem_wg, sums: tuple) -> None:
   """Writes a warpgroup's sums into its output tiles in shared memory, one per accumulator.
 
   Each accumulator has a whole swizzled tile of its own ([c] of `out_smem_wg`), rather than a
@@ -240,10 +242,10 @@ def _kernel_body(cfg: Fp8TileConfig, num_groups: int, scalar_sb: bool,
     late = dict(delay_release=1) if cfg.probe == "no_promote" else {}
     in_specs = [
         plgpu.BlockSpec((tm, TILE_K), lambda k: (0, k),
-                        transforms=_swizzled((tm, TILE_K), a_gmem.dtype), memory_space=plgpu.SMEM,
+                        transforms=swizzled((tm, TILE_K), a_gmem.dtype), memory_space=plgpu.SMEM,
                         **late),
         plgpu.BlockSpec((cta_n, TILE_K), lambda k: (col_tile, k),
-                        transforms=_swizzled((cta_n, TILE_K), b_gmem.dtype),
+                        transforms=swizzled((cta_n, TILE_K), b_gmem.dtype),
                         memory_space=plgpu.SMEM, **late),
         plgpu.BlockSpec((1, tm), lambda k: (k, 0), memory_space=plgpu.SMEM, **late),
     ]
@@ -275,11 +277,11 @@ def _kernel_body(cfg: Fp8TileConfig, num_groups: int, scalar_sb: bool,
   @functools.partial(
       pl.run_scoped,
       allocs=pipeline(ignore, ignore, 0).get_allocations(*operands(0, 0)),
-      # [warpgroup, accumulator]: one output tile per accumulator (`_store_sums`). (Mosaic
+      # [warpgroup, accumulator]: one output tile per accumulator (`store_sums`). (Mosaic
       # GPU's layout inference rejects 64-row stores into a swizzled tile.)
       out_smem=plgpu.SMEM((2, wg_cols // acc_n, wg_rows, acc_n), out_gmem.dtype,
                           transforms=() if split_m else
-                          _swizzled((wg_rows, acc_n), out_gmem.dtype, tile_rows=1)),
+                          swizzled((wg_rows, acc_n), out_gmem.dtype, tile_rows=1)),
       collective_axes="wg",
   )
   def _scope(allocs, out_smem):
@@ -300,7 +302,7 @@ def _kernel_body(cfg: Fp8TileConfig, num_groups: int, scalar_sb: bool,
 
       def store(sums):
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last unit's stores read out_smem
-        _store_sums(out_smem.at[wg], sums)
+        store_sums(out_smem.at[wg], sums)
         plgpu.commit_smem()
         # The unit owns rows [offset, offset + rows) of the tile; this warpgroup stores its share.
         lo = jnp.clip(offset - row0, 0, wg_rows)
@@ -316,7 +318,7 @@ def _kernel_body(cfg: Fp8TileConfig, num_groups: int, scalar_sb: bool,
             store((acc_ref[...],))
           pl.run_scoped(run, plgpu.ACC((wg_rows, wg_cols), f32))
         else:
-          sums, _ = run_pipeline((_zero_sums(cfg), block_scales(0)))
+          sums, _ = run_pipeline((zero_sums(cfg), block_scales(0)))
           store(sums)
 
       def block_scales(k):
@@ -351,11 +353,11 @@ def _kernel_body(cfg: Fp8TileConfig, num_groups: int, scalar_sb: bool,
           return (jax.lax.broadcast_in_dim(sa_R, (wg_rows, acc_n), [0])
                   * jax.lax.broadcast_in_dim(sb_N, (wg_rows, acc_n), [1]))
 
-        return _mma_promote(cfg, a_wg, b_wg, sums, scale_of), sb_next
+        return mma_promote(cfg, a_wg, b_wg, sums, scale_of), sb_next
 
       @pl.when(is_tail & (wg < 2))
       def _():
-        store(_zero_sums(cfg))
+        store(zero_sums(cfg))
 
       @pl.when(jnp.logical_not(is_tail))
       def _():
@@ -364,7 +366,8 @@ def _kernel_body(cfg: Fp8TileConfig, num_groups: int, scalar_sb: bool,
   plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
 
-def _num_sms() -> int:
+def device_num_sms() -> int:
+  """The SMs of the first device, the size of a persistent grid (132 on an H100/H200)."""
   return getattr(jax.devices()[0], "core_count", None) or 132
 
 
@@ -417,7 +420,7 @@ def gmm_fp8(a_q_MK: jax.Array, sa_KtM: jax.Array, b_q_GNK: jax.Array, sb_GKtX: j
   kernel = plgpu.kernel(
       functools.partial(_kernel_body, cfg, num_groups, scalar_sb),
       out_type=jax.ShapeDtypeStruct((padded_rows, n_dim), out_dtype),
-      grid=(num_sms or _num_sms(),),
+      grid=(num_sms or device_num_sms(),),
       grid_names=("sm",),
       num_threads=3,
       thread_name="wg",

@@ -14,7 +14,7 @@ group's cdiv(size_g, 128) tiles (a traced count: empty groups run none and store
 step loads an A box [tk, 128] and a B box [tn, 128] at the tile's first row (an element offset
 along M, `pl.Element`) with both tiles' scale vectors, runs one e4m3 wgmma per accumulator and
 adds partial * (sa [tk] column x sb [tn] row) to a running fp32 sum, as `fp8_gemm_mgpu` promotes
-its "tile"-scaled B (its `_mma_promote`, `_zero_sums` and `_store_sums` are reused here).
+its "tile"-scaled B (its `mma_promote`, `zero_sums` and `store_sums` are reused here).
 
 Rows past the group's end. A group's last tile reads a full 128 rows of M, so when the group's
 size is not a multiple of 128 the box also holds the first rows of the next group (or rows past
@@ -52,11 +52,11 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from kernels.fp8_gemm_mgpu import TILE_K as TILE_M  # one wgmma step = one scale tile along M
 from kernels.fp8_gemm_mgpu import Fp8TileConfig
-from kernels.fp8_gemm_mgpu import _mma_promote
-from kernels.fp8_gemm_mgpu import _num_sms
-from kernels.fp8_gemm_mgpu import _store_sums
-from kernels.fp8_gemm_mgpu import _swizzled
-from kernels.fp8_gemm_mgpu import _zero_sums
+from kernels.fp8_gemm_mgpu import device_num_sms
+from kernels.fp8_gemm_mgpu import mma_promote
+from kernels.fp8_gemm_mgpu import store_sums
+from kernels.fp8_gemm_mgpu import swizzled
+from kernels.fp8_gemm_mgpu import zero_sums
 from kernels.grouped_matmul_mgpu import shrink_to_fit
 
 # Group starts along M are multiples of row_align >= this: Mosaic GPU's TMA reads a box at a
@@ -73,7 +73,7 @@ class Fp8WgradConfig:
   tile_n: int = 128  # columns of the output tile
   stages: int = 4  # pipeline depth
   # Columns per wgmma accumulator (0: all tile_n). One warpgroup holds the tile_k x tile_n fp32
-  # running sum and one accumulator of partial sums at a time (`fp8_gemm_mgpu._mma_promote`).
+  # running sum and one accumulator of partial sums at a time (`fp8_gemm_mgpu.mma_promote`).
   acc_cols: int = 64
 
   @property
@@ -145,7 +145,7 @@ def _tgmm_fp8_body(cfg: Fp8WgradConfig, row_align: int, starts_gmem, sizes_gmem,
         return (jax.lax.broadcast_in_dim(sa_R, (tk, acc_n), [0])
                 * jax.lax.broadcast_in_dim(sb_N, (tk, acc_n), [1]))
 
-      return _mma_promote(mma, a_smem, b_smem, sums, scale_of)
+      return mma_promote(mma, a_smem, b_smem, sums, scale_of)
 
     num_tiles = (size + TILE_M - 1) // TILE_M
     sums = plgpu.emit_pipeline(
@@ -155,21 +155,21 @@ def _tgmm_fp8_body(cfg: Fp8WgradConfig, row_align: int, starts_gmem, sizes_gmem,
             # Boxes at the tile's first row of M (an element offset); TMA fills rows past M with
             # zeros, and the step masks the next group's rows.
             plgpu.BlockSpec((tk, pl.Element(TILE_M)), lambda j: (ki, start + j * TILE_M),
-                            transforms=_swizzled((tk, swizzle_m), a_gmem.dtype)),
+                            transforms=swizzled((tk, swizzle_m), a_gmem.dtype)),
             plgpu.BlockSpec((tn, pl.Element(TILE_M)), lambda j: (ni, start + j * TILE_M),
-                            transforms=_swizzled((tn, swizzle_m), b_gmem.dtype)),
+                            transforms=swizzled((tn, swizzle_m), b_gmem.dtype)),
             plgpu.BlockSpec((1, tk), lambda j: (first + j, ki)),
             plgpu.BlockSpec((1, tn), lambda j: (first + j, ni)),
         ],
         max_concurrent_steps=cfg.stages,
-        init_carry=_zero_sums(mma),
+        init_carry=zero_sums(mma),
     )(a_gmem, b_gmem, sa_gmem, sb_gmem)
 
     @functools.partial(pl.run_scoped, out_smem=plgpu.SMEM(
         (tn // acc_n, tk, acc_n), out_gmem.dtype,
-        transforms=_swizzled((tk, acc_n), out_gmem.dtype)))
+        transforms=swizzled((tk, acc_n), out_gmem.dtype)))
     def _(out_smem):
-      _store_sums(out_smem, sums)  # one whole swizzled tile per accumulator
+      store_sums(out_smem, sums)  # one whole swizzled tile per accumulator
       plgpu.commit_smem()
       for c in range(tn // acc_n):
         plgpu.copy_smem_to_gmem(
@@ -226,7 +226,7 @@ def tgmm_fp8(a_q_KM: jax.Array, a_scale_KC: jax.Array, b_q_NM: jax.Array, b_scal
   kernel = plgpu.kernel(
       functools.partial(_tgmm_fp8_body, cfg, row_align),
       out_type=jax.ShapeDtypeStruct((group_sizes_G.shape[0], k_dim, n_dim), out_dtype),
-      grid=(num_sms or _num_sms(),),
+      grid=(num_sms or device_num_sms(),),
       grid_names=("sm",),
       compiler_params=plgpu.CompilerParams(
           lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
