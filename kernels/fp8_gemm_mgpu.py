@@ -52,6 +52,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from kernels.grouped_matmul_mgpu import device_num_sms
 from kernels.grouped_matmul_mgpu import make_tile_schedule
 from kernels.grouped_matmul_mgpu import shrink_to_fit
 
@@ -364,11 +365,6 @@ def _kernel_body(cfg: Fp8TileConfig, num_groups: int, scalar_sb: bool,
         pipeline(mma_step, compute_context, ni)(*operands(start, group), allocations=allocs)
 
   plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-
-
-def device_num_sms() -> int:
-  """The SMs of the first device, the size of a persistent grid (132 on an H100/H200)."""
-  return getattr(jax.devices()[0], "core_count", None) or 132
 
 
 def expand_block_scales(sb_GKtNt: jax.Array, n_dim: int) -> jax.Array:

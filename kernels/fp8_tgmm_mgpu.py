@@ -52,11 +52,11 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from kernels.fp8_gemm_mgpu import TILE_K as TILE_M  # one wgmma step = one scale tile along M
 from kernels.fp8_gemm_mgpu import Fp8TileConfig
-from kernels.fp8_gemm_mgpu import device_num_sms
 from kernels.fp8_gemm_mgpu import mma_promote
 from kernels.fp8_gemm_mgpu import store_sums
 from kernels.fp8_gemm_mgpu import swizzled
 from kernels.fp8_gemm_mgpu import zero_sums
+from kernels.grouped_matmul_mgpu import device_num_sms
 from kernels.grouped_matmul_mgpu import shrink_to_fit
 
 # Group starts along M are multiples of row_align >= this: Mosaic GPU's TMA reads a box at a

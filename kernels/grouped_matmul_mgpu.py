@@ -747,9 +747,9 @@ def supports(lhs_MK: jax.Array, rhs_GKN: jax.Array, transpose_rhs: bool, out_dty
           and k_dim % cfg.tile_k == 0 and n_dim % fitted.cta_n == 0)
 
 
-def _num_sms() -> int:
-  device = jax.devices()[0]
-  return getattr(device, "core_count", None) or 132
+def device_num_sms() -> int:
+  """The SMs of the first device, the size of a persistent grid (132 on an H100/H200)."""
+  return getattr(jax.devices()[0], "core_count", None) or 132
 
 
 # gmm and tgmm are jitted: a model calls them many times with the same shapes, and JAX then
@@ -792,7 +792,7 @@ def gmm(lhs_MK: jax.Array, rhs_GKN: jax.Array, group_sizes_G: jax.Array, *,
   if save_preact:
     out_types.append(jax.ShapeDtypeStruct((padded_rows, n_dim), out_dtype))
   body = {"pipe": _pipe_body, "pp": _pp_body}.get(cfg.body, _ws_body)
-  num_sms = num_sms or _num_sms()
+  num_sms = num_sms or device_num_sms()
   # multicast_lhs: one program per 2-SM cluster (an odd SM is left idle).
   clusters = dict(cluster=(2,), cluster_names=("cluster",)) if cfg.multicast_lhs else {}
   kernel = plgpu.kernel(
@@ -925,7 +925,7 @@ def tgmm(lhs_MK: jax.Array, rhs_MN: jax.Array, group_sizes_G: jax.Array, *, out_
   kernel = plgpu.kernel(
       functools.partial(_tgmm_body, cfg),
       out_type=jax.ShapeDtypeStruct((num_groups, k_dim, n_dim), out_dtype),
-      grid=(num_sms or _num_sms(),),
+      grid=(num_sms or device_num_sms(),),
       grid_names=("sm",),
       compiler_params=plgpu.CompilerParams(
           lowering_semantics=plgpu.LoweringSemantics.Warpgroup),

@@ -32,6 +32,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from kernels.grouped_matmul_mgpu import device_num_sms
+
 # Shared memory one CTA may use on Hopper is 227 KiB; keep 4 KiB for barriers and the like.
 _SMEM_BUDGET = 232448 - 4096
 
@@ -42,10 +44,6 @@ class PermuteConfig:
 
   block: int = 16  # R: output rows (gather) or tokens (combine) per block
   stages: int = 3  # S: buffers in the ring
-
-
-def _num_sms() -> int:
-  return getattr(jax.devices()[0], "core_count", None) or 132
 
 
 def supports(num_blocks_rows: int, d_model: int, dtype, cfg: PermuteConfig, rows_per_block: int,
@@ -153,14 +151,14 @@ _COMBINE_CANDIDATES = [PermuteConfig(b, s) for b in (2, 1) for s in (3, 2)]
 
 def gather_config(num_rows: int, d_model: int, dtype, num_sms: int | None = None):
   """Returns the blocking `gather_rows` uses for this shape, or None if no kernel covers it."""
-  num_sms = num_sms or _num_sms()
+  num_sms = num_sms or device_num_sms()
   return next((c for c in _GATHER_CANDIDATES
                if _gather_fits(num_rows, d_model, dtype, c, num_sms)), None)
 
 
 def combine_config(num_tokens: int, top_k: int, d_model: int, dtype, num_sms: int | None = None):
   """Returns the blocking `combine_rows` uses for this shape, or None if no kernel covers it."""
-  num_sms = num_sms or _num_sms()
+  num_sms = num_sms or device_num_sms()
   return next((c for c in _COMBINE_CANDIDATES
                if _combine_fits(num_tokens, top_k, d_model, dtype, c, num_sms)), None)
 
@@ -169,7 +167,7 @@ def gather_rows(x_ND: jax.Array, rows_M: jax.Array, *, config: PermuteConfig | N
                 interpret=None, num_sms: int | None = None) -> jax.Array:
   """out[m] = x[rows[m]]; rows must lie in [0, N)."""
   num_rows, d_model = rows_M.shape[0], x_ND.shape[1]
-  num_sms = num_sms or _num_sms()
+  num_sms = num_sms or device_num_sms()
   cfg = config or gather_config(num_rows, d_model, x_ND.dtype, num_sms)
   if cfg is None or not _gather_fits(num_rows, d_model, x_ND.dtype, cfg, num_sms):
     raise ValueError(f"gather_rows: no Mosaic GPU kernel for {num_rows} rows of "
@@ -228,7 +226,7 @@ def combine_rows(y_ND: jax.Array, rows_M: jax.Array, weights_TK: jax.Array, *,
   """out[t] = sum_k weights[t, k] * y[rows[t * K + k]], in fp32, returned in y's dtype."""
   num_tokens, top_k = weights_TK.shape
   d_model = y_ND.shape[1]
-  num_sms = num_sms or _num_sms()
+  num_sms = num_sms or device_num_sms()
   cfg = config or combine_config(num_tokens, top_k, d_model, y_ND.dtype, num_sms)
   if (cfg is None or rows_M.shape != (num_tokens * top_k,)
       or not _combine_fits(num_tokens, top_k, d_model, y_ND.dtype, cfg, num_sms)):
