@@ -94,7 +94,8 @@ def _interpreted_gmm(out_dtype: jnp.dtype, b_scaling: str):
   from kernels import fp8_gemm_mgpu as mgpu
   return jax.jit(functools.partial(mgpu.gmm_fp8, out_dtype=out_dtype, b_scaling=b_scaling,
                                    config=mgpu.INTERPRET_CONFIG,
-                                   interpret=plgpu.InterpretGPUParams(), num_sms=2))
+                                   interpret=plgpu.InterpretGPUParams(),
+                                   num_sms=gmm_lib.INTERPRET_NUM_SMS))
 
 
 def _kernel_gmm(backend: str, fn: str, k_dim: int, n_dim: int, out_dtype):
@@ -120,8 +121,8 @@ def _kernel_gmm(backend: str, fn: str, k_dim: int, n_dim: int, out_dtype):
     # The interpreter's ordered IO effects must not leak into enclosing jaxprs (scan, custom
     # VJPs); the kernel is a pure function of its operands, so run it as a pure callback.
     out_type = jax.ShapeDtypeStruct((a_q_MK.shape[0], n_dim), out_dtype)
-    kernel = _interpreted_gmm(out_dtype, b_scaling)
-    return jax.pure_callback(lambda *a: np.asarray(kernel(*a)), out_type, a_q_MK, *args)
+    return gmm_lib._as_pure_callback(_interpreted_gmm(out_dtype, b_scaling), out_type, a_q_MK,
+                                     *args)
   return call
 
 
@@ -241,12 +242,12 @@ def _kernel_tgmm(backend: str, fn: str, k_dim: int, n_dim: int, out_dtype, row_a
   from jax.experimental.pallas import mosaic_gpu as plgpu
   kernel = functools.partial(  # tgmm_fp8 is jitted: each shape compiles once
       tgmm.tgmm_fp8, row_align=row_align, out_dtype=out_dtype, config=tgmm.INTERPRET_CONFIG,
-      interpret=plgpu.InterpretGPUParams(), num_sms=2)
+      interpret=plgpu.InterpretGPUParams(), num_sms=gmm_lib.INTERPRET_NUM_SMS)
 
   def call(*args):
     # As `_kernel_gmm`: the interpreter's IO effects stay inside a pure callback.
     out_type = jax.ShapeDtypeStruct((args[-1].shape[0], k_dim, n_dim), out_dtype)
-    return jax.pure_callback(lambda *a: np.asarray(kernel(*a)), out_type, *args)
+    return gmm_lib._as_pure_callback(kernel, out_type, *args)
   return call
 
 
