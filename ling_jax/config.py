@@ -117,8 +117,9 @@ def validate_model_config(m: Any) -> None:
   if recipe != "full" and m.get("quant", "none") != "fp8_blockwise":
     _fail("fp8_recipe", f"{recipe!r} has no effect with quant={m.get('quant', 'none')!r}",
           "set quant='fp8_blockwise', or leave fp8_recipe='full'")
-  align = m.get("fp8_group_align", 16)
-  if not isinstance(align, int) or not 1 <= align <= 128 or align & (align - 1):
+  align = m.get("fp8_group_align")  # unset: dispatch.FP8_GROUP_ALIGN
+  if align is not None and (not isinstance(align, int) or not 1 <= align <= 128
+                            or align & (align - 1)):
     _fail("fp8_group_align", f"must be a power of two from 1 to 128, got {align!r}",
           "use 16 (the default) or 32 and up for the FP8 wgrad kernel")
 

@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from kernels import dispatch
 from ling_jax import config as config_lib
 from ling_jax import expert_parallel
 from ling_jax import fp8
@@ -97,7 +98,7 @@ class MoE(nn.Module):
         x_TD.astype(dtype), routing.expert_ids_TK, routing.weights_TK,
         w_gate_up_EDF2.astype(dtype), w_down_EFD.astype(dtype), backend=m.moe_backend,
         all_to_all=m.get("moe_all_to_all", "auto"), quant=quant, fp8_probes=probes,
-        fp8_recipe=recipe, fp8_group_align=m.get("fp8_group_align", 16))
+        fp8_recipe=recipe, fp8_group_align=m.get("fp8_group_align", dispatch.FP8_GROUP_ALIGN))
     y_BLD = y_TD.reshape(batch, length, d)
     if m.num_shared_experts:
       y_BLD = y_BLD + layers.SwiGLU(m, f * m.num_shared_experts, name="shared_experts")(x_BLD)

@@ -216,6 +216,11 @@ def parse_variant(spec: str, model: Any) -> tuple[str, dict[str, Any]]:
   return quant, overrides
 
 
+def _variant(row: dict[str, Any]) -> str:
+  """A bench_train row's variant (its --quants entry); rows from before variants: the quant."""
+  return row.get("variant", row["quant"])
+
+
 def project_to_depth(results: list[dict[str, Any]], full_depth: int,
                      peak_tflops: float) -> list[dict[str, Any]]:
   """Fits step time = a + b * layers per variant; returns the projections to `full_depth` layers.
@@ -226,8 +231,8 @@ def project_to_depth(results: list[dict[str, Any]], full_depth: int,
   `peak_tflops` per device.
   """
   projections = []
-  for quant in dict.fromkeys(r.get("variant", r["quant"]) for r in results):
-    rows = [r for r in results if r.get("variant", r["quant"]) == quant]
+  for variant in dict.fromkeys(map(_variant, results)):
+    rows = [r for r in results if _variant(r) == variant]
     if len({r["layers"] for r in rows}) < 2:
       continue
     slope, intercept = np.polyfit([r["layers"] for r in rows], [r["step_ms"] for r in rows], 1)
@@ -235,7 +240,7 @@ def project_to_depth(results: list[dict[str, Any]], full_depth: int,
     flops_full = ref["flops_per_token"] * ref["_full_flops_ratio"]
     step_ms = intercept + slope * full_depth
     tokens_per_s = ref["batch"] * ref["seq_len"] / (step_ms / 1e3)
-    projections.append({"quant": quant, "layers": full_depth, "ms_per_layer": slope,
+    projections.append({"quant": variant, "layers": full_depth, "ms_per_layer": slope,
                         "fixed_ms": intercept, "step_ms": step_ms,
                         "tokens_per_s": tokens_per_s,
                         "mfu": flops_full * tokens_per_s / (peak_tflops * 1e12)})
@@ -260,7 +265,7 @@ def compare_losses(results: list[dict[str, Any]], window: int,
     for row in rows[1:]:
       base = rows[0]
       steps = min(len(base["losses"]), len(row["losses"])) // window * window
-      if row.get("variant", row["quant"]) == base.get("variant", base["quant"]) or steps == 0:
+      if _variant(row) == _variant(base) or steps == 0:
         continue
       ref = np.asarray(base["losses"][:steps]).reshape(-1, window).mean(axis=1)
       ours = np.asarray(row["losses"][:steps]).reshape(-1, window).mean(axis=1)
