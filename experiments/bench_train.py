@@ -193,8 +193,7 @@ def run_variant(config: Any, source: Any, name: str, out_dir: str,
   tokens = t.batch_size * t.seq_len
   flops = scaling.flops_per_token(m, t.seq_len)
   result = {
-      "name": name, "variant": name.rsplit("-L", 1)[0], "quant": m.quant,
-      "layers": m.num_hidden_layers,
+      "name": name, "quant": m.quant, "layers": m.num_hidden_layers,
       "moe_layers": config_lib.num_moe_layers(m), "params": params,
       "device": jax.devices()[0].device_kind, "jax": jax.__version__,
       "batch": t.batch_size, "seq_len": t.seq_len, "attention_impl": m.attention_impl,
@@ -307,6 +306,7 @@ def main(argv: list[str]) -> None:
         metrics_lib.log("[%s] failed: %s: %s\n%s", name, type(e).__name__, str(e)[:2000],
                         where[-4000:])
         continue
+      result["variant"] = spec  # The --quants entry, by which results are grouped.
       result["_full_flops_ratio"] = (scaling.flops_per_token(full, t.seq_len)
                                      / result["flops_per_token"])
       results.append(result)
