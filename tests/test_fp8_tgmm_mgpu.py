@@ -11,7 +11,6 @@ Key: M rows, K and N the output's dims, G groups, C 128-row tiles that restart p
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 import pytest
 from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -19,13 +18,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from kernels import fp8_gemm
 from kernels import fp8_quant as fq
 from kernels import fp8_tgmm_mgpu as tgmm
-
-
-def _codes(rng, shape):
-  """Random E4M3 codes over the format's range (zeros, subnormals and 448 included)."""
-  x = np.clip(rng.standard_normal(shape) * np.exp2(rng.integers(-8, 8, shape)), -448, 448)
-  x.flat[:3] = (0.0, 448.0, 2.0**-9)
-  return jnp.asarray(x.astype(ml_dtypes.float8_e4m3fn))
+from tests.test_fp8_mgpu import _codes
 
 
 def _np_tile_ids(num_rows, sizes_G):
