@@ -44,7 +44,7 @@ from kernels import grouped_matmul_mgpu as bf16_mgpu  # noqa: E402
 from ling_jax import profiling  # noqa: E402
 
 _SECTIONS = flags.DEFINE_list(
-    "sections", ["dense", "grouped", "quant"],
+    "sections", ["dense", "grouped", "quant"],  # also: dense_wgrad, expert_align
     "What to time; 'linear' alone runs only the in-jit FP8 linear diagnosis (`diagnose_linear`), "
     "'linear_time' alone only `time_linear`.")
 _DENSE_CONFIGS = flags.DEFINE_list(
@@ -53,13 +53,18 @@ _DENSE_CONFIGS = flags.DEFINE_list(
     "Tilings tm:tn:stages:grid_minor:grid_width:scalar_b_scale[:wg_split[:acc_cols[:probe]]] "
     "for the dense GEMMs (Fp8TileConfig's fields; e.g. 128:128:3:m:16:1:m:128, warpgroups "
     "split by rows, 128-column accumulators; a 9th field times a probe: const_sb or "
-    "no_promote, numerically wrong). Session 6's specs had a body field (ws) after the 6th.")
+    "no_promote, numerically wrong); tokens 'chain' and 'overlap' anywhere after the 6th switch "
+    "on those Fp8TileConfig flags. Session 6's specs had a body field (ws) after the 6th.")
 _GROUPED_CONFIGS = flags.DEFINE_list(
     "grouped_configs", ["128:128:3:m:4:1:n:64", "128:64:4:n:1:1"],
     "Tilings for the grouped GEMMs (same format); the first is the Ling-mini experts' tuning "
     "(fp8_gemm_mgpu.TILE_CONFIGS). 128x128 warpgroup tiles without split accumulators "
     "(acc_cols 0) spill registers.")
 _GROUPED_SHAPES = flags.DEFINE_list("grouped_shapes", ["mini", "flash", "1t"], "Expert shapes.")
+_GROUPED_PROBLEMS = flags.DEFINE_list(
+    "grouped_problems", ["up", "down"],
+    "Expert GEMMs to time: up, down (forward), up_dgrad, down_dgrad (their input gradients: "
+    "K and N swapped).")
 _DENSE_SHAPE_COUNT = flags.DEFINE_integer("dense_shapes", 5, "Time the first n dense shapes.")
 _TORCH = flags.DEFINE_bool("torch", True, "Time torch's blockwise scaled_mm too.")
 _QUICK_CHECK = flags.DEFINE_bool(
@@ -129,13 +134,16 @@ def _write_json() -> None:
 
 
 def _config(spec: str) -> mgpu.Fp8TileConfig:
-  """tm:tn:stages:grid_minor:grid_width:scalar_b_scale[:wg_split[:acc_cols[:probe]]]."""
-  tm, tn, stages, minor, width, scalar, *rest = spec.split(":")
+  """tm:tn:stages:grid_minor:grid_width:scalar_b_scale[:wg_split[:acc_cols[:probe]]], then
+  optional tokens `chain` and `overlap` (Fp8TileConfig's flags of those names)."""
+  tokens = spec.split(":")
+  flags_on = {t for t in tokens if t in ("chain", "overlap")}
+  tm, tn, stages, minor, width, scalar, *rest = [t for t in tokens if t not in flags_on]
   extra = dict(zip(("wg_split", "acc_cols", "probe"), rest))
   if "acc_cols" in extra:
     extra["acc_cols"] = int(extra["acc_cols"])
   return mgpu.Fp8TileConfig(int(tm), int(tn), int(stages), minor, int(width), scalar == "1",
-                            **extra)
+                            **extra, **{flag: True for flag in flags_on})
 
 
 def _operands(key, m_dim, k_dim, n_dim, groups=None):
@@ -505,12 +513,38 @@ def time_dense() -> None:
     _write_json()
 
 
+def time_dense_wgrad() -> None:
+  """The linears' weight gradients, x^T dy over 16,384 tokens (K): B is dy^T, 1x128-tiled along
+  the tokens (b_scaling "tile", B's scale read per column), with every --dense_configs tiling."""
+  key = jax.random.PRNGKey(13)
+  for name, tokens, d_in, d_out in _DENSE_SHAPES[1:_DENSE_SHAPE_COUNT.value]:
+    flops = 2 * tokens * d_in * d_out
+    a_q, sa, b_q, _ = _operands(key, d_in, tokens, d_out)
+    sb = jnp.exp2(jax.random.randint(key, (d_out, tokens // 128), -10, -4)).astype(jnp.float32)
+    for spec in _DENSE_CONFIGS.value:
+      cfg = _config(spec)
+      if not mgpu.supports(tokens, d_out, jnp.bfloat16, cfg):
+        continue
+      f = jax.jit(lambda a, s, b, t, cfg=cfg: mgpu.matmul_fp8(a, s, b, t, b_scaling="tile",
+                                                              config=cfg))
+      try:
+        tf = flops / _bench(f, a_q, sa.T, b_q, sb.T) / 1e12
+      except Exception as e:
+        print(f"dense wgrad {name} {spec} failed: {type(e).__name__}: {str(e)[:400]}")
+        continue
+      _record(f"dense wgrad {name} fp8 ours {spec}", tf, "TFLOP/s")
+    _write_json()
+
+
 def time_grouped() -> None:
   key = jax.random.PRNGKey(12)
   for shape in _GROUPED_SHAPES.value:
     rows, groups, hidden, width = _EXPERT_SHAPES[shape]
     sizes = jnp.full((groups,), rows // groups, jnp.int32)
-    for pname, (k_dim, n_dim) in {"up": (hidden, 2 * width), "down": (width, hidden)}.items():
+    problems = {"up": (hidden, 2 * width), "down": (width, hidden),
+                "up_dgrad": (2 * width, hidden), "down_dgrad": (hidden, width)}
+    for pname in _GROUPED_PROBLEMS.value:
+      k_dim, n_dim = problems[pname]
       flops = 2 * rows * k_dim * n_dim
       a_q, sa, b_q, sb = _operands(key, rows, k_dim, n_dim, groups)
       row = {"shape": shape, "problem": pname, "K": k_dim, "N": n_dim}
@@ -835,6 +869,10 @@ def _print_tables() -> None:
 
 def main(argv):
   del argv
+  unknown = set(_GROUPED_PROBLEMS.value) - {"up", "down", "up_dgrad", "down_dgrad"}
+  if unknown:
+    raise app.UsageError(f"--grouped_problems: unknown {sorted(unknown)}; use up, down, up_dgrad "
+                         "or down_dgrad.")
   print(jax.__version__, jax.devices(), "auto backend:", fp8_gemm._resolve_backend("auto"),
         flush=True)
   if _SECTIONS.value == ["linear"]:  # the in-jit diagnosis alone (BENCHMARKS.md, session 4)
@@ -857,7 +895,8 @@ def main(argv):
       RESULTS.update({f"baseline {k}": v for k, v in gpu_baselines.RESULTS.items()})
     except Exception as e:
       print("gpu_baselines failed:", type(e).__name__, str(e)[:300])
-  for section, fn in (("dense", time_dense), ("grouped", time_grouped), ("quant", time_quant),
+  for section, fn in (("dense", time_dense), ("dense_wgrad", time_dense_wgrad),
+                      ("grouped", time_grouped), ("quant", time_quant),
                       ("expert_align", time_expert_align), ("linear_time", time_linear)):
     if section in _SECTIONS.value:
       try:

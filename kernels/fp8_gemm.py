@@ -12,8 +12,9 @@ summation order. Backends:
   - "pallas_mosaic_gpu": `kernels.fp8_gemm_mgpu` (Hopper, e4m3 wgmma) for `fp8_matmul` and
     `fp8_grouped_matmul` where `fp8_gemm_mgpu.supports` holds (K a multiple of 128, N of 128,
     bf16 or fp32 out); other shapes take the reference. `fp8_transposed_grouped_matmul` (tiles
-    that restart per group) has its own kernel, `kernels.fp8_tgmm_mgpu`, switched on for the GPU
-    by `_WGRAD_KERNEL_ON_GPU`; without it, it dequantises to bf16 for the bf16 wgrad kernel.
+    that restart per group) has its own kernel, `kernels.fp8_tgmm_mgpu`, for groups padded to
+    32 rows or more (`_WGRAD_KERNEL_ON_GPU` switches it off); otherwise it dequantises to bf16
+    for the bf16 wgrad kernel.
   - "pallas_mosaic_gpu_interpret": the same kernels in Pallas's GPU interpreter with small tiles,
     for CPU tests; strict: a shape they do not cover raises instead of falling back.
   - "auto": "pallas_mosaic_gpu" on Hopper GPUs (`_AUTO_USES_KERNEL`: the measurement), else
@@ -212,10 +213,12 @@ def fp8_grouped_matmul(a_q_MK: jax.Array, a_scale_MKt: jax.Array, b_q_GNK: jax.A
                                 backend="reference")
 
 
-# "pallas_mosaic_gpu" runs the FP8 wgrad kernel (`fp8_tgmm_mgpu.tgmm_fp8`) only while this is
-# True: it has run in the interpreter and been lowered for CUDA, but not yet on a GPU (its check
-# there: `python -m kernels.fp8_tgmm_mgpu`). False: the dequantise + bf16 path below.
-_WGRAD_KERNEL_ON_GPU = False
+# "pallas_mosaic_gpu" runs the FP8 wgrad kernel (`fp8_tgmm_mgpu.tgmm_fp8`) while this is True;
+# False: the dequantise + bf16 path below. On an H200 (BENCHMARKS.md, session 10) the kernel
+# matched the reference (3e-4 fp32 out) and ran at 240 / 227 TFLOP/s with fp32 out against the
+# bf16 path's 150 / 107 (Ling-mini up / down, row_align 32); with bf16 out it was slower (113 /
+# 111), so a bf16 gradient is computed in fp32 and then rounded (`_kernel_tgmm`).
+_WGRAD_KERNEL_ON_GPU = True
 
 
 def _kernel_tgmm(backend: str, fn: str, k_dim: int, n_dim: int, out_dtype, row_align: int):
@@ -230,9 +233,10 @@ def _kernel_tgmm(backend: str, fn: str, k_dim: int, n_dim: int, out_dtype, row_a
   if row_align < tgmm.MIN_ROW_ALIGN:
     return None
   if backend == "pallas_mosaic_gpu":
-    if not (_WGRAD_KERNEL_ON_GPU and tgmm.supports(k_dim, n_dim, out_dtype)):
+    if not (_WGRAD_KERNEL_ON_GPU and tgmm.supports(k_dim, n_dim, jnp.float32)):
       return None
-    return functools.partial(tgmm.tgmm_fp8, row_align=row_align, out_dtype=out_dtype)
+    fp32_kernel = functools.partial(tgmm.tgmm_fp8, row_align=row_align, out_dtype=jnp.float32)
+    return lambda *args: fp32_kernel(*args).astype(out_dtype)  # fp32 out is the faster store
   if not tgmm.supports(k_dim, n_dim, out_dtype, tgmm.INTERPRET_CONFIG):
     raise ValueError(
         f"{fn}: backend 'pallas_mosaic_gpu_interpret' has no FP8 wgrad kernel for K={k_dim}, "
@@ -263,7 +267,8 @@ def fp8_transposed_grouped_matmul(
   as `fp8_quant.quantize_rows_transposed` takes it.
 
   The FP8 kernel (`kernels.fp8_tgmm_mgpu`: e4m3 wgmma per 128-row tile, fp32 promotion) runs in
-  the interpret backend, and on "pallas_mosaic_gpu" while `_WGRAD_KERNEL_ON_GPU` is set, for
+  the interpret backend, and on "pallas_mosaic_gpu" while `_WGRAD_KERNEL_ON_GPU` is set (fp32
+  out, rounded to out_dtype after), for
   row_align >= `fp8_tgmm_mgpu.MIN_ROW_ALIGN` (32) and the shapes `fp8_tgmm_mgpu.supports`. Else
   the reference dequantises to fp32 and loops over row tiles in XLA, and the kernel backends
   dequantise to bf16 (each value an E4M3 code times its fp32 scale, rounded once: 2^-9

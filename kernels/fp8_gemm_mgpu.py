@@ -36,6 +36,16 @@ its own output tile in shared memory, see `store_sums`), and
 layout: wgmmas 64 rows high). B's block scales are read from global memory one step ahead
 (carried), off the critical path, and A's before the wgmma is issued.
 
+Two flags take the rest of the idle time (session 10; the tuned tilings set both):
+  - `chain`: one pipeline runs across all of an SM's units (the pipeline's START, STEADY and
+    STOP states), so the memory warpgroup loads the next unit's first steps while the compute
+    warpgroups promote and store this one. K = 512 is only 4 steps a unit: the Ling-mini down
+    projection went from 569 to 633-661 TFLOP/s with it.
+  - `overlap`: a warpgroup issues accumulator c + 1's wgmma before it waits for c's, so that
+    c's promotion runs beside the next wgmma. Two accumulators of partial sums are live then;
+    with `wg_split="m"` and 64-column accumulators that is 2 x 32 registers a thread beside
+    the 128 of the running sum.
+
 Supported: K a multiple of 128, N a multiple of 2 * tile_n (tile_n 128 or 64 after the
 shared-memory fit), bf16 or fp32 out, accumulators of whole 128-byte rows of the
 output tile lying in one 128-column block of B. `supports` says so; kernels/fp8_gemm.py falls
@@ -87,6 +97,15 @@ class Fp8TileConfig:
   # block scale as 1 instead of reading it from global memory; "no_promote" accumulates all of K
   # in one wgmma accumulator (no per-step wait, no scales), as a bf16 GEMM does. "" = the kernel.
   probe: str = ""
+  # One pipeline chained across all of an SM's units (the pipeline's START / STEADY / STOP
+  # states): the memory warpgroup loads the next unit's first K steps while the compute
+  # warpgroups finish and store this one, rather than each unit starting with an empty ring.
+  # It needs the stages to divide K's steps; `gmm_fp8` lowers them to a divisor (`chained`).
+  chain: bool = False
+  # Each K step issues the next accumulator's wgmma before it waits for and promotes the
+  # current one (two accumulators of partial sums in flight), so a warpgroup's promotion
+  # arithmetic overlaps its own next wgmma. Without it, each wgmma is waited before the next.
+  overlap: bool = False
 
   @property
   def wg_shape(self) -> tuple[int, int]:
@@ -121,22 +140,55 @@ class Fp8TileConfig:
 # and 1175 at 8192^3 (two machines), 966 / 551 on the experts, where 128 x 128 units with each
 # warpgroup on 64 rows (wg_split "m") gave 862 / 523 in the same call. Those bf16-output timings
 # were of the kernel before session 8's store fix (its outputs were wrong); after it, 1108 at
-# 8192^3 (the experts not yet re-timed).
+# 8192^3 (the experts not yet re-timed). Session 10 (one call, bf16 out, balanced, bf16 grouped
+# GEMM 757 / 608): 128 x 128 units split by rows with 64-column accumulators, the pipeline
+# chained across units and each promotion overlapping the next wgmma, 941 (up) / 697 (down)
+# against 931 / 569 for the session 6 tiling; chaining alone gave the down projection 633-661.
 # Absent shapes take the default, narrowed by `fit_smem` and by N.
-_EXPERTS = Fp8TileConfig(grid_minor="m", grid_width=4, acc_cols=64)
+_EXPERTS = Fp8TileConfig(tile_n=64, stages=4, grid_minor="m", grid_width=4, wg_split="m",
+                         acc_cols=64, chain=True, overlap=True)
 TILE_CONFIGS: dict[tuple[int, int, str], Fp8TileConfig] = {
     (2048, 1024, "bfloat16"): _EXPERTS,  # Ling-mini expert gate+up
     (512, 2048, "bfloat16"): _EXPERTS,  # Ling-mini expert down
+    # Their input gradients (session 10, second call): 836 for the session 6 default tiling
+    # (the others within 1%), 841 for _EXPERTS' (bf16: 624 / 614).
+    (1024, 2048, "bfloat16"): Fp8TileConfig(grid_minor="m", grid_width=16, acc_cols=64),
+    (2048, 512, "bfloat16"): _EXPERTS,
     # Ling-flash expert gate+up: not timed with the new tilings yet (session 4's choice)
     (4096, 2048, "bfloat16"): Fp8TileConfig(grid_minor="m", grid_width=4),
 }
-DEFAULT_TILE_CONFIG = Fp8TileConfig(grid_minor="m", grid_width=16, acc_cols=64)
+# Session 10, dense (same call): 128 x 128 units split by rows, chained, overlapped, 1144 at
+# 8192^3 against 1062 for session 6's default (n split, unchained); Ling-mini's QKV 1053 / 996,
+# attention out 1027 / 954, dense FFN up 1107 / 1048, down 1041 / 1069. The chain lowers the
+# stages to 2 where 3 do not divide K's steps (`chained`).
+DEFAULT_TILE_CONFIG = Fp8TileConfig(grid_minor="m", grid_width=16, wg_split="m", acc_cols=64,
+                                    chain=True, overlap=True)
+# B in 1x128 tiles (the linears' weight gradients, K = tokens) keeps session 6's default: in the
+# training step's profile (session 10, 2 layers) these wgrads ran at 224-362 TFLOP/s under the
+# default above, and the step's attention projections and dense FFN took 7 ms more than in
+# session 8's profile. Not yet timed in isolation (`bench_fp8 --sections=dense_wgrad`).
+TILE_SCALED_DEFAULT = Fp8TileConfig(grid_minor="m", grid_width=16, acc_cols=64)
 
 
-def tile_config(k_dim: int, n_dim: int, out_dtype) -> Fp8TileConfig:
-  """The tuned tiling for a shape, else the default with tile_n narrowed until 2 * tile_n | N."""
+def chained(cfg: Fp8TileConfig, k_steps: int) -> Fp8TileConfig:
+  """cfg with `chain` kept only where it can run: the stages lowered to the largest divisor of
+  K's steps (at least 2) that is no more than cfg.stages; unchained where there is none and
+  for the "no_promote" probe (its slots are released a step late)."""
+  if not cfg.chain:
+    return cfg
+  if cfg.probe != "no_promote":
+    for stages in range(min(cfg.stages, k_steps), 1, -1):
+      if k_steps % stages == 0:
+        return dataclasses.replace(cfg, stages=stages)
+  return dataclasses.replace(cfg, chain=False)
+
+
+def tile_config(k_dim: int, n_dim: int, out_dtype, b_scaling: str = "block") -> Fp8TileConfig:
+  """The tuned tiling for a shape, else the default (for B's scaling) with tile_n narrowed until
+  2 * tile_n | N."""
   out_dtype = jnp.dtype(out_dtype)
-  cfg = TILE_CONFIGS.get((k_dim, n_dim, out_dtype.name), DEFAULT_TILE_CONFIG)
+  default = TILE_SCALED_DEFAULT if b_scaling == "tile" else DEFAULT_TILE_CONFIG
+  cfg = TILE_CONFIGS.get((k_dim, n_dim, out_dtype.name), default)
   cfg = cfg.fit_smem(out_dtype.itemsize)
   while n_dim % cfg.cta_n and cfg.tile_n > 64:
     cfg = dataclasses.replace(cfg, tile_n=cfg.tile_n // 2)
@@ -200,13 +252,39 @@ def mma_promote(cfg: Fp8TileConfig, a_smem, b_smem_NK, sums: tuple, scale_of) ->
 
   a_smem holds the warpgroup's rows of A, b_smem_NK its rows of B (output columns). Per
   accumulator c (cfg.acc_n columns), one wgmma into a fresh fp32 accumulator, then its wait and
-  the promotion. scale_of(c) gives a rows x acc_n scale from values loaded before the wgmma.
+  the promotion; with cfg.overlap the wgmma of c + 1 runs while c is promoted. scale_of(c) gives
+  a rows x acc_n scale.
   """
+  def issue(acc_ref, c):
+    b_cols = b_smem_NK.at[pl.ds(c * cfg.acc_n, cfg.acc_n)]
+    plgpu.wgmma(acc_ref, a_smem, b_cols.transpose((1, 0)))
+
+  if cfg.overlap and len(sums) > 1:
+    shape = sums[0].shape
+
+    def promote_from(c, acc_ref, out):
+      """acc_ref holds accumulator c's wgmma in flight: issue c + 1's into a fresh accumulator
+      (a nested scope, so that its zeros are made only now), then wait for c alone (wait_n=1
+      leaves c + 1 running) and promote it."""
+      if c + 1 == len(sums):
+        part_RN = plgpu.wgmma_accumulator_load(acc_ref, wait_n=0)
+        return (*out, sums[c] + part_RN * scale_of(c))
+
+      def next_scope(next_ref):
+        issue(next_ref, c + 1)
+        part_RN = plgpu.wgmma_accumulator_load(acc_ref, wait_n=1)
+        return promote_from(c + 1, next_ref, (*out, sums[c] + part_RN * scale_of(c)))
+      return pl.run_scoped(next_scope, plgpu.ACC(shape, jnp.float32))
+
+    def first_scope(acc_ref):
+      issue(acc_ref, 0)
+      return promote_from(0, acc_ref, ())
+    return pl.run_scoped(first_scope, plgpu.ACC(shape, jnp.float32))
+
   out = []
   for c, sum_RN in enumerate(sums):
     def partial(acc_ref, c=c):
-      b_cols = b_smem_NK.at[pl.ds(c * cfg.acc_n, cfg.acc_n)]
-      plgpu.wgmma(acc_ref, a_smem, b_cols.transpose((1, 0)))
+      issue(acc_ref, c)
       return acc_ref[...]  # waits for the wgmma
 
     part_RN = pl.run_scoped(partial, plgpu.ACC(sum_RN.shape, jnp.float32))
@@ -238,7 +316,7 @@ def _kernel_body(cfg: Fp8TileConfig, num_groups: int, scalar_sb: bool,
   n_tiles = out_gmem.shape[1] // cta_n
   f32 = jnp.float32
 
-  def pipeline(mma_step, compute_context, col_tile):
+  def pipeline(mma_step, compute_context, col_tile, state=None):
     # "no_promote" keeps a wgmma in flight past its step: release each slot one step late.
     late = dict(delay_release=1) if cfg.probe == "no_promote" else {}
     in_specs = [
@@ -262,6 +340,7 @@ def _kernel_body(cfg: Fp8TileConfig, num_groups: int, scalar_sb: bool,
         num_compute_wgs=2,
         max_concurrent_steps=cfg.stages,
         compute_context=compute_context,
+        pipeline_state=state,
     )
 
   def operands(start, group):
@@ -277,7 +356,8 @@ def _kernel_body(cfg: Fp8TileConfig, num_groups: int, scalar_sb: bool,
 
   @functools.partial(
       pl.run_scoped,
-      allocs=pipeline(ignore, ignore, 0).get_allocations(*operands(0, 0)),
+      allocs=pipeline(ignore, ignore, 0, plgpu.PipelinePipeline.START if cfg.chain else None
+                      ).get_allocations(*operands(0, 0)),
       # [warpgroup, accumulator]: one output tile per accumulator (`store_sums`). (Mosaic
       # GPU's layout inference rejects 64-row stores into a swizzled tile.)
       out_smem=plgpu.SMEM((2, wg_cols // acc_n, wg_rows, acc_n), out_gmem.dtype,
@@ -318,6 +398,10 @@ def _kernel_body(cfg: Fp8TileConfig, num_groups: int, scalar_sb: bool,
             run_pipeline(acc_ref)
             store((acc_ref[...],))
           pl.run_scoped(run, plgpu.ACC((wg_rows, wg_cols), f32))
+        elif cfg.chain:  # tail units ran the pipeline too (below): store zeros for them
+          sums, _ = run_pipeline((zero_sums(cfg), block_scales(0)))
+          pl.when(is_tail)(lambda: store(zero_sums(cfg)))
+          pl.when(jnp.logical_not(is_tail))(lambda: store(sums))
         else:
           sums, _ = run_pipeline((zero_sums(cfg), block_scales(0)))
           store(sums)
@@ -356,13 +440,25 @@ def _kernel_body(cfg: Fp8TileConfig, num_groups: int, scalar_sb: bool,
 
         return mma_promote(cfg, a_wg, b_wg, sums, scale_of), sb_next
 
-      @pl.when(is_tail & (wg < 2))
-      def _():
-        store(zero_sums(cfg))
+      if cfg.chain:
+        # One pipeline across all of this SM's units. Every unit runs it, tail units too (on
+        # the last group's weights), since a skipped call would break the chain. A lone unit
+        # starts it and never stops it: the kernel ends there, with nothing left in flight.
+        last = info.num_local_steps - 1
+        state = jnp.where(
+            info.local_index == 0, int(plgpu.PipelinePipeline.START),
+            jnp.where(info.local_index == last, int(plgpu.PipelinePipeline.STOP),
+                      int(plgpu.PipelinePipeline.STEADY)))
+        pipeline(mma_step, compute_context, ni, state)(*operands(start, group),
+                                                       allocations=allocs)
+      else:
+        @pl.when(is_tail & (wg < 2))
+        def _():
+          store(zero_sums(cfg))
 
-      @pl.when(jnp.logical_not(is_tail))
-      def _():
-        pipeline(mma_step, compute_context, ni)(*operands(start, group), allocations=allocs)
+        @pl.when(jnp.logical_not(is_tail))
+        def _():
+          pipeline(mma_step, compute_context, ni)(*operands(start, group), allocations=allocs)
 
   plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
@@ -391,7 +487,8 @@ def gmm_fp8(a_q_MK: jax.Array, sa_KtM: jax.Array, b_q_GNK: jax.Array, sb_GKtX: j
   num_rows, k_dim = a_q_MK.shape
   num_groups, n_dim, _ = b_q_GNK.shape
   out_dtype = jnp.dtype(out_dtype)
-  cfg = (config or tile_config(k_dim, n_dim, out_dtype)).fit_smem(out_dtype.itemsize)
+  cfg = (config or tile_config(k_dim, n_dim, out_dtype, b_scaling)).fit_smem(out_dtype.itemsize)
+  cfg = chained(cfg, k_dim // TILE_K)
   kt, nt = k_dim // TILE_K, pl.cdiv(n_dim, TILE_K)
   want_sb = {"block": (num_groups, kt, nt), "tile": (num_groups, kt, n_dim)}.get(b_scaling)
   if (not supports(k_dim, n_dim, out_dtype, cfg) or b_q_GNK.shape[2] != k_dim

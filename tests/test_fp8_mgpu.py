@@ -9,6 +9,8 @@ wgmma rounding, timings) is in experiments/bench_fp8.py.
 Key: M rows, K contraction, N output columns, G groups, Kt K-steps of 128.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import ml_dtypes
@@ -126,6 +128,37 @@ def test_row_split_body_matches_fp64(case):
   np.testing.assert_array_equal(np.asarray(out)[sum(sizes):], 0.0)
 
 
+@pytest.mark.parametrize("variant", ["chain", "overlap", "chain_overlap_rows"])
+def test_chained_and_overlapped_bodies_match_fp64(variant):
+  """`chain` (one pipeline across an SM's units, tail units running it too) and `overlap` (the
+  next accumulator's wgmma in flight while one is promoted; three accumulators per warpgroup,
+  each waited for while the next runs). Three SMs for 5+ units each: START, STEADY and STOP all run.
+  K = 512 is 4 steps; the 3 stages asked for drop to 2, the largest divisor (`chained`)."""
+  rows = variant.endswith("rows")
+  cfg = mgpu.Fp8TileConfig(
+      tile_m=128 if rows else 64, tile_n=96, stages=3, grid_minor="m", grid_width=2,
+      wg_split="m" if rows else "n", acc_cols=64 if rows else 32,
+      chain="chain" in variant, overlap="overlap" in variant)
+  assert cfg.wg_shape[1] // cfg.acc_n == 3
+  m_dim, sizes = 203, [0, 70, 3, 0, 100]  # 30 tail rows
+  assert mgpu.chained(cfg, 4).stages == (2 if cfg.chain else 3)
+  rng = np.random.default_rng(7)
+  (a_q, sa, b_q, sb), (a_MK, b_GNK) = _operands(rng, m_dim, 512, 384, len(sizes))
+  out = mgpu.gmm_fp8(a_q, sa.T, b_q, jnp.swapaxes(sb, 1, 2), jnp.asarray(sizes, jnp.int32),
+                     out_dtype=jnp.float32, config=cfg, interpret=_INTERPRET, num_sms=3)
+  _assert_close(out, _np_grouped(a_MK, b_GNK, sizes), 1e-5)
+  np.testing.assert_array_equal(np.asarray(out)[sum(sizes):], 0.0)
+
+
+def test_chained_keeps_chain_only_where_it_can_run():
+  cfg = mgpu.Fp8TileConfig(stages=4, chain=True)
+  assert mgpu.chained(cfg, 16).stages == 4 and mgpu.chained(cfg, 6).stages == 3
+  assert mgpu.chained(cfg, 5) == dataclasses.replace(cfg, chain=False)  # no divisor 2..4
+  assert not mgpu.chained(cfg, 1).chain
+  assert not mgpu.chained(dataclasses.replace(cfg, probe="no_promote"), 16).chain
+  assert mgpu.chained(mgpu.Fp8TileConfig(stages=3), 4).stages == 3  # unchained: unchanged
+
+
 @pytest.mark.parametrize("b_scaling", ["block", "tile"])
 def test_dense_backend_interpret_matches_fp64(b_scaling):
   """fp8_matmul through the interpret backend: both B scalings, bf16 out, M off the tile."""
@@ -188,6 +221,9 @@ def test_supports_and_smem_fit():
   assert not mgpu.supports(192, 256, jnp.bfloat16)  # K off the 128 step
   assert not mgpu.supports(256, 96, jnp.bfloat16)  # N off 2 x 64
   assert not mgpu.supports(256, 256, jnp.bfloat16, mgpu.Fp8TileConfig(wg_split="k"))
+  # The linears' wgrads (B tiled 1x128) keep their own default; the table is keyed by shape.
+  assert mgpu.tile_config(16384, 3072, jnp.bfloat16, "tile") == mgpu.TILE_SCALED_DEFAULT
+  assert mgpu.tile_config(16384, 3072, jnp.bfloat16).chain
   for k_dim, n_dim in ((2048, 1024), (512, 2048), (8192, 8192), (2048, 384)):
     for out_dtype in (jnp.bfloat16, jnp.float32):
       cfg = mgpu.tile_config(k_dim, n_dim, out_dtype)
@@ -195,16 +231,21 @@ def test_supports_and_smem_fit():
       assert n_dim % cfg.cta_n == 0 and cfg.stages >= 2
 
 
-@pytest.mark.parametrize("shape", ["dense_8192", "mini_up", "wgrad_tile", "dense_8192_rows"])
+@pytest.mark.parametrize("shape", ["dense_8192", "mini_up", "wgrad_tile", "dense_8192_rows",
+                                   "mini_down_chain_overlap"])
 def test_kernel_lowers_for_cuda_at_full_size(shape):
   """Layout inference (WGMMA row/column scale vectors, fp8 swizzles) without a GPU."""
   m_dim, k_dim, n_dim, groups = {"dense_8192": (8192, 8192, 8192, 1),
                                  "mini_up": (16384, 2048, 1024, 256),
                                  "wgrad_tile": (2048, 16384, 2048, 1),
-                                 "dense_8192_rows": (8192, 8192, 8192, 1)}[shape]
+                                 "dense_8192_rows": (8192, 8192, 8192, 1),
+                                 "mini_down_chain_overlap": (16384, 512, 2048, 256)}[shape]
   b_scaling = "tile" if shape == "wgrad_tile" else "block"
   cfg = {"dense_8192_rows": mgpu.Fp8TileConfig(grid_minor="m", grid_width=16, wg_split="m",
-                                               acc_cols=128)}.get(shape)
+                                               acc_cols=128),
+         "mini_down_chain_overlap": mgpu.Fp8TileConfig(stages=4, grid_minor="m", grid_width=4,
+                                                       wg_split="m", acc_cols=64, chain=True,
+                                                       overlap=True)}.get(shape)
   sb_cols = n_dim if b_scaling == "tile" else n_dim // 128
   spec = jax.ShapeDtypeStruct
   f = jax.jit(lambda *a: mgpu.gmm_fp8(*a, b_scaling=b_scaling, config=cfg, num_sms=132))

@@ -111,12 +111,19 @@ def test_bad_input_raises_before_compiling():
         backend="pallas_mosaic_gpu_interpret", row_align=32)
 
 
-def test_gpu_backend_keeps_the_bf16_path_until_switched_on(monkeypatch):
-  assert not fp8_gemm._WGRAD_KERNEL_ON_GPU
-  assert fp8_gemm._kernel_tgmm("pallas_mosaic_gpu", "f", 2048, 1024, jnp.bfloat16, 32) is None
-  monkeypatch.setattr(fp8_gemm, "_WGRAD_KERNEL_ON_GPU", True)
-  assert fp8_gemm._kernel_tgmm("pallas_mosaic_gpu", "f", 2048, 1024, jnp.bfloat16, 32)
+def test_gpu_backend_takes_the_kernel_from_row_align_32_in_fp32(monkeypatch):
+  """On the GPU the kernel runs for groups padded to 32 rows or more, always with fp32 out (its
+  bf16 store was slower there), rounded to the asked dtype after; the switch turns it off."""
+  assert fp8_gemm._WGRAD_KERNEL_ON_GPU
   assert fp8_gemm._kernel_tgmm("pallas_mosaic_gpu", "f", 2048, 1024, jnp.bfloat16, 16) is None
+  calls = []
+  monkeypatch.setattr(tgmm, "tgmm_fp8", lambda *a, **kw: calls.append(kw) or jnp.ones(
+      (1, 2, 2), kw["out_dtype"]))
+  kernel = fp8_gemm._kernel_tgmm("pallas_mosaic_gpu", "f", 2048, 1024, jnp.bfloat16, 32)
+  assert kernel().dtype == jnp.bfloat16
+  assert calls == [{"row_align": 32, "out_dtype": jnp.float32}]
+  monkeypatch.setattr(fp8_gemm, "_WGRAD_KERNEL_ON_GPU", False)
+  assert fp8_gemm._kernel_tgmm("pallas_mosaic_gpu", "f", 2048, 1024, jnp.bfloat16, 32) is None
 
 
 @pytest.mark.parametrize("row_align, out_dtype", [(32, jnp.bfloat16), (128, jnp.float32)])
