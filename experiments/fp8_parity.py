@@ -26,6 +26,9 @@ the parity is best judged over several seeds:
 
   python -m experiments.fp8_parity --out_dir=/tmp/parity --steps=1000 --seeds=0,1,2
 
+At a large config (Ling-mini width on a GPU), `--drop_checkpoints` deletes each run's
+checkpoints when it finishes, so that the seeds' runs fit the disk.
+
 Each seed's pair trains in `--out_dir/seed_S` (`config.train.seed=S`, which also sets the data
 order) and gets its own `parity.md`; `seeds.md` and `seeds.json` hold the per-seed gaps, their
 mean and spread, and the verdict is on the mean gap. The pairs run seed by seed, so a time limit
@@ -38,6 +41,7 @@ unless excess precision is off; kernels/fp8_quant.py now blocks that itself, and
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -61,6 +65,11 @@ _REPORT_ONLY = flags.DEFINE_bool("report_only", False, "Only rebuild the reports
 _SEEDS = flags.DEFINE_list(
     "seeds", [], "config.train.seed of each pair, e.g. 0,1,2 (empty: the config's seed, runs "
     "directly in --out_dir).")
+_DROP_CHECKPOINTS = flags.DEFINE_bool(
+    "drop_checkpoints", False, "Delete each run's checkpoints once it has finished (its metrics "
+    "and logs stay), so that many runs of a large config fit the disk: each ends with a forced "
+    "checkpoint, ~19 GB at 2 layers of Ling-mini width. A finished run is marked (FINISHED in "
+    "its workdir) and skipped when the command runs again; an unfinished one resumes as usual.")
 _TIME_LIMIT = flags.DEFINE_integer(
     "time_limit_s", 0, "Stop the trainings after this long in all and compare the steps they "
     "all reached (0: no limit).")
@@ -100,11 +109,27 @@ def _start(seed: int | None, recipe: str | None) -> subprocess.Popen:
     return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
+FINISHED = "FINISHED"  # --drop_checkpoints' mark of a run that trained all its steps
+
+
+def _finish(workdir: str) -> None:
+  """With --drop_checkpoints: marks a finished run and deletes its checkpoints."""
+  if not _DROP_CHECKPOINTS.value:
+    return
+  with open(os.path.join(workdir, FINISHED), "w") as f:
+    f.write(f"{_STEPS.value}\n")
+  shutil.rmtree(os.path.join(workdir, "checkpoints"), ignore_errors=True)
+  metrics_lib.log("Finished %s; its checkpoints are deleted (--drop_checkpoints).", workdir)
+
+
 def _train_all(runs: list[tuple[int | None, str | None]]) -> list[str]:
   """Runs the (seed, recipe) trainings in order, `--jobs` at a time (each resumes, or skips, a
   run already in its workdir); returns the workdirs of those that failed."""
   deadline = time.monotonic() + _TIME_LIMIT.value if _TIME_LIMIT.value else float("inf")
-  waiting, running, failed = list(runs), [], []
+  done = [r for r in runs if os.path.exists(os.path.join(run_dir(*r), FINISHED))]
+  for r in done:
+    metrics_lib.log("Skipping %s: finished, checkpoints dropped.", run_dir(*r))
+  waiting, running, failed = [r for r in runs if r not in done], [], []
   while waiting or running:
     while waiting and len(running) < max(_JOBS.value, 1) and time.monotonic() < deadline:
       r = waiting.pop(0)
@@ -121,6 +146,8 @@ def _train_all(runs: list[tuple[int | None, str | None]]) -> list[str]:
         running.remove((proc, r))
         if proc.returncode != 0:
           failed.append(run_dir(*r))
+        else:
+          _finish(run_dir(*r))
     time.sleep(1)
   return failed
 

@@ -67,3 +67,35 @@ def test_seed_summary_is_the_mean_and_spread_of_the_per_seed_gaps():
   assert "| mean of 3 | 2.0000 | 2.0200 | +1.00% (sd 3.00%, s.e. 1.73%) |" in table
   with pytest.raises(ValueError, match="--seeds"):
     fp8.seed_summary({})
+
+
+_DRIVER = """
+import os, sys
+from absl import flags
+from experiments import fp8_parity
+flags.FLAGS(["fp8_parity", "--out_dir=" + sys.argv[1], "--drop_checkpoints", "--steps=3"])
+# A stand-in for experiments.train: writes a checkpoint and counts its runs; "full" fails.
+fake = ("import os, sys; w = sys.argv[1]; os.makedirs(os.path.join(w, 'checkpoints', '3')); "
+        "open(os.path.join(w, 'runs'), 'a').write('x'); sys.exit(sys.argv[2] == 'full')")
+fp8_parity.train_command = lambda recipe, workdir, seed=None: [
+    sys.executable, "-c", fake, workdir, str(recipe)]
+runs = [(None, None), (None, "full")]
+print("failed", [os.path.basename(w) for w in fp8_parity._train_all(runs)])
+print("failed", [os.path.basename(w) for w in fp8_parity._train_all(runs[:1])])
+"""
+
+
+def test_drop_checkpoints_deletes_a_finished_runs_checkpoints_and_skips_it_next_time(tmp_path):
+  """--drop_checkpoints: a run that exits 0 loses its checkpoints and is marked FINISHED, and a
+  second invocation does not train it again; a failed run keeps its checkpoints. (A subprocess:
+  fp8_parity's absl flags would collide with other experiments' in this process.)"""
+  import os
+  import subprocess
+  import sys
+  out = subprocess.run([sys.executable, "-c", _DRIVER, str(tmp_path)], capture_output=True,
+                       text=True, cwd=os.path.dirname(os.path.dirname(__file__)), check=True)
+  assert out.stdout.splitlines() == ["failed ['fp8_blockwise']", "failed []"], out.stderr
+  none, full = tmp_path / "none", tmp_path / "fp8_blockwise"
+  assert not (none / "checkpoints").exists() and (none / "FINISHED").read_text() == "3\n"
+  assert (none / "runs").read_text() == "x"  # trained once, skipped the second time
+  assert (full / "checkpoints" / "3").is_dir() and not (full / "FINISHED").exists()
