@@ -103,8 +103,10 @@ def variant_config(base: Any, quant: str, depth: int | None,
     config.model[field] = value
   if depth:
     if depth <= config.model.first_k_dense_replace:
-      config_lib.fail("--depths", f"{depth} layers leave no MoE layer after the "
-                      f"{config.model.first_k_dense_replace} dense ones", "use deeper variants")
+      dense = config.model.first_k_dense_replace
+      raise config_lib.ConfigError(
+          f"--depths: {depth} layers leave no MoE layer after the {dense} dense ones. Fix: use "
+          f"depths above {dense}.")
     config.model.num_hidden_layers = depth
   return config
 
@@ -254,7 +256,11 @@ def markdown(results: list[dict[str, Any]], projections: list[dict[str, Any]],
 def main(argv: list[str]) -> None:
   del argv
   base = _CONFIG.value
-  depths = [int(d) for d in _DEPTHS.value] or [None]
+  try:
+    depths = [int(d) for d in _DEPTHS.value] or [None]
+  except ValueError:
+    raise app.UsageError(f"--depths={','.join(_DEPTHS.value)}: give whole numbers of layers, "
+                         "e.g. --depths=2,4") from None
   if _PROFILE_DEPTH.value is not None and _PROFILE_DEPTH.value not in depths:
     raise app.UsageError(f"--profile_depth={_PROFILE_DEPTH.value} is not one of --depths="
                          f"{','.join(_DEPTHS.value)}: pick one of them, or leave it unset to "

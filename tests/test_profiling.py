@@ -178,6 +178,9 @@ def test_bench_train_end_to_end(tmp_path):
 
 @pytest.mark.parametrize("flags, message", [
     (["--depths=2,4", "--profile_depth=3"], "--profile_depth=3 is not one of --depths=2,4"),
+    (["--depths=1,3"], "--depths: 1 layers leave no MoE layer after the 1 dense ones. Fix: use "
+                       "depths above 1."),
+    (["--depths=2,four"], "--depths=2,four: give whole numbers of layers"),
     (["--quants=none,none+moe_backnd=reference"],
      "--quants=none+moe_backnd=reference: 'moe_backnd=reference' is not field=value"),
 ])
