@@ -48,18 +48,18 @@ _SECTIONS = flags.DEFINE_list(
     "What to time; 'linear' alone runs only the in-jit FP8 linear diagnosis (`diagnose_linear`), "
     "'linear_time' alone only `time_linear`.")
 _DENSE_CONFIGS = flags.DEFINE_list(
-    "dense_configs", ["128:128:3:n:1:1", "128:128:3:m:8:1", "128:128:3:m:16:1",
-                      "128:128:3:m:8:0"],
+    "dense_configs", ["128:128:3:m:16:1:m:64:chain:overlap", "128:128:3:m:16:1:n:64",
+                      "128:128:3:m:16:1:m:64:overlap"],
     "Tilings tm:tn:stages:grid_minor:grid_width:scalar_b_scale[:wg_split[:acc_cols[:probe]]] "
     "for the dense GEMMs (Fp8TileConfig's fields; e.g. 128:128:3:m:16:1:m:128, warpgroups "
     "split by rows, 128-column accumulators; a 9th field times a probe: const_sb or "
     "no_promote, numerically wrong); tokens 'chain' and 'overlap' anywhere after the 6th switch "
     "on those Fp8TileConfig flags. Session 6's specs had a body field (ws) after the 6th.")
 _GROUPED_CONFIGS = flags.DEFINE_list(
-    "grouped_configs", ["128:128:3:m:4:1:n:64", "128:64:4:n:1:1"],
+    "grouped_configs", ["128:64:4:m:4:1:m:64:chain:overlap", "128:128:3:m:4:1:n:64"],
     "Tilings for the grouped GEMMs (same format); the first is the Ling-mini experts' tuning "
-    "(fp8_gemm_mgpu.TILE_CONFIGS). 128x128 warpgroup tiles without split accumulators "
-    "(acc_cols 0) spill registers.")
+    "(fp8_gemm_mgpu.TILE_CONFIGS), the second session 6's. 128x128 warpgroup tiles without "
+    "split accumulators (acc_cols 0) spill registers.")
 _GROUPED_SHAPES = flags.DEFINE_list("grouped_shapes", ["mini", "flash", "1t"], "Expert shapes.")
 _GROUPED_PROBLEMS = flags.DEFINE_list(
     "grouped_problems", ["up", "down"],
