@@ -246,6 +246,12 @@ def markdown(results: list[dict[str, Any]], projections: list[dict[str, Any]],
                 f"{b['device_ms_per_step']:.1f} ms of {r['step_ms']:.1f} ms wall):", "",
                 "| part | ms/step | share |", "|---|---:|---:|"]
       lines += [f"| {k} | {v:.1f} | {b['share'][k]:.1%} |" for k, v in b["ms_per_step"].items()]
+      lines += ["", f"The five largest parts of {r['name']} by op kind (a kernel's jitted wrapper, "
+                "else the XLA instruction kind; ms per step, the six largest each):", "",
+                "| part | kind | ms/step |", "|---|---|---:|"]
+      for part in list(b["ms_per_step"])[:5]:
+        lines += [f"| {part} | {kind} | {ms:.2f} |"
+                  for kind, ms in list(b.get("kinds", {}).get(part, {}).items())[:6]]
       lines += ["", f"Costliest ops of {r['name']}:", "",
                 "| op | ms/step | part | name stack (tail) |", "|---|---:|---|---|"]
       lines += [f"| {o['op']} | {o['ms_per_step']:.2f} | {o['category']} | "

@@ -72,6 +72,17 @@ def categorize(op_name: str) -> str:
   return OTHER
 
 
+def op_kind(op: str, op_name: str) -> str:
+  """What kind of work an HLO instruction is: the innermost jitted function in its name stack
+  other than the step itself (`jit(gmm_fp8)`, `jit(quantize)`: our kernels and their wrappers),
+  else the instruction's own kind (`input_transpose_fusion`, `custom-call`) without its number.
+  """
+  inner = re.findall(r"jit\((\w+)\)", op_name)[1:]
+  if inner:
+    return f"jit({inner[-1]})"
+  return re.sub(r"\.\d+$", "", op)
+
+
 def instruction_names(hlo_text: str) -> dict[str, str]:
   """Returns {HLO instruction name: its op_name metadata} for every instruction of the module."""
   names = {}
@@ -148,7 +159,8 @@ def breakdown(trace_path: str, hlo_text: str, steps: int, top: int = 25) -> dict
   """Returns the per-step device time of each category of a profiled program.
 
   `steps` is how many calls of the program the trace holds. The result holds `ms_per_step` and
-  `share` per category, the summed `device_ms_per_step`, and the `top` costliest `top_ops`.
+  `share` per category, each category's `kinds` (ms per step by `op_kind`), the summed
+  `device_ms_per_step`, and the `top` costliest `top_ops`.
   """
   if steps <= 0:
     raise ValueError(f"steps: must be positive, got {steps}. Fix: pass the profiled step count.")
@@ -158,14 +170,22 @@ def breakdown(trace_path: str, hlo_text: str, steps: int, top: int = 25) -> dict
     raise ValueError(f"{trace_path} holds no op of module {module_name(hlo_text)!r}. Fix: "
                      "profile calls of the same compiled program whose HLO you passed.")
   per_category: dict[str, float] = collections.defaultdict(float)
+  per_kind: dict[str, dict[str, float]] = collections.defaultdict(
+      lambda: collections.defaultdict(float))
   for op, micros in times.items():
-    per_category[categorize(names.get(op, ""))] += micros
+    category = categorize(names.get(op, ""))
+    per_category[category] += micros
+    per_kind[category][op_kind(op, names.get(op, ""))] += micros
   total = sum(per_category.values())
   ordered = sorted(per_category.items(), key=lambda kv: -kv[1])
   return {
       "device_ms_per_step": total / steps / 1e3,
       "ms_per_step": {k: v / steps / 1e3 for k, v in ordered},
       "share": {k: v / total for k, v in ordered},
+      # Per part, its time by op kind (`op_kind`), largest first.
+      "kinds": {k: {kind: v / steps / 1e3
+                    for kind, v in sorted(per_kind[k].items(), key=lambda kv: -kv[1])}
+                for k, _ in ordered},
       "top_ops": [{"op": op, "ms_per_step": micros / steps / 1e3,
                    "category": categorize(names.get(op, "")), "op_name": names.get(op, "")}
                   for op, micros in sorted(times.items(), key=lambda kv: -kv[1])[:top]],

@@ -54,6 +54,19 @@ def test_categories_follow_the_name_stack(op_name, category):
   assert profiling.categorize(op_name) == category
 
 
+@pytest.mark.parametrize("op, op_name, kind", [
+    ("mpmd_map.139", "jit(train_step)/transpose(jvp(Ling2))/gate_up/jit(gmm_fp8)/anonymous/"
+     "mpmd_map", "jit(gmm_fp8)"),
+    ("pallas_call.3", "jit(train_step)/mlp/experts/jit(quantize)/jit(inner)/pallas_call",
+     "jit(inner)"),
+    ("input_transpose_fusion.12", "jit(train_step)/mlp/experts/convert_element_type",
+     "input_transpose_fusion"),
+    ("custom-call", "", "custom-call"),
+])
+def test_op_kind_is_the_innermost_kernel_wrapper_or_the_instruction_kind(op, op_name, kind):
+  assert profiling.op_kind(op, op_name) == kind
+
+
 def test_instruction_names_read_every_computation():
   names = profiling.instruction_names(_HLO)
   assert names["fusion.3"] == "jit(step)/moe_layers/mlp/experts/mul"
@@ -92,6 +105,8 @@ def test_breakdown_counts_device_ops_once(tmp_path):
   assert summary["device_ms_per_step"] == pytest.approx(0.8)
   assert summary["share"]["moe_experts"] == pytest.approx(0.75)
   assert summary["top_ops"][0]["op"] == "fusion.3"
+  assert summary["kinds"]["moe_experts"] == pytest.approx({"fusion": 0.6})
+  assert summary["kinds"]["attention_core"] == pytest.approx({"custom-call": 0.15})
   assert "moe_experts" in profiling.format_breakdown(summary, step_ms=1.0)
   with pytest.raises(ValueError, match="holds no op"):
     profiling.breakdown(path, _HLO.replace("jit_step", "jit_nothing"), steps=2)
@@ -173,7 +188,8 @@ def test_bench_train_end_to_end(tmp_path):
   assert {"moe_experts", "optimizer", "attention_core"} <= set(shares)
   assert (tmp_path / "none-L3.trace.json.gz").exists()
   assert (tmp_path / "none-L3.hlo.txt.gz").exists()
-  assert "| none-L2 |" in (tmp_path / "summary.md").read_text()
+  summary_md = (tmp_path / "summary.md").read_text()
+  assert "| none-L2 |" in summary_md and "by op kind" in summary_md
 
 
 @pytest.mark.parametrize("flags, message", [
