@@ -460,6 +460,26 @@ def _torch_blockwise():
   return prepare, run, bench, (lambda t: t.float().cpu().numpy())
 
 
+def _time_tilings(label: str, specs, k_dim: int, n_dim: int, flops: float, call,
+                  *args) -> tuple[float, str | None]:
+  """Times `call(cfg)(*args)` for each tiling spec that covers (K, N), records each as
+  "<label> <spec>", and returns the best TFLOP/s with its spec (0, None if none ran)."""
+  best, best_spec = 0.0, None
+  for spec in specs:
+    cfg = _config(spec)
+    if not mgpu.supports(k_dim, n_dim, jnp.bfloat16, cfg):
+      continue
+    try:
+      tf = flops / _bench(jax.jit(call(cfg)), *args) / 1e12
+    except Exception as e:
+      print(f"{label} {spec} failed: {type(e).__name__}: {str(e)[:400]}")
+      continue
+    _record(f"{label} {spec}", tf, "TFLOP/s")
+    if tf > best:
+      best, best_spec = tf, spec
+  return best, best_spec
+
+
 def time_dense() -> None:
   torch_ops = _torch_blockwise() if _TORCH.value else None
   key = jax.random.PRNGKey(11)
@@ -467,21 +487,9 @@ def time_dense() -> None:
     flops = 2 * m_dim * k_dim * n_dim
     a_q, sa, b_q, sb = _operands(key, m_dim, k_dim, n_dim)
     row = {"shape": name, "M": m_dim, "K": k_dim, "N": n_dim}
-    best, best_spec = 0.0, None
-    for spec in _DENSE_CONFIGS.value:
-      cfg = _config(spec)
-      if not mgpu.supports(k_dim, n_dim, jnp.bfloat16, cfg):
-        continue
-      f = jax.jit(lambda a, s, b, t, cfg=cfg: mgpu.matmul_fp8(a, s, b, t, config=cfg))
-      try:
-        tf = flops / _bench(f, a_q, sa.T, b_q, sb.T) / 1e12
-      except Exception as e:
-        print(f"dense {name} {spec} failed: {type(e).__name__}: {str(e)[:400]}")
-        continue
-      _record(f"dense {name} fp8 blockwise ours {spec}", tf, "TFLOP/s")
-      if tf > best:
-        best, best_spec = tf, spec
-    row["ours kernel"], row["ours cfg"] = best, best_spec
+    row["ours kernel"], row["ours cfg"] = _time_tilings(
+        f"dense {name} fp8 blockwise ours", _DENSE_CONFIGS.value, k_dim, n_dim, flops,
+        lambda cfg: functools.partial(mgpu.matmul_fp8, config=cfg), a_q, sa.T, b_q, sb.T)
     f = jax.jit(lambda a, s, b, t: fp8_gemm.fp8_matmul(a, s, b, t, backend="pallas_mosaic_gpu"))
     row["ours op"] = flops / _bench(f, a_q, sa, b_q, sb) / 1e12
     _record(f"dense {name} fp8 blockwise ours, fp8_matmul (+scale transposes)", row["ours op"],
@@ -521,18 +529,9 @@ def time_dense_wgrad() -> None:
     flops = 2 * tokens * d_in * d_out
     a_q, sa, b_q, _ = _operands(key, d_in, tokens, d_out)
     sb = jnp.exp2(jax.random.randint(key, (d_out, tokens // 128), -10, -4)).astype(jnp.float32)
-    for spec in _DENSE_CONFIGS.value:
-      cfg = _config(spec)
-      if not mgpu.supports(tokens, d_out, jnp.bfloat16, cfg):
-        continue
-      f = jax.jit(lambda a, s, b, t, cfg=cfg: mgpu.matmul_fp8(a, s, b, t, b_scaling="tile",
-                                                              config=cfg))
-      try:
-        tf = flops / _bench(f, a_q, sa.T, b_q, sb.T) / 1e12
-      except Exception as e:
-        print(f"dense wgrad {name} {spec} failed: {type(e).__name__}: {str(e)[:400]}")
-        continue
-      _record(f"dense wgrad {name} fp8 ours {spec}", tf, "TFLOP/s")
+    _time_tilings(f"dense wgrad {name} fp8 ours", _DENSE_CONFIGS.value, tokens, d_out, flops,
+                  lambda cfg: functools.partial(mgpu.matmul_fp8, b_scaling="tile", config=cfg),
+                  a_q, sa.T, b_q, sb.T)
     _write_json()
 
 
@@ -548,21 +547,10 @@ def time_grouped() -> None:
       flops = 2 * rows * k_dim * n_dim
       a_q, sa, b_q, sb = _operands(key, rows, k_dim, n_dim, groups)
       row = {"shape": shape, "problem": pname, "K": k_dim, "N": n_dim}
-      best, best_spec = 0.0, None
-      for spec in _GROUPED_CONFIGS.value:
-        cfg = _config(spec)
-        if not mgpu.supports(k_dim, n_dim, jnp.bfloat16, cfg):
-          continue
-        f = jax.jit(lambda a, s, b, t, g, cfg=cfg: mgpu.gmm_fp8(a, s, b, t, g, config=cfg))
-        try:
-          tf = flops / _bench(f, a_q, sa.T, b_q, jnp.swapaxes(sb, 1, 2), sizes) / 1e12
-        except Exception as e:
-          print(f"grouped {shape} {pname} {spec} failed: {type(e).__name__}: {str(e)[:400]}")
-          continue
-        _record(f"grouped {shape} {pname} fp8 ours {spec}", tf, "TFLOP/s")
-        if tf > best:
-          best, best_spec = tf, spec
-      row["ours kernel"], row["ours cfg"] = best, best_spec
+      row["ours kernel"], row["ours cfg"] = _time_tilings(
+          f"grouped {shape} {pname} fp8 ours", _GROUPED_CONFIGS.value, k_dim, n_dim, flops,
+          lambda cfg: functools.partial(mgpu.gmm_fp8, config=cfg),
+          a_q, sa.T, b_q, jnp.swapaxes(sb, 1, 2), sizes)
       f = jax.jit(lambda a, s, b, t, g: fp8_gemm.fp8_grouped_matmul(
           a, s, b, t, g, backend="pallas_mosaic_gpu"))
       row["ours op"] = flops / _bench(f, a_q, sa, b_q, sb, sizes) / 1e12
