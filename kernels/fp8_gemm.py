@@ -323,10 +323,6 @@ def _quantize_x(x_MK, tile_ids_M, num_tiles, recipe, backend, row_align=1):
   return None, None
 
 
-def _metrics_of(x: jax.Array, q: jax.Array, scale: jax.Array) -> jax.Array:
-  return fq.quant_metrics(x, q, fq.dequantize_tiles(q, scale))
-
-
 # ---- FP8 linear: y = x @ w, the recipe's GEMMs in FP8. ----
 
 
@@ -363,9 +359,9 @@ def _fp8_linear_fwd(x_MK, w_KN, probe_2, backend, recipe):
 
 def _fp8_linear_bwd(backend, recipe, res, dy_MN):
   x_saved, w_saved, (x_dt, w_dt) = res
-  dy_q, dy_s, dyt_q_NM, dyt_s_NC = fq.quantize_tiles_with_transpose(
+  dy_q, dy_s, dyt_q_NM, dyt_s_NC, dy_metrics = fq.quantize_tiles_with_transpose(
       dy_MN, None, pl.cdiv(dy_MN.shape[0], fq.TILE), recipe.pow2_scales,
-      backend=_quant_backend(backend))
+      backend=_quant_backend(backend), with_metrics=True)
   if recipe.dgrad:
     dx_MK = fp8_matmul(dy_q, dy_s, *w_saved, out_dtype=x_dt.dtype, backend=backend)
   else:
@@ -375,7 +371,7 @@ def _fp8_linear_bwd(backend, recipe, res, dy_MN):
                        backend=backend)
   else:
     dw_KN = _dot_hp(x_saved, dy_MN, (0, 0), w_dt.dtype)
-  return dx_MK, dw_KN, _metrics_of(dy_MN, dy_q, dy_s)
+  return dx_MK, dw_KN, dy_metrics
 
 
 fp8_linear.defvjp(_fp8_linear_fwd, _fp8_linear_bwd)
@@ -419,9 +415,9 @@ def _fp8_grouped_fwd(x_MK, w_GKN, group_sizes_G, probe_2, backend, recipe, row_a
 def _fp8_grouped_bwd(backend, recipe, row_align, res, dy_MN):
   x_saved, w_saved, group_sizes_G, (x_dt, w_dt) = res
   tile_ids_M, num_tiles = fq.row_tile_ids(dy_MN.shape[0], group_sizes_G)
-  dy_q, dy_s, dyt_q_NM, dyt_s_NC = fq.quantize_tiles_with_transpose(
+  dy_q, dy_s, dyt_q_NM, dyt_s_NC, dy_metrics = fq.quantize_tiles_with_transpose(
       dy_MN, tile_ids_M, num_tiles, recipe.pow2_scales, backend=_quant_backend(backend),
-      row_align=row_align)
+      row_align=row_align, with_metrics=True)
   if recipe.dgrad:
     dx_MK = fp8_grouped_matmul(dy_q, dy_s, *w_saved, group_sizes_G, out_dtype=x_dt.dtype,
                                backend=backend)
@@ -435,8 +431,7 @@ def _fp8_grouped_bwd(backend, recipe, row_align, res, dy_MN):
   else:
     dw_GKN = gmm_lib.transposed_grouped_matmul(x_saved, dy_MN, group_sizes_G,
                                                preferred_element_type=w_dt.dtype)
-  return (dx_MK, dw_GKN, np.zeros(group_sizes_G.shape, jax.dtypes.float0),
-          _metrics_of(dy_MN, dy_q, dy_s))
+  return dx_MK, dw_GKN, np.zeros(group_sizes_G.shape, jax.dtypes.float0), dy_metrics
 
 
 fp8_grouped_linear.defvjp(_fp8_grouped_fwd, _fp8_grouped_bwd)

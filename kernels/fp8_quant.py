@@ -47,6 +47,13 @@ _BACKENDS = ("xla", "pallas_triton", "pallas_triton_interpret")
 # 1.9x (per-expert tiles). The jitted fp8_linear forward + backward at 16384 x 2048 -> 3072: 389
 # TFLOP/s against 242 with XLA quantisation.
 _AUTO_USES_KERNEL = True
+# `quantize_tiles_with_transpose(with_metrics=True)` takes the metrics' partial sums from the
+# Triton kernel (no second read of x) on the interpret backend, and on "pallas_triton" only while
+# this is True: it is bit-tested in the interpreter but has not been compiled for a GPU yet (the
+# check: `python -m kernels.fp8_quant_triton`).
+# False: the metrics re-read x and the codes in XLA, as before (1.4 ms per Ling-mini MoE layer
+# at 12 x 4096 tokens, BENCHMARKS.md, session 10).
+_METRICS_IN_KERNEL_ON_GPU = False
 
 
 def _resolve_backend(backend: str) -> str:
@@ -232,13 +239,20 @@ def _check_row_align(fn: str, num_rows: int, row_align: int):
                      f"group_align) or pass row_align=1.")
 
 
-def _transposed_kernel(x_MK, tile_ids_M, num_tiles, pow2_scales, backend, want_rows, row_align):
-  """The Triton kernel's outputs in the public layouts (scales transposed back)."""
+def _transposed_kernel(x_MK, tile_ids_M, num_tiles, pow2_scales, backend, want_rows, row_align,
+                       metrics=False):
+  """The Triton kernel's outputs in the public layouts (scales transposed back), and with
+  `metrics` the row codes' [underflow, cosine] last."""
   from kernels import fp8_quant_triton as fqt
   bounds = (None, None) if tile_ids_M is None else _tile_bounds(tile_ids_M, num_tiles)
   outs = fqt.quantize(x_MK, *bounds, want_rows=want_rows, want_cols=True,
                       num_tiles=None if tile_ids_M is None else num_tiles, row_align=row_align,
-                      pow2=pow2_scales, interpret=backend == "pallas_triton_interpret")
+                      pow2=pow2_scales, interpret=backend == "pallas_triton_interpret",
+                      metrics=metrics)
+  if metrics:
+    *outs, sums, counts = outs
+    return (*(o.T if i % 2 else o for i, o in enumerate(outs)),
+            fqt.metrics_of_partials(sums, counts))
   return tuple(o.T if i % 2 else o for i, o in enumerate(outs))
 
 
@@ -303,26 +317,34 @@ def dequantize_rows_transposed(q_KM: jax.Array, scale_KC: jax.Array, tile_ids_M:
 
 def quantize_tiles_with_transpose(
     x_MK: jax.Array, tile_ids_M: jax.Array | None, num_tiles: int, pow2_scales: bool = False,
-    *, backend: str = "auto", row_align: int = 1
-) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    *, backend: str = "auto", row_align: int = 1, with_metrics: bool = False
+) -> tuple[jax.Array, ...]:
   """Both FP8 layouts of x for the backward pass: K-tiles of x and M-tiles of x^T.
 
   tile_ids_M and row_align as for `quantize_rows_transposed` (None: 128-row tiles). The kernel
   backends read x once for both.
 
   Returns:
-    (q_MK, scale_MKt) as `quantize_tiles`, and (q_KM, scale_KC) as `quantize_rows_transposed`.
+    (q_MK, scale_MKt) as `quantize_tiles`, and (q_KM, scale_KC) as `quantize_rows_transposed`;
+    with `with_metrics`, then `quant_metrics` of the K-tiles, [underflow, cosine]: from the
+    kernel's partial sums where it runs them (`_METRICS_IN_KERNEL_ON_GPU`), else from x and the
+    codes in XLA.
   """
   backend = _resolve_backend(backend)
   _check_untiled("quantize_tiles_with_transpose", x_MK.shape[0], tile_ids_M, num_tiles)
   _check_row_align("quantize_tiles_with_transpose", x_MK.shape[0], row_align)
   if backend != "xla" and _kernel_takes(x_MK):
-    return _transposed_kernel(x_MK, tile_ids_M, num_tiles, pow2_scales, backend,
-                              want_rows=True, row_align=row_align)
-  q_MK, scale_MKt = quantize_tiles(x_MK, pow2_scales=pow2_scales, backend="xla")
-  q_KM, scale_KC = quantize_rows_transposed(x_MK, tile_ids_M, num_tiles, pow2_scales,
-                                            backend="xla")
-  return q_MK, scale_MKt, q_KM, scale_KC
+    in_kernel = with_metrics and (backend != "pallas_triton" or _METRICS_IN_KERNEL_ON_GPU)
+    outs = _transposed_kernel(x_MK, tile_ids_M, num_tiles, pow2_scales, backend,
+                              want_rows=True, row_align=row_align, metrics=in_kernel)
+  else:
+    outs = (*quantize_tiles(x_MK, pow2_scales=pow2_scales, backend="xla"),
+            *quantize_rows_transposed(x_MK, tile_ids_M, num_tiles, pow2_scales, backend="xla"))
+    in_kernel = False
+  if with_metrics and not in_kernel:
+    q_MK, scale_MKt = outs[:2]
+    outs = (*outs, quant_metrics(x_MK, q_MK, dequantize_tiles(q_MK, scale_MKt)))
+  return outs
 
 
 def quant_metrics(x: jax.Array, q: jax.Array, x_dq: jax.Array) -> jax.Array:

@@ -16,6 +16,11 @@ Scales come out with the tile axis leading, the layout the FP8 GEMM kernels read
 `kernels.fp8_quant` transposes them back to its public layout (XLA cancels the two transposes
 when a GEMM consumes them).
 
+With `metrics` the row codes' safeguard metrics come out too, as per-program partial sums
+(x.x, dq.dq, x.dq, nonzero and flushed counts; `metrics_of_partials`), so that the backward pass
+need not read the gradient again for them (`fp8_quant._METRICS_IN_KERNEL_ON_GPU`; its GPU check
+is `python -m kernels.fp8_quant_triton`).
+
 The arithmetic is fp8_quant's, op for op, so codes and scales are bit-identical: amax of |x| in
 fp32, scale = amax * fp32(1/448) (1 for an all-zero tile; with pow2 the next power of two, taken
 from the bits), q = clip(x * (1 / scale), +-448) rounded to nearest even. Triton lowers an fp32
@@ -86,12 +91,13 @@ def _to_e4m3(x32: jax.Array) -> jax.Array:
 
 def _kernel(starts_ref, counts_ref, x_ref, *out_refs, num_rows, k_dim, rows_per_prog,
             tiles_per_prog, want_rows, want_cols, aligned, row_align, pow2, interpret,
-            transpose_codes):
+            transpose_codes, metrics):
   """Program (c, j): rows [start_c, start_c + count_c), tiles j*T .. j*T + T - 1 along K.
 
   Masks only where a shape needs them (partial row blocks, groups, K off the tile): Triton
   narrows masked stores along their contiguous axis to single bytes, unless it can prove the
-  mask constant over aligned runs (row_align).
+  mask constant over aligned runs (row_align). With `metrics`, the program also writes its
+  partial sums of the row codes' safeguard metrics (`metrics_of_partials`).
   """
   r, t_per = rows_per_prog, tiles_per_prog
   c, j = pl.program_id(0), pl.program_id(1)
@@ -110,7 +116,13 @@ def _kernel(starts_ref, counts_ref, x_ref, *out_refs, num_rows, k_dim, rows_per_
   refs = list(out_refs)
   q_ref, srow_ref = (refs.pop(0), refs.pop(0)) if want_rows else (None, None)
   qt_ref, scol_ref = (refs.pop(0), refs.pop(0)) if want_cols else (None, None)
+  msum_ref, mcount_ref = (refs.pop(0), refs.pop(0)) if metrics else (None, None)
   row_ok_R = jax.lax.broadcasted_iota(jnp.int32, (r,), 0) < count
+  # Partial sums over this program's elements: x.x, dq.dq, x.dq; nonzero x, flushed to code 0.
+  # Masked elements load as 0 and add nothing.
+  sums = [np.float32(0.0)] * 3
+  counts = [np.int32(0)] * 2
+  total = lambda v: jnp.sum(jnp.sum(v, axis=1))
   for t in range(t_per):
     kt = j * t_per + t
     col0 = pl.multiple_of(kt * TILE, TILE)
@@ -132,6 +144,13 @@ def _kernel(starts_ref, counts_ref, x_ref, *out_refs, num_rows, k_dim, rows_per_
       pltriton.store(q_ref.at[pl.ds(start, r), pl.ds(col0, TILE)], q_RT, mask=mask_RT)
       pltriton.store(srow_ref.at[kt, pl.ds(start, r)], scale_R,
                      mask=row_ok_R if row_mask else None)
+      if metrics:
+        dq_RT = q_RT.astype(jnp.float32) * scale_R[:, None]  # fp8_quant.dequantize_tiles
+        nonzero_RT = x_RT != 0
+        sums = [sums[0] + total(x_RT * x_RT), sums[1] + total(dq_RT * dq_RT),
+                sums[2] + total(x_RT * dq_RT)]
+        counts = [counts[0] + total(nonzero_RT.astype(jnp.int32)),
+                  counts[1] + total((nonzero_RT & (dq_RT == 0)).astype(jnp.int32))]
     if want_cols:
       scale_T = _scale_of(jnp.max(abs_RT, axis=0), pow2)
       if transpose_codes:  # transpose the E4M3 codes (a quarter of the bytes of fp32)
@@ -150,6 +169,22 @@ def _kernel(starts_ref, counts_ref, x_ref, *out_refs, num_rows, k_dim, rows_per_
       pltriton.store(qt_ref.at[pl.ds(col0, TILE), pl.ds(start, r)], q_TR, mask=mask_TR)
       pltriton.store(scol_ref.at[c, pl.ds(col0, TILE)], scale_T,
                      mask=col_ok_T if col_mask else None)
+  if metrics:
+    for i, v in enumerate(sums):
+      msum_ref[i, c, j] = v
+    for i, v in enumerate(counts):
+      mcount_ref[i, c, j] = v
+
+
+def metrics_of_partials(sums_3: jax.Array, counts_2: jax.Array) -> jax.Array:
+  """[underflow, cosine] from the kernel's per-program partial sums (`quantize(metrics=True)`),
+  as `fp8_quant.quant_metrics` defines them (its sums in another order)."""
+  xx, dd, xd = (jnp.sum(v) for v in sums_3)
+  nonzero, flushed = (jnp.sum(v) for v in counts_2)
+  underflow = flushed.astype(jnp.float32) / jnp.maximum(nonzero, 1).astype(jnp.float32)
+  norms = jnp.sqrt(xx) * jnp.sqrt(dd)
+  cosine = jnp.where(norms > 0, xd / jnp.where(norms > 0, norms, 1.0), 1.0)
+  return jnp.stack([underflow, cosine]).astype(jnp.float32)
 
 
 def _tiles_per_prog(kt: int, want: int) -> int:
@@ -161,13 +196,13 @@ def _tiles_per_prog(kt: int, want: int) -> int:
 
 @functools.partial(jax.jit, static_argnames=(
     "want_rows", "want_cols", "num_tiles", "row_align", "pow2", "interpret", "rows_per_prog",
-    "tiles_per_prog", "num_warps", "transpose_codes"))
+    "tiles_per_prog", "num_warps", "transpose_codes", "metrics"))
 def quantize(x_MK: jax.Array, starts_C: jax.Array | None = None,
              counts_C: jax.Array | None = None, *, want_rows: bool = True,
              want_cols: bool = False, num_tiles: int | None = None, row_align: int = 1,
              pow2: bool = False, interpret: bool = False, rows_per_prog: int | None = None,
              tiles_per_prog: int | None = None, num_warps: int | None = None,
-             transpose_codes: bool | None = None):
+             transpose_codes: bool | None = None, metrics: bool = False):
   """One read of x [M, K]; returns the asked layouts, scales tile-axis first.
 
   Args:
@@ -184,9 +219,15 @@ def quantize(x_MK: jax.Array, starts_C: jax.Array | None = None,
       program); R is 128 whenever column tiles are asked for. None: `ROWS_LAUNCH` or
       `COLS_LAUNCH`.
     transpose_codes: transpose the column tiles' codes rather than their fp32 values.
+    metrics: also return the row codes' metric partials, fp32 [3, P, J] (x.x, dq.dq, x.dq) and
+      int32 [2, P, J] (nonzero x, nonzero x flushed to 0) over the grid's programs, last;
+      `metrics_of_partials` turns them into fp8_quant.quant_metrics' [underflow, cosine].
+      Needs want_rows.
   """
   num_rows, k_dim = x_MK.shape
   _check_row_align("quantize", num_rows, row_align)
+  if metrics and not want_rows:
+    raise ValueError("quantize: metrics are of the row codes; pass want_rows=True.")
   kt = pl.cdiv(k_dim, TILE)
   aligned = starts_C is None
   launch = COLS_LAUNCH if want_cols else ROWS_LAUNCH
@@ -210,14 +251,54 @@ def quantize(x_MK: jax.Array, starts_C: jax.Array | None = None,
   if want_cols:
     out_shape += [jax.ShapeDtypeStruct((k_dim, num_rows), E4M3),
                   jax.ShapeDtypeStruct((num_c, k_dim), jnp.float32)]
+  grid = (num_c, kt // t_per)
+  if metrics:
+    out_shape += [jax.ShapeDtypeStruct((3, *grid), jnp.float32),
+                  jax.ShapeDtypeStruct((2, *grid), jnp.int32)]
   kernel = functools.partial(
       _kernel, num_rows=num_rows, k_dim=k_dim, rows_per_prog=r, tiles_per_prog=t_per,
       want_rows=want_rows, want_cols=want_cols, aligned=aligned, row_align=row_align, pow2=pow2,
-      interpret=interpret, transpose_codes=transpose_codes)
+      interpret=interpret, transpose_codes=transpose_codes, metrics=metrics)
   return pl.pallas_call(
       kernel,
       out_shape=tuple(out_shape),
-      grid=(num_c, kt // t_per),
+      grid=grid,
       compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=1),
       interpret=interpret,
   )(starts_C.astype(jnp.int32), counts_C.astype(jnp.int32), x_MK)
+
+
+def self_check(num_rows: int = 397056, num_groups: int = 256, row_align: int = 16,
+               widths: tuple[int, ...] = (2048, 1024), backend: str = "pallas_triton") -> None:
+  """GPU check of the metrics in the kernel (`fp8_quant._METRICS_IN_KERNEL_ON_GPU`): at the
+  Ling-mini experts' output gradients (12 x 4096 tokens x top-8, groups padded to 16 rows),
+  prints the kernel's [underflow, cosine] against XLA's, whether the codes are bit-identical,
+  and the ms of both layouts with the metrics from the kernel and re-read in XLA."""
+  from kernels import fp8_quant as fq
+  from ling_jax.profiling import time_queued
+  rng = np.random.default_rng(0)
+  counts = rng.multinomial(num_rows // row_align - num_groups, np.full(num_groups, 1 / num_groups))
+  sizes_G = jnp.asarray(row_align * counts, jnp.int32)
+  tile_ids_M, num_tiles = fq.row_tile_ids(num_rows, sizes_G)
+  print(f"{jax.devices()[0].device_kind}: M={num_rows}, G={num_groups}, row_align={row_align}")
+  for width in widths:
+    x = jax.random.normal(jax.random.key(width), (num_rows, width), jnp.bfloat16) * 1e-3
+    runs = {}
+    for name, in_kernel in (("metrics in XLA", False), ("metrics in kernel", True)):
+      fq._METRICS_IN_KERNEL_ON_GPU = in_kernel
+      fn = jax.jit(lambda x: fq.quantize_tiles_with_transpose(
+          x, tile_ids_M, num_tiles, backend=backend, row_align=row_align,
+          with_metrics=True))
+      runs[name] = (fn(x), time_queued(fn, x))
+    fq._METRICS_IN_KERNEL_ON_GPU = False
+    (xla_out, xla_s), (ker_out, ker_s) = runs.values()
+    same = all(bool(jnp.array_equal(a.view(jnp.uint8) if a.dtype == E4M3 else a,
+                                    b.view(jnp.uint8) if b.dtype == E4M3 else b))
+               for a, b in zip(xla_out[:4], ker_out[:4], strict=True))
+    print(f"[{num_rows}, {width}]: metrics XLA {np.asarray(xla_out[4])}, kernel "
+          f"{np.asarray(ker_out[4])}; codes and scales identical: {same}; "
+          f"{xla_s * 1e3:.3f} ms (XLA metrics) vs {ker_s * 1e3:.3f} ms (kernel metrics)")
+
+
+if __name__ == "__main__":  # python -m kernels.fp8_quant_triton (on a Hopper GPU)
+  self_check()

@@ -104,3 +104,34 @@ def test_backend_choice_and_errors():
   ids, num_tiles = fq.row_tile_ids(130)
   _assert_same(_jit(fq.quantize_rows_transposed, x, None, num_tiles=2, backend="xla"),
                _jit(fq.quantize_rows_transposed, x, ids, num_tiles=num_tiles, backend="xla"))
+
+
+@pytest.mark.parametrize("case", ["groups_bf16", "aligned_fp32"])
+def test_metrics_from_the_kernel_match_the_xla_metrics(case):
+  """with_metrics: the kernel's per-program partial sums give quant_metrics' underflow exactly
+  (counts) and its cosine to fp32 rounding, tiles restarting per group with rows past them,
+  or 128-row tiles with K off the tile; crafted underflow: one tile whose small values flush
+  to code 0 under a large one."""
+  rng = np.random.default_rng(3)
+  if case == "groups_bf16":
+    x = np.array(_x(rng, (256, 200), jnp.float32))
+    tile_ids, num_tiles = fq.row_tile_ids(256, jnp.asarray([0, 16, 144, 0, 48], jnp.int32))
+  else:
+    x = np.array(_x(rng, (300, 333), jnp.float32))
+    tile_ids, num_tiles = None, 3
+  x[7, :128] = 1e-12
+  x[7, 0] = 1.0  # 127 values under 2^-9 * 1.0 / 448: flushed to code 0
+  x = jnp.asarray(x, jnp.bfloat16 if case == "groups_bf16" else jnp.float32)
+  op = functools.partial(fq.quantize_tiles_with_transpose, num_tiles=num_tiles,
+                         with_metrics=True)
+  *codes, metrics = _jit(op, x, tile_ids, backend=_INTERP)
+  *codes_xla, metrics_xla = _jit(op, x, tile_ids, backend="xla")
+  _assert_same(codes, codes_xla)
+  nonzero = np.count_nonzero(np.asarray(x, np.float32))
+  flushed = np.count_nonzero((np.asarray(x, np.float32) != 0)
+                             & (np.asarray(codes[0], np.float32) == 0))
+  assert flushed >= 127
+  np.testing.assert_array_equal(np.asarray(metrics)[0], np.float32(flushed / nonzero))
+  np.testing.assert_array_equal(np.asarray(metrics_xla)[0], np.asarray(metrics)[0])
+  np.testing.assert_allclose(np.asarray(metrics)[1], np.asarray(metrics_xla)[1], rtol=1e-6)
+  assert 0.99 < float(metrics[1]) < 1.0
