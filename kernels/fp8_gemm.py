@@ -342,11 +342,12 @@ def fp8_linear(x_MK: jax.Array, w_KN: jax.Array, probe_2: jax.Array, backend: st
 def _fp8_linear_fwd(x_MK, w_KN, probe_2, backend, recipe):
   del probe_2
   pow2 = recipe.pow2_scales
-  w_q_KN, w_s = fq.quantize_blocks(w_KN, pow2_scales=pow2)
+  w_q_KN, w_q_NK, w_s = fq.quantize_blocks_with_transpose(w_KN, pow2,
+                                                          backend=_quant_backend(backend))
   # 128-row tiles for x^T (tile ids None: no groups).
   x_fp8, xt_fp8 = _quantize_x(x_MK, None, pl.cdiv(x_MK.shape[0], fq.TILE), recipe, backend)
   if recipe.fprop:
-    y_MN = fp8_matmul(*x_fp8, w_q_KN.T, w_s.T, out_dtype=x_MK.dtype, backend=backend)
+    y_MN = fp8_matmul(*x_fp8, w_q_NK, w_s.T, out_dtype=x_MK.dtype, backend=backend)
   else:
     y_MN = _dot_hp(x_MK, w_KN, (1, 0), x_MK.dtype)
   # Saved for the backward pass in FP8 where its GEMM is FP8: x^T for wgrad, w for dgrad (w's
@@ -397,12 +398,12 @@ def fp8_grouped_linear(x_MK: jax.Array, w_GKN: jax.Array, group_sizes_G: jax.Arr
 def _fp8_grouped_fwd(x_MK, w_GKN, group_sizes_G, probe_2, backend, recipe, row_align):
   del probe_2
   pow2 = recipe.pow2_scales
-  w_q_GKN, w_s_GKtNt = fq.quantize_blocks(w_GKN, pow2_scales=pow2)
+  w_q_GKN, w_q_GNK, w_s_GKtNt = fq.quantize_blocks_with_transpose(
+      w_GKN, pow2, backend=_quant_backend(backend))
   x_fp8, xt_fp8 = _quantize_x(x_MK, *fq.row_tile_ids(x_MK.shape[0], group_sizes_G), recipe,
                               backend, row_align)
   if recipe.fprop:
-    y_MN = fp8_grouped_matmul(*x_fp8, jnp.swapaxes(w_q_GKN, 1, 2),
-                              jnp.swapaxes(w_s_GKtNt, 1, 2), group_sizes_G,
+    y_MN = fp8_grouped_matmul(*x_fp8, w_q_GNK, jnp.swapaxes(w_s_GKtNt, 1, 2), group_sizes_G,
                               out_dtype=x_MK.dtype, backend=backend)
   else:
     y_MN = gmm_lib.grouped_matmul(x_MK, w_GKN, group_sizes_G, preferred_element_type=x_MK.dtype)

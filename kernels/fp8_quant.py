@@ -54,6 +54,11 @@ _AUTO_USES_KERNEL = True
 # False: the metrics re-read x and the codes in XLA, as before (1.4 ms per Ling-mini MoE layer
 # at 12 x 4096 tokens, BENCHMARKS.md, session 10).
 _METRICS_IN_KERNEL_ON_GPU = False
+# `quantize_blocks_with_transpose` on "pallas_triton": the one-pass Triton weight quantiser
+# while True, else XLA (3.6 ms per Ling-mini MoE layer for both expert weights' codes,
+# transposed codes and block amax, BENCHMARKS.md, session 10). Bit-tested in the interpreter,
+# not yet compiled for a GPU (the check: `python -m kernels.fp8_quant_triton`).
+_BLOCKS_KERNEL_ON_GPU = False
 
 
 def _resolve_backend(backend: str) -> str:
@@ -167,6 +172,26 @@ def quantize_blocks(w: jax.Array, block: int = TILE,
   scale = _scale_of(jnp.max(jnp.abs(w_blocks), axis=(-3, -1)), pow2_scales)
   q = _to_e4m3(w_blocks * _inv(scale)[..., :, None, :, None]).reshape(w32.shape)
   return q[..., :k_dim, :n_dim], scale
+
+
+def quantize_blocks_with_transpose(w: jax.Array, pow2_scales: bool = False, *,
+                                   backend: str = "auto"
+                                   ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """`quantize_blocks` of w [..., K, N] and its codes transposed, [..., N, K] (the forward
+  GEMM's K-major operand; the dgrad reads the first): (q, q_T, scale).
+
+  The kernel backends read w once for both (`fp8_quant_triton.quantize_blocks_transposed`,
+  for [K, N] and [G, K, N] weights in multiples of 128; on "pallas_triton" only while
+  `_BLOCKS_KERNEL_ON_GPU` is set); the reference quantises, then swaps the codes' axes.
+  """
+  backend = _resolve_backend(backend)
+  if backend != "xla" and (backend != "pallas_triton" or _BLOCKS_KERNEL_ON_GPU):
+    from kernels import fp8_quant_triton as fqt
+    if fqt.blocks_take(w):
+      return fqt.quantize_blocks_transposed(w, pow2=pow2_scales,
+                                            interpret=backend == "pallas_triton_interpret")
+  q, scale = quantize_blocks(w, pow2_scales=pow2_scales)
+  return q, jnp.swapaxes(q, -1, -2), scale
 
 
 def dequantize_blocks(q: jax.Array, scale: jax.Array, dtype=jnp.float32,

@@ -268,12 +268,61 @@ def quantize(x_MK: jax.Array, starts_C: jax.Array | None = None,
   )(starts_C.astype(jnp.int32), counts_C.astype(jnp.int32), x_MK)
 
 
+def _blocks_kernel(w_ref, q_ref, qt_ref, s_ref, *, pow2, interpret):
+  """Program (g, a, b): the 128x128 block (a, b) of w[g] [K, N]: its scale, codes and the
+  codes transposed into [G, N, K]."""
+  g, a, b = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  rows, cols = pl.ds(pl.multiple_of(a * TILE, TILE), TILE), pl.ds(pl.multiple_of(b * TILE, TILE),
+                                                                   TILE)
+  w_RC = w_ref[g, rows, cols].astype(jnp.float32)
+  scale = _scale_of(jnp.max(jnp.max(jnp.abs(w_RC), axis=1)), pow2)
+  q_RC = _to_e4m3(w_RC * _recip_rn(scale, interpret))
+  q_ref[g, rows, cols] = q_RC
+  qt_ref[g, cols, rows] = q_RC.T
+  s_ref[g, a, b] = scale
+
+
+def blocks_take(w: jax.Array) -> bool:
+  """Weights `quantize_blocks_transposed` covers: [K, N] or [G, K, N], both multiples of 128."""
+  return (w.ndim in (2, 3) and w.shape[-1] % TILE == 0 and w.shape[-2] % TILE == 0
+          and w.size > 0 and jnp.dtype(w.dtype) in (jnp.dtype(jnp.bfloat16),
+                                                    jnp.dtype(jnp.float32)))
+
+
+@functools.partial(jax.jit, static_argnames=("pow2", "interpret"))
+def quantize_blocks_transposed(w: jax.Array, *, pow2: bool = False, interpret: bool = False):
+  """One read of a weight w [(G,) K, N]: its 128x128-block codes [(G,) K, N], the same codes
+  transposed [(G,) N, K] and the block scales [(G,) Kt, Nt], as `fp8_quant.quantize_blocks` and
+  a swap of its codes' last two axes give them (`blocks_take` says which weights)."""
+  if not blocks_take(w):
+    raise ValueError(f"quantize_blocks_transposed: w {w.shape} {w.dtype} must be [K, N] or "
+                     "[G, K, N] in bf16 or fp32 with K and N multiples of 128; use "
+                     "fp8_quant.quantize_blocks.")
+  w3 = w if w.ndim == 3 else w[None]
+  groups, k_dim, n_dim = w3.shape
+  kt, nt = k_dim // TILE, n_dim // TILE
+  q, qt, scale = pl.pallas_call(
+      functools.partial(_blocks_kernel, pow2=pow2, interpret=interpret),
+      out_shape=(jax.ShapeDtypeStruct((groups, k_dim, n_dim), E4M3),
+                 jax.ShapeDtypeStruct((groups, n_dim, k_dim), E4M3),
+                 jax.ShapeDtypeStruct((groups, kt, nt), jnp.float32)),
+      grid=(groups, kt, nt),
+      compiler_params=pltriton.CompilerParams(num_warps=8, num_stages=1),
+      interpret=interpret,
+  )(w3)
+  return (q, qt, scale) if w.ndim == 3 else (q[0], qt[0], scale[0])
+
+
 def self_check(num_rows: int = 397056, num_groups: int = 256, row_align: int = 16,
                widths: tuple[int, ...] = (2048, 1024), backend: str = "pallas_triton") -> None:
-  """GPU check of the metrics in the kernel (`fp8_quant._METRICS_IN_KERNEL_ON_GPU`): at the
-  Ling-mini experts' output gradients (12 x 4096 tokens x top-8, groups padded to 16 rows),
-  prints the kernel's [underflow, cosine] against XLA's, whether the codes are bit-identical,
-  and the ms of both layouts with the metrics from the kernel and re-read in XLA."""
+  """GPU check of the switched-off kernel paths of `fp8_quant`, at Ling-mini's expert shapes.
+
+  The metrics in the kernel (`_METRICS_IN_KERNEL_ON_GPU`), at the experts' output gradients
+  (12 x 4096 tokens x top-8, groups padded to 16 rows): the kernel's [underflow, cosine]
+  against XLA's, whether the codes are bit-identical, and the ms of both layouts with the
+  metrics from the kernel and re-read in XLA. Then the weight quantiser
+  (`_BLOCKS_KERNEL_ON_GPU`) on both expert weights: bit-identical to XLA or not, and the ms of
+  each."""
   from kernels import fp8_quant as fq
   from ling_jax.profiling import time_queued
   rng = np.random.default_rng(0)
@@ -281,6 +330,7 @@ def self_check(num_rows: int = 397056, num_groups: int = 256, row_align: int = 1
   sizes_G = jnp.asarray(row_align * counts, jnp.int32)
   tile_ids_M, num_tiles = fq.row_tile_ids(num_rows, sizes_G)
   print(f"{jax.devices()[0].device_kind}: M={num_rows}, G={num_groups}, row_align={row_align}")
+  bits = lambda a: a.view(jnp.uint8) if a.dtype == E4M3 else a  # compare codes bit for bit
   for width in widths:
     x = jax.random.normal(jax.random.key(width), (num_rows, width), jnp.bfloat16) * 1e-3
     runs = {}
@@ -292,12 +342,23 @@ def self_check(num_rows: int = 397056, num_groups: int = 256, row_align: int = 1
       runs[name] = (fn(x), time_queued(fn, x))
     fq._METRICS_IN_KERNEL_ON_GPU = False
     (xla_out, xla_s), (ker_out, ker_s) = runs.values()
-    same = all(bool(jnp.array_equal(a.view(jnp.uint8) if a.dtype == E4M3 else a,
-                                    b.view(jnp.uint8) if b.dtype == E4M3 else b))
+    same = all(bool(jnp.array_equal(bits(a), bits(b)))
                for a, b in zip(xla_out[:4], ker_out[:4], strict=True))
     print(f"[{num_rows}, {width}]: metrics XLA {np.asarray(xla_out[4])}, kernel "
           f"{np.asarray(ker_out[4])}; codes and scales identical: {same}; "
           f"{xla_s * 1e3:.3f} ms (XLA metrics) vs {ker_s * 1e3:.3f} ms (kernel metrics)")
+  for shape in ((num_groups, 2048, 1024), (num_groups, 512, 2048)):
+    w = jax.random.normal(jax.random.key(shape[1]), shape, jnp.bfloat16) * 0.02
+    runs = {}
+    for name, on in (("XLA", False), ("kernel", True)):
+      fq._BLOCKS_KERNEL_ON_GPU = on
+      fn = jax.jit(lambda w: fq.quantize_blocks_with_transpose(w, backend=backend))
+      runs[name] = (fn(w), time_queued(fn, w))
+    fq._BLOCKS_KERNEL_ON_GPU = False
+    (xla_out, xla_s), (ker_out, ker_s) = runs.values()
+    same = all(bool(jnp.array_equal(bits(a), bits(b))) for a, b in zip(xla_out, ker_out))
+    print(f"weights {list(shape)}: identical {same}; {xla_s * 1e3:.3f} ms (XLA) vs "
+          f"{ker_s * 1e3:.3f} ms (kernel)")
 
 
 if __name__ == "__main__":  # python -m kernels.fp8_quant_triton (on a Hopper GPU)

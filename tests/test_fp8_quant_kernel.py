@@ -135,3 +135,25 @@ def test_metrics_from_the_kernel_match_the_xla_metrics(case):
   np.testing.assert_array_equal(np.asarray(metrics_xla)[0], np.asarray(metrics)[0])
   np.testing.assert_allclose(np.asarray(metrics)[1], np.asarray(metrics_xla)[1], rtol=1e-6)
   assert 0.99 < float(metrics[1]) < 1.0
+
+
+@pytest.mark.parametrize("case", ["experts_bf16", "linear_fp32_pow2"])
+def test_blocks_kernel_bit_identical_to_xla(case):
+  """The one-pass weight quantiser: codes, transposed codes and block scales equal to
+  quantize_blocks' (and its codes swapped), for [G, K, N] expert weights in bf16 and a [K, N]
+  weight in fp32 with pow2 scales; an all-zero block gets scale 1."""
+  rng = np.random.default_rng(4)
+  shape, dtype, pow2 = {"experts_bf16": ((3, 256, 384), jnp.bfloat16, False),
+                        "linear_fp32_pow2": ((384, 256), jnp.float32, True)}[case]
+  w = np.array(rng.standard_normal(shape) * np.exp2(rng.integers(-20, 10, shape[:-1] + (1,))))
+  w[..., :128, :128] = 0.0
+  w = jnp.asarray(w, dtype)
+  op = functools.partial(fq.quantize_blocks_with_transpose, pow2_scales=pow2)
+  got = _jit(op, w, backend=_INTERP)
+  _assert_same(got, _jit(op, w, backend="xla"))
+  q, q_t, scale = got
+  np.testing.assert_array_equal(_bits(q_t), _bits(jnp.swapaxes(q, -1, -2)))
+  assert np.all(np.asarray(scale)[..., 0, 0] == 1.0)
+  with pytest.raises(ValueError, match="multiples of 128"):
+    from kernels import fp8_quant_triton as fqt
+    fqt.quantize_blocks_transposed(jnp.ones((100, 128)), interpret=True)
