@@ -10,8 +10,8 @@ grouped (expert) operands those tiles restart at every group's first row, so tha
 two experts; `row_tile_ids` maps each row to its tile.
 
 The functions here are the pure-JAX (XLA) reference; they run everywhere and are the oracle for
-the GPU kernels. `quantize_tiles`, `quantize_rows_transposed` and `quantize_tiles_with_transpose`
-take a `backend`:
+the GPU kernels. `quantize_tiles`, `quantize_rows_transposed`, `quantize_tiles_with_transpose`
+and `quantize_blocks_with_transpose` (a weight's codes in both layouts) take a `backend`:
   - "xla": the reference;
   - "pallas_triton": kernels/fp8_quant_triton.py, one read of x for both layouts (GPU);
   - "pallas_triton_interpret": the same kernel in Pallas's interpreter (CPU tests);
