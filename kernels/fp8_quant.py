@@ -276,9 +276,8 @@ def _transposed_kernel(x_MK, tile_ids_M, num_tiles, pow2_scales, backend, want_r
                       metrics=metrics)
   if metrics:
     *outs, sums, counts = outs
-    return (*(o.T if i % 2 else o for i, o in enumerate(outs)),
-            fqt.metrics_of_partials(sums, counts))
-  return tuple(o.T if i % 2 else o for i, o in enumerate(outs))
+  public = tuple(o.T if i % 2 else o for i, o in enumerate(outs))
+  return (*public, fqt.metrics_of_partials(sums, counts)) if metrics else public
 
 
 def quantize_rows_transposed(x_MK: jax.Array, tile_ids_M: jax.Array | None, num_tiles: int,
@@ -382,7 +381,16 @@ def quant_metrics(x: jax.Array, q: jax.Array, x_dq: jax.Array) -> jax.Array:
   x32, dq32 = x.astype(jnp.float32).reshape(-1), x_dq.astype(jnp.float32).reshape(-1)
   nonzero = x32 != 0
   flushed = nonzero & (_codes_f32(q).reshape(-1) == 0)
-  underflow = jnp.sum(flushed) / jnp.maximum(jnp.sum(nonzero), 1)
-  norms = jnp.sqrt(jnp.sum(x32 * x32)) * jnp.sqrt(jnp.sum(dq32 * dq32))
-  cosine = jnp.where(norms > 0, jnp.sum(x32 * dq32) / jnp.where(norms > 0, norms, 1.0), 1.0)
+  return metrics_from_sums(jnp.sum(x32 * x32), jnp.sum(dq32 * dq32), jnp.sum(x32 * dq32),
+                           jnp.sum(nonzero), jnp.sum(flushed))
+
+
+def metrics_from_sums(xx: jax.Array, dd: jax.Array, xd: jax.Array, nonzero: jax.Array,
+                      flushed: jax.Array) -> jax.Array:
+  """`quant_metrics` from its sums over the elements: x.x, dq.dq, x.dq (fp32), and the counts
+  of nonzero x and of those flushed to code 0 (integers); also how the quantise kernel's
+  per-program partial sums are combined (`fp8_quant_triton.metrics_of_partials`)."""
+  underflow = flushed.astype(jnp.float32) / jnp.maximum(nonzero, 1).astype(jnp.float32)
+  norms = jnp.sqrt(xx) * jnp.sqrt(dd)
+  cosine = jnp.where(norms > 0, xd / jnp.where(norms > 0, norms, 1.0), 1.0)
   return jnp.stack([underflow, cosine]).astype(jnp.float32)

@@ -48,6 +48,7 @@ from kernels.fp8_quant import E4M3_INV_MAX
 from kernels.fp8_quant import E4M3_MAX
 from kernels.fp8_quant import TILE
 from kernels.fp8_quant import _check_row_align
+from kernels.fp8_quant import metrics_from_sums
 
 # Launches, the best of experiments/bench_fp8.py's on an H200 (2026-11-30, BENCHMARKS.md, session
 # 5). Rows alone, R rows x T 128-column tiles per program: 32 x 4 with 4 warps (every launch tried
@@ -179,12 +180,7 @@ def _kernel(starts_ref, counts_ref, x_ref, *out_refs, num_rows, k_dim, rows_per_
 def metrics_of_partials(sums_3: jax.Array, counts_2: jax.Array) -> jax.Array:
   """[underflow, cosine] from the kernel's per-program partial sums (`quantize(metrics=True)`),
   as `fp8_quant.quant_metrics` defines them (its sums in another order)."""
-  xx, dd, xd = (jnp.sum(v) for v in sums_3)
-  nonzero, flushed = (jnp.sum(v) for v in counts_2)
-  underflow = flushed.astype(jnp.float32) / jnp.maximum(nonzero, 1).astype(jnp.float32)
-  norms = jnp.sqrt(xx) * jnp.sqrt(dd)
-  cosine = jnp.where(norms > 0, xd / jnp.where(norms > 0, norms, 1.0), 1.0)
-  return jnp.stack([underflow, cosine]).astype(jnp.float32)
+  return metrics_from_sums(*(jnp.sum(v) for v in sums_3), *(jnp.sum(v) for v in counts_2))
 
 
 def _tiles_per_prog(kt: int, want: int) -> int:
@@ -331,34 +327,35 @@ def self_check(num_rows: int = 397056, num_groups: int = 256, row_align: int = 1
   tile_ids_M, num_tiles = fq.row_tile_ids(num_rows, sizes_G)
   print(f"{jax.devices()[0].device_kind}: M={num_rows}, G={num_groups}, row_align={row_align}")
   bits = lambda a: a.view(jnp.uint8) if a.dtype == E4M3 else a  # compare codes bit for bit
+
+  def off_and_on(flag, fn, arg):
+    """fn(arg)'s outputs and seconds with fp8_quant.<flag> off, then on; left off after. Each
+    run traces its own jit (the flag is read at trace time)."""
+    runs = []
+    for on in (False, True):
+      setattr(fq, flag, on)
+      jitted = jax.jit(lambda a: fn(a))  # a new function: a trace of its own, not a cache hit
+      runs.append((jitted(arg), time_queued(jitted, arg)))
+    setattr(fq, flag, False)
+    (off, off_s), (on, on_s) = runs
+    return off, on, f"{off_s * 1e3:.3f} ms (XLA) vs {on_s * 1e3:.3f} ms (kernel)"
+
   for width in widths:
     x = jax.random.normal(jax.random.key(width), (num_rows, width), jnp.bfloat16) * 1e-3
-    runs = {}
-    for name, in_kernel in (("metrics in XLA", False), ("metrics in kernel", True)):
-      fq._METRICS_IN_KERNEL_ON_GPU = in_kernel
-      fn = jax.jit(lambda x: fq.quantize_tiles_with_transpose(
-          x, tile_ids_M, num_tiles, backend=backend, row_align=row_align,
-          with_metrics=True))
-      runs[name] = (fn(x), time_queued(fn, x))
-    fq._METRICS_IN_KERNEL_ON_GPU = False
-    (xla_out, xla_s), (ker_out, ker_s) = runs.values()
+    xla_out, ker_out, times = off_and_on("_METRICS_IN_KERNEL_ON_GPU", lambda x: (
+        fq.quantize_tiles_with_transpose(x, tile_ids_M, num_tiles, backend=backend,
+                                         row_align=row_align, with_metrics=True)), x)
     same = all(bool(jnp.array_equal(bits(a), bits(b)))
                for a, b in zip(xla_out[:4], ker_out[:4], strict=True))
     print(f"[{num_rows}, {width}]: metrics XLA {np.asarray(xla_out[4])}, kernel "
-          f"{np.asarray(ker_out[4])}; codes and scales identical: {same}; "
-          f"{xla_s * 1e3:.3f} ms (XLA metrics) vs {ker_s * 1e3:.3f} ms (kernel metrics)")
+          f"{np.asarray(ker_out[4])}; codes and scales identical: {same}; metrics {times}")
   for shape in ((num_groups, 2048, 1024), (num_groups, 512, 2048)):
     w = jax.random.normal(jax.random.key(shape[1]), shape, jnp.bfloat16) * 0.02
-    runs = {}
-    for name, on in (("XLA", False), ("kernel", True)):
-      fq._BLOCKS_KERNEL_ON_GPU = on
-      fn = jax.jit(lambda w: fq.quantize_blocks_with_transpose(w, backend=backend))
-      runs[name] = (fn(w), time_queued(fn, w))
-    fq._BLOCKS_KERNEL_ON_GPU = False
-    (xla_out, xla_s), (ker_out, ker_s) = runs.values()
+    xla_out, ker_out, times = off_and_on(
+        "_BLOCKS_KERNEL_ON_GPU", lambda w: fq.quantize_blocks_with_transpose(w, backend=backend),
+        w)
     same = all(bool(jnp.array_equal(bits(a), bits(b))) for a, b in zip(xla_out, ker_out))
-    print(f"weights {list(shape)}: identical {same}; {xla_s * 1e3:.3f} ms (XLA) vs "
-          f"{ker_s * 1e3:.3f} ms (kernel)")
+    print(f"weights {list(shape)}: identical {same}; {times}")
 
 
 if __name__ == "__main__":  # python -m kernels.fp8_quant_triton (on a Hopper GPU)
