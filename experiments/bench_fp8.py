@@ -99,6 +99,9 @@ _GROUP_ALIGNS = flags.DEFINE_list(
     "Row alignments of the expert groups (dispatch.permute's group_align) that the quant and "
     "expert_align sections time against unpadded groups.")
 
+# --grouped_problems: (K, N) of each expert GEMM from (hidden, expert width)
+_GROUPED_PROBLEM_DIMS = {"up": lambda h, w: (h, 2 * w), "down": lambda h, w: (w, h),
+                         "up_dgrad": lambda h, w: (2 * w, h), "down_dgrad": lambda h, w: (h, w)}
 # rows (tokens x top-8), experts, hidden, expert width
 _EXPERT_SHAPES = {"mini": (131072, 256, 2048, 512), "flash": (131072, 256, 4096, 1024),
                   "1t": (131072, 256, 8192, 2048)}
@@ -540,10 +543,8 @@ def time_grouped() -> None:
   for shape in _GROUPED_SHAPES.value:
     rows, groups, hidden, width = _EXPERT_SHAPES[shape]
     sizes = jnp.full((groups,), rows // groups, jnp.int32)
-    problems = {"up": (hidden, 2 * width), "down": (width, hidden),
-                "up_dgrad": (2 * width, hidden), "down_dgrad": (hidden, width)}
     for pname in _GROUPED_PROBLEMS.value:
-      k_dim, n_dim = problems[pname]
+      k_dim, n_dim = _GROUPED_PROBLEM_DIMS[pname](hidden, width)
       flops = 2 * rows * k_dim * n_dim
       a_q, sa, b_q, sb = _operands(key, rows, k_dim, n_dim, groups)
       row = {"shape": shape, "problem": pname, "K": k_dim, "N": n_dim}
@@ -857,10 +858,10 @@ def _print_tables() -> None:
 
 def main(argv):
   del argv
-  unknown = set(_GROUPED_PROBLEMS.value) - {"up", "down", "up_dgrad", "down_dgrad"}
+  unknown = set(_GROUPED_PROBLEMS.value) - set(_GROUPED_PROBLEM_DIMS)
   if unknown:
-    raise app.UsageError(f"--grouped_problems: unknown {sorted(unknown)}; use up, down, up_dgrad "
-                         "or down_dgrad.")
+    raise app.UsageError(f"--grouped_problems: unknown {sorted(unknown)}; use "
+                         f"{', '.join(_GROUPED_PROBLEM_DIMS)}.")
   print(jax.__version__, jax.devices(), "auto backend:", fp8_gemm._resolve_backend("auto"),
         flush=True)
   if _SECTIONS.value == ["linear"]:  # the in-jit diagnosis alone (BENCHMARKS.md, session 4)
