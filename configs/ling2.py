@@ -74,7 +74,8 @@ def model_config(variant: str) -> ml_collections.ConfigDict:
   # e.g. "wgrad_only", "bf16_attn_out", "experts_only", "pow2_scales" (ling_jax/fp8.py RECIPES).
   m.fp8_recipe = "full"
   # Rows each expert's token copies are padded to in the FP8 expert path (kernels/dispatch.py:
-  # FP8_GROUP_ALIGN's note); 32 or more lets the FP8 wgrad kernel run (kernels/fp8_tgmm_mgpu.py).
+  # FP8_GROUP_ALIGN's note); 32 or more lets the FP8 wgrad kernel run (kernels/fp8_tgmm_mgpu.py),
+  # 128 its fastest tiling (mini_h200 takes 128).
   m.fp8_group_align = 16
 
   if variant == "mini":
@@ -202,6 +203,11 @@ def mini_h200(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   t.materialize_grads = True  # optimizer 31 -> 22 ms, gradient copies +4 ms (4 layers)
   t.compute_dtype_grads = True  # bf16 gradients of the matmul weights: the same values
   m.remat_policy = "none"
+  # FP8 only: experts' groups padded to 128 rows (+4% rows at this batch) run their weight
+  # gradients in the FP8 wgrad kernel at its two-CTA tiling, with bf16 output and no masking,
+  # instead of dequantising to bf16 for the bf16 kernel: 37.2 against 42.7 ms of expert time a
+  # step at 2 layers, 439.8 against 442.2 ms a step (BENCHMARKS.md, session 11).
+  m.fp8_group_align = 128
   # 49,152 tokens: 393,216 routed rows per MoE layer. The optimizer's cost per step is fixed,
   # so each step's tokens spread it (session 6: 4 -> 8 rows gave 46.0% -> 50.0% MFU at 4 layers).
   t.batch_size, t.seq_len = 12, 4096

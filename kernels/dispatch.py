@@ -244,6 +244,9 @@ def unpermute(y_MD: jax.Array, sort_idx_M: jax.Array, weights_TK: jax.Array, *,
 # H200 (BENCHMARKS.md, "Blockwise FP8 kernels", session 7), both layouts of [131072, 2048] bf16
 # over 256 experts: 0.64 of copy against 0.42 unpadded, and 32 or 128 rows no faster (0.65); the
 # Ling-mini up-projection's FP8 GEMM over the padded rows: 1.01x, 1.00x, 0.97x of unpadded.
+# 32 rows or more also let the weight gradient run in the FP8 wgrad kernel, fastest from 128
+# (`fp8_gemm._WGRAD_KERNEL_ON_GPU`'s note): configs/ling2.py's mini_h200 takes 128. The default
+# stays 16 for the configs that train on CPUs, where padding is only cost.
 FP8_GROUP_ALIGN = 16
 
 

@@ -214,10 +214,12 @@ def fp8_grouped_matmul(a_q_MK: jax.Array, a_scale_MKt: jax.Array, b_q_GNK: jax.A
 
 
 # "pallas_mosaic_gpu" runs the FP8 wgrad kernel (`fp8_tgmm_mgpu.tgmm_fp8`) while this is True;
-# False: the dequantise + bf16 path below. On an H200 (BENCHMARKS.md, session 10) the kernel
-# matched the reference (3e-4 fp32 out) and ran at 240 / 227 TFLOP/s with fp32 out against the
-# bf16 path's 150 / 107 (Ling-mini up / down, row_align 32); with bf16 out it was slower (113 /
-# 111), so a bf16 gradient is computed in fp32 and then rounded (`_kernel_tgmm`).
+# False: the dequantise + bf16 path below. On an H200 (BENCHMARKS.md, sessions 10-11) the kernel
+# matched the reference (2e-4 fp32 out, 3e-3 bf16 out). At a Ling-mini MoE layer's 397,056 rows
+# (up / down): 348 / 338 TFLOP/s with groups padded to 32 rows (fp32 out; its bf16 store is
+# slower there, so a bf16 gradient is computed in fp32 and then rounded, `_kernel_tgmm`), 584 /
+# 556 with groups padded to 128 (two CTAs per SM, bf16 out), against 287 / 208 for the
+# dequantise + bf16 path and 521-530 / 454-527 for the bf16 model's own wgrad.
 _WGRAD_KERNEL_ON_GPU = True
 
 
@@ -233,10 +235,15 @@ def _kernel_tgmm(backend: str, fn: str, k_dim: int, n_dim: int, out_dtype, row_a
   if row_align < tgmm.MIN_ROW_ALIGN:
     return None
   if backend == "pallas_mosaic_gpu":
-    if not (_WGRAD_KERNEL_ON_GPU and tgmm.supports(k_dim, n_dim, jnp.float32)):
+    # Groups padded to 128 rows: the two-CTA tiling stores bf16 faster than fp32 (584 / 556
+    # against 520 / 535 TFLOP/s at Ling-mini's up / down, session 11). Below that, the one-CTA
+    # 128 x 128 tiling stores bf16 at half its fp32 speed (session 10): fp32, rounded after.
+    store_dtype = out_dtype if row_align >= tgmm.TILE_M else jnp.dtype(jnp.float32)
+    if not (_WGRAD_KERNEL_ON_GPU
+            and tgmm.supports(k_dim, n_dim, store_dtype, tgmm.default_config(row_align))):
       return None
-    fp32_kernel = functools.partial(tgmm.tgmm_fp8, row_align=row_align, out_dtype=jnp.float32)
-    return lambda *args: fp32_kernel(*args).astype(out_dtype)  # fp32 out is the faster store
+    kernel = functools.partial(tgmm.tgmm_fp8, row_align=row_align, out_dtype=store_dtype)
+    return lambda *args: kernel(*args).astype(out_dtype)
   if not tgmm.supports(k_dim, n_dim, out_dtype, tgmm.INTERPRET_CONFIG):
     raise ValueError(
         f"{fn}: backend 'pallas_mosaic_gpu_interpret' has no FP8 wgrad kernel for K={k_dim}, "
@@ -267,8 +274,8 @@ def fp8_transposed_grouped_matmul(
   as `fp8_quant.quantize_rows_transposed` takes it.
 
   The FP8 kernel (`kernels.fp8_tgmm_mgpu`: e4m3 wgmma per 128-row tile, fp32 promotion) runs in
-  the interpret backend, and on "pallas_mosaic_gpu" while `_WGRAD_KERNEL_ON_GPU` is set (fp32
-  out, rounded to out_dtype after), for
+  the interpret backend, and on "pallas_mosaic_gpu" while `_WGRAD_KERNEL_ON_GPU` is set (below
+  128-row alignment with fp32 out, rounded to out_dtype after), for
   row_align >= `fp8_tgmm_mgpu.MIN_ROW_ALIGN` (32) and the shapes `fp8_tgmm_mgpu.supports`. Else
   the reference dequantises to fp32 and loops over row tiles in XLA, and the kernel backends
   dequantise to bf16 (each value an E4M3 code times its fp32 scale, rounded once: 2^-9

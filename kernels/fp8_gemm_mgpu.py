@@ -163,11 +163,12 @@ TILE_CONFIGS: dict[tuple[int, int, str], Fp8TileConfig] = {
 # stages to 2 where 3 do not divide K's steps (`chained`).
 DEFAULT_TILE_CONFIG = Fp8TileConfig(grid_minor="m", grid_width=16, wg_split="m", acc_cols=64,
                                     chain=True, overlap=True)
-# B in 1x128 tiles (the linears' weight gradients, K = tokens) keeps session 6's default: in the
-# training step's profile (session 10, 2 layers) these wgrads ran at 224-362 TFLOP/s under the
-# default above, and the step's attention projections and dense FFN took 7 ms more than in
-# session 8's profile. Not yet timed in isolation (`bench_fp8 --sections=dense_wgrad`).
-TILE_SCALED_DEFAULT = Fp8TileConfig(grid_minor="m", grid_width=16, acc_cols=64)
+# B in 1x128 tiles (the linears' weight gradients, K = tokens; `bench_fp8
+# --sections=dense_wgrad`, session 11): n split and chained, 615 / 814 / 860 / 717 TFLOP/s at
+# Ling-mini's QKV / attention out / dense FFN up / down, against 594 / 769 / 824 / 673 for
+# session 6's (unchained), 617 / 768 / 859 / 714 for DEFAULT_TILE_CONFIG's, and 486-676 with n
+# split, chained and overlapped.
+TILE_SCALED_DEFAULT = Fp8TileConfig(grid_minor="m", grid_width=16, acc_cols=64, chain=True)
 
 
 def chained(cfg: Fp8TileConfig, k_steps: int) -> Fp8TileConfig:

@@ -18,8 +18,9 @@ when a GEMM consumes them).
 
 With `metrics` the row codes' safeguard metrics come out too, as per-program partial sums
 (x.x, dq.dq, x.dq, nonzero and flushed counts; `metrics_of_partials`), so that the backward pass
-need not read the gradient again for them (`fp8_quant._METRICS_IN_KERNEL_ON_GPU`; its GPU check
-is `python -m kernels.fp8_quant_triton`).
+need not read the gradient again for them (`fp8_quant._METRICS_IN_KERNEL_ON_GPU`, off: on an
+H200 the extra reductions cost more than XLA's second read; the GPU check is
+`python -m kernels.fp8_quant_triton`).
 
 The arithmetic is fp8_quant's, op for op, so codes and scales are bit-identical: amax of |x| in
 fp32, scale = amax * fp32(1/448) (1 for an all-zero tile; with pow2 the next power of two, taken
@@ -272,7 +273,9 @@ def _blocks_kernel(w_ref, q_ref, qt_ref, s_ref, *, pow2, interpret):
                                                                    TILE)
   w_RC = w_ref[g, rows, cols].astype(jnp.float32)
   scale = _scale_of(jnp.max(jnp.max(jnp.abs(w_RC), axis=1)), pow2)
-  q_RC = _to_e4m3(w_RC * _recip_rn(scale, interpret))
+  # The reciprocal's inline assembly takes a tensor, not a scalar: one copy per row.
+  recip_R = _recip_rn(jnp.broadcast_to(scale, (TILE,)), interpret)
+  q_RC = _to_e4m3(w_RC * recip_R[:, None])
   q_ref[g, rows, cols] = q_RC
   qt_ref[g, cols, rows] = q_RC.T
   s_ref[g, a, b] = scale
@@ -311,7 +314,7 @@ def quantize_blocks_transposed(w: jax.Array, *, pow2: bool = False, interpret: b
 
 def self_check(num_rows: int = 397056, num_groups: int = 256, row_align: int = 16,
                widths: tuple[int, ...] = (2048, 1024), backend: str = "pallas_triton") -> None:
-  """GPU check of the switched-off kernel paths of `fp8_quant`, at Ling-mini's expert shapes.
+  """GPU check of `fp8_quant`'s switched kernel paths against XLA, at Ling-mini's expert shapes.
 
   The metrics in the kernel (`_METRICS_IN_KERNEL_ON_GPU`), at the experts' output gradients
   (12 x 4096 tokens x top-8, groups padded to 16 rows): the kernel's [underflow, cosine]
@@ -358,5 +361,6 @@ def self_check(num_rows: int = 397056, num_groups: int = 256, row_align: int = 1
     print(f"weights {list(shape)}: identical {same}; {times}")
 
 
-if __name__ == "__main__":  # python -m kernels.fp8_quant_triton (on a Hopper GPU)
-  self_check()
+if __name__ == "__main__":  # python -m kernels.fp8_quant_triton [--weights_only] (a Hopper GPU)
+  import sys
+  self_check(widths=() if "--weights_only" in sys.argv[1:] else (2048, 1024))

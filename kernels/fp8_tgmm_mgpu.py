@@ -8,8 +8,11 @@ row and 1x128 tile along M. The tiles restart at every group's first row (`fp8_q
 so group g's tiles are c = first_g, first_g + 1, ... with first_g the number of tiles of the
 groups before it, and a tile never spans two groups.
 
-Structure, as `grouped_matmul_mgpu._tgmm_body` (the bf16 wgrad): one warpgroup per SM walks the
-(group, K tile, N tile) units persistently; per unit, `plgpu.emit_pipeline` runs over the
+Structure, as `grouped_matmul_mgpu._tgmm_body` (the bf16 wgrad): one warpgroup per CTA walks the
+(group, K tile, N tile) units persistently, with one CTA per SM or two (`ctas_per_sm`: a unit
+runs only its group's ~10 tiles, and a second CTA keeps the tensor cores busy through the
+other's pipeline start and epilogue); a unit's output stores run on while the next unit's
+pipeline does. Per unit, `plgpu.emit_pipeline` runs over the
 group's cdiv(size_g, 128) tiles (a traced count: empty groups run none and store zeros). Each
 step loads an A box [tk, 128] and a B box [tn, 128] at the tile's first row (an element offset
 along M, `pl.Element`) with both tiles' scale vectors, runs one e4m3 wgmma per accumulator and
@@ -31,11 +34,13 @@ NaN); B's out-of-group columns are left as they are.
 Alignment. Mosaic GPU addresses a TMA box along the minor dim in whole swizzle tiles, and its
 wgmma takes swizzles of 32, 64 or 128 bytes: boxes at group starts along M need those starts to
 be multiples of 32 rows at least. So the caller promises `row_align` >= `MIN_ROW_ALIGN` (M and
-every group size multiples of it; the expert layer pads groups to `dispatch.FP8_GROUP_ALIGN`),
+every group size multiples of it; the expert layer pads groups to `model.fp8_group_align`),
 and the boxes take the widest swizzle that it allows (128 bytes from row_align 128 up). Interpret
 mode neither swizzles nor checks the promise.
 
 Supported: K a multiple of tile_k, N of tile_n, bf16 or fp32 out (`supports`), row_align as above.
+Tilings (`default_config`, timed on an H200 in session 11): 128 x 128, one CTA per SM, below
+128-row alignment; 128 x 64, two CTAs per SM, from 128 rows (no masked tiles, 128-byte swizzles).
 
 Shape key: M rows, K and N the output's dims, G groups, C 128-row tiles of M that restart per
 group.
@@ -75,22 +80,60 @@ class Fp8WgradConfig:
   # Columns per wgmma accumulator (0: all tile_n). One warpgroup holds the tile_k x tile_n fp32
   # running sum and one accumulator of partial sums at a time (`fp8_gemm_mgpu.mma_promote`).
   acc_cols: int = 64
+  # The next accumulator's wgmma issued before the current one is promoted
+  # (`Fp8TileConfig.overlap`): two accumulators live at once.
+  overlap: bool = False
+  # CTAs per SM (each a single warpgroup with its own pipeline): a unit runs only its group's
+  # ~M / (G * 128) steps, so one CTA's pipeline start and epilogue leave the tensor cores idle;
+  # a second CTA on the SM fills those gaps. Each CTA gets 1 / ctas_per_sm of shared memory.
+  ctas_per_sm: int = 1
 
   @property
   def mma(self) -> Fp8TileConfig:
     """The tiling `fp8_gemm_mgpu`'s step helpers read: one warpgroup's tile_k x tile_n."""
-    return Fp8TileConfig(tile_m=self.tile_k, tile_n=self.tile_n, acc_cols=self.acc_cols)
+    return Fp8TileConfig(tile_m=self.tile_k, tile_n=self.tile_n, acc_cols=self.acc_cols,
+                         overlap=self.overlap)
+
+  @classmethod
+  def parse(cls, spec: str) -> "Fp8WgradConfig":
+    """"tile_k:tile_n:stages:acc_cols[:overlap][:x<ctas per SM>]", e.g. "64:128:3:64:x2"."""
+    fields = spec.split(":")
+    extra = fields[4:]
+    ctas = [f for f in extra if f.startswith("x") and f[1:].isdigit()]
+    if (len(fields) < 4 or len(ctas) > 1 or any(f != "overlap" and f not in ctas for f in extra)
+        or not all(f.isdigit() for f in fields[:4])):
+      raise ValueError(f"wgrad tiling {spec!r}: expected "
+                       "tile_k:tile_n:stages:acc_cols[:overlap][:x<ctas per SM>]")
+    tk, tn, stages, acc = map(int, fields[:4])
+    return cls(tile_k=tk, tile_n=tn, stages=stages, acc_cols=acc, overlap="overlap" in extra,
+               ctas_per_sm=int(ctas[0][1:]) if ctas else 1)
 
   def smem_bytes(self, out_itemsize: int) -> int:
     operands = (self.tile_k + self.tile_n) * (TILE_M + 4)  # e4m3 boxes and fp32 scale vectors
     return self.stages * operands + self.tile_k * self.tile_n * out_itemsize
 
+  @property
+  def smem_budget(self) -> int:
+    return _SMEM_BUDGET // self.ctas_per_sm
+
   def fit_smem(self, out_itemsize: int) -> "Fp8WgradConfig":
     """Drops stages (not below 2), then halves tile_n, until shared memory fits."""
-    return shrink_to_fit(self, lambda cfg: cfg.smem_bytes(out_itemsize), _SMEM_BUDGET)
+    return shrink_to_fit(self, lambda cfg: cfg.smem_bytes(out_itemsize), self.smem_budget)
 
 
-DEFAULT_CONFIG = Fp8WgradConfig()  # not yet timed on a GPU
+# H200, session 11 (`python -m kernels.fp8_tgmm_mgpu 32 128 --rows=397056 --fp32_only`, Ling-mini
+# up / down wgrads at 12 x 4096 tokens, fp32 out; BENCHMARKS.md): with groups padded to 32 rows
+# (32-byte swizzled boxes, most groups' last tile masked) one CTA of 128 x 128 per SM is best,
+# 348 / 338 TFLOP/s (two CTAs of 128 x 64: 314 / 308); with groups padded to 128 rows (128-byte
+# swizzles, no masking) two CTAs of 128 x 64 per SM, 520 / 502 TFLOP/s against 441 / 408 for one
+# of 128 x 128. The bf16 tgmm on the unquantised operands ran at 521-530 / 458-527 in the same runs.
+DEFAULT_CONFIG = Fp8WgradConfig()
+ALIGNED_128_CONFIG = Fp8WgradConfig(tile_k=128, tile_n=64, stages=3, ctas_per_sm=2)
+
+
+def default_config(row_align: int) -> Fp8WgradConfig:
+  """The tuned tiling for groups padded to row_align rows."""
+  return ALIGNED_128_CONFIG if row_align >= TILE_M else DEFAULT_CONFIG
 # Interpret mode (CPU tests): small tiles, since the interpreter's cost grows with tile sizes;
 # two accumulators per unit, as on the GPU.
 INTERPRET_CONFIG = Fp8WgradConfig(tile_k=64, tile_n=64, stages=2, acc_cols=32)
@@ -103,14 +146,30 @@ def supports(k_dim: int, n_dim: int, out_dtype, cfg: Fp8WgradConfig | None = Non
     return False
   cfg = (cfg or DEFAULT_CONFIG).fit_smem(out_dtype.itemsize)
   acc_n = cfg.mma.acc_n
-  return (cfg.smem_bytes(out_dtype.itemsize) <= _SMEM_BUDGET
+  return (cfg.smem_bytes(out_dtype.itemsize) <= cfg.smem_budget
           and cfg.tile_k % 64 == 0 and cfg.tile_n % acc_n == 0 and acc_n % 8 == 0
           and k_dim % cfg.tile_k == 0 and n_dim % cfg.tile_n == 0)
 
 
 def _tgmm_fp8_body(cfg: Fp8WgradConfig, row_align: int, starts_gmem, sizes_gmem, first_tile_gmem,
                    a_gmem, sa_gmem, b_gmem, sb_gmem, out_gmem):
-  """One warpgroup per SM; each (group, K tile, N tile) unit contracts its group's 128-row tiles."""
+  """One warpgroup per CTA (cfg.ctas_per_sm CTAs per SM); each (group, K tile, N tile) unit
+  contracts its group's 128-row tiles."""
+  tk, tn, acc_n = cfg.tile_k, cfg.tile_n, cfg.mma.acc_n
+
+  # The output tiles in shared memory outlive a unit: a unit's stores to global memory run on
+  # while the next unit's pipeline does, and are waited for only before its tiles are rewritten.
+  @functools.partial(pl.run_scoped, out_smem=plgpu.SMEM(
+      (tn // acc_n, tk, acc_n), out_gmem.dtype,
+      transforms=swizzled((tk, acc_n), out_gmem.dtype)))
+  def _scope(out_smem):
+    _units(cfg, row_align, starts_gmem, sizes_gmem, first_tile_gmem, a_gmem, sa_gmem, b_gmem,
+           sb_gmem, out_gmem, out_smem)
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+
+def _units(cfg: Fp8WgradConfig, row_align: int, starts_gmem, sizes_gmem, first_tile_gmem,
+           a_gmem, sa_gmem, b_gmem, sb_gmem, out_gmem, out_smem):
   num_groups, k_dim, n_dim = out_gmem.shape
   tk, tn, mma = cfg.tile_k, cfg.tile_n, cfg.mma
   acc_n = mma.acc_n
@@ -165,19 +224,15 @@ def _tgmm_fp8_body(cfg: Fp8WgradConfig, row_align: int, starts_gmem, sizes_gmem,
         init_carry=zero_sums(mma),
     )(a_gmem, b_gmem, sa_gmem, sb_gmem)
 
-    @functools.partial(pl.run_scoped, out_smem=plgpu.SMEM(
-        (tn // acc_n, tk, acc_n), out_gmem.dtype,
-        transforms=swizzled((tk, acc_n), out_gmem.dtype)))
-    def _(out_smem):
-      store_sums(out_smem, sums)  # one whole swizzled tile per accumulator
-      plgpu.commit_smem()
-      for c in range(tn // acc_n):
-        plgpu.copy_smem_to_gmem(
-            out_smem.at[c],
-            out_gmem.at[group, pl.ds(ki * tk, tk), pl.ds(ni * tn + c * acc_n, acc_n)],
-            commit_group=False)
-      plgpu.commit_smem_to_gmem_group()
-      plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last unit's stores read out_smem
+    store_sums(out_smem, sums)  # one whole swizzled tile per accumulator
+    plgpu.commit_smem()
+    for c in range(tn // acc_n):
+      plgpu.copy_smem_to_gmem(
+          out_smem.at[c],
+          out_gmem.at[group, pl.ds(ki * tk, tk), pl.ds(ni * tn + c * acc_n, acc_n)],
+          commit_group=False)
+    plgpu.commit_smem_to_gmem_group()
 
 
 def group_tiles(group_sizes_G: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -207,7 +262,7 @@ def tgmm_fp8(a_q_KM: jax.Array, a_scale_KC: jax.Array, b_q_NM: jax.Array, b_scal
   (k_dim, num_rows), (n_dim, m_b) = a_q_KM.shape, b_q_NM.shape
   num_tiles = a_scale_KC.shape[1]
   out_dtype = jnp.dtype(out_dtype)
-  cfg = (config or DEFAULT_CONFIG).fit_smem(out_dtype.itemsize)
+  cfg = (config or default_config(row_align)).fit_smem(out_dtype.itemsize)
   if (not supports(k_dim, n_dim, out_dtype, cfg) or m_b != num_rows
       or b_scale_NC.shape != (n_dim, num_tiles) or a_scale_KC.shape[0] != k_dim
       or a_q_KM.dtype != jnp.float8_e4m3fn or b_q_NM.dtype != jnp.float8_e4m3fn):
@@ -226,7 +281,7 @@ def tgmm_fp8(a_q_KM: jax.Array, a_scale_KC: jax.Array, b_q_NM: jax.Array, b_scal
   kernel = plgpu.kernel(
       functools.partial(_tgmm_fp8_body, cfg, row_align),
       out_type=jax.ShapeDtypeStruct((group_sizes_G.shape[0], k_dim, n_dim), out_dtype),
-      grid=(num_sms or device_num_sms(),),
+      grid=(cfg.ctas_per_sm * (num_sms or device_num_sms()),),
       grid_names=("sm",),
       compiler_params=plgpu.CompilerParams(
           lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
@@ -238,12 +293,16 @@ def tgmm_fp8(a_q_KM: jax.Array, a_scale_KC: jax.Array, b_q_NM: jax.Array, b_scal
 
 
 def self_check(num_rows: int = 131072, num_groups: int = 256, row_align: int = 32,
-               shapes: tuple[tuple[int, int], ...] = ((2048, 1024), (512, 2048))) -> None:
+               shapes: tuple[tuple[int, int], ...] = ((2048, 1024), (512, 2048)),
+               configs: tuple[Fp8WgradConfig | None, ...] = (None,),
+               out_dtypes=(jnp.float32, jnp.bfloat16)) -> None:
   """Prints the kernel's error against the reference backend and its TFLOP/s at Ling-mini's
-  expert wgrad shapes (K, N), after the dequantise + bf16 `tgmm` path on the same operands
-  (GPU only; a kernel failure is printed, and the next shape still runs if it can)."""
+  expert wgrad shapes (K, N) for each tiling (None: the default), after the dequantise + bf16
+  `tgmm` path on the same operands (GPU only; a kernel failure is printed, and the next one
+  still runs if it can)."""
   from kernels import fp8_gemm
   from kernels import fp8_quant as fq
+  from kernels.grouped_matmul_mgpu import tgmm as tgmm_bf16
   from ling_jax.profiling import time_queued
 
   rng = np.random.default_rng(0)
@@ -264,14 +323,23 @@ def self_check(num_rows: int = 131072, num_groups: int = 256, row_align: int = 3
     with jax.default_matmul_precision("highest"):  # no TF32 in the oracle
       ref = fp8_gemm.fp8_transposed_grouped_matmul(*operands, backend="reference")
     flops = 2.0 * int(sizes_G.sum()) * k_dim * n_dim
-    for out_dtype in (jnp.float32, jnp.bfloat16):
-      def kernel(a_q, sa, b_q, sb, tile_ids, sizes, out_dtype=out_dtype):
+    # The bf16 model's weight gradient on the unquantised operands: what FP8 has to beat.
+    bf16_wgrad = jax.jit(lambda x, dy: tgmm_bf16(x, dy, sizes_G, out_dtype=jnp.float32))
+    seconds = time_queued(bf16_wgrad, x, dy)
+    print(f"K={k_dim:5d} N={n_dim:5d} bf16 tgmm, bf16 operands, fp32 out {seconds * 1e3:7.3f} ms "
+          f"{flops / seconds / 1e12:6.1f} TFLOP/s")
+    for out_dtype in out_dtypes:
+      def kernel(a_q, sa, b_q, sb, tile_ids, sizes, out_dtype=out_dtype, config=None):
         del tile_ids  # the kernel numbers the tiles from the group sizes
-        return tgmm_fp8(a_q, sa, b_q, sb, sizes, row_align=row_align, out_dtype=out_dtype)
+        return tgmm_fp8(a_q, sa, b_q, sb, sizes, row_align=row_align, out_dtype=out_dtype,
+                        config=config)
       current = functools.partial(fp8_gemm.fp8_transposed_grouped_matmul, out_dtype=out_dtype,
                                   backend="pallas_mosaic_gpu", row_align=1)
       # row_align 1: the dequantise + bf16 path, whatever _WGRAD_KERNEL_ON_GPU says.
-      paths = {"dequant+bf16": jax.jit(current), "fp8 kernel": jax.jit(kernel)}
+      paths = {"dequant+bf16": jax.jit(current)}
+      for cfg in configs:
+        paths[f"fp8 {_spec(cfg or default_config(row_align))}"] = jax.jit(
+            functools.partial(kernel, config=cfg))
       for name, fn in paths.items():
         try:
           out = fn(*operands)
@@ -286,7 +354,21 @@ def self_check(num_rows: int = 131072, num_groups: int = 256, row_align: int = 3
               f"{flops / seconds / 1e12:6.1f} TFLOP/s")
 
 
-if __name__ == "__main__":  # python -m kernels.fp8_tgmm_mgpu [ROW_ALIGN ...] (default 32)
+def _spec(cfg: Fp8WgradConfig) -> str:
+  return (f"{cfg.tile_k}:{cfg.tile_n}:{cfg.stages}:{cfg.acc_cols}"
+          + (":overlap" if cfg.overlap else "")
+          + (f":x{cfg.ctas_per_sm}" if cfg.ctas_per_sm > 1 else ""))
+
+
+if __name__ == "__main__":
+  # python -m kernels.fp8_tgmm_mgpu [ROW_ALIGN ...] [--configs=SPEC,SPEC] [--rows=M,M]
+  #   [--fp32_only]   (M: routed rows; 397056 is a Ling-mini MoE layer at 12 x 4096 tokens)
   import sys
-  for align in map(int, sys.argv[1:] or ["32"]):
-    self_check(row_align=align)
+  args = sys.argv[1:]
+  option = lambda name: [a.split("=", 1)[1].split(",") for a in args if a.startswith(name)]
+  specs, rows = option("--configs="), option("--rows=")
+  configs = tuple(Fp8WgradConfig.parse(s) for s in specs[0]) if specs else (None,)
+  dtypes = (jnp.float32,) if "--fp32_only" in args else (jnp.float32, jnp.bfloat16)
+  for num_rows in map(int, rows[0] if rows else ["131072"]):
+    for align in map(int, [a for a in args if not a.startswith("--")] or ["32"]):
+      self_check(num_rows=num_rows, row_align=align, configs=configs, out_dtypes=dtypes)

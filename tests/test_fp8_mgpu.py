@@ -128,12 +128,14 @@ def test_row_split_body_matches_fp64(case):
   np.testing.assert_array_equal(np.asarray(out)[sum(sizes):], 0.0)
 
 
-@pytest.mark.parametrize("variant", ["chain", "overlap", "chain_overlap_rows"])
+@pytest.mark.parametrize("variant", ["chain", "overlap", "chain_overlap_rows", "chain_tile"])
 def test_chained_and_overlapped_bodies_match_fp64(variant):
   """`chain` (one pipeline across an SM's units, tail units running it too) and `overlap` (the
   next accumulator's wgmma in flight while one is promoted; three accumulators per warpgroup,
   each waited for while the next runs). Three SMs for 5+ units each: START, STEADY and STOP all run.
-  K = 512 is 4 steps; the 3 stages asked for drop to 2, the largest divisor (`chained`)."""
+  K = 512 is 4 steps; the 3 stages asked for drop to 2, the largest divisor (`chained`).
+  "chain_tile": B scaled per row and 128 of K, as the linears' wgrads run (TILE_SCALED_DEFAULT
+  is chained)."""
   rows = variant.endswith("rows")
   cfg = mgpu.Fp8TileConfig(
       tile_m=128 if rows else 64, tile_n=96, stages=3, grid_minor="m", grid_width=2,
@@ -144,7 +146,12 @@ def test_chained_and_overlapped_bodies_match_fp64(variant):
   assert mgpu.chained(cfg, 4).stages == (2 if cfg.chain else 3)
   rng = np.random.default_rng(7)
   (a_q, sa, b_q, sb), (a_MK, b_GNK) = _operands(rng, m_dim, 512, 384, len(sizes))
-  out = mgpu.gmm_fp8(a_q, sa.T, b_q, jnp.swapaxes(sb, 1, 2), jnp.asarray(sizes, jnp.int32),
+  sb_GKtX, b_scaling = jnp.swapaxes(sb, 1, 2), "block"
+  if variant == "chain_tile":
+    sb_GNKt = _scales(rng, (len(sizes), 384, 4))
+    b_GNK = _np(b_q) * np.repeat(_np(sb_GNKt), 128, axis=2)
+    sb_GKtX, b_scaling = jnp.swapaxes(sb_GNKt, 1, 2), "tile"
+  out = mgpu.gmm_fp8(a_q, sa.T, b_q, sb_GKtX, jnp.asarray(sizes, jnp.int32), b_scaling=b_scaling,
                      out_dtype=jnp.float32, config=cfg, interpret=_INTERPRET, num_sms=3)
   _assert_close(out, _np_grouped(a_MK, b_GNK, sizes), 1e-5)
   np.testing.assert_array_equal(np.asarray(out)[sum(sizes):], 0.0)

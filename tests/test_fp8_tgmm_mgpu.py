@@ -9,6 +9,8 @@ swizzle: the GPU check is `python -m kernels.fp8_tgmm_mgpu`.
 Key: M rows, K and N the output's dims, G groups, C 128-row tiles that restart per group.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -53,14 +55,19 @@ def _assert_close(out_GKN, ref_GKN, rtol):
     np.testing.assert_array_less(np.abs(out[g] - ref_GKN[g]) / scale, rtol)
 
 
-@pytest.mark.parametrize("case", ["ragged_fp32", "one_group_bf16"])
+@pytest.mark.parametrize("case", ["ragged_fp32", "one_group_bf16", "ragged_fp32_overlap",
+                                  "ragged_fp32_x2"])
 def test_tgmm_fp8_matches_fp64(case):
   """Groups of 0, 32, 96 and 160 rows (partial last tiles, whose other rows are the next
   group's or the rows past the groups); one group of all rows (2.5 tiles, the last read past M:
-  zeros from TMA) in bf16 with 64-row alignment. Two accumulators per unit (acc_cols)."""
+  zeros from TMA) in bf16 with 64-row alignment. Two accumulators per unit (acc_cols), the
+  second's wgmma issued before the first is promoted in the overlap case; two CTAs per SM in
+  the x2 case (6 CTAs for 10 units: some run two, storing while the next unit runs)."""
   m_dim, sizes, row_align, out_dtype, rtol = {
       "ragged_fp32": (416, [96, 0, 160, 32, 96], 32, jnp.float32, 1e-5),
       "one_group_bf16": (320, [320], 64, jnp.bfloat16, 2**-8),
+      "ragged_fp32_overlap": (416, [96, 0, 160, 32, 96], 32, jnp.float32, 1e-5),
+      "ragged_fp32_x2": (416, [96, 0, 160, 32, 96], 32, jnp.float32, 1e-5),
   }[case]
   rng = np.random.default_rng(len(case))
   k_dim, n_dim = 128, 64
@@ -69,8 +76,9 @@ def test_tgmm_fp8_matches_fp64(case):
   # Scales over 2^-12..2^4: a tile read with a neighbour's scale is far off.
   sa = jnp.asarray(np.exp2(rng.integers(-12, 4, (k_dim, num_tiles))), jnp.float32)
   sb = jnp.asarray(np.exp2(rng.integers(-12, 4, (n_dim, num_tiles))), jnp.float32)
-  cfg = tgmm.INTERPRET_CONFIG
-  assert cfg.mma.acc_n * 2 == cfg.tile_n
+  cfg = dataclasses.replace(tgmm.INTERPRET_CONFIG, overlap=case.endswith("overlap"),
+                            ctas_per_sm=2 if case.endswith("x2") else 1)
+  assert cfg.mma.acc_n * 2 == cfg.tile_n and cfg.mma.overlap == cfg.overlap
   out = tgmm.tgmm_fp8(a_q, sa, b_q, sb, jnp.asarray(sizes, jnp.int32), row_align=row_align,
                       out_dtype=out_dtype, config=cfg, interpret=plgpu.InterpretGPUParams(),
                       num_sms=3)
@@ -111,17 +119,20 @@ def test_bad_input_raises_before_compiling():
         backend="pallas_mosaic_gpu_interpret", row_align=32)
 
 
-def test_gpu_backend_takes_the_kernel_from_row_align_32_in_fp32(monkeypatch):
-  """On the GPU the kernel runs for groups padded to 32 rows or more, always with fp32 out (its
-  bf16 store was slower there), rounded to the asked dtype after; the switch turns it off."""
+def test_gpu_backend_takes_the_kernel_from_row_align_32(monkeypatch):
+  """On the GPU the kernel runs for groups padded to 32 rows or more: below 128 with fp32 out
+  (the one-CTA tiling's bf16 store was slower), rounded to the asked dtype after; from 128 in the
+  asked dtype. The switch turns it off."""
   assert fp8_gemm._WGRAD_KERNEL_ON_GPU
   assert fp8_gemm._kernel_tgmm("pallas_mosaic_gpu", "f", 2048, 1024, jnp.bfloat16, 16) is None
   calls = []
   monkeypatch.setattr(tgmm, "tgmm_fp8", lambda *a, **kw: calls.append(kw) or jnp.ones(
       (1, 2, 2), kw["out_dtype"]))
-  kernel = fp8_gemm._kernel_tgmm("pallas_mosaic_gpu", "f", 2048, 1024, jnp.bfloat16, 32)
-  assert kernel().dtype == jnp.bfloat16
-  assert calls == [{"row_align": 32, "out_dtype": jnp.float32}]
+  for align in (32, 128):
+    kernel = fp8_gemm._kernel_tgmm("pallas_mosaic_gpu", "f", 2048, 1024, jnp.bfloat16, align)
+    assert kernel().dtype == jnp.bfloat16
+  assert calls == [{"row_align": 32, "out_dtype": jnp.float32},
+                   {"row_align": 128, "out_dtype": jnp.bfloat16}]
   monkeypatch.setattr(fp8_gemm, "_WGRAD_KERNEL_ON_GPU", False)
   assert fp8_gemm._kernel_tgmm("pallas_mosaic_gpu", "f", 2048, 1024, jnp.bfloat16, 32) is None
 
@@ -139,3 +150,23 @@ def test_kernel_lowers_for_cuda_at_ling_mini_size(row_align, out_dtype):
                     spec((n_dim, m_dim), jnp.float8_e4m3fn), spec((n_dim, num_tiles), jnp.float32),
                     spec((groups,), jnp.int32)).lower(lowering_platforms=("cuda",))
   assert "mosaic_gpu" in lowered.as_text()
+
+
+def test_wgrad_tiling_specs_parse_and_fit_per_cta():
+  cfg = tgmm.Fp8WgradConfig.parse("64:128:3:64:overlap:x2")
+  assert cfg == tgmm.Fp8WgradConfig(tile_k=64, tile_n=128, stages=3, acc_cols=64, overlap=True,
+                                    ctas_per_sm=2)
+  assert tgmm._spec(cfg) == "64:128:3:64:overlap:x2"
+  # Two CTAs share an SM's shared memory: 128 x 128 with fp32 out fits only narrowed.
+  fitted = tgmm.Fp8WgradConfig.parse("128:128:4:64:x2").fit_smem(4)
+  assert fitted.smem_bytes(4) <= fitted.smem_budget < tgmm.DEFAULT_CONFIG.smem_budget
+  assert (fitted.stages, fitted.tile_n) == (3, 64)  # narrowed, then stages restored to fit
+  for bad in ("128:128:4", "128:128:4:64:x", "128:128:4:64:fast", "a:128:4:64"):
+    with pytest.raises(ValueError, match="tile_k:tile_n:stages:acc_cols"):
+      tgmm.Fp8WgradConfig.parse(bad)
+
+
+def test_groups_padded_to_128_rows_take_two_ctas_per_sm():
+  assert tgmm.default_config(32) == tgmm.default_config(64) == tgmm.DEFAULT_CONFIG
+  assert tgmm.default_config(128).ctas_per_sm == 2
+  assert tgmm.supports(2048, 1024, jnp.float32, tgmm.default_config(128))
