@@ -152,6 +152,8 @@ def train_config(variant: str) -> ml_collections.ConfigDict:
   t.max_consecutive_nan_steps = 5
   t.prefetch_batches = 2  # Steps of input built ahead on a thread (0: synchronous).
   t.log_every = 50
+  # FP8 safeguard metrics (underflow, cosine) are measured on logged steps only; True: every step.
+  t.fp8_metrics_every_step = False
   t.eval_every = 500
   t.eval_batches = 8
   t.checkpoint_every = 500

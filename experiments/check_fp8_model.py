@@ -86,15 +86,15 @@ def record_ops(config: Any) -> list[dict[str, Any]]:
   # is recorded: only the step's.
   state = jax.eval_shape(train_lib.init_state_fn(m, t))
   batch = jax.eval_shape(lambda: _batch(config, 0))
-  probes = train_lib._zero_fp8_probes(m)
-  saved = train_lib._zero_fp8_probes
+  probes = train_lib.fp8_probes(m)
+  saved = train_lib.fp8_probes
   fp8_gemm.fp8_linear, fp8_gemm.fp8_grouped_linear = linear, grouped
-  train_lib._zero_fp8_probes = lambda _: probes
+  train_lib.fp8_probes = lambda *_: probes
   try:
     jax.eval_shape(functools.partial(_loss_and_grads, m=m, t=t), state, batch)
   finally:
     fp8_gemm.fp8_linear, fp8_gemm.fp8_grouped_linear = real["linear"], real["grouped"]
-    train_lib._zero_fp8_probes = saved
+    train_lib.fp8_probes = saved
   return list(seen.values())
 
 

@@ -27,9 +27,11 @@ kernels with "pallas_mosaic_gpu" and on "auto", XLA with the reference and the i
 the output gradient are each read once for both of their layouts.
 Their `recipe` (`Fp8Recipe`, static) can keep any of the three GEMMs in the input dtype (bf16
 operands, fp32 accumulation, as the unquantised model computes them) and round scales to powers
-of two; the default is Ling's full recipe. Their `probe_2` input is a zero [2] array that
-carries the safeguard metrics of the output gradient's 1x128 quantisation out of the backward
-pass as its cotangent: [underflow, cosine].
+of two; the default is Ling's full recipe. Their `probe_2` input is a [2] array that carries
+the safeguard metrics of the output gradient's 1x128 quantisation out of the backward pass as
+its cotangent: [underflow, cosine]. Its value never reaches the output; a negative first
+element (`SKIP_METRICS`) asks the backward pass to skip the metrics (a cond: their reductions do
+not run) and return zeros, which the trainer does on the steps it does not log.
 
 Shape key: M rows (tokens), K contraction, N output, G groups, Kt/Nt/Mt 128-tiles,
 C M-tiles that restart per group.
@@ -346,8 +348,27 @@ def fp8_linear(x_MK: jax.Array, w_KN: jax.Array, probe_2: jax.Array, backend: st
   return _fp8_linear_fwd(x_MK, w_KN, probe_2, backend, recipe)[0]
 
 
+def metrics_wanted(probe_2: jax.Array) -> jax.Array:
+  """Whether an FP8 op's probe asks for its safeguard metrics (module doc): a traced bool."""
+  return probe_2[0] >= 0
+
+
+SKIP_METRICS = (-1.0, 0.0)  # a probe's value that skips the metrics
+
+
+def _quantize_dy(dy_MN, tile_ids_M, num_tiles, pow2, backend, row_align, measure):
+  """The output gradient's two layouts and, where `measure` holds, its metrics (else zeros)."""
+  dy_MN = jnp.asarray(dy_MN)  # a NumPy cotangent cannot be indexed by traced rows in the cond
+
+  def quantize(with_metrics):
+    outs = fq.quantize_tiles_with_transpose(
+        dy_MN, tile_ids_M, num_tiles, pow2, backend=_quant_backend(backend),
+        row_align=row_align, with_metrics=with_metrics)
+    return outs if with_metrics else (*outs, jnp.zeros((2,), jnp.float32))
+  return jax.lax.cond(measure, lambda: quantize(True), lambda: quantize(False))
+
+
 def _fp8_linear_fwd(x_MK, w_KN, probe_2, backend, recipe):
-  del probe_2
   pow2 = recipe.pow2_scales
   w_q_KN, w_q_NK, w_s = fq.quantize_blocks_with_transpose(w_KN, pow2,
                                                           backend=_quant_backend(backend))
@@ -362,14 +383,13 @@ def _fp8_linear_fwd(x_MK, w_KN, probe_2, backend, recipe):
   x_saved = xt_fp8 if recipe.wgrad else x_MK
   w_saved = (w_q_KN, w_s) if recipe.dgrad else w_KN
   dtypes = (jnp.zeros((0,), x_MK.dtype), jnp.zeros((0,), w_KN.dtype))
-  return y_MN, (x_saved, w_saved, dtypes)
+  return y_MN, (x_saved, w_saved, dtypes, metrics_wanted(probe_2))
 
 
 def _fp8_linear_bwd(backend, recipe, res, dy_MN):
-  x_saved, w_saved, (x_dt, w_dt) = res
-  dy_q, dy_s, dyt_q_NM, dyt_s_NC, dy_metrics = fq.quantize_tiles_with_transpose(
-      dy_MN, None, pl.cdiv(dy_MN.shape[0], fq.TILE), recipe.pow2_scales,
-      backend=_quant_backend(backend), with_metrics=True)
+  x_saved, w_saved, (x_dt, w_dt), measure = res
+  dy_q, dy_s, dyt_q_NM, dyt_s_NC, dy_metrics = _quantize_dy(
+      dy_MN, None, pl.cdiv(dy_MN.shape[0], fq.TILE), recipe.pow2_scales, backend, 1, measure)
   if recipe.dgrad:
     dx_MK = fp8_matmul(dy_q, dy_s, *w_saved, out_dtype=x_dt.dtype, backend=backend)
   else:
@@ -403,7 +423,6 @@ def fp8_grouped_linear(x_MK: jax.Array, w_GKN: jax.Array, group_sizes_G: jax.Arr
 
 
 def _fp8_grouped_fwd(x_MK, w_GKN, group_sizes_G, probe_2, backend, recipe, row_align):
-  del probe_2
   pow2 = recipe.pow2_scales
   w_q_GKN, w_q_GNK, w_s_GKtNt = fq.quantize_blocks_with_transpose(
       w_GKN, pow2, backend=_quant_backend(backend))
@@ -417,15 +436,14 @@ def _fp8_grouped_fwd(x_MK, w_GKN, group_sizes_G, probe_2, backend, recipe, row_a
   x_saved = xt_fp8 if recipe.wgrad else x_MK
   w_saved = (w_q_GKN, w_s_GKtNt) if recipe.dgrad else w_GKN
   dtypes = (jnp.zeros((0,), x_MK.dtype), jnp.zeros((0,), w_GKN.dtype))
-  return y_MN, (x_saved, w_saved, group_sizes_G, dtypes)
+  return y_MN, (x_saved, w_saved, group_sizes_G, dtypes, metrics_wanted(probe_2))
 
 
 def _fp8_grouped_bwd(backend, recipe, row_align, res, dy_MN):
-  x_saved, w_saved, group_sizes_G, (x_dt, w_dt) = res
+  x_saved, w_saved, group_sizes_G, (x_dt, w_dt), measure = res
   tile_ids_M, num_tiles = fq.row_tile_ids(dy_MN.shape[0], group_sizes_G)
-  dy_q, dy_s, dyt_q_NM, dyt_s_NC, dy_metrics = fq.quantize_tiles_with_transpose(
-      dy_MN, tile_ids_M, num_tiles, recipe.pow2_scales, backend=_quant_backend(backend),
-      row_align=row_align, with_metrics=True)
+  dy_q, dy_s, dyt_q_NM, dyt_s_NC, dy_metrics = _quantize_dy(
+      dy_MN, tile_ids_M, num_tiles, recipe.pow2_scales, backend, row_align, measure)
   if recipe.dgrad:
     dx_MK = fp8_grouped_matmul(dy_q, dy_s, *w_saved, group_sizes_G, out_dtype=x_dt.dtype,
                                backend=backend)

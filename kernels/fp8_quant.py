@@ -301,9 +301,9 @@ def quantize_rows_transposed(x_MK: jax.Array, tile_ids_M: jax.Array | None, num_
   if backend != "xla" and _kernel_takes(x_MK):
     return _transposed_kernel(x_MK, tile_ids_M, num_tiles, pow2_scales, backend,
                               want_rows=False, row_align=row_align)
-  if tile_ids_M is None:
-    tile_ids_M, _ = row_tile_ids(num_rows)
-  x32 = x_MK.astype(jnp.float32)
+  # Jax arrays: NumPy ones cannot be indexed by traced rows (under a cond or jit).
+  tile_ids_M = row_tile_ids(num_rows)[0] if tile_ids_M is None else jnp.asarray(tile_ids_M)
+  x32 = jnp.asarray(x_MK, jnp.float32)
   # Each tile is <= 128 consecutive rows: gather them as [C, 128, K] and reduce, instead of a
   # segment max (a scatter, 50 GB/s on an H200 against ~1 TB/s for this; the max is the same).
   starts_C = jnp.searchsorted(tile_ids_M, jnp.arange(num_tiles, dtype=tile_ids_M.dtype))

@@ -2,10 +2,11 @@
 linear layer, the expert path's plumbing and the safeguard metrics.
 
 `config.model.quant = "fp8_blockwise"` runs every dense projection (attention QKV and output,
-dense and shared-expert SwiGLU, the MTP projection) and the routed experts' grouped matmuls
+dense and shared-expert SwiGLU) and the routed experts' grouped matmuls
 through the FP8 ops of `kernels/fp8_gemm.py`: E4M3 operands in fprop, dgrad and wgrad, fp32
 scales per 1x128 tile of activations and gradients and per 128x128 block of weights, fp32
-accumulation. The router (fp32), embedding, LM head, norms and attention core are unchanged.
+accumulation. The router (fp32), embedding, LM head, MTP projection, norms and attention core are
+unchanged.
 
 `config.model.fp8_recipe` picks which GEMMs run in FP8 (`RECIPES`): "full" is Ling's recipe; the
 others are ablations that keep a pass (fprop, dgrad or wgrad), the attention output projection,
@@ -16,10 +17,15 @@ stays unquantised.
 Safeguard metrics, [underflow, cosine] per FP8 op (see `fp8_quant.quant_metrics`):
   - activations and weights: written in the forward pass to the model's stats collection
     (`fp8_act`, `fp8_weight`), next to the MoE token counts;
-  - output gradients: each op takes a zero probe from the `fp8_probes` collection, and its
+  - output gradients: each op takes a probe from the `fp8_probes` collection, and its
     backward pass returns the gradient's metrics as the probe's cotangent, so differentiating
     the loss with respect to the probes yields them. `train.accumulate_gradients` does this.
 `summarize` turns both into the scalars the trainer logs (mean and worst over ops).
+A probe's value never reaches the model's outputs; its first element says whether the metrics
+are measured at all (`fp8_gemm.metrics_wanted`): zero probes (the default, evaluation) measure
+them, `fp8_gemm.SKIP_METRICS` skips both the forward and the backward ones (conds: none of
+their quantisations and reductions run; they read zero). `train.train_step` measures on the
+steps the trainer logs only (`train.fp8_metrics_due`).
 """
 
 from typing import Any
@@ -92,11 +98,18 @@ def weight_metrics(w: jax.Array, pow2_scales: bool = False) -> jax.Array:
 
 
 def probe(module: nn.Module, name: str = "grad") -> jax.Array:
-  """A gradient probe of the module: a zero [2] from `fp8_probes` when the caller passed that
-  collection (training), else a constant zero (evaluation, generation: nothing to measure)."""
+  """A gradient probe of the module: a [2] from `fp8_probes` when the caller passed that
+  collection (training), else a constant zero (evaluation, generation: nothing to take the
+  gradient's metrics out, and the forward metrics are measured)."""
   if module.is_initializing() or module.has_variable(PROBES, name):
     return module.variable(PROBES, name, jnp.zeros, (2,), jnp.float32).value
   return jnp.zeros((2,), jnp.float32)
+
+
+def measured(probe_2: jax.Array, metrics_fn) -> jax.Array:
+  """metrics_fn() where the op's probe asks for metrics, else zeros, in a cond (module doc)."""
+  return jax.lax.cond(fp8_gemm.metrics_wanted(probe_2), metrics_fn,
+                      lambda: jnp.zeros((2,), jnp.float32))
 
 
 def record(module: nn.Module, name: str, metrics_2: jax.Array) -> None:
@@ -121,9 +134,10 @@ class Dense(nn.Module):
     x_MK = x.astype(self.dtype).reshape(-1, x.shape[-1])
     w_KN = kernel.astype(self.dtype)
     pow2 = self.recipe.pow2_scales
-    record(self, "fp8_act", activation_metrics(x_MK, pow2))
-    record(self, "fp8_weight", weight_metrics(w_KN, pow2))
-    y_MN = fp8_gemm.fp8_linear(x_MK, w_KN, probe(self), "auto", self.recipe)
+    probe_2 = probe(self)
+    record(self, "fp8_act", measured(probe_2, lambda: activation_metrics(x_MK, pow2)))
+    record(self, "fp8_weight", measured(probe_2, lambda: weight_metrics(w_KN, pow2)))
+    y_MN = fp8_gemm.fp8_linear(x_MK, w_KN, probe_2, "auto", self.recipe)
     return y_MN.reshape(*x.shape[:-1], self.features)
 
 

@@ -89,11 +89,14 @@ class MoE(nn.Module):
     if recipe is not None:
       # Token copies repeat x's rows, so x's tiles give the first projection's input metrics.
       pow2 = recipe.pow2_scales
-      fp8.record(self, "fp8_act", fp8.activation_metrics(x_TD.astype(dtype), pow2))
-      fp8.record(self, "fp8_weight_gate_up",
-                 fp8.weight_metrics(w_gate_up_EDF2.astype(dtype), pow2))
-      fp8.record(self, "fp8_weight_down", fp8.weight_metrics(w_down_EFD.astype(dtype), pow2))
       probes = (fp8.probe(self, "grad_gate_up"), fp8.probe(self, "grad_down"))
+      measured = functools.partial(fp8.measured, probes[0])  # both probes carry the same ask
+      fp8.record(self, "fp8_act", measured(lambda: fp8.activation_metrics(x_TD.astype(dtype),
+                                                                          pow2)))
+      fp8.record(self, "fp8_weight_gate_up", measured(
+          lambda: fp8.weight_metrics(w_gate_up_EDF2.astype(dtype), pow2)))
+      fp8.record(self, "fp8_weight_down", measured(
+          lambda: fp8.weight_metrics(w_down_EFD.astype(dtype), pow2)))
     y_TD = expert_parallel.expert_ffn(
         x_TD.astype(dtype), routing.expert_ids_TK, routing.weights_TK,
         w_gate_up_EDF2.astype(dtype), w_down_EFD.astype(dtype), backend=m.moe_backend,

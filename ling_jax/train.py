@@ -14,6 +14,7 @@ import numpy as np
 import optax
 from flax import traverse_util
 
+from kernels import fp8_gemm
 from ling_jax import fp8
 from ling_jax import model as model_lib
 from ling_jax import moe
@@ -196,7 +197,7 @@ def loss_fn(params: Any, moe_state: Any, batch: dict, denominators: jax.Array, m
 
   Losses are sums divided by the token counts of the WHOLE (accumulated) batch, so that summing
   micro-batch gradients gives exactly the full-batch gradient. `fp8_probes` (FP8 runs only):
-  the zero probes whose gradients are the FP8 gradient metrics (ling_jax/fp8.py).
+  the probes whose gradients are the FP8 gradient metrics (ling_jax/fp8.py).
   """
   variables = {"params": params, moe.STATE: moe_state}
   if fp8_probes:
@@ -225,12 +226,27 @@ def loss_fn(params: Any, moe_state: Any, batch: dict, denominators: jax.Array, m
   return loss, aux
 
 
-def _zero_fp8_probes(m: Any) -> Any:
-  """The model's FP8 gradient probes, all zero; {} without FP8."""
+def fp8_probes(m: Any, measure: Any = True) -> Any:
+  """The model's FP8 probes ({} without FP8): zeros, which measure the safeguard metrics, or
+  where `measure` (a bool, traced or not) is false `fp8_gemm.SKIP_METRICS`, which skips them."""
   if not fp8.enabled(m):
     return {}
   shapes = jax.eval_shape(lambda: model_lib.init_variables(m, jax.random.key(0)))
-  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes.get(fp8.PROBES, {}))
+  value_2 = jnp.where(measure, jnp.zeros((2,), jnp.float32),
+                      jnp.asarray(fp8_gemm.SKIP_METRICS, jnp.float32))
+  return jax.tree.map(lambda s: jnp.broadcast_to(value_2, s.shape).astype(s.dtype),
+                      shapes.get(fp8.PROBES, {}))
+
+
+def fp8_metrics_due(step: Any, t: Any) -> Any:
+  """Whether the step numbered `step` (0-based: state.step before it runs) measures the FP8
+  safeguard metrics: on the steps the trainer logs (every log_every-th and the last), or on
+  every step with `train.fp8_metrics_every_step`. Elsewhere they cost a quantisation and a
+  reduction of every FP8 op's operands and output gradient (BENCHMARKS.md, session 11)."""
+  if t.get("fp8_metrics_every_step", False):
+    return jnp.bool_(True)
+  done = step + 1
+  return (done % t.log_every == 0) | (done == t.num_steps)
 
 
 def _split_micro(batch: dict, num_micro: int) -> dict:
@@ -267,18 +283,20 @@ def compute_dtype_params(params: Any, m: Any, t: Any) -> Any:
   return jax.tree_util.tree_map_with_path(cast, params)
 
 
-def accumulate_gradients(state: TrainState, batch: dict, *, m: Any,
-                         t: Any) -> tuple[jax.Array, dict, Any]:
+def accumulate_gradients(state: TrainState, batch: dict, *, m: Any, t: Any,
+                         fp8_metrics: Any = True) -> tuple[jax.Array, dict, Any]:
   """Returns (loss, aux metrics, gradients) of `batch`, summed over its micro-batches.
 
   Gradients of micro-batches are summed in the parameters' dtype (fp32); with one micro-batch
   and `train.compute_dtype_grads` the matmul kernels' gradients come back in `model.dtype`.
+  fp8_metrics: whether FP8 ops measure their safeguard metrics (a bool, traced or not; zeros
+  in aux["fp8"] where not).
   """
   num_micro = t.grad_accum_steps
   depths = 1 + m.num_nextn_predict_layers
   denominators = jnp.stack([jnp.maximum(jnp.sum(loss_masks(batch, d)), 1.0)
                             for d in range(depths)])
-  probes = _zero_fp8_probes(m)
+  probes = fp8_probes(m, fp8_metrics)
   grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 6), has_aux=True)
 
   def micro_loss(micro_batch):
@@ -325,7 +343,8 @@ def train_step(state: TrainState, batch: dict, *, m: Any, t: Any) -> tuple[Train
   The batch is split into `grad_accum_steps` micro-batches whose gradients are summed. A step
   whose loss or gradients are not finite leaves params, optimiser state and expert bias unchanged.
   """
-  loss, aux, grads = accumulate_gradients(state, batch, m=m, t=t)
+  loss, aux, grads = accumulate_gradients(state, batch, m=m, t=t,
+                                          fp8_metrics=fp8_metrics_due(state.step, t))
   return apply_gradients(state, loss, aux, grads, t=t)
 
 

@@ -7,8 +7,10 @@ import subprocess
 import sys
 import textwrap
 
+import flax
 import jax
 import jax.numpy as jnp
+import ml_collections
 import ml_dtypes
 import numpy as np
 import pytest
@@ -22,6 +24,7 @@ from ling_jax import expert_parallel
 from ling_jax import fp8
 from ling_jax import model as model_lib
 from ling_jax import sharding
+from ling_jax import train
 
 # E4M3 keeps 3 mantissa bits: round-to-nearest is within 2^-4 relative for normal numbers, and
 # within half the smallest subnormal step (2^-10 of the scale) below them.
@@ -289,6 +292,12 @@ def test_fp8_linear_gradients_match_bf16_autodiff():
   # The probe's gradient is the output gradient's [underflow, cosine].
   np.testing.assert_allclose(dprobe, fq.quant_metrics(cot, cq, fq.dequantize_tiles(cq, cs)),
                              rtol=1e-6)
+  # A probe that skips the metrics: the same gradients bit for bit, zeros for the metrics.
+  dx_skip, dw_skip, dprobe_skip = jax.jit(jax.grad(loss8, (0, 1, 2)))(
+      x, w, jnp.asarray(fp8_gemm.SKIP_METRICS))
+  np.testing.assert_array_equal(dx_skip, dx8)
+  np.testing.assert_array_equal(dw_skip, dw8)
+  np.testing.assert_array_equal(dprobe_skip, np.zeros(2))
 
 
 @pytest.mark.parametrize("fp8_gemms", [("wgrad",), ("fprop", "dgrad")])
@@ -459,6 +468,34 @@ def test_model_fp8_forward_and_probes():
   for kind in ("act", "weight", "grad"):
     assert 0.99 < float(scalars[f"fp8_{kind}_cos_min"]) <= 1.0 + 1e-6
     assert 0.0 <= float(scalars[f"fp8_{kind}_underflow_max"]) < 0.01
+  # Probes that skip the metrics (the trainer's unlogged steps): the same logits, and every
+  # metric, forward (experts' and dense ops') and backward, reads zero.
+  skip = jax.tree.map(lambda p: jnp.broadcast_to(jnp.asarray(fp8_gemm.SKIP_METRICS), p.shape),
+                      probes)
+  skip_grads, (got_skip, stats_skip) = grad_fn(skip)
+  np.testing.assert_array_equal(got_skip, got)
+  flat = flax.traverse_util.flatten_dict(stats_skip)
+  fp8_stats = [v for k, v in flat.items() if k[-1].startswith("fp8_")]
+  assert len(fp8_stats) == len([k for k in flax.traverse_util.flatten_dict(stats)
+                                if k[-1].startswith("fp8_")]) > 0
+  for v in fp8_stats + jax.tree.leaves(skip_grads):
+    np.testing.assert_array_equal(v, 0.0)
+
+
+def test_fp8_metrics_due_on_logged_steps_only():
+  t = ml_collections.ConfigDict({"log_every": 10, "num_steps": 25})
+  due = [bool(train.fp8_metrics_due(jnp.int32(s), t)) for s in range(25)]
+  # The trainer logs after steps 10, 20 and the last (25): state.step 9, 19 and 24 before them.
+  assert [s for s, d in enumerate(due) if d] == [9, 19, 24]
+  t.fp8_metrics_every_step = True
+  assert all(bool(train.fp8_metrics_due(jnp.int32(s), t)) for s in range(25))
+  m = _tiny("fp8_blockwise")
+  on, off = train.fp8_probes(m, True), train.fp8_probes(m, jnp.bool_(False))
+  assert jax.tree.structure(on) == jax.tree.structure(off) and jax.tree.leaves(on)
+  for a, b in zip(jax.tree.leaves(on), jax.tree.leaves(off)):
+    np.testing.assert_array_equal(a, 0.0)
+    np.testing.assert_array_equal(b[..., 0], -1.0)
+  assert train.fp8_probes(_tiny("none"), False) == {}
 
 
 def _routed_experts(seed: int, f: int, t: int = 24, k: int = 2, d: int = 128, e: int = 4):
