@@ -12,7 +12,10 @@ Structure, as `grouped_matmul_mgpu._tgmm_body` (the bf16 wgrad): one warpgroup p
 (group, K tile, N tile) units persistently, with one CTA per SM or two (`ctas_per_sm`: a unit
 runs only its group's ~10 tiles, and a second CTA keeps the tensor cores busy through the
 other's pipeline start and epilogue); a unit's output stores run on while the next unit's
-pipeline does. Per unit, `plgpu.emit_pipeline` runs over the
+pipeline does. With `ws` the CTA is warp-specialised instead (`_tgmm_fp8_ws_body`): a memory
+warpgroup runs the TMA ring and two compute warpgroups split the unit's tile_k rows, sharing
+the B box, so that one's promotion can overlap the other's wgmma (not yet timed on a GPU; it
+lowers for CUDA and matches the oracle in interpret mode). Per unit, `plgpu.emit_pipeline` runs over the
 group's cdiv(size_g, 128) tiles (a traced count: empty groups run none and store zeros). Each
 step loads an A box [tk, 128] and a B box [tn, 128] at the tile's first row (an element offset
 along M, `pl.Element`) with both tiles' scale vectors, runs one e4m3 wgmma per accumulator and
@@ -87,26 +90,36 @@ class Fp8WgradConfig:
   # ~M / (G * 128) steps, so one CTA's pipeline start and epilogue leave the tensor cores idle;
   # a second CTA on the SM fills those gaps. Each CTA gets 1 / ctas_per_sm of shared memory.
   ctas_per_sm: int = 1
+  # Warp-specialised (`_tgmm_fp8_ws_body`): a memory warpgroup runs the TMA ring and two compute
+  # warpgroups take tile_k // 2 rows of the unit each, both reading the same B box; while one
+  # promotes, the other's wgmma can run. ctas_per_sm must be 1.
+  ws: bool = False
+
+  @property
+  def wg_rows(self) -> int:
+    """Rows of the output tile one compute warpgroup holds."""
+    return self.tile_k // 2 if self.ws else self.tile_k
 
   @property
   def mma(self) -> Fp8TileConfig:
-    """The tiling `fp8_gemm_mgpu`'s step helpers read: one warpgroup's tile_k x tile_n."""
-    return Fp8TileConfig(tile_m=self.tile_k, tile_n=self.tile_n, acc_cols=self.acc_cols,
+    """The tiling `fp8_gemm_mgpu`'s step helpers read: one warpgroup's wg_rows x tile_n."""
+    return Fp8TileConfig(tile_m=self.wg_rows, tile_n=self.tile_n, acc_cols=self.acc_cols,
                          overlap=self.overlap)
 
   @classmethod
   def parse(cls, spec: str) -> "Fp8WgradConfig":
-    """"tile_k:tile_n:stages:acc_cols[:overlap][:x<ctas per SM>]", e.g. "64:128:3:64:x2"."""
+    """"tile_k:tile_n:stages:acc_cols[:overlap][:ws][:x<ctas per SM>]", e.g. "64:128:3:64:x2"."""
     fields = spec.split(":")
     extra = fields[4:]
     ctas = [f for f in extra if f.startswith("x") and f[1:].isdigit()]
-    if (len(fields) < 4 or len(ctas) > 1 or any(f != "overlap" and f not in ctas for f in extra)
+    if (len(fields) < 4 or len(ctas) > 1
+        or any(f not in ("overlap", "ws") and f not in ctas for f in extra)
         or not all(f.isdigit() for f in fields[:4])):
       raise ValueError(f"wgrad tiling {spec!r}: expected "
-                       "tile_k:tile_n:stages:acc_cols[:overlap][:x<ctas per SM>]")
+                       "tile_k:tile_n:stages:acc_cols[:overlap][:ws][:x<ctas per SM>]")
     tk, tn, stages, acc = map(int, fields[:4])
     return cls(tile_k=tk, tile_n=tn, stages=stages, acc_cols=acc, overlap="overlap" in extra,
-               ctas_per_sm=int(ctas[0][1:]) if ctas else 1)
+               ctas_per_sm=int(ctas[0][1:]) if ctas else 1, ws="ws" in extra)
 
   def smem_bytes(self, out_itemsize: int) -> int:
     operands = (self.tile_k + self.tile_n) * (TILE_M + 4)  # e4m3 boxes and fp32 scale vectors
@@ -147,8 +160,51 @@ def supports(k_dim: int, n_dim: int, out_dtype, cfg: Fp8WgradConfig | None = Non
   cfg = (cfg or DEFAULT_CONFIG).fit_smem(out_dtype.itemsize)
   acc_n = cfg.mma.acc_n
   return (cfg.smem_bytes(out_dtype.itemsize) <= cfg.smem_budget
-          and cfg.tile_k % 64 == 0 and cfg.tile_n % acc_n == 0 and acc_n % 8 == 0
+          and cfg.wg_rows % 64 == 0 and cfg.tile_n % acc_n == 0 and acc_n % 8 == 0
+          and not (cfg.ws and cfg.ctas_per_sm != 1)
           and k_dim % cfg.tile_k == 0 and n_dim % cfg.tile_n == 0)
+
+
+def _in_specs(cfg: Fp8WgradConfig, row_align: int, ki, ni, start, first, a_dtype, b_dtype):
+  """The pipeline's boxes for unit (group, ki, ni) and its tiles j: A [tk, 128] and B [tn, 128]
+  at the tile's first row of M (an element offset; TMA fills rows past M with zeros, and the
+  step masks the next group's rows), and both tiles' scale vectors."""
+  tk, tn = cfg.tile_k, cfg.tile_n
+  swizzle_m = min(row_align, TILE_M)  # no wider than the alignment of the offsets along M
+  return [
+      plgpu.BlockSpec((tk, pl.Element(TILE_M)), lambda j: (ki, start + j * TILE_M),
+                      transforms=swizzled((tk, swizzle_m), a_dtype)),
+      plgpu.BlockSpec((tn, pl.Element(TILE_M)), lambda j: (ni, start + j * TILE_M),
+                      transforms=swizzled((tn, swizzle_m), b_dtype)),
+      plgpu.BlockSpec((1, tk), lambda j: (first + j, ki)),
+      plgpu.BlockSpec((1, tn), lambda j: (first + j, ni)),
+  ]
+
+
+def _mma_step(mma: Fp8TileConfig, a_smem, b_smem, sa_smem_R, sb_smem, sums: tuple, valid):
+  """One 128-row tile of a warpgroup: its rows of A (a_smem, [R, 128], with their scales
+  sa_smem_R) against all of B. `valid`: rows of the group in the tile; the rest belong to others
+  and their columns of A are zeroed first."""
+  rows, acc_n = mma.tile_m, mma.acc_n
+
+  @pl.when(valid < TILE_M)
+  def _():
+    # Mosaic GPU has no 8-bit arithmetic or select, but has 8-bit bitwise ops: AND the codes'
+    # bits with an all-ones or all-zeros byte (E4M3's zero is the zero byte).
+    cols = plgpu.broadcasted_iota(jnp.int32, (rows, TILE_M), 1, layout=plgpu.Layout.WGMMA_8BIT)
+    keep = jnp.where(cols < valid, -1, 0).astype(jnp.int8)
+    bits = jax.lax.bitcast_convert_type(a_smem[...], jnp.int8)
+    a_smem[...] = jax.lax.bitcast_convert_type(bits & keep, a_smem.dtype)
+    plgpu.commit_smem()
+
+  sa_R = plgpu.load(sa_smem_R, layout=plgpu.Layout.WGMMA.reduce(1))
+
+  def scale_of(c):
+    sb_N = plgpu.load(sb_smem.at[0, pl.ds(c * acc_n, acc_n)], layout=plgpu.Layout.WGMMA.reduce(0))
+    return (jax.lax.broadcast_in_dim(sa_R, (rows, acc_n), [0])
+            * jax.lax.broadcast_in_dim(sb_N, (rows, acc_n), [1]))
+
+  return mma_promote(mma, a_smem, b_smem, sums, scale_of)
 
 
 def _tgmm_fp8_body(cfg: Fp8WgradConfig, row_align: int, starts_gmem, sizes_gmem, first_tile_gmem,
@@ -179,47 +235,14 @@ def _units(cfg: Fp8WgradConfig, row_align: int, starts_gmem, sizes_gmem, first_t
     group, ki, ni = info.index
     start = pl.multiple_of(starts_gmem[group], row_align)
     size, first = sizes_gmem[group], first_tile_gmem[group]
-    # The operand boxes' swizzle is no wider than the alignment of their offsets along M.
-    swizzle_m = min(row_align, TILE_M)
-
     def step(idx, a_smem, b_smem, sa_smem, sb_smem, sums):
-      (j,) = idx
-      valid = size - j * TILE_M  # rows of the group in this tile; the rest belong to others
+      return _mma_step(mma, a_smem, b_smem, sa_smem.at[0], sb_smem, sums,
+                       valid=size - idx[0] * TILE_M)
 
-      @pl.when(valid < TILE_M)
-      def _():
-        # Mosaic GPU has no 8-bit arithmetic or select, but has 8-bit bitwise ops: AND the
-        # codes' bits with an all-ones or all-zeros byte (E4M3's zero is the zero byte).
-        cols = plgpu.broadcasted_iota(jnp.int32, (tk, TILE_M), 1, layout=plgpu.Layout.WGMMA_8BIT)
-        keep = jnp.where(cols < valid, -1, 0).astype(jnp.int8)
-        bits = jax.lax.bitcast_convert_type(a_smem[...], jnp.int8)
-        a_smem[...] = jax.lax.bitcast_convert_type(bits & keep, a_smem.dtype)
-        plgpu.commit_smem()
-
-      sa_R = plgpu.load(sa_smem.at[0], layout=plgpu.Layout.WGMMA.reduce(1))
-
-      def scale_of(c):
-        sb_N = plgpu.load(sb_smem.at[0, pl.ds(c * acc_n, acc_n)],
-                          layout=plgpu.Layout.WGMMA.reduce(0))
-        return (jax.lax.broadcast_in_dim(sa_R, (tk, acc_n), [0])
-                * jax.lax.broadcast_in_dim(sb_N, (tk, acc_n), [1]))
-
-      return mma_promote(mma, a_smem, b_smem, sums, scale_of)
-
-    num_tiles = (size + TILE_M - 1) // TILE_M
     sums = plgpu.emit_pipeline(
         step,
-        grid=(num_tiles,),
-        in_specs=[
-            # Boxes at the tile's first row of M (an element offset); TMA fills rows past M with
-            # zeros, and the step masks the next group's rows.
-            plgpu.BlockSpec((tk, pl.Element(TILE_M)), lambda j: (ki, start + j * TILE_M),
-                            transforms=swizzled((tk, swizzle_m), a_gmem.dtype)),
-            plgpu.BlockSpec((tn, pl.Element(TILE_M)), lambda j: (ni, start + j * TILE_M),
-                            transforms=swizzled((tn, swizzle_m), b_gmem.dtype)),
-            plgpu.BlockSpec((1, tk), lambda j: (first + j, ki)),
-            plgpu.BlockSpec((1, tn), lambda j: (first + j, ni)),
-        ],
+        grid=((size + TILE_M - 1) // TILE_M,),
+        in_specs=_in_specs(cfg, row_align, ki, ni, start, first, a_gmem.dtype, b_gmem.dtype),
         max_concurrent_steps=cfg.stages,
         init_carry=zero_sums(mma),
     )(a_gmem, b_gmem, sa_gmem, sb_gmem)
@@ -233,6 +256,83 @@ def _units(cfg: Fp8WgradConfig, row_align: int, starts_gmem, sizes_gmem, first_t
           out_gmem.at[group, pl.ds(ki * tk, tk), pl.ds(ni * tn + c * acc_n, acc_n)],
           commit_group=False)
     plgpu.commit_smem_to_gmem_group()
+
+
+def _tgmm_fp8_ws_body(cfg: Fp8WgradConfig, row_align: int, starts_gmem, sizes_gmem,
+                      first_tile_gmem, a_gmem, sa_gmem, b_gmem, sb_gmem, out_gmem):
+  """Warp-specialised: a memory warpgroup runs the TMA ring; compute warpgroup w takes rows
+  [w * R, (w + 1) * R) of each unit's tile (R = tile_k / 2) against the shared B box."""
+  num_groups, k_dim, n_dim = out_gmem.shape
+  tk, tn, rows, mma = cfg.tile_k, cfg.tile_n, cfg.wg_rows, cfg.mma
+  acc_n = mma.acc_n
+  operands = (a_gmem, b_gmem, sa_gmem, sb_gmem)
+
+  def pipeline(step, compute_context, num_tiles=None, ki=0, ni=0, start=0, first=0):
+    # The allocations' pipeline (no num_tiles) gets a static grid of `stages` steps: a shorter
+    # one would get fewer slots than the units' (traced) grids use.
+    return plgpu.emit_pipeline_warp_specialized(
+        step,
+        grid=(cfg.stages if num_tiles is None else num_tiles,),
+        memory_registers=40,
+        in_specs=_in_specs(cfg, row_align, ki, ni, start, first, a_gmem.dtype, b_gmem.dtype),
+        wg_axis="wg",
+        num_compute_wgs=2,
+        max_concurrent_steps=cfg.stages,
+        compute_context=compute_context,
+    )
+
+  ignore = lambda *_, **__: None
+
+  @functools.partial(
+      pl.run_scoped,
+      allocs=pipeline(ignore, ignore).get_allocations(*operands),
+      # [warpgroup, accumulator]: one output tile per accumulator (`store_sums`); Mosaic GPU's
+      # layout inference rejects 64-row stores into a swizzled tile.
+      out_smem=plgpu.SMEM((2, tn // acc_n, rows, acc_n), out_gmem.dtype,
+                          transforms=() if rows < 128 else swizzled((rows, acc_n),
+                                                                    out_gmem.dtype)),
+      collective_axes="wg",
+  )
+  def _scope(allocs, out_smem):
+    wg = jax.lax.axis_index("wg")
+    row0 = wg * rows
+
+    @plgpu.nd_loop((num_groups, k_dim // tk, n_dim // tn), collective_axes="sm")
+    def _unit(info):
+      group, ki, ni = info.index
+      start = pl.multiple_of(starts_gmem[group], row_align)
+      size, first = sizes_gmem[group], first_tile_gmem[group]
+      num_tiles = (size + TILE_M - 1) // TILE_M
+
+      def store(sums):
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last unit's stores read out_smem
+        store_sums(out_smem.at[wg], sums)
+        plgpu.commit_smem()
+        for c in range(tn // acc_n):
+          plgpu.copy_smem_to_gmem(
+              out_smem.at[wg, c],
+              out_gmem.at[group, pl.ds(ki * tk + row0, rows), pl.ds(ni * tn + c * acc_n, acc_n)],
+              commit_group=False)
+        plgpu.commit_smem_to_gmem_group()
+
+      def compute_context(run_pipeline):
+        store(run_pipeline(zero_sums(mma)))
+
+      def step(idx, a_smem, b_smem, sa_smem, sb_smem, sums):
+        return _mma_step(mma, a_smem.at[pl.ds(row0, rows)], b_smem,
+                         sa_smem.at[0, pl.ds(row0, rows)], sb_smem, sums,
+                         valid=size - idx[0] * TILE_M)
+
+      @pl.when((num_tiles == 0) & (wg < 2))  # an empty group: zeros, no pipeline
+      def _():
+        store(zero_sums(mma))
+
+      @pl.when(num_tiles > 0)
+      def _():
+        pipeline(step, compute_context, num_tiles, ki, ni, start, first)(
+            *operands, allocations=allocs)
+
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
 
 def group_tiles(group_sizes_G: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -279,10 +379,11 @@ def tgmm_fp8(a_q_KM: jax.Array, a_scale_KC: jax.Array, b_q_NM: jax.Array, b_scal
         f"fp8_gemm.fp8_transposed_grouped_matmul.")
   starts_G, first_tile_G = group_tiles(group_sizes_G)
   kernel = plgpu.kernel(
-      functools.partial(_tgmm_fp8_body, cfg, row_align),
+      functools.partial(_tgmm_fp8_ws_body if cfg.ws else _tgmm_fp8_body, cfg, row_align),
       out_type=jax.ShapeDtypeStruct((group_sizes_G.shape[0], k_dim, n_dim), out_dtype),
       grid=(cfg.ctas_per_sm * (num_sms or device_num_sms()),),
       grid_names=("sm",),
+      **(dict(num_threads=3, thread_name="wg") if cfg.ws else {}),
       compiler_params=plgpu.CompilerParams(
           lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
       interpret=interpret,
@@ -356,7 +457,7 @@ def self_check(num_rows: int = 131072, num_groups: int = 256, row_align: int = 3
 
 def _spec(cfg: Fp8WgradConfig) -> str:
   return (f"{cfg.tile_k}:{cfg.tile_n}:{cfg.stages}:{cfg.acc_cols}"
-          + (":overlap" if cfg.overlap else "")
+          + (":overlap" if cfg.overlap else "") + (":ws" if cfg.ws else "")
           + (f":x{cfg.ctas_per_sm}" if cfg.ctas_per_sm > 1 else ""))
 
 

@@ -56,18 +56,22 @@ def _assert_close(out_GKN, ref_GKN, rtol):
 
 
 @pytest.mark.parametrize("case", ["ragged_fp32", "one_group_bf16", "ragged_fp32_overlap",
-                                  "ragged_fp32_x2"])
+                                  "ragged_fp32_x2", "ragged_fp32_ws", "one_group_bf16_ws"])
 def test_tgmm_fp8_matches_fp64(case):
   """Groups of 0, 32, 96 and 160 rows (partial last tiles, whose other rows are the next
   group's or the rows past the groups); one group of all rows (2.5 tiles, the last read past M:
   zeros from TMA) in bf16 with 64-row alignment. Two accumulators per unit (acc_cols), the
   second's wgmma issued before the first is promoted in the overlap case; two CTAs per SM in
-  the x2 case (6 CTAs for 10 units: some run two, storing while the next unit runs)."""
+  the x2 case (6 CTAs for 10 units: some run two, storing while the next unit runs);
+  warp-specialised in the ws cases (two compute warpgroups of 64 rows each, each masking its own
+  rows of A; an empty group's units store zeros without a pipeline)."""
   m_dim, sizes, row_align, out_dtype, rtol = {
       "ragged_fp32": (416, [96, 0, 160, 32, 96], 32, jnp.float32, 1e-5),
       "one_group_bf16": (320, [320], 64, jnp.bfloat16, 2**-8),
       "ragged_fp32_overlap": (416, [96, 0, 160, 32, 96], 32, jnp.float32, 1e-5),
       "ragged_fp32_x2": (416, [96, 0, 160, 32, 96], 32, jnp.float32, 1e-5),
+      "ragged_fp32_ws": (416, [96, 0, 160, 32, 96], 32, jnp.float32, 1e-5),
+      "one_group_bf16_ws": (320, [320], 64, jnp.bfloat16, 2**-8),
   }[case]
   rng = np.random.default_rng(len(case))
   k_dim, n_dim = 128, 64
@@ -78,6 +82,8 @@ def test_tgmm_fp8_matches_fp64(case):
   sb = jnp.asarray(np.exp2(rng.integers(-12, 4, (n_dim, num_tiles))), jnp.float32)
   cfg = dataclasses.replace(tgmm.INTERPRET_CONFIG, overlap=case.endswith("overlap"),
                             ctas_per_sm=2 if case.endswith("x2") else 1)
+  if case.endswith("ws"):  # 64 rows per compute warpgroup, the least a wgmma takes
+    cfg = tgmm.Fp8WgradConfig(tile_k=128, tile_n=64, stages=2, acc_cols=32, ws=True)
   assert cfg.mma.acc_n * 2 == cfg.tile_n and cfg.mma.overlap == cfg.overlap
   out = tgmm.tgmm_fp8(a_q, sa, b_q, sb, jnp.asarray(sizes, jnp.int32), row_align=row_align,
                       out_dtype=out_dtype, config=cfg, interpret=plgpu.InterpretGPUParams(),
@@ -137,15 +143,18 @@ def test_gpu_backend_takes_the_kernel_from_row_align_32(monkeypatch):
   assert fp8_gemm._kernel_tgmm("pallas_mosaic_gpu", "f", 2048, 1024, jnp.bfloat16, 32) is None
 
 
-@pytest.mark.parametrize("row_align, out_dtype", [(32, jnp.bfloat16), (128, jnp.float32)])
-def test_kernel_lowers_for_cuda_at_ling_mini_size(row_align, out_dtype):
+@pytest.mark.parametrize("row_align, out_dtype, spec", [
+    (32, jnp.bfloat16, None), (128, jnp.float32, None), (32, jnp.float32, "128:128:4:64:ws"),
+    (128, jnp.bfloat16, "256:128:3:64:overlap:ws")])
+def test_kernel_lowers_for_cuda_at_ling_mini_size(row_align, out_dtype, spec):
   """Layout inference of the masked E4M3 boxes and the M-offset TMA boxes (32- and 128-byte
-  swizzles) at the default tiling, without a GPU."""
+  swizzles) at the default tilings and warp-specialised ones, without a GPU."""
+  cfg = tgmm.Fp8WgradConfig.parse(spec) if spec else None
   m_dim, groups, k_dim, n_dim = 131072, 256, 2048, 1024
   num_tiles = m_dim // 128 + groups
   spec = jax.ShapeDtypeStruct
   f = jax.jit(lambda *a: tgmm.tgmm_fp8(*a, row_align=row_align, out_dtype=out_dtype,
-                                       num_sms=132))
+                                       num_sms=132, config=cfg))
   lowered = f.trace(spec((k_dim, m_dim), jnp.float8_e4m3fn), spec((k_dim, num_tiles), jnp.float32),
                     spec((n_dim, m_dim), jnp.float8_e4m3fn), spec((n_dim, num_tiles), jnp.float32),
                     spec((groups,), jnp.int32)).lower(lowering_platforms=("cuda",))
@@ -161,6 +170,9 @@ def test_wgrad_tiling_specs_parse_and_fit_per_cta():
   fitted = tgmm.Fp8WgradConfig.parse("128:128:4:64:x2").fit_smem(4)
   assert fitted.smem_bytes(4) <= fitted.smem_budget < tgmm.DEFAULT_CONFIG.smem_budget
   assert (fitted.stages, fitted.tile_n) == (3, 64)  # narrowed, then stages restored to fit
+  assert tgmm.Fp8WgradConfig.parse("128:128:4:64:ws").wg_rows == 64
+  assert not tgmm.supports(2048, 1024, jnp.float32, tgmm.Fp8WgradConfig(ws=True, ctas_per_sm=2))
+  assert not tgmm.supports(2048, 1024, jnp.float32, tgmm.Fp8WgradConfig(tile_k=64, ws=True))
   for bad in ("128:128:4", "128:128:4:64:x", "128:128:4:64:fast", "a:128:4:64"):
     with pytest.raises(ValueError, match="tile_k:tile_n:stages:acc_cols"):
       tgmm.Fp8WgradConfig.parse(bad)
