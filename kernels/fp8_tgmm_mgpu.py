@@ -15,9 +15,9 @@ other's pipeline start and epilogue); a unit's output stores run on while the ne
 pipeline does. With `ws` the CTA is warp-specialised instead (`_tgmm_fp8_ws_body`): a memory
 warpgroup runs the TMA ring and two compute warpgroups split the unit's tile_k rows, sharing
 the B box, so that one's promotion can overlap the other's wgmma (not yet timed on a GPU; it
-lowers for CUDA and matches the oracle in interpret mode). Per unit, `plgpu.emit_pipeline` runs over the
-group's cdiv(size_g, 128) tiles (a traced count: empty groups run none and store zeros). Each
-step loads an A box [tk, 128] and a B box [tn, 128] at the tile's first row (an element offset
+lowers for CUDA and matches the oracle in interpret mode). Per unit, `plgpu.emit_pipeline` runs
+over the group's cdiv(size_g, 128) tiles (a traced count: empty groups run none and store
+zeros). Each step loads an A box [tk, 128] and a B box [tn, 128] at the tile's first row (an element offset
 along M, `pl.Element`) with both tiles' scale vectors, runs one e4m3 wgmma per accumulator and
 adds partial * (sa [tk] column x sb [tn] row) to a running fp32 sum, as `fp8_gemm_mgpu` promotes
 its "tile"-scaled B (its `mma_promote`, `zero_sums` and `store_sums` are reused here).

@@ -1,7 +1,6 @@
 """The one-read log-sum-exp kernel (kernels/lse_triton.py) in Triton's interpret mode, against a
 float64 NumPy oracle."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
