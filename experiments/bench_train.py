@@ -151,10 +151,14 @@ def run_variant(config: Any, source: Any, name: str, out_dir: str,
     metrics_lib.log("[%s] %.2fB params; compiled in %.1f s", name, params / 1e9, compile_s)
 
     def run(num_steps: int) -> list[jax.Array]:
+      """Steps as the trainer queues them: each dispatched before the one before it is waited
+      for (the trainer reads its NaN streak), so that at most two are in flight."""
       nonlocal state, batch, step
       losses = []
       for _ in range(num_steps):
         state, step_metrics = compiled(state, batch)
+        if losses:
+          jax.block_until_ready(losses[-1])
         losses.append(step_metrics["loss"])
         step += 1
         batch = batches.next_batch(step)
