@@ -86,13 +86,15 @@ _CHECK_CONFIGS = flags.DEFINE_list(
     "--gemm_check.")
 _QUANT_LAUNCHES = flags.DEFINE_list(
     "quant_launches", ["{rows_per_prog}:{tiles_per_prog}:{num_warps}".format(**fqt.ROWS_LAUNCH)],
-    "Triton quantise kernel launches R:T:num_warps for the 1x128 tiles alone (R rows, T tiles "
-    "per program); default: the kernel's own (fp8_quant_triton.ROWS_LAUNCH).")
+    "Triton quantise kernel launches R:T:num_warps[:num_stages] for the 1x128 tiles alone (R "
+    "rows, T tiles per program; num_stages above 1 loops over the T tiles, pipelined); default: "
+    "the kernel's own (fp8_quant_triton.ROWS_LAUNCH).")
 _QUANT_COLS_LAUNCHES = flags.DEFINE_list(
     "quant_cols_launches",
     ["{tiles_per_prog}:{num_warps}:{transpose_codes:d}".format(**fqt.COLS_LAUNCH)],
-    "Launches T:num_warps:transpose_codes of the Triton kernel with column tiles (R = 128); the "
-    "first is checked in every dtype and scale rule; default: the kernel's own (COLS_LAUNCH).")
+    "Launches T:num_warps:transpose_codes[:num_stages] of the Triton kernel with column tiles "
+    "(R = 128); the first is checked in every dtype and scale rule; default: the kernel's own "
+    "(COLS_LAUNCH).")
 
 _GROUP_ALIGNS = flags.DEFINE_list(
     "group_aligns", ["16", "32", "128"],
@@ -571,14 +573,24 @@ def time_grouped() -> None:
       _write_json()
 
 
+def _launch_fields(spec: str, names: tuple[str, ...], flag: str) -> list[int]:
+  """The integers of a launch spec, the last (num_stages) optional: 1 when left out."""
+  fields = spec.split(":")
+  if len(fields) not in (len(names) - 1, len(names)) or not all(f.isdigit() for f in fields):
+    raise app.UsageError(f"--{flag}={spec}: expected {':'.join(names[:-1])}[:{names[-1]}], "
+                         "integers")
+  return [int(f) for f in fields] + [1] * (len(names) - len(fields))
+
+
 def _quant_launch(spec: str) -> dict:
-  r, t, w = (int(v) for v in spec.split(":"))
-  return {"rows_per_prog": r, "tiles_per_prog": t, "num_warps": w}
+  r, t, w, s = _launch_fields(spec, ("R", "T", "num_warps", "num_stages"), "quant_launches")
+  return {"rows_per_prog": r, "tiles_per_prog": t, "num_warps": w, "num_stages": s}
 
 
 def _cols_launch(spec: str) -> dict:
-  t, w, tc = (int(v) for v in spec.split(":"))
-  return {"tiles_per_prog": t, "num_warps": w, "transpose_codes": bool(tc)}
+  t, w, tc, s = _launch_fields(spec, ("T", "num_warps", "transpose_codes", "num_stages"),
+                               "quant_cols_launches")
+  return {"tiles_per_prog": t, "num_warps": w, "transpose_codes": bool(tc), "num_stages": s}
 
 
 def check_quant() -> bool:

@@ -59,6 +59,9 @@ from kernels.fp8_quant import metrics_from_sums
 ROWS_LAUNCH = {"rows_per_prog": 32, "tiles_per_prog": 4, "num_warps": 4}
 COLS_LAUNCH = {"rows_per_prog": TILE, "tiles_per_prog": 1, "num_warps": 8,
                "transpose_codes": True}
+# Launches may also set "num_stages" (default 1): above 1 a program's tiles run as a loop that
+# Triton pipelines (session 11; not yet timed: with column tiles a program holds a 128 x 128
+# fp32 tile, about one program per SM, so nothing hides its load behind another's stores).
 
 
 def _recip_rn(scale: jax.Array, interpret: bool) -> jax.Array:
@@ -93,13 +96,15 @@ def _to_e4m3(x32: jax.Array) -> jax.Array:
 
 def _kernel(starts_ref, counts_ref, x_ref, *out_refs, num_rows, k_dim, rows_per_prog,
             tiles_per_prog, want_rows, want_cols, aligned, row_align, pow2, interpret,
-            transpose_codes, metrics):
+            transpose_codes, metrics, loop):
   """Program (c, j): rows [start_c, start_c + count_c), tiles j*T .. j*T + T - 1 along K.
 
   Masks only where a shape needs them (partial row blocks, groups, K off the tile): Triton
   narrows masked stores along their contiguous axis to single bytes, unless it can prove the
   mask constant over aligned runs (row_align). With `metrics`, the program also writes its
-  partial sums of the row codes' safeguard metrics (`metrics_of_partials`).
+  partial sums of the row codes' safeguard metrics (`metrics_of_partials`). With `loop` the T
+  tiles are a loop (`fori_loop`) rather than unrolled, which Triton software-pipelines over the
+  launch's num_stages: the next tile's load is in flight while this one is quantised and stored.
   """
   r, t_per = rows_per_prog, tiles_per_prog
   c, j = pl.program_id(0), pl.program_id(1)
@@ -122,11 +127,10 @@ def _kernel(starts_ref, counts_ref, x_ref, *out_refs, num_rows, k_dim, rows_per_
   row_ok_R = jax.lax.broadcasted_iota(jnp.int32, (r,), 0) < count
   # Partial sums over this program's elements: x.x, dq.dq, x.dq; nonzero x, flushed to code 0.
   # Masked elements load as 0 and add nothing.
-  sums = [np.float32(0.0)] * 3
-  counts = [np.int32(0)] * 2
   total = lambda v: jnp.sum(jnp.sum(v, axis=1))
-  for t in range(t_per):
-    kt = j * t_per + t
+
+  def tile(kt, sums, counts):
+    """Tile kt along K of this program's rows: its codes, scales and metric partials."""
     col0 = pl.multiple_of(kt * TILE, TILE)
     col_ok_T = col0 + jax.lax.broadcasted_iota(jnp.int32, (TILE,), 0) < k_dim
     if row_mask and col_mask:
@@ -171,6 +175,16 @@ def _kernel(starts_ref, counts_ref, x_ref, *out_refs, num_rows, k_dim, rows_per_
       pltriton.store(qt_ref.at[pl.ds(col0, TILE), pl.ds(start, r)], q_TR, mask=mask_TR)
       pltriton.store(scol_ref.at[c, pl.ds(col0, TILE)], scale_T,
                      mask=col_ok_T if col_mask else None)
+    return sums, counts
+
+  sums = [jnp.float32(0.0)] * 3
+  counts = [jnp.int32(0)] * 2
+  if loop and t_per > 1:
+    sums, counts = jax.lax.fori_loop(
+        0, t_per, lambda t, carry: tile(j * t_per + t, *carry), (sums, counts))
+  else:
+    for t in range(t_per):
+      sums, counts = tile(j * t_per + t, sums, counts)
   if metrics:
     for i, v in enumerate(sums):
       msum_ref[i, c, j] = v
@@ -193,13 +207,14 @@ def _tiles_per_prog(kt: int, want: int) -> int:
 
 @functools.partial(jax.jit, static_argnames=(
     "want_rows", "want_cols", "num_tiles", "row_align", "pow2", "interpret", "rows_per_prog",
-    "tiles_per_prog", "num_warps", "transpose_codes", "metrics"))
+    "tiles_per_prog", "num_warps", "transpose_codes", "metrics", "num_stages"))
 def quantize(x_MK: jax.Array, starts_C: jax.Array | None = None,
              counts_C: jax.Array | None = None, *, want_rows: bool = True,
              want_cols: bool = False, num_tiles: int | None = None, row_align: int = 1,
              pow2: bool = False, interpret: bool = False, rows_per_prog: int | None = None,
              tiles_per_prog: int | None = None, num_warps: int | None = None,
-             transpose_codes: bool | None = None, metrics: bool = False):
+             transpose_codes: bool | None = None, metrics: bool = False,
+             num_stages: int | None = None):
   """One read of x [M, K]; returns the asked layouts, scales tile-axis first.
 
   Args:
@@ -216,6 +231,8 @@ def quantize(x_MK: jax.Array, starts_C: jax.Array | None = None,
       program); R is 128 whenever column tiles are asked for. None: `ROWS_LAUNCH` or
       `COLS_LAUNCH`.
     transpose_codes: transpose the column tiles' codes rather than their fp32 values.
+    num_stages: above 1, a program's T tiles run as a loop that Triton pipelines this deep (the
+      next tile's load issued before this one's stores); 1, unrolled. None: the launch's.
     metrics: also return the row codes' metric partials, fp32 [3, P, J] (x.x, dq.dq, x.dq) and
       int32 [2, P, J] (nonzero x, nonzero x flushed to 0) over the grid's programs, last;
       `metrics_of_partials` turns them into fp8_quant.quant_metrics' [underflow, cosine].
@@ -232,6 +249,7 @@ def quantize(x_MK: jax.Array, starts_C: jax.Array | None = None,
   num_warps = num_warps or launch["num_warps"]
   if transpose_codes is None:
     transpose_codes = COLS_LAUNCH["transpose_codes"]
+  num_stages = num_stages or launch.get("num_stages", 1)
   if want_cols:
     r = TILE
     num_c = pl.cdiv(num_rows, TILE) if aligned else num_tiles
@@ -255,12 +273,13 @@ def quantize(x_MK: jax.Array, starts_C: jax.Array | None = None,
   kernel = functools.partial(
       _kernel, num_rows=num_rows, k_dim=k_dim, rows_per_prog=r, tiles_per_prog=t_per,
       want_rows=want_rows, want_cols=want_cols, aligned=aligned, row_align=row_align, pow2=pow2,
-      interpret=interpret, transpose_codes=transpose_codes, metrics=metrics)
+      interpret=interpret, transpose_codes=transpose_codes, metrics=metrics,
+      loop=num_stages > 1)
   return pl.pallas_call(
       kernel,
       out_shape=tuple(out_shape),
       grid=grid,
-      compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=1),
+      compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
       interpret=interpret,
   )(starts_C.astype(jnp.int32), counts_C.astype(jnp.int32), x_MK)
 

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from kernels import fp8_quant as fq
+from kernels import fp8_quant_triton as fqt
 
 _INTERP = "pallas_triton_interpret"
 
@@ -157,3 +158,22 @@ def test_blocks_kernel_bit_identical_to_xla(case):
   with pytest.raises(ValueError, match="multiples of 128"):
     from kernels import fp8_quant_triton as fqt
     fqt.quantize_blocks_transposed(jnp.ones((100, 128)), interpret=True)
+
+
+@pytest.mark.parametrize("want_cols", [False, True])
+def test_looped_launch_matches_unrolled(want_cols):
+  """num_stages > 1: a program's T tiles along K run as a pipelined loop, not unrolled; codes,
+  scales and metric partials are the same bits (K = 512: 4 tiles, 2 per program; groups
+  restarting per expert and rows past them for the column tiles)."""
+  rng = np.random.default_rng(4)
+  x = _x(rng, (256, 512), jnp.bfloat16)
+  tile_ids, num_tiles = fq.row_tile_ids(256, jnp.asarray([0, 16, 144, 0, 48], jnp.int32))
+  bounds = fq._tile_bounds(tile_ids, num_tiles) if want_cols else (None, None)
+  outs = {}
+  for stages in (1, 2):
+    outs[stages] = jax.jit(lambda x, b, stages=stages: fqt.quantize(
+        x, *b, want_cols=want_cols, num_tiles=num_tiles if want_cols else None,
+        tiles_per_prog=2, rows_per_prog=None if want_cols else 32, num_warps=4,
+        num_stages=stages, metrics=True, interpret=True))(x, bounds)
+  _assert_same(outs[2], outs[1])
+  assert outs[2][-2].shape[-1] == 2  # two programs along K: the loop ran twice in each
