@@ -92,11 +92,11 @@ def logsumexp(x: jax.Array, backend: str = "auto") -> jax.Array:
   `_KERNEL_ON_GPU` is set) where it takes x, else XLA's (x converted to fp32 first)."""
   if backend == "auto":
     backend = "pallas_triton" if _KERNEL_ON_GPU and jax.default_backend() == "gpu" else "xla"
-  if backend not in ("xla", "pallas_triton", "interpret"):
+  if backend not in ("xla", "pallas_triton", "pallas_triton_interpret"):
     raise ValueError(f"logsumexp: unknown backend {backend!r}; expected 'auto', 'xla', "
-                     "'pallas_triton' or 'interpret'.")
+                     "'pallas_triton' or 'pallas_triton_interpret' (as kernels/fp8_quant.py).")
   if backend != "xla" and kernel_takes(x):
-    return logsumexp_rows(x, interpret=backend == "interpret")
+    return logsumexp_rows(x, interpret=backend == "pallas_triton_interpret")
   return jax.nn.logsumexp(x.astype(jnp.float32), axis=-1)
 
 
