@@ -142,14 +142,14 @@ class Fp8WgradConfig:
 # of 128 x 128. The bf16 tgmm on the unquantised operands ran at 521-530 / 458-527 in the same runs.
 DEFAULT_CONFIG = Fp8WgradConfig()
 ALIGNED_128_CONFIG = Fp8WgradConfig(tile_k=128, tile_n=64, stages=3, ctas_per_sm=2)
+# Interpret mode (CPU tests): small tiles, since the interpreter's cost grows with tile sizes;
+# two accumulators per unit, as on the GPU.
+INTERPRET_CONFIG = Fp8WgradConfig(tile_k=64, tile_n=64, stages=2, acc_cols=32)
 
 
 def default_config(row_align: int) -> Fp8WgradConfig:
   """The tuned tiling for groups padded to row_align rows."""
   return ALIGNED_128_CONFIG if row_align >= TILE_M else DEFAULT_CONFIG
-# Interpret mode (CPU tests): small tiles, since the interpreter's cost grows with tile sizes;
-# two accumulators per unit, as on the GPU.
-INTERPRET_CONFIG = Fp8WgradConfig(tile_k=64, tile_n=64, stages=2, acc_cols=32)
 
 
 def supports(k_dim: int, n_dim: int, out_dtype, cfg: Fp8WgradConfig | None = None) -> bool:
@@ -207,6 +207,22 @@ def _mma_step(mma: Fp8TileConfig, a_smem, b_smem, sa_smem_R, sb_smem, sums: tupl
   return mma_promote(mma, a_smem, b_smem, sums, scale_of)
 
 
+def _store_unit(out_smem_wg, sums: tuple, out_gmem, group, row_start, col_start):
+  """A warpgroup's rows of a unit's output: its sums into its tiles in shared memory (one per
+  accumulator), then TMA stores into out[group, rows, cols], committed but not waited for; the
+  wait before the tiles are written again covers the previous unit's stores."""
+  plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last unit's stores read out_smem
+  store_sums(out_smem_wg, sums)
+  plgpu.commit_smem()
+  num_acc, rows, acc_n = out_smem_wg.shape
+  for c in range(num_acc):
+    plgpu.copy_smem_to_gmem(
+        out_smem_wg.at[c],
+        out_gmem.at[group, pl.ds(row_start, rows), pl.ds(col_start + c * acc_n, acc_n)],
+        commit_group=False)
+  plgpu.commit_smem_to_gmem_group()
+
+
 def _tgmm_fp8_body(cfg: Fp8WgradConfig, row_align: int, starts_gmem, sizes_gmem, first_tile_gmem,
                    a_gmem, sa_gmem, b_gmem, sb_gmem, out_gmem):
   """One warpgroup per CTA (cfg.ctas_per_sm CTAs per SM); each (group, K tile, N tile) unit
@@ -228,13 +244,13 @@ def _units(cfg: Fp8WgradConfig, row_align: int, starts_gmem, sizes_gmem, first_t
            a_gmem, sa_gmem, b_gmem, sb_gmem, out_gmem, out_smem):
   num_groups, k_dim, n_dim = out_gmem.shape
   tk, tn, mma = cfg.tile_k, cfg.tile_n, cfg.mma
-  acc_n = mma.acc_n
 
   @plgpu.nd_loop((num_groups, k_dim // tk, n_dim // tn), collective_axes="sm")
   def _unit(info):
     group, ki, ni = info.index
     start = pl.multiple_of(starts_gmem[group], row_align)
     size, first = sizes_gmem[group], first_tile_gmem[group]
+
     def step(idx, a_smem, b_smem, sa_smem, sb_smem, sums):
       return _mma_step(mma, a_smem, b_smem, sa_smem.at[0], sb_smem, sums,
                        valid=size - idx[0] * TILE_M)
@@ -247,15 +263,7 @@ def _units(cfg: Fp8WgradConfig, row_align: int, starts_gmem, sizes_gmem, first_t
         init_carry=zero_sums(mma),
     )(a_gmem, b_gmem, sa_gmem, sb_gmem)
 
-    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last unit's stores read out_smem
-    store_sums(out_smem, sums)  # one whole swizzled tile per accumulator
-    plgpu.commit_smem()
-    for c in range(tn // acc_n):
-      plgpu.copy_smem_to_gmem(
-          out_smem.at[c],
-          out_gmem.at[group, pl.ds(ki * tk, tk), pl.ds(ni * tn + c * acc_n, acc_n)],
-          commit_group=False)
-    plgpu.commit_smem_to_gmem_group()
+    _store_unit(out_smem, sums, out_gmem, group, ki * tk, ni * tn)
 
 
 def _tgmm_fp8_ws_body(cfg: Fp8WgradConfig, row_align: int, starts_gmem, sizes_gmem,
@@ -305,15 +313,7 @@ def _tgmm_fp8_ws_body(cfg: Fp8WgradConfig, row_align: int, starts_gmem, sizes_gm
       num_tiles = (size + TILE_M - 1) // TILE_M
 
       def store(sums):
-        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last unit's stores read out_smem
-        store_sums(out_smem.at[wg], sums)
-        plgpu.commit_smem()
-        for c in range(tn // acc_n):
-          plgpu.copy_smem_to_gmem(
-              out_smem.at[wg, c],
-              out_gmem.at[group, pl.ds(ki * tk + row0, rows), pl.ds(ni * tn + c * acc_n, acc_n)],
-              commit_group=False)
-        plgpu.commit_smem_to_gmem_group()
+        _store_unit(out_smem.at[wg], sums, out_gmem, group, ki * tk + row0, ni * tn)
 
       def compute_context(run_pipeline):
         store(run_pipeline(zero_sums(mma)))
