@@ -351,14 +351,14 @@ def self_check(num_rows: int = 397056, num_groups: int = 256, row_align: int = 1
   bits = lambda a: a.view(jnp.uint8) if a.dtype == E4M3 else a  # compare codes bit for bit
 
   def off_and_on(flag, fn, arg):
-    """fn(arg)'s outputs and seconds with fp8_quant.<flag> off, then on; left off after. Each
-    run traces its own jit (the flag is read at trace time)."""
-    runs = []
+    """fn(arg)'s outputs and seconds with fp8_quant.<flag> off, then on; the flag keeps its
+    module value after. Each run traces its own jit (the flag is read at trace time)."""
+    runs, saved = [], getattr(fq, flag)
     for on in (False, True):
       setattr(fq, flag, on)
       jitted = jax.jit(lambda a: fn(a))  # a new function: a trace of its own, not a cache hit
       runs.append((jitted(arg), time_queued(jitted, arg)))
-    setattr(fq, flag, False)
+    setattr(fq, flag, saved)
     (off, off_s), (on, on_s) = runs
     return off, on, f"{off_s * 1e3:.3f} ms (XLA) vs {on_s * 1e3:.3f} ms (kernel)"
 

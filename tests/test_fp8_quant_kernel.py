@@ -156,7 +156,6 @@ def test_blocks_kernel_bit_identical_to_xla(case):
   np.testing.assert_array_equal(_bits(q_t), _bits(jnp.swapaxes(q, -1, -2)))
   assert np.all(np.asarray(scale)[..., 0, 0] == 1.0)
   with pytest.raises(ValueError, match="multiples of 128"):
-    from kernels import fp8_quant_triton as fqt
     fqt.quantize_blocks_transposed(jnp.ones((100, 128)), interpret=True)
 
 
