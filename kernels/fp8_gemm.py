@@ -358,7 +358,6 @@ SKIP_METRICS = (-1.0, 0.0)  # a probe's value that skips the metrics
 
 def _quantize_dy(dy_MN, tile_ids_M, num_tiles, pow2, backend, row_align, measure):
   """The output gradient's two layouts and, where `measure` holds, its metrics (else zeros)."""
-  dy_MN = jnp.asarray(dy_MN)  # a NumPy cotangent cannot be indexed by traced rows in the cond
 
   def quantize(with_metrics):
     outs = fq.quantize_tiles_with_transpose(
