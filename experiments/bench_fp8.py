@@ -73,6 +73,13 @@ _LINEAR_BARRIERS = flags.DEFINE_list(
     "linear_barriers", ["on", "off"], "--sections=linear: fp8_quant's dequant barrier states.")
 _LINEAR_DTYPES = flags.DEFINE_list("linear_dtypes", ["float32", "bfloat16"],
                                    "--sections=linear: input dtypes.")
+_WGRAD_TOKENS = flags.DEFINE_integer(
+    "wgrad_tokens", 16384, "--sections=dense_wgrad: tokens (the contraction); 49152 is "
+    "mini_h200's 12 x 4096.")
+_WGRAD_SPLITS = flags.DEFINE_list(
+    "wgrad_splits", ["1"], "--sections=dense_wgrad: k_splits values to time (gmm_fp8's split-K; "
+    "1 is none). fp8_gemm_mgpu.auto_k_splits would pick 4 / 2 for the shared expert's down / up "
+    "and 2 for QKV at 49152 tokens.")
 _REPEATS = flags.DEFINE_integer("repeats", 20, "Calls per timed batch (median of 3 batches).")
 _GEMM_CHECK = flags.DEFINE_bool(
     "gemm_check", True, "Run the GEMM correctness section first (compiles every tiling).")
@@ -112,6 +119,10 @@ _DENSE_SHAPES = [("8192^3", 8192, 8192, 8192), ("mini QKV 2048->3072", 16384, 20
                  ("mini attn out 2048->2048", 16384, 2048, 2048),
                  ("mini dense FFN up 2048->2x5120", 16384, 2048, 10240),
                  ("mini dense FFN down 5120->2048", 16384, 5120, 2048)]
+# --sections=dense_wgrad: (name, d_in, d_out) of Ling-mini's linears, the shared expert's too.
+_WGRAD_SHAPES = [(name, k_dim, n_dim) for name, _, k_dim, n_dim in _DENSE_SHAPES[1:]] + [
+    ("mini shared expert up 2048->2x512", 2048, 1024),
+    ("mini shared expert down 512->2048", 512, 2048)]
 _CHECK_DENSE = (8192, 8192, 8192)  # full-size dense check (M, K, N)
 _LINEAR_CHECK = (4096, 2048, 1024)  # the FP8 linear's gradient check (M, K, N)
 _QUANT_ROWS = (16384, 131072)  # rows of a linear's and of the experts' activations
@@ -527,16 +538,27 @@ def time_dense() -> None:
 
 
 def time_dense_wgrad() -> None:
-  """The linears' weight gradients, x^T dy over 16,384 tokens (K): B is dy^T, 1x128-tiled along
-  the tokens (b_scaling "tile", B's scale read per column), with every --dense_configs tiling."""
+  """The linears' weight gradients, x^T dy over --wgrad_tokens tokens (K): B is dy^T,
+  1x128-tiled along the tokens (b_scaling "tile", B's scale read per column), with every
+  --dense_configs tiling and --wgrad_splits split of K; XLA's bf16 x^T dy in the same run."""
   key = jax.random.PRNGKey(13)
-  for name, tokens, d_in, d_out in _DENSE_SHAPES[1:_DENSE_SHAPE_COUNT.value]:
+  tokens = _WGRAD_TOKENS.value
+  for name, d_in, d_out in _WGRAD_SHAPES:
     flops = 2 * tokens * d_in * d_out
     a_q, sa, b_q, _ = _operands(key, d_in, tokens, d_out)
     sb = jnp.exp2(jax.random.randint(key, (d_out, tokens // 128), -10, -4)).astype(jnp.float32)
-    _time_tilings(f"dense wgrad {name} fp8 ours", _DENSE_CONFIGS.value, tokens, d_out, flops,
-                  lambda cfg: functools.partial(mgpu.matmul_fp8, b_scaling="tile", config=cfg),
-                  a_q, sa.T, b_q, sb.T)
+    for splits in map(int, _WGRAD_SPLITS.value):
+      _time_tilings(
+          f"dense wgrad {name} x {tokens} tokens fp8 ours, k_splits {splits}",
+          _DENSE_CONFIGS.value, tokens, d_out, flops,
+          lambda cfg, splits=splits: functools.partial(
+              mgpu.matmul_fp8, b_scaling="tile", config=cfg, k_splits=splits),
+          a_q, sa.T, b_q, sb.T)
+    x16, dy16 = a_q.T.astype(jnp.bfloat16), b_q.T.astype(jnp.bfloat16)  # [tokens, d_in / d_out]
+    bf16 = jax.jit(lambda x, dy: jax.lax.dot_general(x, dy, (((0,), (0,)), ((), ()))))
+    _record(f"dense wgrad {name} x {tokens} tokens bf16 XLA (cuBLAS)",
+            flops / _bench(bf16, x16, dy16) / 1e12, "TFLOP/s")
+    del x16, dy16
     _write_json()
 
 
@@ -737,9 +759,9 @@ def time_quant() -> None:
           fqt.quantize, **_quant_launch(spec))), (x,), nbytes(x, False)))
   for spec in _QUANT_COLS_LAUNCHES.value:
     kw = _cols_launch(spec)
-    variants.append((f"1x128 tiles + transposed, fused [{spec}]", tri, jax.jit(
-        lambda x, kw=kw: fqt.quantize(x, want_cols=True, **kw)), (x_act,),
-        nbytes(x_act, True)))
+    for x in (x_act, x_exp):  # 128-row tiles from row 0: what groups of 128-row units give
+      variants.append((f"1x128 tiles + transposed, fused [{spec}]", tri, jax.jit(
+          lambda x, kw=kw: fqt.quantize(x, want_cols=True, **kw)), (x,), nbytes(x, True)))
     variants.append((f"1x128 tiles + transposed per expert, fused [{spec}]", tri, jax.jit(
         lambda x, b, kw=kw: fqt.quantize(x, *b, want_cols=True, num_tiles=n_g, **kw)),
         (x_exp, bounds_g), nbytes(x_exp, True)))

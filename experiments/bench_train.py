@@ -160,11 +160,14 @@ def run_variant(config: Any, source: Any, name: str, out_dir: str,
         if losses:
           jax.block_until_ready(losses[-1])
         losses.append(step_metrics["loss"])
+        if "max_violation" in step_metrics:  # routing skew: what the expert kernels are fed
+          violations.append(step_metrics["max_violation"])
         step += 1
         batch = batches.next_batch(step)
       jax.block_until_ready(state)
       return losses
 
+    violations = []  # every step's, profiled ones included
     losses = run(_WARMUP.value)  # Every step's loss from the first: the curves compare whole.
     start = time.time()
     losses += run(_STEPS.value)
@@ -207,6 +210,7 @@ def run_variant(config: Any, source: Any, name: str, out_dir: str,
       "step_ms": step_s * 1e3, "tokens_per_s": tokens / step_s,
       "flops_per_token": flops, "mfu": flops * tokens / step_s / (_PEAK.value * 1e12),
       "peak_memory_gib": _peak_memory_gib(), "losses": losses, "timed_from_step": _WARMUP.value,
+      "max_violations": [float(v) for v in jax.device_get(violations)],
       "breakdown": summary,
       "profiled_step_ms": profiled_step_s and profiled_step_s * 1e3,
       "input_digest": input_digest,
@@ -214,6 +218,9 @@ def run_variant(config: Any, source: Any, name: str, out_dir: str,
   metrics_lib.log("[%s] %.1f ms/step, %.0f tokens/s, MFU %.1f%%, peak memory %s GiB", name,
                   result["step_ms"], result["tokens_per_s"], 100 * result["mfu"],
                   f"{result['peak_memory_gib']:.1f}" if result["peak_memory_gib"] else "n/a")
+  if result["max_violations"]:
+    metrics_lib.log("[%s] routing max violation (largest expert / mean - 1) per step: %s", name,
+                    " ".join(f"{v:.1f}" for v in result["max_violations"]))
   if summary:
     print(profiling.format_breakdown(summary, result["step_ms"]), flush=True)
   return result

@@ -237,12 +237,12 @@ def _kernel_tgmm(backend: str, fn: str, k_dim: int, n_dim: int, out_dtype, row_a
   if row_align < tgmm.MIN_ROW_ALIGN:
     return None
   if backend == "pallas_mosaic_gpu":
-    # Groups padded to 128 rows: the two-CTA tiling stores bf16 faster than fp32 (584 / 556
-    # against 520 / 535 TFLOP/s at Ling-mini's up / down, session 11). Below that, the one-CTA
-    # 128 x 128 tiling stores bf16 at half its fp32 speed (session 10): fp32, rounded after.
+    # Groups padded to 128 rows: the warp-specialised tilings store bf16 faster than fp32 (671 /
+    # 681 against 630 / 595 TFLOP/s at Ling-mini's up / down, session 12). Below that, the
+    # one-CTA 128 x 128 tiling stores bf16 at half its fp32 speed (session 10): fp32, rounded.
     store_dtype = out_dtype if row_align >= tgmm.TILE_M else jnp.dtype(jnp.float32)
-    if not (_WGRAD_KERNEL_ON_GPU
-            and tgmm.supports(k_dim, n_dim, store_dtype, tgmm.default_config(row_align))):
+    tiling = tgmm.default_config(row_align, store_dtype)
+    if not (_WGRAD_KERNEL_ON_GPU and tgmm.supports(k_dim, n_dim, store_dtype, tiling)):
       return None
     kernel = functools.partial(tgmm.tgmm_fp8, row_align=row_align, out_dtype=store_dtype)
     return lambda *args: kernel(*args).astype(out_dtype)

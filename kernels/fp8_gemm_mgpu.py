@@ -171,6 +171,30 @@ DEFAULT_TILE_CONFIG = Fp8TileConfig(grid_minor="m", grid_width=16, wg_split="m",
 TILE_SCALED_DEFAULT = Fp8TileConfig(grid_minor="m", grid_width=16, acc_cols=64, chain=True)
 
 
+# Split-K (`gmm_fp8`'s k_splits) chosen by `auto_k_splits` for dense GEMMs on the GPU while this
+# is True. Off until timed: built in session 12 for the weight gradients of small weights, whose
+# output tiles leave the SMs idle (the shared expert's [512, 2048] is 32 units of 128 x 256 on
+# 132 SMs: 161-183 TFLOP/s in session 12's step profile, against 647-783 for the dense FFN's).
+_AUTO_SPLIT_K_ON_GPU = False
+
+
+def auto_k_splits(units: int, k_steps: int, num_sms: int, min_steps: int = 8,
+                  min_gain: float = 0.2) -> int:
+  """Splits of K (1, 2, 4 or 8) for `units` output tiles of k_steps 128-steps on num_sms SMs.
+
+  A persistent grid runs ceil(units / num_sms) rounds of whole units; s splits make the units
+  s times as many and each s times shorter: ceil(s * units / num_sms) / s rounds of the unsplit
+  length. The fewest rounds win (the fewest splits among equals), if they save min_gain of the
+  unsplit rounds and leave each split min_steps steps; else 1.
+  """
+  rounds = lambda s: pl.cdiv(s * units, num_sms) / s
+  best = 1
+  for splits in (2, 4, 8):
+    if k_steps % splits == 0 and k_steps // splits >= min_steps and rounds(splits) < rounds(best):
+      best = splits
+  return best if rounds(best) <= (1 - min_gain) * rounds(1) else 1
+
+
 def chained(cfg: Fp8TileConfig, k_steps: int) -> Fp8TileConfig:
   """cfg with `chain` kept only where it can run: the stages lowered to the largest divisor of
   K's steps (at least 2) that is no more than cfg.stages; unchained where there is none and
@@ -306,15 +330,17 @@ def store_sums(out_smem_wg, sums: tuple) -> None:
     out_smem_wg.at[c][...] = sum_RN.astype(out_smem_wg.dtype)
 
 
-def _kernel_body(cfg: Fp8TileConfig, num_groups: int, scalar_sb: bool,
+def _kernel_body(cfg: Fp8TileConfig, num_groups: int, scalar_sb: bool, k_splits: int,
                  count_gmem, group_gmem, start_gmem, offset_gmem, rows_gmem,
                  a_gmem, sa_gmem, b_gmem, sb_gmem, out_gmem):
   """Memory warpgroup: TMA ring of A, B, sa (and sb columns). Compute warpgroups: wgmma + fp32
   promotion. With scalar_sb, sb_gmem is [G, Kt, Nt] block scales read as scalars from global
-  memory, one step ahead."""
-  k_steps = a_gmem.shape[1] // TILE_K
+  memory, one step ahead. With k_splits > 1, out_gmem is [k_splits, M, N]: unit (s, item,
+  column tile) contracts the s-th k_splits-th of K into out[s]."""
+  k_steps = a_gmem.shape[1] // TILE_K // k_splits  # a unit's K steps
+  k_len = k_steps * TILE_K
   tm, tn, cta_n, acc_n = cfg.tile_m, cfg.tile_n, cfg.cta_n, cfg.acc_n
-  n_tiles = out_gmem.shape[1] // cta_n
+  n_tiles = out_gmem.shape[-1] // cta_n
   f32 = jnp.float32
 
   def pipeline(mma_step, compute_context, col_tile, state=None):
@@ -344,10 +370,17 @@ def _kernel_body(cfg: Fp8TileConfig, num_groups: int, scalar_sb: bool,
         pipeline_state=state,
     )
 
-  def operands(start, group):
+  def operands(start, group, split=0):
     g = jnp.minimum(group, num_groups - 1)
-    ops = (a_gmem.at[pl.ds(start, tm)], b_gmem.at[g], sa_gmem.at[:, pl.ds(start, tm)])
-    return ops if scalar_sb else ops + (sb_gmem.at[g],)
+    if k_splits == 1:
+      ops = (a_gmem.at[pl.ds(start, tm)], b_gmem.at[g], sa_gmem.at[:, pl.ds(start, tm)])
+      return ops if scalar_sb else ops + (sb_gmem.at[g],)
+    # The split's K range: byte offsets along K are multiples of 128 (TMA wants 16).
+    k0 = split * k_len if isinstance(split, int) else pl.multiple_of(split * k_len, TILE_K)
+    kt0 = split * k_steps
+    ops = (a_gmem.at[pl.ds(start, tm), pl.ds(k0, k_len)], b_gmem.at[g, :, pl.ds(k0, k_len)],
+           sa_gmem.at[pl.ds(kt0, k_steps), pl.ds(start, tm)])
+    return ops if scalar_sb else ops + (sb_gmem.at[g, pl.ds(kt0, k_steps)],)
 
   ignore = lambda *_, **__: None
   # This compute warpgroup's part of a unit: rows [row0, row0 + wg_rows), columns
@@ -370,9 +403,12 @@ def _kernel_body(cfg: Fp8TileConfig, num_groups: int, scalar_sb: bool,
     wg = jax.lax.axis_index("wg")
     row0, col0 = (wg * wg_rows, 0) if split_m else (0, wg * tn)
 
-    @plgpu.nd_loop((count_gmem[0] * n_tiles,), collective_axes="sm")
+    @plgpu.nd_loop((count_gmem[0] * n_tiles * k_splits,), collective_axes="sm")
     def _unit(info):
-      unit = info.index[0]
+      # Splits outermost: concurrent units share the split's K range of A and B in L2.
+      split, unit = jax.lax.div(info.index[0], count_gmem[0] * n_tiles), jax.lax.rem(
+          info.index[0], count_gmem[0] * n_tiles)
+      out_split = out_gmem if k_splits == 1 else out_gmem.at[split]
       if cfg.grid_minor == "m":
         item, ni = plgpu.planar_snake(unit, (count_gmem[0], n_tiles), 0, cfg.grid_width)
       else:
@@ -390,7 +426,7 @@ def _kernel_body(cfg: Fp8TileConfig, num_groups: int, scalar_sb: bool,
         lo = jnp.clip(offset - row0, 0, wg_rows)
         hi = jnp.clip(offset + rows - row0, 0, wg_rows)
         for c in range(wg_cols // acc_n):
-          _store_owned_rows(out_smem.at[wg, c], out_gmem, start + row0, lo, hi - lo,
+          _store_owned_rows(out_smem.at[wg, c], out_split, start + row0, lo, hi - lo,
                             ni * cta_n + col0 + c * acc_n, wg_rows)
 
       def compute_context(run_pipeline):
@@ -414,7 +450,7 @@ def _kernel_body(cfg: Fp8TileConfig, num_groups: int, scalar_sb: bool,
         if cfg.probe == "const_sb":
           return (jnp.float32(1.0),) * (wg_cols // acc_n)
         g = jnp.minimum(group, num_groups - 1)
-        return tuple(sb_gmem[g, k, (ni * cta_n + col0 + c * acc_n) // TILE_K]
+        return tuple(sb_gmem[g, split * k_steps + k, (ni * cta_n + col0 + c * acc_n) // TILE_K]
                      for c in range(wg_cols // acc_n))
 
       def mma_step(idx, a_smem, b_smem, sa_smem, *rest):
@@ -450,7 +486,7 @@ def _kernel_body(cfg: Fp8TileConfig, num_groups: int, scalar_sb: bool,
             info.local_index == 0, int(plgpu.PipelinePipeline.START),
             jnp.where(info.local_index == last, int(plgpu.PipelinePipeline.STOP),
                       int(plgpu.PipelinePipeline.STEADY)))
-        pipeline(mma_step, compute_context, ni, state)(*operands(start, group),
+        pipeline(mma_step, compute_context, ni, state)(*operands(start, group, split),
                                                        allocations=allocs)
       else:
         @pl.when(is_tail & (wg < 2))
@@ -459,7 +495,8 @@ def _kernel_body(cfg: Fp8TileConfig, num_groups: int, scalar_sb: bool,
 
         @pl.when(jnp.logical_not(is_tail))
         def _():
-          pipeline(mma_step, compute_context, ni)(*operands(start, group), allocations=allocs)
+          pipeline(mma_step, compute_context, ni)(*operands(start, group, split),
+                                                  allocations=allocs)
 
   plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
@@ -472,11 +509,11 @@ def expand_block_scales(sb_GKtNt: jax.Array, n_dim: int) -> jax.Array:
 # Jitted: a model calls it many times with the same shapes, and JAX then traces the kernel body
 # (its Python-unrolled accumulators and pipeline) once per shape rather than once per call.
 @functools.partial(jax.jit, static_argnames=("b_scaling", "out_dtype", "config", "interpret",
-                                             "num_sms"))
+                                             "num_sms", "k_splits"))
 def gmm_fp8(a_q_MK: jax.Array, sa_KtM: jax.Array, b_q_GNK: jax.Array, sb_GKtX: jax.Array,
             group_sizes_G: jax.Array, *, b_scaling: str = "block", out_dtype=jnp.bfloat16,
             config: Fp8TileConfig | None = None, interpret=None,
-            num_sms: int | None = None) -> jax.Array:
+            num_sms: int | None = None, k_splits: int | None = None) -> jax.Array:
   """out[rows of g] = dequant(A)[rows of g] @ dequant(B[g])^T, fp32-promoted; tail rows zero.
 
   Args:
@@ -484,15 +521,31 @@ def gmm_fp8(a_q_MK: jax.Array, sa_KtM: jax.Array, b_q_GNK: jax.Array, sb_GKtX: j
     b_q_GNK, sb_GKtX: B in E4M3 and its scales: [G, Kt, Nt] for b_scaling="block" (128x128
       blocks, transposed), [G, Kt, N] for "tile" (1x128 tiles of B's rows, transposed).
     group_sizes_G: rows per group; non-negative, summing to at most M.
+    k_splits: K in this many equal parts (each a multiple of 128), one unit per part and output
+      tile, their fp32 partial sums added after the kernel (split-K: more units when the output
+      has fewer tiles than the GPU has SMs). None: `auto_k_splits` for a dense GEMM on the GPU
+      while `_AUTO_SPLIT_K_ON_GPU` is set, else 1.
   """
   num_rows, k_dim = a_q_MK.shape
   num_groups, n_dim, _ = b_q_GNK.shape
   out_dtype = jnp.dtype(out_dtype)
-  cfg = (config or tile_config(k_dim, n_dim, out_dtype, b_scaling)).fit_smem(out_dtype.itemsize)
-  cfg = chained(cfg, k_dim // TILE_K)
+  tiling = config or tile_config(k_dim, n_dim, out_dtype, b_scaling)
+  k_steps = k_dim // TILE_K
+  if k_splits is None:
+    k_splits = 1
+    if _AUTO_SPLIT_K_ON_GPU and interpret is None and num_groups == 1:
+      fitted = tiling.fit_smem(4)  # the tiles a split's fp32 partials fit
+      units = pl.cdiv(max(num_rows, fitted.tile_m), fitted.tile_m) * (n_dim // fitted.cta_n)
+      k_splits = auto_k_splits(units, k_steps, num_sms or device_num_sms())
+  if k_splits < 1 or k_steps % k_splits:
+    raise ValueError(f"gmm_fp8: k_splits={k_splits} must be a positive divisor of K's "
+                     f"{k_steps} steps of 128 (K={k_dim}); pass one, or None.")
+  # Split-K partial sums are stored in fp32 and added after the kernel.
+  store_dtype = out_dtype if k_splits == 1 else jnp.dtype(jnp.float32)
+  cfg = chained(tiling.fit_smem(store_dtype.itemsize), k_steps // k_splits)
   kt, nt = k_dim // TILE_K, pl.cdiv(n_dim, TILE_K)
   want_sb = {"block": (num_groups, kt, nt), "tile": (num_groups, kt, n_dim)}.get(b_scaling)
-  if (not supports(k_dim, n_dim, out_dtype, cfg) or b_q_GNK.shape[2] != k_dim
+  if (not supports(k_dim, n_dim, store_dtype, cfg) or b_q_GNK.shape[2] != k_dim
       or sa_KtM.shape != (kt, num_rows) or sb_GKtX.shape != want_sb
       or a_q_MK.dtype != jnp.float8_e4m3fn or b_q_GNK.dtype != jnp.float8_e4m3fn):
     raise ValueError(
@@ -511,9 +564,11 @@ def gmm_fp8(a_q_MK: jax.Array, sa_KtM: jax.Array, b_q_GNK: jax.Array, sb_GKtX: j
     a_q_MK = jnp.pad(a_q_MK, ((0, padded_rows - num_rows), (0, 0)))
     sa_KtM = jnp.pad(sa_KtM, ((0, 0), (0, padded_rows - num_rows)))
   schedule = make_tile_schedule(group_sizes_G, padded_rows, cfg.tile_m)
+  out_type = jax.ShapeDtypeStruct(
+      (padded_rows, n_dim) if k_splits == 1 else (k_splits, padded_rows, n_dim), store_dtype)
   kernel = plgpu.kernel(
-      functools.partial(_kernel_body, cfg, num_groups, scalar_sb),
-      out_type=jax.ShapeDtypeStruct((padded_rows, n_dim), out_dtype),
+      functools.partial(_kernel_body, cfg, num_groups, scalar_sb, k_splits),
+      out_type=out_type,
       grid=(num_sms or device_num_sms(),),
       grid_names=("sm",),
       num_threads=3,
@@ -525,17 +580,20 @@ def gmm_fp8(a_q_MK: jax.Array, sa_KtM: jax.Array, b_q_GNK: jax.Array, sb_GKtX: j
   out_MN = kernel(schedule.num_items, schedule.group_I, schedule.read_start_I,
                   schedule.own_offset_I, schedule.own_rows_I, a_q_MK, sa_KtM.astype(jnp.float32),
                   b_q_GNK, sb_GKtX.astype(jnp.float32))
+  if k_splits > 1:
+    out_MN = jnp.sum(out_MN, axis=0).astype(out_dtype)
   return out_MN[:num_rows] if padded_rows != num_rows else out_MN
 
 
 def matmul_fp8(a_q_MK: jax.Array, sa_KtM: jax.Array, b_q_NK: jax.Array, sb_KtX: jax.Array, *,
                b_scaling: str = "block", out_dtype=jnp.bfloat16,
                config: Fp8TileConfig | None = None, interpret=None,
-               num_sms: int | None = None) -> jax.Array:
+               num_sms: int | None = None, k_splits: int | None = None) -> jax.Array:
   """Dense dequant(A) @ dequant(B)^T: `gmm_fp8` with one group of all M rows."""
   return gmm_fp8(a_q_MK, sa_KtM, b_q_NK[None], sb_KtX[None],
                  jnp.full((1,), a_q_MK.shape[0], jnp.int32), b_scaling=b_scaling,
-                 out_dtype=out_dtype, config=config, interpret=interpret, num_sms=num_sms)
+                 out_dtype=out_dtype, config=config, interpret=interpret, num_sms=num_sms,
+                 k_splits=k_splits)
 
 
 # Interpret mode (CPU tests): small tiles, since the interpreter's cost grows with tile sizes.

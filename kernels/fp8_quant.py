@@ -269,13 +269,26 @@ def _transposed_kernel(x_MK, tile_ids_M, num_tiles, pow2_scales, backend, want_r
   """The Triton kernel's outputs in the public layouts (scales transposed back), and with
   `metrics` the row codes' [underflow, cosine] last."""
   from kernels import fp8_quant_triton as fqt
-  bounds = (None, None) if tile_ids_M is None else _tile_bounds(tile_ids_M, num_tiles)
-  outs = fqt.quantize(x_MK, *bounds, want_rows=want_rows, want_cols=True,
-                      num_tiles=None if tile_ids_M is None else num_tiles, row_align=row_align,
-                      pow2=pow2_scales, interpret=backend == "pallas_triton_interpret",
-                      metrics=metrics)
+  # Groups of whole 128-row tiles (row_align 128, M a multiple of it): every group's tiles, and
+  # those of the rows past the groups, are rows [128 i, 128 (i + 1)), the tiles from row 0. The
+  # kernel's aligned launch reads no bounds and masks nothing (0.78 of copy against 0.66 for the
+  # per-group launch on an H200, BENCHMARKS.md session 12); the tiles no row reaches get scale 1,
+  # as the per-group launch and the XLA path give them.
+  whole_tiles = tile_ids_M is not None and row_align >= TILE
+  if tile_ids_M is None or whole_tiles:
+    bounds, kernel_tiles = (None, None), None
+  else:
+    bounds, kernel_tiles = _tile_bounds(tile_ids_M, num_tiles), num_tiles
+  outs = fqt.quantize(x_MK, *bounds, want_rows=want_rows, want_cols=True, num_tiles=kernel_tiles,
+                      row_align=row_align, pow2=pow2_scales,
+                      interpret=backend == "pallas_triton_interpret", metrics=metrics)
   if metrics:
     *outs, sums, counts = outs
+  if whole_tiles:
+    q_KM, scale_CK = outs[-2:]
+    scale_CK = jnp.pad(scale_CK, ((0, num_tiles - scale_CK.shape[0]), (0, 0)),
+                       constant_values=1.0)
+    outs = (*outs[:-2], q_KM, scale_CK)
   public = tuple(o.T if i % 2 else o for i, o in enumerate(outs))
   return (*public, fqt.metrics_of_partials(sums, counts)) if metrics else public
 

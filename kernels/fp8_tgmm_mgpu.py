@@ -42,8 +42,9 @@ and the boxes take the widest swizzle that it allows (128 bytes from row_align 1
 mode neither swizzles nor checks the promise.
 
 Supported: K a multiple of tile_k, N of tile_n, bf16 or fp32 out (`supports`), row_align as above.
-Tilings (`default_config`, timed on an H200 in session 11): 128 x 128, one CTA per SM, below
-128-row alignment; 128 x 64, two CTAs per SM, from 128 rows (no masked tiles, 128-byte swizzles).
+Tilings (`default_config`, timed on an H200 in sessions 11-12): 128 x 128, one CTA per SM, below
+128-row alignment; from 128 rows (no masked tiles, 128-byte swizzles) the warp-specialised body,
+128 x 128 for fp32 out and 256 x 128 for bf16.
 
 Shape key: M rows, K and N the output's dims, G groups, C 128-row tiles of M that restart per
 group.
@@ -94,6 +95,10 @@ class Fp8WgradConfig:
   # warpgroups take tile_k // 2 rows of the unit each, both reading the same B box; while one
   # promotes, the other's wgmma can run. ctas_per_sm must be 1.
   ws: bool = False
+  # Units taken largest group first. The grid hands units to CTAs in turn, and a unit costs its
+  # group's rows: with skewed routing, groups in index order can leave some CTAs a run of large
+  # units at the end; in size order every CTA's last units are the smallest (":unsorted": off).
+  by_size: bool = True
 
   @property
   def wg_rows(self) -> int:
@@ -108,18 +113,20 @@ class Fp8WgradConfig:
 
   @classmethod
   def parse(cls, spec: str) -> "Fp8WgradConfig":
-    """"tile_k:tile_n:stages:acc_cols[:overlap][:ws][:x<ctas per SM>]", e.g. "64:128:3:64:x2"."""
+    """"tile_k:tile_n:stages:acc_cols[:overlap][:ws][:unsorted][:x<ctas per SM>]", e.g.
+    "64:128:3:64:x2"."""
     fields = spec.split(":")
     extra = fields[4:]
     ctas = [f for f in extra if f.startswith("x") and f[1:].isdigit()]
     if (len(fields) < 4 or len(ctas) > 1
-        or any(f not in ("overlap", "ws") and f not in ctas for f in extra)
+        or any(f not in ("overlap", "ws", "unsorted") and f not in ctas for f in extra)
         or not all(f.isdigit() for f in fields[:4])):
       raise ValueError(f"wgrad tiling {spec!r}: expected "
-                       "tile_k:tile_n:stages:acc_cols[:overlap][:ws][:x<ctas per SM>]")
+                       "tile_k:tile_n:stages:acc_cols[:overlap][:ws][:unsorted][:x<ctas per SM>]")
     tk, tn, stages, acc = map(int, fields[:4])
     return cls(tile_k=tk, tile_n=tn, stages=stages, acc_cols=acc, overlap="overlap" in extra,
-               ctas_per_sm=int(ctas[0][1:]) if ctas else 1, ws="ws" in extra)
+               ctas_per_sm=int(ctas[0][1:]) if ctas else 1, ws="ws" in extra,
+               by_size="unsorted" not in extra)
 
   def smem_bytes(self, out_itemsize: int) -> int:
     operands = (self.tile_k + self.tile_n) * (TILE_M + 4)  # e4m3 boxes and fp32 scale vectors
@@ -137,19 +144,26 @@ class Fp8WgradConfig:
 # H200, session 11 (`python -m kernels.fp8_tgmm_mgpu 32 128 --rows=397056 --fp32_only`, Ling-mini
 # up / down wgrads at 12 x 4096 tokens, fp32 out; BENCHMARKS.md): with groups padded to 32 rows
 # (32-byte swizzled boxes, most groups' last tile masked) one CTA of 128 x 128 per SM is best,
-# 348 / 338 TFLOP/s (two CTAs of 128 x 64: 314 / 308); with groups padded to 128 rows (128-byte
-# swizzles, no masking) two CTAs of 128 x 64 per SM, 520 / 502 TFLOP/s against 441 / 408 for one
-# of 128 x 128. The bf16 tgmm on the unquantised operands ran at 521-530 / 458-527 in the same runs.
+# 348 / 338 TFLOP/s (two CTAs of 128 x 64: 314 / 308). Session 12 (`... 128 --rows=397056
+# --configs=...`), groups padded to 128 rows: the warp-specialised body beats two CTAs of
+# 128 x 64 (526 / 531 fp32 out, 589 / 579 bf16): 630 / 595 fp32 out with 128 x 128 tiles and 4
+# stages, 671 / 681 bf16 out with 256 x 128 and 3 stages, against the bf16 tgmm's 530 / 444 on
+# the unquantised operands in the same run.
 DEFAULT_CONFIG = Fp8WgradConfig()
-ALIGNED_128_CONFIG = Fp8WgradConfig(tile_k=128, tile_n=64, stages=3, ctas_per_sm=2)
+ALIGNED_128_CONFIGS = {
+    jnp.dtype(jnp.float32): Fp8WgradConfig(tile_k=128, tile_n=128, stages=4, ws=True),
+    jnp.dtype(jnp.bfloat16): Fp8WgradConfig(tile_k=256, tile_n=128, stages=3, ws=True),
+}
 # Interpret mode (CPU tests): small tiles, since the interpreter's cost grows with tile sizes;
 # two accumulators per unit, as on the GPU.
 INTERPRET_CONFIG = Fp8WgradConfig(tile_k=64, tile_n=64, stages=2, acc_cols=32)
 
 
-def default_config(row_align: int) -> Fp8WgradConfig:
-  """The tuned tiling for groups padded to row_align rows."""
-  return ALIGNED_128_CONFIG if row_align >= TILE_M else DEFAULT_CONFIG
+def default_config(row_align: int, out_dtype=jnp.float32) -> Fp8WgradConfig:
+  """The tuned tiling for groups padded to row_align rows and an out_dtype output."""
+  if row_align >= TILE_M:
+    return ALIGNED_128_CONFIGS[jnp.dtype(out_dtype)]
+  return DEFAULT_CONFIG
 
 
 def supports(k_dim: int, n_dim: int, out_dtype, cfg: Fp8WgradConfig | None = None) -> bool:
@@ -223,8 +237,8 @@ def _store_unit(out_smem_wg, sums: tuple, out_gmem, group, row_start, col_start)
   plgpu.commit_smem_to_gmem_group()
 
 
-def _tgmm_fp8_body(cfg: Fp8WgradConfig, row_align: int, starts_gmem, sizes_gmem, first_tile_gmem,
-                   a_gmem, sa_gmem, b_gmem, sb_gmem, out_gmem):
+def _tgmm_fp8_body(cfg: Fp8WgradConfig, row_align: int, order_gmem, starts_gmem, sizes_gmem,
+                   first_tile_gmem, a_gmem, sa_gmem, b_gmem, sb_gmem, out_gmem):
   """One warpgroup per CTA (cfg.ctas_per_sm CTAs per SM); each (group, K tile, N tile) unit
   contracts its group's 128-row tiles."""
   tk, tn, acc_n = cfg.tile_k, cfg.tile_n, cfg.mma.acc_n
@@ -235,19 +249,20 @@ def _tgmm_fp8_body(cfg: Fp8WgradConfig, row_align: int, starts_gmem, sizes_gmem,
       (tn // acc_n, tk, acc_n), out_gmem.dtype,
       transforms=swizzled((tk, acc_n), out_gmem.dtype)))
   def _scope(out_smem):
-    _units(cfg, row_align, starts_gmem, sizes_gmem, first_tile_gmem, a_gmem, sa_gmem, b_gmem,
-           sb_gmem, out_gmem, out_smem)
+    _units(cfg, row_align, order_gmem, starts_gmem, sizes_gmem, first_tile_gmem, a_gmem, sa_gmem,
+           b_gmem, sb_gmem, out_gmem, out_smem)
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
 
-def _units(cfg: Fp8WgradConfig, row_align: int, starts_gmem, sizes_gmem, first_tile_gmem,
-           a_gmem, sa_gmem, b_gmem, sb_gmem, out_gmem, out_smem):
+def _units(cfg: Fp8WgradConfig, row_align: int, order_gmem, starts_gmem, sizes_gmem,
+           first_tile_gmem, a_gmem, sa_gmem, b_gmem, sb_gmem, out_gmem, out_smem):
   num_groups, k_dim, n_dim = out_gmem.shape
   tk, tn, mma = cfg.tile_k, cfg.tile_n, cfg.mma
 
   @plgpu.nd_loop((num_groups, k_dim // tk, n_dim // tn), collective_axes="sm")
   def _unit(info):
-    group, ki, ni = info.index
+    rank, ki, ni = info.index
+    group = order_gmem[rank]
     start = pl.multiple_of(starts_gmem[group], row_align)
     size, first = sizes_gmem[group], first_tile_gmem[group]
 
@@ -266,7 +281,7 @@ def _units(cfg: Fp8WgradConfig, row_align: int, starts_gmem, sizes_gmem, first_t
     _store_unit(out_smem, sums, out_gmem, group, ki * tk, ni * tn)
 
 
-def _tgmm_fp8_ws_body(cfg: Fp8WgradConfig, row_align: int, starts_gmem, sizes_gmem,
+def _tgmm_fp8_ws_body(cfg: Fp8WgradConfig, row_align: int, order_gmem, starts_gmem, sizes_gmem,
                       first_tile_gmem, a_gmem, sa_gmem, b_gmem, sb_gmem, out_gmem):
   """Warp-specialised: a memory warpgroup runs the TMA ring; compute warpgroup w takes rows
   [w * R, (w + 1) * R) of each unit's tile (R = tile_k / 2) against the shared B box."""
@@ -307,7 +322,8 @@ def _tgmm_fp8_ws_body(cfg: Fp8WgradConfig, row_align: int, starts_gmem, sizes_gm
 
     @plgpu.nd_loop((num_groups, k_dim // tk, n_dim // tn), collective_axes="sm")
     def _unit(info):
-      group, ki, ni = info.index
+      rank, ki, ni = info.index
+      group = order_gmem[rank]
       start = pl.multiple_of(starts_gmem[group], row_align)
       size, first = sizes_gmem[group], first_tile_gmem[group]
       num_tiles = (size + TILE_M - 1) // TILE_M
@@ -362,7 +378,7 @@ def tgmm_fp8(a_q_KM: jax.Array, a_scale_KC: jax.Array, b_q_NM: jax.Array, b_scal
   (k_dim, num_rows), (n_dim, m_b) = a_q_KM.shape, b_q_NM.shape
   num_tiles = a_scale_KC.shape[1]
   out_dtype = jnp.dtype(out_dtype)
-  cfg = (config or default_config(row_align)).fit_smem(out_dtype.itemsize)
+  cfg = (config or default_config(row_align, out_dtype)).fit_smem(out_dtype.itemsize)
   if (not supports(k_dim, n_dim, out_dtype, cfg) or m_b != num_rows
       or b_scale_NC.shape != (n_dim, num_tiles) or a_scale_KC.shape[0] != k_dim
       or a_q_KM.dtype != jnp.float8_e4m3fn or b_q_NM.dtype != jnp.float8_e4m3fn):
@@ -389,18 +405,23 @@ def tgmm_fp8(a_q_KM: jax.Array, a_scale_KC: jax.Array, b_q_NM: jax.Array, b_scal
       interpret=interpret,
   )
   # Scales transposed, so that a tile's scales of one K (or N) tile are one contiguous TMA box.
-  return kernel(starts_G, group_sizes_G.astype(jnp.int32), first_tile_G, a_q_KM,
+  sizes_G = group_sizes_G.astype(jnp.int32)
+  # The order units take their groups in (Fp8WgradConfig.by_size): largest first, ties by index.
+  order_G = (jnp.argsort(-sizes_G, stable=True) if cfg.by_size
+             else jnp.arange(sizes_G.shape[0])).astype(jnp.int32)
+  return kernel(order_G, starts_G, sizes_G, first_tile_G, a_q_KM,
                 a_scale_KC.T.astype(jnp.float32), b_q_NM, b_scale_NC.T.astype(jnp.float32))
 
 
 def self_check(num_rows: int = 131072, num_groups: int = 256, row_align: int = 32,
                shapes: tuple[tuple[int, int], ...] = ((2048, 1024), (512, 2048)),
                configs: tuple[Fp8WgradConfig | None, ...] = (None,),
-               out_dtypes=(jnp.float32, jnp.bfloat16)) -> None:
+               out_dtypes=(jnp.float32, jnp.bfloat16), skew: str = "balanced") -> None:
   """Prints the kernel's error against the reference backend and its TFLOP/s at Ling-mini's
   expert wgrad shapes (K, N) for each tiling (None: the default), after the dequantise + bf16
   `tgmm` path on the same operands (GPU only; a kernel failure is printed, and the next one
-  still runs if it can)."""
+  still runs if it can). skew: "balanced" routing, or "zipf" (expert i of a random order gets
+  a share of rows proportional to 1 / (i + 1): the largest ~16%)."""
   from kernels import fp8_gemm
   from kernels import fp8_quant as fq
   from kernels.grouped_matmul_mgpu import tgmm as tgmm_bf16
@@ -409,10 +430,16 @@ def self_check(num_rows: int = 131072, num_groups: int = 256, row_align: int = 3
   rng = np.random.default_rng(0)
   # Balanced routing padded to row_align rows per expert: sizes near M / G, mostly not multiples
   # of 128 (masked last tiles), and a few rows past the groups.
-  counts = rng.multinomial(num_rows // row_align - num_groups, np.full(num_groups, 1 / num_groups))
+  if skew not in ("balanced", "zipf"):
+    raise ValueError(f"self_check: skew {skew!r}; expected 'balanced' or 'zipf'")
+  shares = np.full(num_groups, 1.0)
+  if skew == "zipf":
+    shares = 1 / rng.permutation(np.arange(1, num_groups + 1))
+  counts = rng.multinomial(num_rows // row_align - num_groups, shares / shares.sum())
   sizes_G = jnp.asarray(row_align * counts, jnp.int32)
   tile_ids_M, num_tiles = fq.row_tile_ids(num_rows, sizes_G)
-  print(f"{jax.devices()[0].device_kind}: M={num_rows}, G={num_groups}, row_align={row_align}, "
+  print(f"{jax.devices()[0].device_kind}: M={num_rows}, G={num_groups}, {skew}, "
+        f"row_align={row_align}, "
         f"{int(sizes_G.sum())} rows in groups of {int(sizes_G.min())}..{int(sizes_G.max())}, "
         f"{int(np.sum(np.asarray(sizes_G) % TILE_M != 0))} not a multiple of 128")
   for k_dim, n_dim in shapes:
@@ -439,7 +466,7 @@ def self_check(num_rows: int = 131072, num_groups: int = 256, row_align: int = 3
       # row_align 1: the dequantise + bf16 path, whatever _WGRAD_KERNEL_ON_GPU says.
       paths = {"dequant+bf16": jax.jit(current)}
       for cfg in configs:
-        paths[f"fp8 {_spec(cfg or default_config(row_align))}"] = jax.jit(
+        paths[f"fp8 {_spec(cfg or default_config(row_align, out_dtype))}"] = jax.jit(
             functools.partial(kernel, config=cfg))
       for name, fn in paths.items():
         try:
@@ -458,18 +485,22 @@ def self_check(num_rows: int = 131072, num_groups: int = 256, row_align: int = 3
 def _spec(cfg: Fp8WgradConfig) -> str:
   return (f"{cfg.tile_k}:{cfg.tile_n}:{cfg.stages}:{cfg.acc_cols}"
           + (":overlap" if cfg.overlap else "") + (":ws" if cfg.ws else "")
+          + ("" if cfg.by_size else ":unsorted")
           + (f":x{cfg.ctas_per_sm}" if cfg.ctas_per_sm > 1 else ""))
 
 
 if __name__ == "__main__":
   # python -m kernels.fp8_tgmm_mgpu [ROW_ALIGN ...] [--configs=SPEC,SPEC] [--rows=M,M]
-  #   [--fp32_only]   (M: routed rows; 397056 is a Ling-mini MoE layer at 12 x 4096 tokens)
+  #   [--fp32_only] [--skews=balanced,zipf]
+  #   (M: routed rows; 397056 is a Ling-mini MoE layer at 12 x 4096 tokens)
   import sys
   args = sys.argv[1:]
   option = lambda name: [a.split("=", 1)[1].split(",") for a in args if a.startswith(name)]
-  specs, rows = option("--configs="), option("--rows=")
+  specs, rows, skews = option("--configs="), option("--rows="), option("--skews=")
   configs = tuple(Fp8WgradConfig.parse(s) for s in specs[0]) if specs else (None,)
   dtypes = (jnp.float32,) if "--fp32_only" in args else (jnp.float32, jnp.bfloat16)
   for num_rows in map(int, rows[0] if rows else ["131072"]):
     for align in map(int, [a for a in args if not a.startswith("--")] or ["32"]):
-      self_check(num_rows=num_rows, row_align=align, configs=configs, out_dtypes=dtypes)
+      for skew in skews[0] if skews else ["balanced"]:
+        self_check(num_rows=num_rows, row_align=align, configs=configs, out_dtypes=dtypes,
+                   skew=skew)

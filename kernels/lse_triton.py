@@ -15,8 +15,9 @@ chunks (`kernel_takes`): every access is then in bounds, on the GPU and in inter
 alike. Others, and every backend but "pallas_triton", take XLA's logsumexp. Its result differs
 from XLA's by fp32 rounding (summation order), ~1e-7 relative.
 
-`_KERNEL_ON_GPU` is False until `python -m kernels.lse_triton` (GPU: identity and ms against
-XLA at Ling-mini's logits) has run.
+`_KERNEL_ON_GPU` is on: `python -m kernels.lse_triton` on an H200 (session 12, [49,152, 157,184]
+bf16) gave 5.29 ms (2,920 GB/s) against XLA's 9.51 ms (1,625 GB/s), largest relative difference
+1.2e-7; launches of 4-8 rows, 4-8 warps and 3-4 stages were within 0.5% of each other.
 
 Shape key: N rows, V columns (the vocabulary), R rows per program, C columns per chunk.
 """
@@ -28,8 +29,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-# Off until timed on a GPU (the module doc's check).
-_KERNEL_ON_GPU = False
+# On since session 12's GPU check (the module doc).
+_KERNEL_ON_GPU = True
 ROWS, CHUNKS, NUM_WARPS, NUM_STAGES = 8, (2048, 1024, 512, 256, 128), 4, 3
 
 

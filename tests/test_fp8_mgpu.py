@@ -289,3 +289,57 @@ def test_fp8_wgrad_runs_the_bf16_kernel_on_dequantised_operands():
       np.testing.assert_array_equal(got[g], 0)
     else:  # both operands rounded to bf16 once (2^-9 each); a wrong scale would be O(1) off
       _assert_close(got[g], want, 2**-7)
+
+
+@pytest.mark.parametrize("case", ["dense_tile_chain_2", "grouped_block_tail_4"])
+def test_split_k_matches_fp64(case):
+  """Split-K: each unit contracts a k_splits-th of K into its own fp32 partial, summed after.
+  Dense with B scaled per row (a wgrad's layout), chained across 3 SMs, M off the tile; grouped
+  with block scales read as scalars (each split's K offset into them), empty groups and tail
+  rows, whose partials must add to zero."""
+  dense = case.startswith("dense")
+  k_splits = 2 if dense else 4
+  m_dim, sizes = (136, [136]) if dense else (203, [0, 70, 3, 0, 100])
+  rng = np.random.default_rng(11)
+  (a_q, sa, b_q, sb), (a_MK, b_GNK) = _operands(rng, m_dim, 512, 128, len(sizes))
+  sb_GKtX, b_scaling = jnp.swapaxes(sb, 1, 2), "block"
+  if dense:
+    sb_GNKt = _scales(rng, (1, 128, 4))
+    b_GNK = _np(b_q) * np.repeat(_np(sb_GNKt), 128, axis=2)
+    sb_GKtX, b_scaling = jnp.swapaxes(sb_GNKt, 1, 2), "tile"
+  cfg = dataclasses.replace(_SMALL, chain=dense, grid_minor="m", grid_width=2)
+  out = mgpu.gmm_fp8(a_q, sa.T, b_q, sb_GKtX, jnp.asarray(sizes, jnp.int32), b_scaling=b_scaling,
+                     out_dtype=jnp.float32, config=cfg, interpret=_INTERPRET, num_sms=3,
+                     k_splits=k_splits)
+  assert out.shape == (m_dim, 128) and out.dtype == jnp.float32
+  _assert_close(out, _np_grouped(a_MK, b_GNK, sizes), 1e-5)
+  np.testing.assert_array_equal(np.asarray(out)[sum(sizes):], 0.0)
+  with pytest.raises(ValueError, match="k_splits=3 must be a positive divisor of K's 4 steps"):
+    mgpu.gmm_fp8(a_q, sa.T, b_q, sb_GKtX, jnp.asarray(sizes, jnp.int32), b_scaling=b_scaling,
+                 out_dtype=jnp.float32, config=cfg, interpret=_INTERPRET, num_sms=3, k_splits=3)
+
+
+def test_auto_k_splits_fills_idle_sms_only():
+  """Ling-mini's linear wgrads at 12 x 4096 tokens (384 steps of 128), 128 x 256 units, 132 SMs:
+  the shared expert's down [512, 2048] (32 units) and gate+up [2048, 1024] (64), attention's
+  QKV [2048, 3072] (192: 2 rounds, 1.5 split in two); not attention out (128: one round), the
+  dense FFN's down (320: 3 rounds against 2.5, under the 20% asked) or up (640)."""
+  assert [mgpu.auto_k_splits(u, 384, 132) for u in (32, 64, 192, 128, 320, 640)] == [
+      4, 2, 2, 1, 1, 1]
+  assert mgpu.auto_k_splits(32, 16, 132) == 2  # each split keeps 8 steps at least
+  assert mgpu.auto_k_splits(32, 12, 132) == 1  # 12 steps: halves of 6 are too short
+  assert mgpu.auto_k_splits(132, 384, 132) == 1
+
+
+def test_split_k_lowers_for_cuda_at_the_shared_expert_wgrad():
+  """The shared expert's down-projection wgrad (x^T [512, 49152] against dy^T [2048, 49152],
+  both scaled per 1x128 tile along the tokens) in 4 splits: TMA boxes at K offsets, stores into
+  a split's slice of the fp32 partials."""
+  spec = jax.ShapeDtypeStruct
+  m_dim, k_dim, n_dim = 512, 49152, 2048
+  f = jax.jit(lambda *a: mgpu.matmul_fp8(*a, b_scaling="tile", num_sms=132, k_splits=4))
+  lowered = f.trace(spec((m_dim, k_dim), jnp.float8_e4m3fn),
+                    spec((k_dim // 128, m_dim), jnp.float32),
+                    spec((n_dim, k_dim), jnp.float8_e4m3fn),
+                    spec((k_dim // 128, n_dim), jnp.float32)).lower(lowering_platforms=("cuda",))
+  assert "mosaic_gpu" in lowered.as_text()

@@ -62,13 +62,15 @@ def test_tiles_kernel_bit_identical_to_xla_and_numpy():
 
 
 @pytest.mark.parametrize("case", ["groups_fused_pow2", "aligned_transposed_bf16",
-                                  "groups_row_align_16_bf16"])
+                                  "groups_row_align_16_bf16", "groups_row_align_128_pow2"])
 def test_transposed_kernels_bit_identical_to_xla(case):
   """Both layouts from one read, with tiles restarting per group (empty groups, tiny ones, one
   over 128 rows, rows past the groups, K off the tile); the transposed layout alone over
   128-row tiles of a shape that needs no masks; both layouts over groups padded to 16 rows (as
   dispatch.permute pads them: a group of one real row and zeros, one of 144 rows, rows past the
-  groups) with the kernel told so."""
+  groups) with the kernel told so; groups of whole 128-row tiles (empty ones, one real row then
+  zeros, rows past the groups), which take the launch of tiles from row 0, their unreached
+  tiles padded with scale 1."""
   rng = np.random.default_rng(1)
   row_align = 1
   if case == "groups_fused_pow2":
@@ -79,6 +81,12 @@ def test_transposed_kernels_bit_identical_to_xla(case):
   elif case == "aligned_transposed_bf16":
     x, tile_ids = _x(rng, (256, 256), jnp.bfloat16), None  # no masks: the GPU's fast path
     op = functools.partial(fq.quantize_rows_transposed, num_tiles=2)
+  elif case == "groups_row_align_128_pow2":
+    row_align, x = 128, np.array(_x(rng, (640, 256), jnp.float32))
+    x[129:256] = 0.0  # group 1: one real row, then padding
+    tile_ids, num_tiles = fq.row_tile_ids(640, jnp.asarray([0, 256, 128, 0, 128], jnp.int32))
+    op = functools.partial(fq.quantize_tiles_with_transpose, num_tiles=num_tiles,
+                           pow2_scales=True)
   else:
     row_align, x = 16, np.array(_x(rng, (256, 200), jnp.float32))
     x[1:16] = 0.0  # group 1: one real row, then padding

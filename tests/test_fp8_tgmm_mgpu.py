@@ -56,7 +56,8 @@ def _assert_close(out_GKN, ref_GKN, rtol):
 
 
 @pytest.mark.parametrize("case", ["ragged_fp32", "one_group_bf16", "ragged_fp32_overlap",
-                                  "ragged_fp32_x2", "ragged_fp32_ws", "one_group_bf16_ws"])
+                                  "ragged_fp32_x2", "ragged_fp32_ws", "one_group_bf16_ws",
+                                  "ragged_fp32_unsorted"])
 def test_tgmm_fp8_matches_fp64(case):
   """Groups of 0, 32, 96 and 160 rows (partial last tiles, whose other rows are the next
   group's or the rows past the groups); one group of all rows (2.5 tiles, the last read past M:
@@ -64,7 +65,8 @@ def test_tgmm_fp8_matches_fp64(case):
   second's wgmma issued before the first is promoted in the overlap case; two CTAs per SM in
   the x2 case (6 CTAs for 10 units: some run two, storing while the next unit runs);
   warp-specialised in the ws cases (two compute warpgroups of 64 rows each, each masking its own
-  rows of A; an empty group's units store zeros without a pipeline)."""
+  rows of A; an empty group's units store zeros without a pipeline). Units take the groups
+  largest first (2, 0, 4, 3, 1 for the ragged sizes) except in the unsorted case (index order)."""
   m_dim, sizes, row_align, out_dtype, rtol = {
       "ragged_fp32": (416, [96, 0, 160, 32, 96], 32, jnp.float32, 1e-5),
       "one_group_bf16": (320, [320], 64, jnp.bfloat16, 2**-8),
@@ -72,6 +74,7 @@ def test_tgmm_fp8_matches_fp64(case):
       "ragged_fp32_x2": (416, [96, 0, 160, 32, 96], 32, jnp.float32, 1e-5),
       "ragged_fp32_ws": (416, [96, 0, 160, 32, 96], 32, jnp.float32, 1e-5),
       "one_group_bf16_ws": (320, [320], 64, jnp.bfloat16, 2**-8),
+      "ragged_fp32_unsorted": (416, [96, 0, 160, 32, 96], 32, jnp.float32, 1e-5),
   }[case]
   rng = np.random.default_rng(len(case))
   k_dim, n_dim = 128, 64
@@ -81,7 +84,8 @@ def test_tgmm_fp8_matches_fp64(case):
   sa = jnp.asarray(np.exp2(rng.integers(-12, 4, (k_dim, num_tiles))), jnp.float32)
   sb = jnp.asarray(np.exp2(rng.integers(-12, 4, (n_dim, num_tiles))), jnp.float32)
   cfg = dataclasses.replace(tgmm.INTERPRET_CONFIG, overlap=case.endswith("overlap"),
-                            ctas_per_sm=2 if case.endswith("x2") else 1)
+                            ctas_per_sm=2 if case.endswith("x2") else 1,
+                            by_size=not case.endswith("unsorted"))
   if case.endswith("ws"):  # 64 rows per compute warpgroup, the least a wgmma takes
     cfg = tgmm.Fp8WgradConfig(tile_k=128, tile_n=64, stages=2, acc_cols=32, ws=True)
   assert cfg.mma.acc_n * 2 == cfg.tile_n and cfg.mma.overlap == cfg.overlap
@@ -145,7 +149,7 @@ def test_gpu_backend_takes_the_kernel_from_row_align_32(monkeypatch):
 
 @pytest.mark.parametrize("row_align, out_dtype, spec", [
     (32, jnp.bfloat16, None), (128, jnp.float32, None), (32, jnp.float32, "128:128:4:64:ws"),
-    (128, jnp.bfloat16, "256:128:3:64:overlap:ws")])
+    (128, jnp.bfloat16, None), (128, jnp.float32, "128:64:3:64:x2:unsorted")])
 def test_kernel_lowers_for_cuda_at_ling_mini_size(row_align, out_dtype, spec):
   """Layout inference of the masked E4M3 boxes and the M-offset TMA boxes (32- and 128-byte
   swizzles) at the default tilings and warp-specialised ones, without a GPU."""
@@ -171,6 +175,8 @@ def test_wgrad_tiling_specs_parse_and_fit_per_cta():
   assert fitted.smem_bytes(4) <= fitted.smem_budget < tgmm.DEFAULT_CONFIG.smem_budget
   assert (fitted.stages, fitted.tile_n) == (3, 64)  # narrowed, then stages restored to fit
   assert tgmm.Fp8WgradConfig.parse("128:128:4:64:ws").wg_rows == 64
+  assert not tgmm.Fp8WgradConfig.parse("128:128:4:64:ws:unsorted").by_size
+  assert tgmm.Fp8WgradConfig.parse("128:128:4:64:ws").by_size
   assert not tgmm.supports(2048, 1024, jnp.float32, tgmm.Fp8WgradConfig(ws=True, ctas_per_sm=2))
   assert not tgmm.supports(2048, 1024, jnp.float32, tgmm.Fp8WgradConfig(tile_k=64, ws=True))
   for bad in ("128:128:4", "128:128:4:64:x", "128:128:4:64:fast", "a:128:4:64"):
@@ -178,7 +184,9 @@ def test_wgrad_tiling_specs_parse_and_fit_per_cta():
       tgmm.Fp8WgradConfig.parse(bad)
 
 
-def test_groups_padded_to_128_rows_take_two_ctas_per_sm():
+def test_groups_padded_to_128_rows_take_the_warp_specialised_tilings():
   assert tgmm.default_config(32) == tgmm.default_config(64) == tgmm.DEFAULT_CONFIG
-  assert tgmm.default_config(128).ctas_per_sm == 2
-  assert tgmm.supports(2048, 1024, jnp.float32, tgmm.default_config(128))
+  for out_dtype in (jnp.float32, jnp.bfloat16):
+    assert tgmm.default_config(128, out_dtype).ws
+    assert tgmm.supports(2048, 1024, out_dtype, tgmm.default_config(128, out_dtype))
+    assert tgmm.supports(512, 2048, out_dtype, tgmm.default_config(128, out_dtype))
