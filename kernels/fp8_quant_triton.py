@@ -12,6 +12,8 @@ the codes' contiguous axis: at an arbitrary row those are single-byte stores. Wi
 (every tile's first row and row count a multiple of it, as `dispatch.permute`'s `group_align`
 makes them) Triton is told so and stores 16 bytes at a time: both layouts of [131072, 2048]
 bf16 over 256 experts at 0.64 of copy on an H200, against 0.42 (BENCHMARKS.md, session 7).
+Groups of whole 128-row tiles are tiles from row 0: `fp8_quant` sends them through the aligned
+launch, 0.76 of copy (session 12).
 Scales come out with the tile axis leading, the layout the FP8 GEMM kernels read;
 `kernels.fp8_quant` transposes them back to its public layout (XLA cancels the two transposes
 when a GEMM consumes them).
@@ -64,8 +66,8 @@ COLS_LAUNCH = {"rows_per_prog": TILE, "tiles_per_prog": 1, "num_warps": 8,
 # tiles keep 8: with 4, unpadded groups fell from 0.43 to 0.17 of copy.
 COLS_ALIGNED_LAUNCH = {**COLS_LAUNCH, "num_warps": 4}
 # Launches may also set "num_stages" (default 1): above 1 a program's tiles run as a loop that
-# Triton pipelines (session 11; not yet timed: with column tiles a program holds a 128 x 128
-# fp32 tile, about one program per SM, so nothing hides its load behind another's stores).
+# Triton pipelines. None of the launches set it: on an H200 (session 12) the pipelined rows
+# launches ran as the unrolled one (1.13 of copy) and the column ones slower (0.48 against 0.64).
 
 
 def _recip_rn(scale: jax.Array, interpret: bool) -> jax.Array:

@@ -14,13 +14,16 @@ only its group's ~10 tiles, and a second CTA keeps the tensor cores busy through
 pipeline start and epilogue); a unit's output stores run on while the next unit's pipeline does.
 With `ws` the CTA is warp-specialised instead (`_tgmm_fp8_ws_body`): a memory warpgroup runs the
 TMA ring and two compute warpgroups split the unit's tile_k rows, sharing the B box, so that one's
-promotion can overlap the other's wgmma (not yet timed on a GPU; it lowers for CUDA and matches
-the oracle in interpret mode). Per unit, `plgpu.emit_pipeline` runs over the group's cdiv(size_g,
-128) tiles (a traced count: empty groups run none and store zeros). Each step loads an A box [tk,
-128] and a B box [tn, 128] at the tile's first row (an element offset along M, `pl.Element`) with
-both tiles' scale vectors, runs one e4m3 wgmma per accumulator and adds partial * (sa [tk] column
-x sb [tn] row) to a running fp32 sum, as `fp8_gemm_mgpu` promotes its "tile"-scaled B (its
-`mma_promote`, `zero_sums` and `store_sums` are reused here).
+promotion can overlap the other's wgmma (from 128-row groups 671 / 681 TFLOP/s with bf16 out at
+Ling-mini's up / down wgrads against 589 / 579 for two CTAs, session 12). A CTA takes the units
+largest group first (`by_size`): with skewed routing, units in group order left a few CTAs a run
+of large groups' units at the end (the step's four wgrads: 13.9 -> 8.7 ms). Per unit,
+`plgpu.emit_pipeline` runs over the group's cdiv(size_g, 128) tiles (a traced count: empty groups
+run none and store zeros). Each step loads an A box [tk, 128] and a B box [tn, 128] at the tile's
+first row (an element offset along M, `pl.Element`) with both tiles' scale vectors, runs one e4m3
+wgmma per accumulator and adds partial * (sa [tk] column x sb [tn] row) to a running fp32 sum, as
+`fp8_gemm_mgpu` promotes its "tile"-scaled B (its `mma_promote`, `zero_sums` and `store_sums` are
+reused here).
 
 Rows past the group's end. A group's last tile reads a full 128 rows of M, so when the group's
 size is not a multiple of 128 the box also holds the first rows of the next group (or rows past
