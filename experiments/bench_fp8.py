@@ -98,10 +98,11 @@ _QUANT_LAUNCHES = flags.DEFINE_list(
     "the kernel's own (fp8_quant_triton.ROWS_LAUNCH).")
 _QUANT_COLS_LAUNCHES = flags.DEFINE_list(
     "quant_cols_launches",
-    ["{tiles_per_prog}:{num_warps}:{transpose_codes:d}".format(**fqt.COLS_LAUNCH)],
+    list(dict.fromkeys("{tiles_per_prog}:{num_warps}:{transpose_codes:d}".format(**launch)
+                       for launch in (fqt.COLS_LAUNCH, fqt.COLS_ALIGNED_LAUNCH))),
     "Launches T:num_warps:transpose_codes[:num_stages] of the Triton kernel with column tiles "
     "(R = 128); the first is checked in every dtype and scale rule; default: the kernel's own "
-    "(COLS_LAUNCH).")
+    "(COLS_LAUNCH, per group, and COLS_ALIGNED_LAUNCH, tiles from row 0).")
 
 _GROUP_ALIGNS = flags.DEFINE_list(
     "group_aligns", ["16", "32", "128"],
@@ -780,13 +781,16 @@ def time_quant() -> None:
                         and op.startswith(label)) for spec in specs}
     return max(totals, key=totals.get) if any(totals.values()) else specs[0]
   rows_spec = best(_QUANT_LAUNCHES.value, "1x128 tiles [")
-  cols_spec = best(_QUANT_COLS_LAUNCHES.value, "1x128 tiles + transposed")
+  # Column tiles from row 0 and per group have launches of their own (COLS_ALIGNED_LAUNCH).
+  aligned_spec = best(_QUANT_COLS_LAUNCHES.value, "1x128 tiles + transposed, fused")
+  cols_spec = best(_QUANT_COLS_LAUNCHES.value, "1x128 tiles + transposed per expert")
   fqt.ROWS_LAUNCH.update(_quant_launch(rows_spec))
+  fqt.COLS_ALIGNED_LAUNCH.update(_cols_launch(aligned_spec))
   fqt.COLS_LAUNCH.update(_cols_launch(cols_spec))
-  print(f"quant defaults for this run: rows {fqt.ROWS_LAUNCH}, columns {fqt.COLS_LAUNCH}",
-        flush=True)
+  print(f"quant defaults for this run: rows {fqt.ROWS_LAUNCH}, columns from row 0 "
+        f"{fqt.COLS_ALIGNED_LAUNCH}, per group {fqt.COLS_LAUNCH}", flush=True)
   RESULTS["quant launches chosen"] = {"value": 0.0, "unit": "", "rows": rows_spec,
-                                      "cols": cols_spec}
+                                      "cols_aligned": aligned_spec, "cols": cols_spec}
 
   # 3. The public ops (kernel backend) against the XLA reference, and the weight blocks.
   variants = []
