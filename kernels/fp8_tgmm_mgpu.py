@@ -164,8 +164,8 @@ INTERPRET_CONFIG = Fp8WgradConfig(tile_k=64, tile_n=64, stages=2, acc_cols=32)
 
 def default_config(row_align: int, out_dtype=jnp.float32) -> Fp8WgradConfig:
   """The tuned tiling for groups padded to row_align rows and an out_dtype output."""
-  if row_align >= TILE_M:
-    return ALIGNED_128_CONFIGS[jnp.dtype(out_dtype)]
+  if row_align >= TILE_M:  # other dtypes: the fp32 tiling (`supports` then refuses them)
+    return ALIGNED_128_CONFIGS.get(jnp.dtype(out_dtype), ALIGNED_128_CONFIGS[jnp.dtype("float32")])
   return DEFAULT_CONFIG
 
 

@@ -190,3 +190,4 @@ def test_groups_padded_to_128_rows_take_the_warp_specialised_tilings():
     assert tgmm.default_config(128, out_dtype).ws
     assert tgmm.supports(2048, 1024, out_dtype, tgmm.default_config(128, out_dtype))
     assert tgmm.supports(512, 2048, out_dtype, tgmm.default_config(128, out_dtype))
+  assert not tgmm.supports(2048, 1024, jnp.float16, tgmm.default_config(128, jnp.float16))
