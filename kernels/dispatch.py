@@ -200,13 +200,25 @@ def _unpermute_bwd(res, dout_TD):
   padded = sort_idx_M.shape[0] != weights_TK.size
   copy_M = jnp.minimum(sort_idx_M, weights_TK.size - 1) if padded else sort_idx_M
   weights_M = weights_TK.reshape(-1)[copy_M].astype(jnp.float32)
-  dy_MD = dout_TD[copy_M // top_k] * weights_M[:, None]
-  if padded:  # padding rows: exactly zero (a select, not a zero weight, which keeps inf * 0)
-    dy_MD = jnp.where((sort_idx_M < weights_TK.size)[:, None], dy_MD, 0.0)
-  dy_MD = dy_MD.astype(y_MD.dtype)
-  y_TKD = _gather_copies(y_MD, sort_idx_M, num_tokens, top_k).astype(jnp.float32)
-  dweights_TK = jnp.sum(y_TKD * dout_TD[:, None, :], axis=-1).astype(weights_TK.dtype)
-  return dy_MD, np.zeros(sort_idx_M.shape, jax.dtypes.float0), dweights_TK
+  dout_MD = dout_TD[copy_M // top_k]
+  dy_MD = dout_MD * weights_M[:, None]
+  if not padded:
+    dy_MD = dy_MD.astype(y_MD.dtype)
+    y_TKD = _gather_copies(y_MD, sort_idx_M, num_tokens, top_k).astype(jnp.float32)
+    dweights_TK = jnp.sum(y_TKD * dout_TD[:, None, :], axis=-1)
+  else:
+    # Padding rows: exactly zero (a select, not a zero weight, which keeps inf * 0).
+    dy_MD = jnp.where((sort_idx_M < weights_TK.size)[:, None], dy_MD, 0.0).astype(y_MD.dtype)
+    # The weights' gradient in the rows' sorted order, from the same gathered dout and y read
+    # in order, then put in (token, slot) order by the inverse permutation: one pass over the
+    # rows with dy's. (Without padding XLA fuses the token-order sum above with dy's pass; with
+    # padding rows it did not: 1.87 against 1.20 ms a layer at Ling-mini on an H200, session 12.
+    # Padding rows' sums are never read.)
+    dweights_M = jnp.sum(y_MD.astype(jnp.float32) * dout_MD, axis=-1)
+    rows_TK = _inverse_permutation(sort_idx_M)[:weights_TK.size]
+    dweights_TK = dweights_M[rows_TK].reshape(num_tokens, top_k)
+  return (dy_MD, np.zeros(sort_idx_M.shape, jax.dtypes.float0),
+          dweights_TK.astype(weights_TK.dtype))
 
 
 _unpermute.defvjp(_unpermute_fwd, _unpermute_bwd)
