@@ -236,11 +236,17 @@ def markdown(results: list[dict[str, Any]], projections: list[dict[str, Any]],
              curves: list[dict[str, Any]] = ()) -> str:
   """Returns the results as Markdown tables."""
   lines = ["| variant | layers | params | step (ms) | tokens/s | MFU | peak mem (GiB) "
-           "| compile (s) |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+           "| compile (s) | routing max violation |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
   for r in results:
     mem = f"{r['peak_memory_gib']:.1f}" if r["peak_memory_gib"] else "n/a"
+    # Largest expert's tokens / mean - 1 over the timed steps (0: balanced; top-k of E experts
+    # collapsed onto k experts reads E / k - 1).
+    timed = r.get("max_violations", [])[r["timed_from_step"]:len(r["losses"])]
+    vio = f"{min(timed):.2f}-{max(timed):.2f}" if timed else "n/a"
     lines.append(f"| {r['name']} | {r['layers']} | {r['params'] / 1e9:.2f}B | {r['step_ms']:.1f} "
-                 f"| {r['tokens_per_s']:,.0f} | {r['mfu']:.1%} | {mem} | {r['compile_s']:.0f} |")
+                 f"| {r['tokens_per_s']:,.0f} | {r['mfu']:.1%} | {mem} | {r['compile_s']:.0f} "
+                 f"| {vio} |")
   if projections:
     lines += ["", "| projected to | ms per layer | fixed ms | step (ms) | tokens/s | MFU |",
               "|---|---:|---:|---:|---:|---:|"]

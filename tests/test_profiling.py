@@ -183,6 +183,9 @@ def test_bench_train_end_to_end(tmp_path):
       result["flops_per_token"] * result["tokens_per_s"] / 1e12)
   assert len(result["losses"]) == 3 and result["timed_from_step"] == 1  # Warm-up + timed.
   assert all(np.isfinite(result["losses"]))
+  # The routing's max violation of every step run: warm-up 1, timed 2, traced 1 (on a GPU also
+  # the two of the recompiled program's timing).
+  assert len(result["max_violations"]) == 4 and min(result["max_violations"]) >= 0
   shares = result["breakdown"]["share"]
   assert sum(shares.values()) == pytest.approx(1.0)
   assert {"moe_experts", "optimizer", "attention_core"} <= set(shares)
@@ -190,6 +193,7 @@ def test_bench_train_end_to_end(tmp_path):
   assert (tmp_path / "none-L3.hlo.txt.gz").exists()
   summary_md = (tmp_path / "summary.md").read_text()
   assert "| none-L2 |" in summary_md and "by op kind" in summary_md
+  assert "routing max violation" in summary_md
 
 
 @pytest.mark.parametrize("flags, message", [
