@@ -58,6 +58,9 @@ def model_config(variant: str) -> ml_collections.ConfigDict:
   m.router_precision = "float32"
   # The precision of the router matmul's two backward products (dx, dw); unset: the forward's.
   m.router_grad_precision = config_dict.placeholder(str)
+  # Benchmarks only: route on random logits (router.random_logits), near-balanced, as trained
+  # routing is; the freshly initialised router sends nearly every token to the same experts.
+  m.router_random_logits = False
   # Token exchange under expert parallelism: "auto" (ragged on GPU/TPU, padded on CPU, where XLA
   # has no ragged all-to-all), "ragged" or "padded" (worst-case blocks): expert_parallel.py.
   m.moe_all_to_all = "auto"

@@ -75,6 +75,8 @@ class MoE(nn.Module):
     with jax.named_scope("router"):  # Named for profiles (ling_jax/profiling.py).
       logits_TE = router_logits(x_TD, w_router_DE, config_lib.router_precision(m),
                                 config_lib.router_grad_precision(m))
+      if m.get("router_random_logits", False):
+        logits_TE = router.random_logits(logits_TE)
       routing = router.route_tokens(
           logits_TE, bias_E, top_k=m.num_experts_per_tok, n_group=m.n_group,
           topk_group=m.topk_group, routed_scaling_factor=m.routed_scaling_factor,

@@ -60,6 +60,21 @@ def route_tokens(
   return Routing(expert_ids_TK.astype(jnp.int32), weights_TK, counts_E, z_loss)
 
 
+def random_logits(logits_TE: jax.Array) -> jax.Array:
+  """Benchmarks only (`model.router_random_logits`): standard normal logits in the values'
+  place, the learned logits' gradient path kept (straight through).
+
+  Routing on them is near-balanced, as trained Ling routing is: a freshly initialised model
+  sends nearly every token to the same experts (BENCHMARKS.md, "Training throughput", session
+  12), which times the expert kernels on a few huge groups. Megatron-Core's
+  `moe_router_force_load_balancing` does the same for its benchmarks. The draw depends on the
+  shape only (a fixed key): every layer and step routes a token position alike. The router
+  matmul and its backward still run, with the gradients of these logits.
+  """
+  noise_TE = jax.random.normal(jax.random.key(0), logits_TE.shape, jnp.float32)
+  return noise_TE + (logits_TE - jax.lax.stop_gradient(logits_TE))  # exactly the noise
+
+
 def update_expert_bias(bias_E: jax.Array, counts_E: jax.Array, rate: float) -> jax.Array:
   """Returns the expert bias after one aux-loss-free balancing step.
 

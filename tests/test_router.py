@@ -131,3 +131,43 @@ def test_unknown_router_grad_precision_names_the_field():
   config.model.router_grad_precision = "bf16"
   with pytest.raises(ValueError, match="config.model.router_grad_precision.*Fix"):
     trainer.validate_config(config)
+
+
+def test_random_logits_replace_values_and_pass_gradients_straight_through():
+  logits = jnp.asarray(np.random.default_rng(3).standard_normal((512, 16)) * 5 + 10, jnp.float32)
+  out = router.random_logits(logits)
+  np.testing.assert_array_equal(out, router.random_logits(logits * 2))  # the values: not logits'
+  assert abs(float(jnp.mean(out))) < 0.1 and abs(float(jnp.std(out)) - 1) < 0.1
+  weights = jnp.asarray(np.random.default_rng(4).standard_normal((512, 16)), jnp.float32)
+  grad = jax.grad(lambda x: jnp.sum(router.random_logits(x) * weights))(logits)
+  np.testing.assert_array_equal(grad, weights)
+
+
+def test_random_logits_balance_a_collapsed_router_and_keep_its_gradient():
+  """model.router_random_logits (benchmarks): 1,024 copies of one token route to the same 4 of
+  16 experts (max violation E / K - 1 = 3); on random logits the load is near-even, and the
+  router weight still gets a gradient (through the learned logits)."""
+  import ml_collections
+
+  from configs import ling2
+  from ling_jax import moe
+
+  m = ling2.model_config("tiny")
+  x = jnp.tile(jnp.asarray(np.random.default_rng(5).standard_normal((1, 1, m.hidden_size)),
+                           jnp.float32), (4, 256, 1))
+  mask = jnp.ones(x.shape[:2], jnp.float32)
+  variables = moe.MoE(m).init(jax.random.key(0), x, mask)
+  violation = {}
+  for random in (False, True):
+    mr = ml_collections.ConfigDict(m.to_dict())
+    mr.router_random_logits = random
+
+    def loss(params, mr=mr):
+      y, stats = moe.MoE(mr).apply({**variables, "params": params}, x, mask,
+                                   mutable=[moe.STATS])
+      return jnp.sum(y * y), stats[moe.STATS]["counts"]
+    (_, counts), grads = jax.value_and_grad(loss, has_aux=True)(variables["params"])
+    violation[random] = float(router.max_violation(counts))
+    assert float(jnp.abs(grads["router"]).max()) > 0
+  assert violation[False] == pytest.approx(16 / 4 - 1)
+  assert violation[True] < 0.25
