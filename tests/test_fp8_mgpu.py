@@ -291,14 +291,16 @@ def test_fp8_wgrad_runs_the_bf16_kernel_on_dequantised_operands():
       _assert_close(got[g], want, 2**-7)
 
 
-@pytest.mark.parametrize("case", ["dense_tile_chain_2", "grouped_block_tail_4"])
+@pytest.mark.parametrize("case", ["dense_tile_chain_2", "grouped_block_tail_4",
+                                  "grouped_block_tail_chain_2"])
 def test_split_k_matches_fp64(case):
   """Split-K: each unit contracts a k_splits-th of K into its own fp32 partial, summed after.
   Dense with B scaled per row (a wgrad's layout), chained across 3 SMs, M off the tile; grouped
   with block scales read as scalars (each split's K offset into them), empty groups and tail
-  rows, whose partials must add to zero."""
+  rows, whose partials must add to zero, unchained and chained (tail units run the pipeline
+  there, then store zeros)."""
   dense = case.startswith("dense")
-  k_splits = 2 if dense else 4
+  k_splits = int(case[-1])
   m_dim, sizes = (136, [136]) if dense else (203, [0, 70, 3, 0, 100])
   rng = np.random.default_rng(11)
   (a_q, sa, b_q, sb), (a_MK, b_GNK) = _operands(rng, m_dim, 512, 128, len(sizes))
@@ -307,7 +309,7 @@ def test_split_k_matches_fp64(case):
     sb_GNKt = _scales(rng, (1, 128, 4))
     b_GNK = _np(b_q) * np.repeat(_np(sb_GNKt), 128, axis=2)
     sb_GKtX, b_scaling = jnp.swapaxes(sb_GNKt, 1, 2), "tile"
-  cfg = dataclasses.replace(_SMALL, chain=dense, grid_minor="m", grid_width=2)
+  cfg = dataclasses.replace(_SMALL, chain="chain" in case, grid_minor="m", grid_width=2)
   out = mgpu.gmm_fp8(a_q, sa.T, b_q, sb_GKtX, jnp.asarray(sizes, jnp.int32), b_scaling=b_scaling,
                      out_dtype=jnp.float32, config=cfg, interpret=_INTERPRET, num_sms=3,
                      k_splits=k_splits)
