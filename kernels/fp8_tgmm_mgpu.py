@@ -257,6 +257,15 @@ def _tgmm_fp8_body(cfg: Fp8WgradConfig, row_align: int, order_gmem, starts_gmem,
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
 
+def _unit_group(info, row_align: int, order_gmem, starts_gmem, sizes_gmem, first_tile_gmem):
+  """Unit (rank, ki, ni) of the grid's loop: its group (the rank-th in `order_gmem`, see
+  `Fp8WgradConfig.by_size`), the group's first row, size and first 128-row tile, and ki, ni."""
+  rank, ki, ni = info.index
+  group = order_gmem[rank]
+  start = pl.multiple_of(starts_gmem[group], row_align)
+  return group, start, sizes_gmem[group], first_tile_gmem[group], ki, ni
+
+
 def _units(cfg: Fp8WgradConfig, row_align: int, order_gmem, starts_gmem, sizes_gmem,
            first_tile_gmem, a_gmem, sa_gmem, b_gmem, sb_gmem, out_gmem, out_smem):
   num_groups, k_dim, n_dim = out_gmem.shape
@@ -264,10 +273,8 @@ def _units(cfg: Fp8WgradConfig, row_align: int, order_gmem, starts_gmem, sizes_g
 
   @plgpu.nd_loop((num_groups, k_dim // tk, n_dim // tn), collective_axes="sm")
   def _unit(info):
-    rank, ki, ni = info.index
-    group = order_gmem[rank]
-    start = pl.multiple_of(starts_gmem[group], row_align)
-    size, first = sizes_gmem[group], first_tile_gmem[group]
+    group, start, size, first, ki, ni = _unit_group(info, row_align, order_gmem, starts_gmem,
+                                                    sizes_gmem, first_tile_gmem)
 
     def step(idx, a_smem, b_smem, sa_smem, sb_smem, sums):
       return _mma_step(mma, a_smem, b_smem, sa_smem.at[0], sb_smem, sums,
@@ -325,10 +332,8 @@ def _tgmm_fp8_ws_body(cfg: Fp8WgradConfig, row_align: int, order_gmem, starts_gm
 
     @plgpu.nd_loop((num_groups, k_dim // tk, n_dim // tn), collective_axes="sm")
     def _unit(info):
-      rank, ki, ni = info.index
-      group = order_gmem[rank]
-      start = pl.multiple_of(starts_gmem[group], row_align)
-      size, first = sizes_gmem[group], first_tile_gmem[group]
+      group, start, size, first, ki, ni = _unit_group(info, row_align, order_gmem, starts_gmem,
+                                                      sizes_gmem, first_tile_gmem)
       num_tiles = (size + TILE_M - 1) // TILE_M
 
       def store(sums):
