@@ -48,12 +48,12 @@ from typing import Any
 # casts twice per step. One process owns the device here, so it takes 95%. An explicit
 # setting wins.
 os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
-# `mini_h200`'s 77 GiB block of step temporaries failed to allocate in 5 of ~12 processes run
-# without this (sessions 11-12, always a process's first variant) and in none of the 6 run with
-# it. Whether XLA reads this TensorFlow-era variable is not established (jaxlib's documented
-# switch is XLA_PYTHON_CLIENT_ALLOCATOR=cuda_async, not yet tried here): kept for its record.
-# An explicit setting wins.
-os.environ.setdefault("TF_GPU_ALLOCATOR", "cuda_malloc_async")
+# Sessions 11-12 set TF_GPU_ALLOCATOR=cuda_malloc_async here after `mini_h200`'s 77 GiB block of
+# step temporaries failed to allocate in 5 of ~12 processes without it and in none of 6 with it.
+# XLA does not read that variable (session 13: the device's memory stats still show the BFC
+# pool with it set; with XLA_PYTHON_CLIENT_ALLOCATOR=cuda_async they do not), so those passes
+# were chance, and it is gone. The allocator stays XLA's default; set
+# XLA_PYTHON_CLIENT_ALLOCATOR=cuda_async to try CUDA's stream-ordered one.
 
 import jax
 import ml_collections

@@ -7,13 +7,15 @@ The CPU tests check every FP8 kernel in interpret mode at small shapes; this run
 kernels on the GPU at the shapes a config actually feeds them, which the tests cannot reach.
 
 1. Op by op. The model's loss is traced once (abstractly) in FP8 and every FP8 op it calls is
-   recorded: `fp8_gemm.fp8_linear` and `fp8_gemm.fp8_grouped_linear`, with their shapes, dtypes
-   and (grouped) row alignment. Each distinct op then runs forward and backward on random
-   operands twice, with the kernels ("auto": Mosaic GPU GEMMs, Triton quantisation) and with the
-   reference backend (XLA dequantise-then-multiply in fp32), and y, dx and dw are compared. Both
+   recorded: `fp8_gemm.fp8_linear`, `fp8_gemm.fp8_grouped_linear` and the experts' fused FFN
+   (`fp8_experts.fused_expert_ffn`), with their shapes, dtypes and (grouped) row alignment.
+   Each distinct op then runs forward and backward on random operands twice, with the kernels
+   ("auto": Mosaic GPU GEMMs, Triton quantisation) and with the reference backend (XLA
+   dequantise-then-multiply in fp32), and y, dx and dw are compared. Both
    see the same E4M3 codes, so they should agree to bf16 rounding (~1e-3); the product in bf16
    without quantisation is printed beside as the scale of FP8's own error (~3-5%). Grouped ops
-   get expert sizes drawn as a router would (multinomial), each padded to the op's row alignment.
+   get expert sizes drawn as a router would (multinomial), each padded to the op's row alignment;
+   the fused experts get random top-k routing (dw: the worse of its two weights).
 2. The model. Loss and gradients at initialisation on one batch of random tokens: bf16, FP8 with
    the kernels and FP8 with the reference. The two FP8 runs should agree far more closely than
    either does with bf16.
@@ -38,6 +40,8 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from kernels import dispatch
+from kernels import fp8_experts
 from kernels import fp8_gemm
 from kernels import fp8_quant
 from kernels import grouped_matmul as gmm_lib
@@ -65,7 +69,8 @@ def record_ops(config: Any) -> list[dict[str, Any]]:
   """Returns the distinct FP8 ops the model's loss calls, from an abstract trace."""
   m, t = config.model, config.train
   seen: dict[tuple, dict[str, Any]] = {}
-  real = {"linear": fp8_gemm.fp8_linear, "grouped": fp8_gemm.fp8_grouped_linear}
+  real = {"linear": fp8_gemm.fp8_linear, "grouped": fp8_gemm.fp8_grouped_linear,
+          "experts": fp8_experts.fused_expert_ffn}
 
   def linear(x_MK, w_KN, probe_2, backend="auto", recipe=fp8_gemm.FULL_RECIPE):
     key = ("linear", x_MK.shape, w_KN.shape, str(x_MK.dtype), str(w_KN.dtype))
@@ -82,6 +87,18 @@ def record_ops(config: Any) -> list[dict[str, Any]]:
                           "row_align": row_align, "calls": 0, "recipe": recipe})["calls"] += 1
     return real["grouped"](x_MK, w_GKN, group_sizes_G, probe_2, backend, recipe, row_align)
 
+  def experts(x_TD, copy_M, rows_TK, weights_TK, w1, w2, sizes, probe_up, probe_down,
+              backend="auto", recipe=fp8_gemm.FULL_RECIPE, row_align=1):
+    key = ("experts", x_TD.shape, w1.shape, w2.shape, str(x_TD.dtype), rows_TK.shape[1],
+           copy_M.shape[0], row_align)
+    seen.setdefault(key, {"op": "experts", "x": list(x_TD.shape), "w": list(w1.shape),
+                          "w_down": list(w2.shape), "dtype": str(x_TD.dtype),
+                          "w_dtype": str(w1.dtype), "top_k": rows_TK.shape[1],
+                          "rows": copy_M.shape[0], "row_align": row_align, "calls": 0,
+                          "recipe": recipe})["calls"] += 1
+    return real["experts"](x_TD, copy_M, rows_TK, weights_TK, w1, w2, sizes, probe_up,
+                           probe_down, backend, recipe, row_align)
+
   # Neither the initialisation's forward nor the one that shapes the FP8 probes (8 tokens each)
   # is recorded: only the step's.
   state = jax.eval_shape(train_lib.init_state_fn(m, t))
@@ -89,11 +106,13 @@ def record_ops(config: Any) -> list[dict[str, Any]]:
   probes = train_lib.fp8_probes(m)
   saved = train_lib.fp8_probes
   fp8_gemm.fp8_linear, fp8_gemm.fp8_grouped_linear = linear, grouped
+  fp8_experts.fused_expert_ffn = experts
   train_lib.fp8_probes = lambda *_: probes
   try:
     jax.eval_shape(functools.partial(_loss_and_grads, m=m, t=t), state, batch)
   finally:
     fp8_gemm.fp8_linear, fp8_gemm.fp8_grouped_linear = real["linear"], real["grouped"]
+    fp8_experts.fused_expert_ffn = real["experts"]
     train_lib.fp8_probes = saved
   return list(seen.values())
 
@@ -130,6 +149,8 @@ def check_op(op: dict[str, Any], key: jax.Array,
   fan_in = op["w"][-2]
   w = (jax.random.normal(kw, op["w"], jnp.float32) / np.sqrt(fan_in)).astype(op["w_dtype"])
   probe = jnp.zeros((2,), jnp.float32)
+  if op["op"] == "experts":
+    return _check_experts(op, key, kernel_backend)
   if op["op"] == "linear":
     fn = lambda backend: (lambda x, w: fp8_gemm.fp8_linear(x, w, probe, backend, op["recipe"]))
     plain = lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
@@ -140,22 +161,53 @@ def check_op(op: dict[str, Any], key: jax.Array,
     plain = lambda x, w: gmm_lib.grouped_matmul(x, w, sizes)
   dy = jax.random.normal(kd, (op["x"][0], op["w"][-1]), jnp.float32).astype(op["dtype"])
 
+  return _compare(op, fn(kernel_backend), fn("reference"), plain, (x, w), dy)
+
+
+def _compare(op, kernel, reference, plain, args, dy) -> dict[str, Any]:
+  """y and the gradients of `args` (x, then the weights: dw the worst of them) of the kernel
+  function against the reference's and the unquantised one's."""
   def run(f):
-    y, vjp = jax.vjp(f, x, w)
-    dx, dw = vjp(dy)
-    return jax.device_get((y, dx, dw))
+    y, vjp = jax.vjp(f, *args)
+    dx, *dws = vjp(dy)
+    return jax.device_get((y, dx, dws))
 
   start = time.time()
-  got = run(jax.jit(fn(kernel_backend)))
-  ref = run(jax.jit(fn("reference")))
-  bf16 = run(jax.jit(plain))
+  got, ref, bf16 = (run(jax.jit(f)) for f in (kernel, reference, plain))
   result = {k: v for k, v in op.items() if k != "recipe"}
   result["seconds"] = time.time() - start
-  for name, g, r, b in zip(("y", "dx", "dw"), got, ref, bf16):
-    result[f"{name}_kernel_vs_ref"] = profiling.rel_error(g, r)
-    result[f"{name}_fp8_vs_bf16"] = profiling.rel_error(r, b)
-    result[f"{name}_finite"] = bool(np.isfinite(np.asarray(g, np.float32)).all())
+  for i, name in enumerate(("y", "dx", "dw")):
+    g, r, b = got[i], ref[i], bf16[i]
+    if name != "dw":
+      g, r, b = [g], [r], [b]
+    result[f"{name}_kernel_vs_ref"] = max(map(profiling.rel_error, g, r))
+    result[f"{name}_fp8_vs_bf16"] = max(map(profiling.rel_error, r, b))
+    result[f"{name}_finite"] = all(bool(np.isfinite(np.asarray(v, np.float32)).all()) for v in g)
   return result
+
+
+def _check_experts(op: dict[str, Any], key: jax.Array, kernel_backend: str) -> dict[str, Any]:
+  """The fused expert FFN on random top-k routing, against its reference and bf16's."""
+  kx, kw, kw2, kd, kr, kp = jax.random.split(key, 6)
+  num_tokens, d_model = op["x"]
+  num_experts, top_k = op["w"][0], op["top_k"]
+  x = jax.random.normal(kx, op["x"], jnp.float32).astype(op["dtype"])
+  w1 = (jax.random.normal(kw, op["w"], jnp.float32) / np.sqrt(d_model)).astype(op["w_dtype"])
+  w2 = (jax.random.normal(kw2, op["w_down"], jnp.float32)
+        / np.sqrt(op["w_down"][1])).astype(op["w_dtype"])
+  ids_TK = jax.vmap(lambda k: jax.random.permutation(k, num_experts)[:top_k])(
+      jax.random.split(kr, num_tokens)).astype(jnp.int32)
+  weights_TK = jax.random.uniform(kp, (num_tokens, top_k), jnp.float32, 0.1, 1.0)
+  sizes_E, copy_M = dispatch._route(ids_TK, num_experts, op["row_align"])
+  assert copy_M.shape[0] == op["rows"], (copy_M.shape, op["rows"])
+  rows_TK = dispatch._inverse_permutation(copy_M)[:num_tokens * top_k].reshape(num_tokens, top_k)
+  probe = jnp.zeros((2,), jnp.float32)
+  fn = lambda backend: (lambda x, w1, w2: fp8_experts.fused_expert_ffn(
+      x, copy_M, rows_TK, weights_TK, w1, w2, sizes_E, probe, probe, backend, op["recipe"],
+      op["row_align"]))
+  plain = lambda x, w1, w2: dispatch.expert_ffn(x, ids_TK, weights_TK, w1, w2)
+  dy = jax.random.normal(kd, op["x"], jnp.float32).astype(op["dtype"])
+  return _compare(op, fn(kernel_backend), fn("reference"), plain, (x, w1, w2), dy)
 
 
 def _with_reference_fp8(fn):

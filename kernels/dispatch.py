@@ -4,6 +4,9 @@ Dropless: every (token, expert) pair is computed. The copies are sorted by exper
 FFN is two grouped matmuls; the custom VJPs make both directions of the permutation plain gathers
 (a permutation's transpose is its inverse), never scatter-adds.
 
+With the full FP8 recipe `expert_ffn` hands the experts to `kernels/fp8_experts.py`, which makes
+the copies inside its quantisations (`_route` gives it the sort order without them).
+
 With `group_align` (the FP8 expert path), `permute` pads every expert's copies to a multiple of
 that many rows through the routing map: extra copies of a zero row, sorted right after the
 expert's own, with no router weight. Padding rows are zeros forward and get zero gradients back,
@@ -148,14 +151,20 @@ def permute(
   num_tokens, top_k = expert_ids_TK.shape
   impl = _row_impl(backend)
   with jax.named_scope("dispatch"):  # Named for profiles (ling_jax/profiling.py).
-    ids_M = expert_ids_TK.reshape(-1).astype(jnp.int32)
-    group_sizes_E = jnp.bincount(ids_M, length=num_experts).astype(jnp.int32)
-    if group_align > 1:
-      ids_M = jnp.concatenate([ids_M, _padding_ids(group_sizes_E, ids_M.shape[0], group_align)])
-      group_sizes_E = -(-group_sizes_E // group_align) * group_align
-    sort_idx_M = jnp.argsort(ids_M, stable=True).astype(jnp.int32)
+    group_sizes_E, sort_idx_M = _route(expert_ids_TK, num_experts, group_align)
     x_MD = _copy_tokens(x_TD, sort_idx_M, top_k, impl, num_tokens)
     return x_MD, group_sizes_E, sort_idx_M
+
+
+def _route(expert_ids_TK: jax.Array, num_experts: int,
+           group_align: int) -> tuple[jax.Array, jax.Array]:
+  """`permute`'s group sizes and sort order, without the copy."""
+  ids_M = expert_ids_TK.reshape(-1).astype(jnp.int32)
+  group_sizes_E = jnp.bincount(ids_M, length=num_experts).astype(jnp.int32)
+  if group_align > 1:
+    ids_M = jnp.concatenate([ids_M, _padding_ids(group_sizes_E, ids_M.shape[0], group_align)])
+    group_sizes_E = -(-group_sizes_E // group_align) * group_align
+  return group_sizes_E, jnp.argsort(ids_M, stable=True).astype(jnp.int32)
 
 
 def _padding_ids(group_sizes_E: jax.Array, num_copies: int, align: int) -> jax.Array:
@@ -274,6 +283,7 @@ def expert_ffn(
     fp8_probes: tuple[jax.Array, jax.Array] | None = None,
     fp8_recipe=None,
     fp8_group_align: int = FP8_GROUP_ALIGN,
+    fp8_fused_dispatch: bool = True,
 ) -> jax.Array:
   """Runs the routed SwiGLU experts of a Ling 2.0 MoE layer and sums them with the router weights.
 
@@ -286,15 +296,20 @@ def expert_ffn(
     backend: grouped matmul backend, see `grouped_matmul`; it also picks the permutation's
       implementation (module doc), and whether the SwiGLU runs fused into the first GEMM
       (`grouped_matmul.fused_swiglu_wins`).
-    quant: "none", or "fp8_blockwise" for both projections as `fp8_gemm.fp8_grouped_linear`
-      (E4M3 fprop, dgrad and wgrad; the permutation and SwiGLU stay in x's dtype), with each
-      expert's rows padded to `fp8_group_align` (module doc).
+    quant: "none", or "fp8_blockwise" for both projections in FP8 (`fp8_recipe`'s GEMMs in
+      E4M3), with each expert's rows padded to `fp8_group_align` (module doc): as
+      `fp8_experts.fused_expert_ffn` (see `fp8_fused_dispatch`), or as two
+      `fp8_gemm.fp8_grouped_linear`s with the permutation and SwiGLU in x's dtype.
     fp8_probes: with FP8, zero [2] arrays for the two projections whose cotangents become the
       output gradients' [underflow, cosine] (see `kernels/fp8_gemm.py`).
     fp8_recipe: with FP8, the `fp8_gemm.Fp8Recipe` of both projections (None: the full one).
     fp8_group_align: with FP8, rows each expert's copies are padded to (`FP8_GROUP_ALIGN` by
       default; `config.model.fp8_group_align`); from `fp8_tgmm_mgpu.MIN_ROW_ALIGN` (32) up, the
       weight gradient can run the FP8 wgrad kernel (`fp8_gemm.fp8_transposed_grouped_matmul`).
+    fp8_fused_dispatch: with the full FP8 recipe, one custom VJP (`fp8_experts.fused_expert_ffn`)
+      whose quantise kernels make the token copies, the SwiGLU's output, the output gradient's
+      rows and the SwiGLU's gradient as they read their inputs: those exist only as E4M3 codes.
+      False (or another recipe): `permute`, the FP8 GEMMs and SwiGLU, `unpermute`.
 
   Returns:
     y_TD = sum_k weights[t, k] * down_e(silu(gate_e(x_t)) * up_e(x_t)), e = expert_ids[t, k],
@@ -320,6 +335,10 @@ def expert_ffn(
 
     probe_up, probe_down = fp8_probes or (jnp.zeros((2,), jnp.float32),) * 2
     group_align = fp8_group_align
+    recipe = fp8_recipe or fp8_gemm.FULL_RECIPE
+    if fp8_fused_dispatch and recipe.fprop and recipe.dgrad and recipe.wgrad:
+      return _fp8_fused_expert_ffn(x_TD, expert_ids_TK, weights_TK, w_gate_up_EDF2, w_down_EFD,
+                                   probe_up, probe_down, recipe, group_align)
 
     def matmul(x, w, sizes, probe):
       return fp8_gemm.fp8_grouped_linear(x, w, sizes, probe, "auto",
@@ -337,8 +356,25 @@ def expert_ffn(
     # The SwiGLU in the first GEMM's epilogue (kernels/grouped_matmul_mgpu.py).
     act_MF = gmm_lib.grouped_matmul_swiglu(x_MD, w_gate_up_EDF2, group_sizes_E, backend=backend)
   else:
-    h_MF2 = matmul(x_MD, w_gate_up_EDF2, group_sizes_E, probe_up)
-    gate_MF, up_MF = jnp.split(h_MF2.astype(jnp.float32), 2, axis=-1)
-    act_MF = (jax.nn.silu(gate_MF) * up_MF).astype(x_TD.dtype)
+    act_MF = _swiglu(matmul(x_MD, w_gate_up_EDF2, group_sizes_E, probe_up), x_TD.dtype)
   y_MD = matmul(act_MF, w_down_EFD, group_sizes_E, probe_down)
   return unpermute(y_MD, sort_idx_M, weights_TK, backend=backend)
+
+
+def _swiglu(h_MF2: jax.Array, dtype) -> jax.Array:
+  gate_MF, up_MF = jnp.split(h_MF2.astype(jnp.float32), 2, axis=-1)
+  return (jax.nn.silu(gate_MF) * up_MF).astype(dtype)
+
+
+def _fp8_fused_expert_ffn(x_TD, expert_ids_TK, weights_TK, w_gate_up_EDF2, w_down_EFD, probe_up,
+                          probe_down, recipe, group_align):
+  """`expert_ffn`'s FP8 path as `fp8_experts.fused_expert_ffn` (its docstring)."""
+  from kernels import fp8_experts
+
+  num_tokens, top_k = expert_ids_TK.shape
+  with jax.named_scope("dispatch"):
+    group_sizes_E, sort_idx_M = _route(expert_ids_TK, w_gate_up_EDF2.shape[0], group_align)
+    rows_TK = _inverse_permutation(sort_idx_M)[:num_tokens * top_k].reshape(num_tokens, top_k)
+  return fp8_experts.fused_expert_ffn(x_TD, sort_idx_M, rows_TK, weights_TK, w_gate_up_EDF2,
+                                      w_down_EFD, group_sizes_E, probe_up, probe_down, "auto",
+                                      recipe, group_align)

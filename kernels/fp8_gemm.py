@@ -20,7 +20,8 @@ summation order. Backends:
   - "auto": "pallas_mosaic_gpu" on Hopper GPUs (`_AUTO_USES_KERNEL`: the measurement), else
     "reference".
 
-`fp8_linear` and `fp8_grouped_linear` are the training ops: custom VJPs whose forward (fprop),
+`fp8_linear` and `fp8_grouped_linear` are the training ops (and `kernels/fp8_experts.py`'s
+fused expert FFN, built from this module's GEMMs): custom VJPs whose forward (fprop),
 input gradient (dgrad) and weight gradient (wgrad) run as FP8 GEMMs, E4M3 in both directions.
 Their quantisation (`kernels.fp8_quant`) follows the GEMM backend (`_QUANT_BACKEND`): the Triton
 kernels with "pallas_mosaic_gpu" and on "auto", XLA with the reference and the interpreter; x and
@@ -356,13 +357,15 @@ def metrics_wanted(probe_2: jax.Array) -> jax.Array:
 SKIP_METRICS = (-1.0, 0.0)  # a probe's value that skips the metrics
 
 
-def _quantize_dy(dy_MN, tile_ids_M, num_tiles, pow2, backend, row_align, measure):
-  """The output gradient's two layouts and, where `measure` holds, its metrics (else zeros)."""
+def _quantize_dy(dy_MN, tile_ids_M, num_tiles, pow2, backend, row_align, measure, **values):
+  """The output gradient's two layouts and, where `measure` holds, its metrics (else zeros).
+  values: `fq.quantize_tiles_with_transpose`'s src_M, mult_M, prologue, aux (what is quantised
+  is made from dy_MN inside the quantisation; `kernels/fp8_experts.py`)."""
 
   def quantize(with_metrics):
     outs = fq.quantize_tiles_with_transpose(
         dy_MN, tile_ids_M, num_tiles, pow2, backend=_quant_backend(backend),
-        row_align=row_align, with_metrics=with_metrics)
+        row_align=row_align, with_metrics=with_metrics, **values)
     return outs if with_metrics else (*outs, jnp.zeros((2,), jnp.float32))
   return jax.lax.cond(measure, lambda: quantize(True), lambda: quantize(False))
 

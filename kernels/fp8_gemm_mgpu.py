@@ -177,25 +177,36 @@ TILE_SCALED_DEFAULT = Fp8TileConfig(grid_minor="m", grid_width=16, acc_cols=64, 
 
 
 # Split-K (`gmm_fp8`'s k_splits) chosen by `auto_k_splits` for dense GEMMs on the GPU while this
-# is True. Off until timed: built in session 12 for the weight gradients of small weights, whose
-# output tiles leave the SMs idle (the shared expert's [512, 2048] is 32 units of 128 x 256 on
-# 132 SMs: 161-183 TFLOP/s in session 12's step profile, against 647-783 for the dense FFN's).
-_AUTO_SPLIT_K_ON_GPU = False
+# is True: for the weight gradients of small weights, whose output tiles leave SMs idle. On an
+# H200 (session 13, `bench_fp8 --sections=dense_wgrad --wgrad_tokens=49152`, TFLOP/s at 1 / 2 /
+# 4 splits): the shared expert's down [512, 2048] 200 / 692 / 697 and gate+up [2048, 1024]
+# 404 / 739 / 722; the dense FFN's down [5120, 2048] 684 / 780 / 751 and up 745 / 764 / 737;
+# attention out 805 / 759 / 754 (XLA's bf16 wgrads: 756, 796, 801, 779, 863).
+_AUTO_SPLIT_K_ON_GPU = True
 
 
 def auto_k_splits(units: int, k_steps: int, num_sms: int, min_steps: int = 8,
-                  min_gain: float = 0.2) -> int:
+                  min_gain: float = 0.15, split_units: int | None = None) -> int:
   """Splits of K (1, 2, 4 or 8) for `units` output tiles of k_steps 128-steps on num_sms SMs.
 
-  A persistent grid runs ceil(units / num_sms) rounds of whole units; s splits make the units
-  s times as many and each s times shorter: ceil(s * units / num_sms) / s rounds of the unsplit
-  length. The fewest rounds win (the fewest splits among equals), if they save min_gain of the
-  unsplit rounds and leave each split min_steps steps; else 1.
+  A persistent grid runs ceil(units / num_sms) rounds of whole units. Split, the partials are
+  fp32 and may take a narrower tiling: split_units tiles (default units), each units /
+  split_units of an unsplit tile's work; s splits make them s times as many and s times
+  shorter: ceil(s * split_units / num_sms) / s * units / split_units rounds of the unsplit
+  length. The least time wins (the fewest splits among equals), if it saves min_gain of the
+  unsplit time and leaves each split min_steps steps; else 1. A split count beats a smaller one
+  only by 5% or more (more splits, more fp32 partials to add up).
   """
-  rounds = lambda s: pl.cdiv(s * units, num_sms) / s
+  split_units = split_units or units
+
+  def rounds(splits):
+    if splits == 1:
+      return pl.cdiv(units, num_sms)
+    return pl.cdiv(splits * split_units, num_sms) / splits * units / split_units
   best = 1
   for splits in (2, 4, 8):
-    if k_steps % splits == 0 and k_steps // splits >= min_steps and rounds(splits) < rounds(best):
+    if (k_steps % splits == 0 and k_steps // splits >= min_steps
+        and rounds(splits) < 0.95 * rounds(best)):
       best = splits
   return best if rounds(best) <= (1 - min_gain) * rounds(1) else 1
 
@@ -539,9 +550,12 @@ def gmm_fp8(a_q_MK: jax.Array, sa_KtM: jax.Array, b_q_GNK: jax.Array, sb_GKtX: j
   if k_splits is None:
     k_splits = 1
     if _AUTO_SPLIT_K_ON_GPU and interpret is None and num_groups == 1:
-      fitted = tiling.fit_smem(4)  # the tiles a split's fp32 partials fit
-      units = pl.cdiv(max(num_rows, fitted.tile_m), fitted.tile_m) * (n_dim // fitted.cta_n)
-      k_splits = auto_k_splits(units, k_steps, num_sms or device_num_sms())
+      def units(cfg):  # output tiles of a tiling
+        return pl.cdiv(max(num_rows, cfg.tile_m), cfg.tile_m) * pl.cdiv(n_dim, cfg.cta_n)
+      # Unsplit, the output dtype's tiling; split, the one the fp32 partials fit.
+      k_splits = auto_k_splits(units(tiling.fit_smem(out_dtype.itemsize)), k_steps,
+                               num_sms or device_num_sms(),
+                               split_units=units(tiling.fit_smem(4)))
   if k_splits < 1 or k_steps % k_splits:
     raise ValueError(f"gmm_fp8: k_splits={k_splits} must be a positive divisor of K's "
                      f"{k_steps} steps of 128 (K={k_dim}); pass one, or None.")

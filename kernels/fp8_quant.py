@@ -264,8 +264,43 @@ def _check_row_align(fn: str, num_rows: int, row_align: int):
                      f"group_align) or pass row_align=1.")
 
 
+def swiglu_f32(gate: jax.Array, up: jax.Array) -> jax.Array:
+  """silu(gate) * up in fp32, as `dispatch.expert_ffn` computes it (and the quantise kernel's
+  "swiglu" prologue)."""
+  return gate * jax.nn.sigmoid(gate) * up
+
+
+def swiglu_grad_f32(gate: jax.Array, up: jax.Array, d_act: jax.Array):
+  """(dgate, dup) of swiglu_f32 for its output's gradient d_act, in fp32."""
+  sig = jax.nn.sigmoid(gate)
+  return d_act * up * sig * (1.0 + gate * (1.0 - sig)), d_act * gate * sig
+
+
+def apply_prologue(x_MK: jax.Array, prologue: str | None, aux: jax.Array | None) -> jax.Array:
+  """What `quantize_tiles_with_transpose(prologue=...)` quantises, in x's dtype (XLA)."""
+  if prologue is None:
+    return x_MK
+  gate, up = jnp.split(x_MK.astype(jnp.float32), 2, axis=-1)
+  if prologue == "swiglu":
+    return swiglu_f32(gate, up).astype(x_MK.dtype)
+  if prologue == "swiglu_grad":
+    return jnp.concatenate(swiglu_grad_f32(gate, up, aux.astype(jnp.float32)),
+                           axis=-1).astype(x_MK.dtype)
+  raise ValueError(f"Unknown prologue {prologue!r}; use None, 'swiglu' or 'swiglu_grad'.")
+
+
+def gather_rows(x_TK: jax.Array, src_M: jax.Array, mult_M: jax.Array | None = None) -> jax.Array:
+  """x's rows src_M, zeros where src_M is past x's rows; times mult_M per row in fp32 where
+  given. What `quantize_tiles_with_transpose(src_M=..., mult_M=...)` quantises, in XLA."""
+  ok_M = (src_M >= 0) & (src_M < x_TK.shape[0])
+  rows_MK = x_TK[jnp.where(ok_M, src_M, 0)]
+  if mult_M is not None:
+    rows_MK = rows_MK.astype(jnp.float32) * mult_M.astype(jnp.float32)[:, None]
+  return jnp.where(ok_M[:, None], rows_MK, jnp.zeros((), rows_MK.dtype))
+
+
 def _transposed_kernel(x_MK, tile_ids_M, num_tiles, pow2_scales, backend, want_rows, row_align,
-                       metrics=False):
+                       metrics=False, src_M=None, mult_M=None, prologue=None, aux=None):
   """The Triton kernel's outputs in the public layouts (scales transposed back), and with
   `metrics` the row codes' [underflow, cosine] last."""
   from kernels import fp8_quant_triton as fqt
@@ -279,7 +314,9 @@ def _transposed_kernel(x_MK, tile_ids_M, num_tiles, pow2_scales, backend, want_r
     bounds, kernel_tiles = (None, None), None
   else:
     bounds, kernel_tiles = _tile_bounds(tile_ids_M, num_tiles), num_tiles
-  outs = fqt.quantize(x_MK, *bounds, want_rows=want_rows, want_cols=True, num_tiles=kernel_tiles,
+  outs = fqt.quantize(x_MK, *bounds, src_M=src_M, mult_M=mult_M, prologue=prologue, aux=aux,
+                      want_rows=want_rows,
+                      want_cols=True, num_tiles=kernel_tiles,
                       row_align=row_align, pow2=pow2_scales,
                       interpret=backend == "pallas_triton_interpret", metrics=metrics)
   if metrics:
@@ -354,12 +391,20 @@ def dequantize_rows_transposed(q_KM: jax.Array, scale_KC: jax.Array, tile_ids_M:
 
 def quantize_tiles_with_transpose(
     x_MK: jax.Array, tile_ids_M: jax.Array | None, num_tiles: int, pow2_scales: bool = False,
-    *, backend: str = "auto", row_align: int = 1, with_metrics: bool = False
+    *, backend: str = "auto", row_align: int = 1, with_metrics: bool = False,
+    src_M: jax.Array | None = None, mult_M: jax.Array | None = None,
+    prologue: str | None = None, aux: jax.Array | None = None,
 ) -> tuple[jax.Array, ...]:
   """Both FP8 layouts of x for the backward pass: K-tiles of x and M-tiles of x^T.
 
   tile_ids_M and row_align as for `quantize_rows_transposed` (None: 128-row tiles). The kernel
   backends read x once for both.
+  src_M, mult_M: quantise `gather_rows(x, src_M, mult_M)` instead of x (M is src_M's length):
+  the kernel reads x's rows by index, so a permutation's copy (and an un-permutation's router
+  weights, mult_M) is never written out in x's dtype; XLA gathers first. The codes and scales
+  are the same either way.
+  prologue, aux: quantise `apply_prologue(x, prologue, aux)` (the experts' SwiGLU, or its
+  gradient, fused into the quantisation: the kernel computes it from x's tiles; XLA first).
 
   Returns:
     (q_MK, scale_MKt) as `quantize_tiles`, and (q_KM, scale_KC) as `quantize_rows_transposed`;
@@ -368,13 +413,30 @@ def quantize_tiles_with_transpose(
     codes in XLA.
   """
   backend = _resolve_backend(backend)
-  _check_untiled("quantize_tiles_with_transpose", x_MK.shape[0], tile_ids_M, num_tiles)
-  _check_row_align("quantize_tiles_with_transpose", x_MK.shape[0], row_align)
+  if mult_M is not None and src_M is None:
+    raise ValueError("quantize_tiles_with_transpose: mult_M scales gathered rows; pass src_M.")
+  num_rows = x_MK.shape[0] if src_M is None else src_M.shape[0]
+  _check_untiled("quantize_tiles_with_transpose", num_rows, tile_ids_M, num_tiles)
+  _check_row_align("quantize_tiles_with_transpose", num_rows, row_align)
+  if prologue is not None and src_M is not None:
+    raise ValueError(f"quantize_tiles_with_transpose: prologue {prologue!r} reads x's rows in "
+                     "order; pass src_M=None (gather x first).")
+  if prologue is not None and x_MK.shape[-1] % (2 * TILE):
+    # The kernel's prologues read whole 128-column tiles of gate and up: XLA makes the values.
+    x_MK, prologue, aux = apply_prologue(x_MK, prologue, aux), None, None
+
+  def values():  # what is quantised, in XLA
+    x = x_MK if src_M is None else gather_rows(x_MK, src_M, mult_M)
+    return apply_prologue(x, prologue, aux)
   if backend != "xla" and _kernel_takes(x_MK):
     in_kernel = with_metrics and (backend != "pallas_triton" or _METRICS_IN_KERNEL_ON_GPU)
     outs = _transposed_kernel(x_MK, tile_ids_M, num_tiles, pow2_scales, backend,
-                              want_rows=True, row_align=row_align, metrics=in_kernel)
+                              want_rows=True, row_align=row_align, metrics=in_kernel,
+                              src_M=src_M, mult_M=mult_M, prologue=prologue, aux=aux)
+    if with_metrics and not in_kernel and (src_M is not None or prologue is not None):
+      x_MK = values()  # the metrics' XLA read (logged steps only)
   else:
+    x_MK = values()
     outs = (*quantize_tiles(x_MK, pow2_scales=pow2_scales, backend="xla"),
             *quantize_rows_transposed(x_MK, tile_ids_M, num_tiles, pow2_scales, backend="xla"))
     in_kernel = False

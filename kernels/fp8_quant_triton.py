@@ -52,6 +52,8 @@ from kernels.fp8_quant import E4M3_MAX
 from kernels.fp8_quant import TILE
 from kernels.fp8_quant import _check_row_align
 from kernels.fp8_quant import metrics_from_sums
+from kernels.fp8_quant import swiglu_f32
+from kernels.fp8_quant import swiglu_grad_f32
 
 # Launches, the best of experiments/bench_fp8.py's on an H200 (2026-11-30, BENCHMARKS.md, session
 # 5). Rows alone, R rows x T 128-column tiles per program: 32 x 4 with 4 warps (every launch tried
@@ -65,6 +67,12 @@ COLS_LAUNCH = {"rows_per_prog": TILE, "tiles_per_prog": 1, "num_warps": 8,
 # for both layouts at [131072, 2048] against 0.73 with 8 (equal at [16384, 2048]). Per-group
 # tiles keep 8: with 4, unpadded groups fell from 0.43 to 0.17 of copy.
 COLS_ALIGNED_LAUNCH = {**COLS_LAUNCH, "num_warps": 4}
+# With a prologue (the experts' SwiGLU or its gradient computed from the tiles it reads), two or
+# three input tiles and two outputs a program: 8 warps. On an H200 at Ling-mini (session 13,
+# [425728, 1024] bf16, both layouts): "swiglu" 0.51 ms at 8 warps, 0.63 at 4, 0.75 at 16 (XLA's
+# SwiGLU then this kernel: 0.68); "swiglu_grad" 1.27 at 8, 3.81 at 4, 1.29 at 16 (XLA then
+# this kernel: 1.23).
+PROLOGUE_WARPS = 8
 # Launches may also set "num_stages" (default 1): above 1 a program's tiles run as a loop that
 # Triton pipelines. None of the launches set it: on an H200 (session 12) the pipelined rows
 # launches ran as the unrolled one (1.13 of copy) and the column ones slower (0.48 against 0.64).
@@ -100,9 +108,9 @@ def _to_e4m3(x32: jax.Array) -> jax.Array:
   return jnp.minimum(jnp.maximum(x32, -E4M3_MAX), E4M3_MAX).astype(E4M3)
 
 
-def _kernel(starts_ref, counts_ref, x_ref, *out_refs, num_rows, k_dim, rows_per_prog,
-            tiles_per_prog, want_rows, want_cols, aligned, row_align, pow2, interpret,
-            transpose_codes, metrics, loop):
+def _kernel(starts_ref, counts_ref, src_ref, mult_ref, x_ref, aux_ref, *out_refs, num_rows,
+            k_dim, rows_per_prog, tiles_per_prog, want_rows, want_cols, aligned, row_align, pow2,
+            interpret, transpose_codes, metrics, loop, gather, scaled, prologue):
   """Program (c, j): rows [start_c, start_c + count_c), tiles j*T .. j*T + T - 1 along K.
 
   Masks only where a shape needs them (partial row blocks, groups, K off the tile): Triton
@@ -111,6 +119,9 @@ def _kernel(starts_ref, counts_ref, x_ref, *out_refs, num_rows, k_dim, rows_per_
   partial sums of the row codes' safeguard metrics (`metrics_of_partials`). With `loop` the T
   tiles are a loop (`fori_loop`) rather than unrolled, which Triton software-pipelines over the
   launch's num_stages: the next tile's load is in flight while this one is quantised and stored.
+  With `gather`, row m is x's row src[m] (zeros where src[m] is past x's rows), read by index;
+  with `scaled`, times mult[m] in fp32. With a `prologue` (`quantize`'s), the values quantised
+  are computed from x (and aux) in fp32 and rounded to x's dtype first.
   """
   r, t_per = rows_per_prog, tiles_per_prog
   c, j = pl.program_id(0), pl.program_id(1)
@@ -131,12 +142,22 @@ def _kernel(starts_ref, counts_ref, x_ref, *out_refs, num_rows, k_dim, rows_per_
   qt_ref, scol_ref = (refs.pop(0), refs.pop(0)) if want_cols else (None, None)
   msum_ref, mcount_ref = (refs.pop(0), refs.pop(0)) if metrics else (None, None)
   row_ok_R = jax.lax.broadcasted_iota(jnp.int32, (r,), 0) < count
+  if gather:
+    # Each row's source; rows past x (padding copies) and, where masked, past the tile read 0.
+    num_src = x_ref.shape[0]
+    src_R = (src_ref[pl.ds(start, r)] if not row_mask else
+             pltriton.load(src_ref.at[pl.ds(start, r)], mask=row_ok_R, other=num_src))
+    src_ok_R = (src_R >= 0) & (src_R < num_src)
+    src_R = jnp.where(src_ok_R, src_R, 0)
+  if scaled:
+    mult_R = (mult_ref[pl.ds(start, r)] if not row_mask else
+              pltriton.load(mult_ref.at[pl.ds(start, r)], mask=row_ok_R, other=0.0))
   # Partial sums over this program's elements: x.x, dq.dq, x.dq; nonzero x, flushed to code 0.
   # Masked elements load as 0 and add nothing.
   total = lambda v: jnp.sum(jnp.sum(v, axis=1))
 
-  def tile(kt, sums, counts):
-    """Tile kt along K of this program's rows: its codes, scales and metric partials."""
+  def tile_masks(kt):
+    """Output tile kt's first column, its columns' mask [T] and the loads' mask [R, T]."""
     col0 = pl.multiple_of(kt * TILE, TILE)
     col_ok_T = col0 + jax.lax.broadcasted_iota(jnp.int32, (TILE,), 0) < k_dim
     if row_mask and col_mask:
@@ -146,9 +167,28 @@ def _kernel(starts_ref, counts_ref, x_ref, *out_refs, num_rows, k_dim, rows_per_
                                  (r, TILE))
     else:
       mask_RT = None
-    x_tile = x_ref.at[pl.ds(start, r), pl.ds(col0, TILE)]
-    x_RT = (x_tile[...] if mask_RT is None
-            else pltriton.load(x_tile, mask=mask_RT, other=0)).astype(jnp.float32)
+    return col0, col_ok_T, mask_RT
+
+  def load(ref, col, mask_RT):
+    """This program's rows of ref, columns [col, col + 128), in fp32."""
+    if gather:
+      # Array indices on both axes (interpret mode takes no slice beside an array index).
+      col_RT = col + jax.lax.broadcasted_iota(jnp.int32, (r, TILE), 1)
+      load_RT = jnp.broadcast_to(src_ok_R[:, None], (r, TILE))
+      x_RT = pltriton.load(
+          ref.at[jnp.broadcast_to(src_R[:, None], (r, TILE)), col_RT],
+          mask=load_RT if mask_RT is None else load_RT & mask_RT, other=0)
+    else:
+      x_tile = ref.at[pl.ds(start, r), pl.ds(col, TILE)]
+      x_RT = x_tile[...] if mask_RT is None else pltriton.load(x_tile, mask=mask_RT, other=0)
+    return x_RT.astype(jnp.float32)
+
+  def in_dtype(v_RT):  # a prologue's result rounded as the separate op would store it
+    return v_RT.astype(x_ref.dtype).astype(jnp.float32)
+
+  def emit(kt, x_RT, sums, counts):
+    """Output tile kt of this program's rows: its codes, scales and metric partials."""
+    col0, col_ok_T, mask_RT = tile_masks(kt)
     abs_RT = jnp.abs(x_RT)
     if want_rows:
       scale_R = _scale_of(jnp.max(abs_RT, axis=1), pow2)
@@ -183,6 +223,22 @@ def _kernel(starts_ref, counts_ref, x_ref, *out_refs, num_rows, k_dim, rows_per_
                      mask=col_ok_T if col_mask else None)
     return sums, counts
 
+  def tile(kt, sums, counts):
+    """Step kt of the program's loop: output tile kt, or with "swiglu_grad" tiles kt and
+    kt + F / 128 (the gate's and the up's gradients, from one read of their inputs)."""
+    col0, _, mask_RT = tile_masks(kt)
+    if prologue is None:
+      x_RT = load(x_ref, col0, mask_RT)
+      return emit(kt, x_RT * mult_R[:, None] if scaled else x_RT, sums, counts)
+    # x is h = [gate | up] with k_dim / 2 (swiglu_grad) or k_dim (swiglu) columns each.
+    width = k_dim // 2 if prologue == "swiglu_grad" else k_dim
+    gate_RT, up_RT = load(x_ref, col0, mask_RT), load(x_ref, width + col0, mask_RT)
+    if prologue == "swiglu":
+      return emit(kt, in_dtype(swiglu_f32(gate_RT, up_RT)), sums, counts)
+    dgate_RT, dup_RT = swiglu_grad_f32(gate_RT, up_RT, load(aux_ref, col0, mask_RT))
+    sums, counts = emit(kt, in_dtype(dgate_RT), sums, counts)
+    return emit(kt + width // TILE, in_dtype(dup_RT), sums, counts)
+
   sums = [jnp.float32(0.0)] * 3
   counts = [jnp.int32(0)] * 2
   if loop and t_per > 1:
@@ -213,9 +269,11 @@ def _tiles_per_prog(kt: int, want: int) -> int:
 
 @functools.partial(jax.jit, static_argnames=(
     "want_rows", "want_cols", "num_tiles", "row_align", "pow2", "interpret", "rows_per_prog",
-    "tiles_per_prog", "num_warps", "transpose_codes", "metrics", "num_stages"))
+    "tiles_per_prog", "num_warps", "transpose_codes", "metrics", "num_stages", "prologue"))
 def quantize(x_MK: jax.Array, starts_C: jax.Array | None = None,
-             counts_C: jax.Array | None = None, *, want_rows: bool = True,
+             counts_C: jax.Array | None = None, *, src_M: jax.Array | None = None,
+             mult_M: jax.Array | None = None, prologue: str | None = None,
+             aux: jax.Array | None = None, want_rows: bool = True,
              want_cols: bool = False, num_tiles: int | None = None, row_align: int = 1,
              pow2: bool = False, interpret: bool = False, rows_per_prog: int | None = None,
              tiles_per_prog: int | None = None, num_warps: int | None = None,
@@ -225,6 +283,15 @@ def quantize(x_MK: jax.Array, starts_C: jax.Array | None = None,
 
   Args:
     x_MK: bf16, fp16 or fp32.
+    src_M: with it, the rows quantised are x's rows src_M (int32, one per output row; rows at
+      or past x's, such as a permutation's padding copies, read as zeros), read by index: the
+      permutation's copy fused into the quantisation. M is then src_M's length.
+    mult_M: fp32 per output row, multiplied into it before quantisation (the router weights of
+      an un-permutation's backward); needs src_M.
+    prologue: what is quantised, computed from x in the kernel and rounded to x's dtype
+      (`fp8_quant.apply_prologue`): "swiglu", silu(gate) * up of x = [gate | up] [M, 2F]
+      (K = F); "swiglu_grad", the gradient [dgate | dup] [M, 2F] of that from x and
+      aux = d(silu(gate) * up) [M, F] (K = 2F). F a multiple of 128; not with src_M.
     starts_C, counts_C: the column tiles' first rows and row counts (<= 128 each); None for
       128-row tiles from row 0.
     want_rows / want_cols: return (q_MK [M, K], scale_KtM [Kt, M]) / (q_KM [K, M],
@@ -245,6 +312,24 @@ def quantize(x_MK: jax.Array, starts_C: jax.Array | None = None,
       Needs want_rows.
   """
   num_rows, k_dim = x_MK.shape
+  gather, scaled = src_M is not None, mult_M is not None
+  if scaled and not gather:
+    raise ValueError("quantize: mult_M scales gathered rows; pass src_M too.")
+  if gather:
+    num_rows = src_M.shape[0]
+    if src_M.ndim != 1 or (scaled and mult_M.shape != src_M.shape):
+      raise ValueError(f"quantize: src_M must be [M] and mult_M the same shape, got src_M "
+                       f"{src_M.shape} and mult_M {None if mult_M is None else mult_M.shape}.")
+  if prologue is not None:
+    half = k_dim // 2
+    if prologue not in ("swiglu", "swiglu_grad") or gather or k_dim % (2 * TILE) or (
+        (aux is None) != (prologue == "swiglu")) or (
+            aux is not None and aux.shape != (num_rows, half)):
+      raise ValueError(
+          f"quantize: prologue {prologue!r} takes x = [gate | up] [M, 2F] with F a multiple of "
+          f"128 (got {x_MK.shape}), aux [M, F] for 'swiglu_grad' only (got "
+          f"{None if aux is None else aux.shape}), and no src_M.")
+    k_dim = half if prologue == "swiglu" else k_dim
   _check_row_align("quantize", num_rows, row_align)
   if metrics and not want_rows:
     raise ValueError("quantize: metrics are of the row codes; pass want_rows=True.")
@@ -252,7 +337,7 @@ def quantize(x_MK: jax.Array, starts_C: jax.Array | None = None,
   aligned = starts_C is None
   launch = (COLS_ALIGNED_LAUNCH if aligned else COLS_LAUNCH) if want_cols else ROWS_LAUNCH
   tiles_per_prog = tiles_per_prog or launch["tiles_per_prog"]
-  num_warps = num_warps or launch["num_warps"]
+  num_warps = num_warps or (PROLOGUE_WARPS if prologue else launch["num_warps"])
   if transpose_codes is None:
     transpose_codes = COLS_LAUNCH["transpose_codes"]
   num_stages = num_stages or launch.get("num_stages", 1)
@@ -264,7 +349,8 @@ def quantize(x_MK: jax.Array, starts_C: jax.Array | None = None,
     num_c = pl.cdiv(num_rows, r)
   if aligned:
     starts_C = counts_C = jnp.zeros((1,), jnp.int32)
-  t_per = _tiles_per_prog(kt, tiles_per_prog)
+  steps = kt // 2 if prologue == "swiglu_grad" else kt  # swiglu_grad: two tiles a step
+  t_per = _tiles_per_prog(steps, tiles_per_prog)
   out_shape = []
   if want_rows:
     out_shape += [jax.ShapeDtypeStruct((num_rows, k_dim), E4M3),
@@ -272,7 +358,7 @@ def quantize(x_MK: jax.Array, starts_C: jax.Array | None = None,
   if want_cols:
     out_shape += [jax.ShapeDtypeStruct((k_dim, num_rows), E4M3),
                   jax.ShapeDtypeStruct((num_c, k_dim), jnp.float32)]
-  grid = (num_c, kt // t_per)
+  grid = (num_c, steps // t_per)
   if metrics:
     out_shape += [jax.ShapeDtypeStruct((3, *grid), jnp.float32),
                   jax.ShapeDtypeStruct((2, *grid), jnp.int32)]
@@ -280,14 +366,18 @@ def quantize(x_MK: jax.Array, starts_C: jax.Array | None = None,
       _kernel, num_rows=num_rows, k_dim=k_dim, rows_per_prog=r, tiles_per_prog=t_per,
       want_rows=want_rows, want_cols=want_cols, aligned=aligned, row_align=row_align, pow2=pow2,
       interpret=interpret, transpose_codes=transpose_codes, metrics=metrics,
-      loop=num_stages > 1)
+      loop=num_stages > 1, gather=gather, scaled=scaled, prologue=prologue)
+  unused = jnp.zeros((1,), jnp.int32)
   return pl.pallas_call(
       kernel,
       out_shape=tuple(out_shape),
       grid=grid,
       compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
       interpret=interpret,
-  )(starts_C.astype(jnp.int32), counts_C.astype(jnp.int32), x_MK)
+  )(starts_C.astype(jnp.int32), counts_C.astype(jnp.int32),
+    src_M.astype(jnp.int32) if gather else unused,
+    mult_M.astype(jnp.float32) if scaled else unused.astype(jnp.float32), x_MK,
+    unused.astype(x_MK.dtype) if aux is None else aux.astype(x_MK.dtype))
 
 
 def _blocks_kernel(w_ref, q_ref, qt_ref, s_ref, *, pow2, interpret):
@@ -386,6 +476,100 @@ def self_check(num_rows: int = 397056, num_groups: int = 256, row_align: int = 1
     print(f"weights {list(shape)}: identical {same}; {times}")
 
 
-if __name__ == "__main__":  # python -m kernels.fp8_quant_triton [--weights_only] (a Hopper GPU)
+def _explain_mismatch(x_TK, src_M, mult_M, got, want) -> None:
+  """Prints how many elements of each output differ, and for differing row codes which side
+  NumPy's rule agrees with on their rows (ml_dtypes rounds E4M3 correctly)."""
+  import ml_dtypes
+
+  from kernels import fp8_quant as fq
+  bits_np = lambda a: np.asarray(a).view(np.uint8 if a.dtype == E4M3 else np.uint32)
+  differ = [int(np.sum(bits_np(a) != bits_np(b))) for a, b in zip(got, want, strict=True)]
+  print(f"  differing elements of (row codes, row scales, column codes, column scales): {differ}")
+  q_got, q_want = (bits_np(a[0]) for a in (got, want))
+  rows = np.nonzero((q_got != q_want).any(axis=1))[0]
+  if not len(rows):
+    return
+  scales_differ = differ[1]
+  x32 = np.asarray(fq.gather_rows(x_TK, src_M[rows], None if mult_M is None else mult_M[rows]),
+                   np.float32)
+  tiles = x32.reshape(len(rows), -1, TILE)
+  amax = np.abs(tiles).max(-1, keepdims=True)
+  scale = np.where(amax > 0, amax * np.float32(E4M3_INV_MAX), np.float32(1)).astype(np.float32)
+  q_np = np.clip(tiles * (np.float32(1) / scale), -448, 448).astype(ml_dtypes.float8_e4m3fn)
+  q_np = q_np.reshape(len(rows), -1).view(np.uint8)
+  codes_differ = int(np.sum(q_got[rows] != q_want[rows]))
+  print(f"  {codes_differ} row codes in {len(rows)} rows and {scales_differ} scales differ; on "
+        f"those rows NumPy agrees with the kernel at {int(np.sum(q_np == q_got[rows]))} and with "
+        f"XLA at {int(np.sum(q_np == q_want[rows]))} of {q_np.size} codes")
+
+
+def check_gathered(num_tokens: int = 49152, top_k: int = 8, num_groups: int = 256,
+                   row_align: int = 128, widths: tuple[int, ...] = (2048,),
+                   backend: str = "pallas_triton") -> None:
+  """GPU check of the quantisation with the permutation inside (`src_M`, `mult_M`), at
+  Ling-mini's expert shapes (balanced routing, groups padded to row_align): codes and scales
+  bit-identical to XLA's quantisation of the rows gathered first, and the ms of the fused
+  kernel against the copy then the kernel (the separate ops' path), with and without weights."""
+  from kernels import dispatch
+  from kernels import fp8_quant as fq
+  from ling_jax.profiling import time_queued
+  rng = np.random.default_rng(0)
+  ids_TK = jnp.asarray(np.stack([rng.permutation(num_groups)[:top_k] for _ in range(num_tokens)]),
+                       jnp.int32)
+  sizes_G, sort_M = dispatch._route(ids_TK, num_groups, row_align)
+  src_M, num_rows = sort_M // top_k, sort_M.shape[0]
+  mult_M = jax.random.uniform(jax.random.key(1), (num_rows,), jnp.float32, 0.01, 1.0)
+  tile_ids_M, num_tiles = fq.row_tile_ids(num_rows, sizes_G)
+  bits = lambda a: a.view(jnp.uint8) if a.dtype == E4M3 else a
+  impl = "pallas" if backend == "pallas_triton" else "xla"  # the permutation's copy kernel
+  print(f"{jax.devices()[0].device_kind}: T={num_tokens} x top-{top_k} -> M={num_rows}, "
+        f"G={num_groups}, row_align={row_align}")
+  quant = functools.partial(fq.quantize_tiles_with_transpose, tile_ids_M=tile_ids_M,
+                            num_tiles=num_tiles, row_align=row_align)
+  copy = lambda x, s, m: (fq.gather_rows(x, s, m).astype(x.dtype) if m is not None
+                          else dispatch._copy_tokens(x, sort_M, top_k, impl, num_tokens))
+  fused = jax.jit(lambda x, s, m: quant(x, src_M=s, mult_M=m, backend=backend))
+  separate = jax.jit(lambda x, s, m: quant(copy(x, s, m), backend=backend))
+  xla = jax.jit(lambda x, s, m: quant(fq.gather_rows(x, s, m), backend="xla"))
+  for width in widths:
+    x = jax.random.normal(jax.random.key(width), (num_tokens, width), jnp.bfloat16)
+    for mult in (None, mult_M):
+      got, want = fused(x, src_M, mult), xla(x, src_M, mult)
+      same = all(bool(jnp.array_equal(bits(a), bits(b))) for a, b in zip(got, want, strict=True))
+      if not same:
+        _explain_mismatch(x, src_M, mult, got, want)
+      t_fused, t_sep = (time_queued(f, x, src_M, mult) for f in (fused, separate))
+      gbytes = num_rows * width * (2 + 2) / 1e9  # rows read in bf16, two E4M3 layouts written
+      print(f"[{num_rows}, {width}] {'weighted' if mult is not None else 'copies'}: identical to "
+            f"XLA {same}; fused {t_fused * 1e3:.3f} ms ({gbytes / t_fused:.0f} GB/s), copy + "
+            f"quantise {t_sep * 1e3:.3f} ms")
+  # The SwiGLU and its gradient computed in the kernel against XLA's, then the kernel.
+  width = 512
+  h = jax.random.normal(jax.random.key(2), (num_rows, 2 * width), jnp.bfloat16)
+  d_act = jax.random.normal(jax.random.key(3), (num_rows, width), jnp.bfloat16)
+  quant = functools.partial(fq.quantize_tiles_with_transpose, tile_ids_M=tile_ids_M,
+                            num_tiles=num_tiles, row_align=row_align, backend=backend)
+  for prologue, aux in (("swiglu", None), ("swiglu_grad", d_act)):
+    separate = jax.jit(lambda h, a, p=prologue: quant(fq.apply_prologue(h, p, a)))
+    want, t_sep = separate(h, aux), time_queued(separate, h, aux)
+    print(f"{prologue} [{num_rows}, {2 * width}]: XLA then the kernel {t_sep * 1e3:.3f} ms")
+    for warps in (4, 8, 16) if row_align >= TILE else (None,):
+      # Groups of whole tiles take the aligned launch: the kernel itself, at each warp count.
+      fused = jax.jit(lambda h, a, p=prologue, w=warps: quant(h, prologue=p, aux=a) if w is None
+                      else quantize(h, prologue=p, aux=a, want_cols=True, num_warps=w,
+                                    interpret=backend != "pallas_triton"))
+      got = fused(h, aux)
+      differ = int(jnp.sum(bits(got[0]) != bits(want[0])))
+      scale_err = float(jnp.max(jnp.abs(got[1] / want[1].T - 1))) if warps else float(
+          jnp.max(jnp.abs(got[1] / want[1] - 1)))
+      t_fused = time_queued(fused, h, aux)
+      print(f"  fused, {warps or 'default'} warps: {t_fused * 1e3:.3f} ms; {differ} of "
+            f"{got[0].size} row codes differ (largest row-scale ratio - 1 {scale_err:.1e})")
+
+
+if __name__ == "__main__":  # python -m kernels.fp8_quant_triton [--weights_only|--gathered]
   import sys
-  self_check(widths=() if "--weights_only" in sys.argv[1:] else (2048, 1024))
+  if "--gathered" in sys.argv[1:]:
+    check_gathered()
+  else:
+    self_check(widths=() if "--weights_only" in sys.argv[1:] else (2048, 1024))

@@ -45,9 +45,9 @@ _ONLY = {p: fp8_gemm.Fp8Recipe(**{q: q == p for q in ("fprop", "dgrad", "wgrad")
 # Roles: "dense" (attention QKV, dense and shared-expert SwiGLU), "attn_out" (the attention
 # output projection; DeepSeek-V3 keeps its input in higher precision, since the attention
 # backward reuses it), "experts" (the routed experts' grouped GEMMs). None: the model dtype.
-# The experts' entry takes effect once ling_jax/moe.py passes `recipe_for(m, "experts")` through
-# expert_parallel.expert_ffn and dispatch.expert_ffn to `fp8_grouped_linear` (until then they
-# run the full recipe whenever quant="fp8_blockwise").
+# The experts' entry reaches dispatch.expert_ffn through ling_jax/moe.py and
+# expert_parallel.expert_ffn: the full recipe runs as `fp8_experts.fused_expert_ffn` (unless
+# model.fp8_fused_dispatch is off), the others as two `fp8_gemm.fp8_grouped_linear`s.
 ROLES = ("dense", "attn_out", "experts")
 RECIPES: dict[str, dict[str, fp8_gemm.Fp8Recipe | None]] = {
     "full": dict.fromkeys(ROLES, _FULL),

@@ -26,14 +26,34 @@ def test_records_every_fp8_op_of_the_step(ops):
   kinds = sorted((o["op"], tuple(o["x"]), tuple(o["w"])) for o in ops)
   # 128 tokens. qkv 256 -> (2 + 2 * 1) * 128 and the dense MLP's 256 -> 2 * 256 (one shape), out
   # 256 -> 256 (also the MLP's down and the shared expert's 256 -> 2 * 128), the shared expert's
-  # 128 -> 256; the routed experts, grouped over 128 * 2 rows plus up to 15 padding rows per
-  # expert (8 x 15 + 256 = 376, rounded up to 16: 384).
+  # 128 -> 256; the routed experts as one fused op (kernels/fp8_experts.py) over 128 * 2 rows
+  # plus up to 15 padding rows per expert (8 x 15 + 256 = 376, rounded up to 16: 384).
   assert kinds == sorted([("linear", (128, 256), (256, 512)), ("linear", (128, 256), (256, 256)),
                           ("linear", (128, 128), (128, 256)),
-                          ("grouped", (384, 256), (8, 256, 256)),
-                          ("grouped", (384, 128), (8, 128, 256))]), kinds
-  assert all(o["row_align"] == 16 for o in ops if o["op"] == "grouped")
+                          ("experts", (128, 256), (8, 256, 256))]), kinds
+  (experts,) = [o for o in ops if o["op"] == "experts"]
+  assert (experts["w_down"], experts["rows"], experts["top_k"], experts["row_align"]) == (
+      [8, 128, 256], 384, 2, 16)
   assert all(o["dtype"] == "bfloat16" for o in ops)
+
+
+def test_records_the_separate_expert_ops_without_fusion():
+  config = _config()
+  config.model.fp8_fused_dispatch = False
+  kinds = sorted((o["op"], tuple(o["x"]), tuple(o["w"]))
+                 for o in check_fp8_model.record_ops(config) if o["op"] != "linear")
+  assert kinds == [("grouped", (384, 128), (8, 128, 256)), ("grouped", (384, 256), (8, 256, 256))]
+
+
+def test_fused_experts_interpreted_match_the_reference(ops):
+  """The fused expert FFN at the model's shapes with the interpreted GEMM kernels: the same
+  codes as the reference, so y and dx agree to accumulation order; dw to bf16 operands (groups
+  of 16 rows take the dequantise-then-bf16 wgrad); FP8 is ~6% from bf16."""
+  result = check_fp8_model.check_op(_op(ops, "experts", (8, 256, 256)), jax_key(1), _INTERPRET)
+  assert not check_fp8_model.failures([result], 1e-2), result
+  assert max(result["y_kernel_vs_ref"], result["dx_kernel_vs_ref"]) < 1e-3, result
+  assert result["dw_kernel_vs_ref"] < 5e-3, result
+  assert all(0.01 < result[f"{g}_fp8_vs_bf16"] < 0.1 for g in ("y", "dx", "dw")), result
 
 
 def _op(ops, kind, w_shape):

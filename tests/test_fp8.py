@@ -534,6 +534,46 @@ def test_fp8_experts_padded_groups_match_unpadded():
   assert not np.any(dw1[3]) and all(np.any(dw1[i]) for i in range(3))  # expert 3: no rows
 
 
+@pytest.mark.parametrize("align,grad_in_quantize", [(1, False), (16, False), (16, True)])
+def test_fp8_experts_fused_dispatch_matches_separate_ops(align, grad_in_quantize, monkeypatch):
+  """fp8_fused_dispatch (the default, `kernels/fp8_experts.py`): the token copies read by index
+  inside x's quantisation, the SwiGLU inside its output's, the output gradient's rows (router
+  weights multiplied in) inside dy's, the SwiGLU's gradient inside dh's (or in XLA first). In
+  fp32 the separate ops (permute, FP8 GEMMs, unpermute) quantise the same values forward, so
+  the outputs are identical; the gradients agree to summation order and the SwiGLU gradient's
+  formula against autodiff; in bf16 the separate path rounds weight * dout to bf16 before
+  quantising, so they agree to that rounding. Dropped slots, an empty expert, padded and
+  unpadded groups. Checked to fail with the router weights left out of dy's rows, with dx
+  summed over a token's first copy only, and with the SwiGLU's input perturbed."""
+  from kernels import fp8_experts
+  monkeypatch.setattr(fp8_experts, "_SWIGLU_GRAD_IN_QUANTIZE", grad_in_quantize)
+  x, ids, w, w1, w2 = _routed_experts(seed=11, f=64)
+  cos = lambda y: jnp.cos(jnp.arange(y.size, dtype=jnp.float32).reshape(y.shape))
+
+  def loss(x, w, w1, w2, probes, fused, dtype):
+    y = dispatch.expert_ffn(x.astype(dtype), ids, w, w1.astype(dtype), w2.astype(dtype),
+                            backend="reference", quant="fp8_blockwise", fp8_probes=probes,
+                            fp8_group_align=align, fp8_fused_dispatch=fused)
+    return jnp.sum(y.astype(jnp.float32) * cos(y)), y
+
+  grads = jax.jit(jax.grad(loss, (0, 1, 2, 3, 4), has_aux=True), static_argnums=(5, 6))
+  probes = (jnp.zeros(2), jnp.zeros(2))
+  for dtype, rtol in ((jnp.float32, 1e-5), (jnp.bfloat16, 0.05)):
+    got, y = grads(x, w, w1, w2, probes, True, dtype)
+    want, y_sep = grads(x, w, w1, w2, probes, False, dtype)
+    scale = lambda a: np.abs(np.asarray(a, np.float32)).max()
+    np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(y_sep, np.float32),
+                               rtol=rtol, atol=rtol * scale(y_sep))
+    for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+      g, r = np.asarray(g, np.float32), np.asarray(r, np.float32)
+      np.testing.assert_allclose(g, r, rtol=rtol, atol=rtol * scale(r))
+    if dtype == jnp.float32:
+      np.testing.assert_array_equal(y, y_sep)  # the same codes forward
+      assert 0 < float(got[4][0][0]) or 0.99 < float(got[4][0][1]) <= 1.0 + 1e-6
+  assert not np.any(np.asarray(got[2])[3]) and all(np.any(np.asarray(got[2])[i])
+                                                   for i in range(3))  # expert 3: no rows
+
+
 def test_fp8_experts_with_32_row_groups_run_the_fp8_wgrad_kernel(monkeypatch):
   """fp8_group_align=32 (config.model.fp8_group_align) routes the experts' weight gradient
   through the FP8 wgrad kernel (here interpreted) and matches the reference backend."""

@@ -324,10 +324,17 @@ def test_split_k_matches_fp64(case):
 def test_auto_k_splits_fills_idle_sms_only():
   """Ling-mini's linear wgrads at 12 x 4096 tokens (384 steps of 128), 128 x 256 units, 132 SMs:
   the shared expert's down [512, 2048] (32 units) and gate+up [2048, 1024] (64), attention's
-  QKV [2048, 3072] (192: 2 rounds, 1.5 split in two); not attention out (128: one round), the
-  dense FFN's down (320: 3 rounds against 2.5, under the 20% asked) or up (640)."""
+  QKV [2048, 3072] (192: 2 rounds, 1.5 split in two), the dense FFN's down (320: 3 rounds
+  against 2.5, the 15% asked); not attention out (128: one round) or the FFN's up (640: 5
+  rounds either way)."""
   assert [mgpu.auto_k_splits(u, 384, 132) for u in (32, 64, 192, 128, 320, 640)] == [
-      4, 2, 2, 1, 1, 1]
+      4, 2, 2, 1, 2, 1]
+  # Split, the fp32 partials take 128 x 128 tiles (twice the units, each half the work): the
+  # shared expert's gate+up (64 bf16 units: one round at half the SMs) splits in two (0.5 of
+  # the time; 404 -> 739 TFLOP/s on an H200), attention out (128: one full round) does not.
+  assert [mgpu.auto_k_splits(u, 384, 132, split_units=2 * u) for u in (32, 64, 128, 192, 320,
+                                                                         640)] == [
+      2, 2, 1, 2, 2, 1]
   assert mgpu.auto_k_splits(32, 16, 132) == 2  # each split keeps 8 steps at least
   assert mgpu.auto_k_splits(32, 12, 132) == 1  # 12 steps: halves of 6 are too short
   assert mgpu.auto_k_splits(132, 384, 132) == 1

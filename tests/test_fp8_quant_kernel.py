@@ -100,6 +100,100 @@ def test_transposed_kernels_bit_identical_to_xla(case):
     assert empty.size and np.all(np.asarray(got[3])[:, empty] == 1.0)
 
 
+@pytest.mark.parametrize("case", ["groups_row_align_16_scaled", "whole_tiles_gathered",
+                                  "groups_unaligned_scaled_metrics"])
+def test_gathered_rows_bit_identical_to_xla(case):
+  """src_M / mult_M: the kernel reads x's rows by index (a token repeated, padding copies past
+  x's rows as zeros, row counts off the launch), times a per-row fp32 weight, as XLA quantises
+  the rows gathered first (`fq.gather_rows`); with per-group tiles aligned to 16 rows, with
+  groups of whole 128-row tiles (the launch of tiles from row 0), and unaligned with the
+  metrics. Checked to fail with the weight left out, and with the padding copies read as a
+  real row."""
+  rng = np.random.default_rng(4)
+  num_src, row_align, metrics, mult = 40, 1, False, None
+  if case == "groups_row_align_16_scaled":
+    row_align, sizes = 16, [0, 16, 144, 0, 48]
+  elif case == "whole_tiles_gathered":
+    row_align, sizes = 128, [128, 0, 256, 128]
+  else:
+    sizes, metrics = [3, 70, 0, 150, 1], True
+  num_rows = sum(sizes) + row_align * 2  # rows past the groups
+  src = rng.integers(0, num_src, num_rows)
+  src[rng.random(num_rows) < 0.2] = num_src + 3  # padding copies
+  src = jnp.asarray(src, jnp.int32)
+  if case != "whole_tiles_gathered":
+    mult = jnp.asarray(rng.uniform(0.01, 2.0, num_rows), jnp.float32)
+  x = _x(rng, (num_src, 200), jnp.bfloat16)
+  tile_ids, num_tiles = fq.row_tile_ids(num_rows, jnp.asarray(sizes, jnp.int32))
+  op = functools.partial(fq.quantize_tiles_with_transpose, num_tiles=num_tiles,
+                         with_metrics=metrics)
+  got = _jit(op, x, tile_ids, src_M=src, mult_M=mult, backend=_INTERP, row_align=row_align)
+  want = _jit(op, fq.gather_rows(x, src, mult), tile_ids, backend="xla")
+  _assert_same(got[:4], want[:4])
+  if metrics:
+    np.testing.assert_array_equal(np.asarray(got[4])[0], np.asarray(want[4])[0])
+    np.testing.assert_allclose(np.asarray(got[4])[1], np.asarray(want[4])[1], rtol=1e-6)
+  # The gathered rows themselves: padding copies are zeros, the rest x's rows times the weight.
+  rows = np.asarray(fq.gather_rows(x, src, mult), np.float32)
+  pad = np.asarray(src) >= num_src
+  assert np.all(rows[pad] == 0)
+  want_rows = np.asarray(x, np.float32)[np.asarray(src)[~pad]]
+  if mult is not None:
+    want_rows = want_rows * np.asarray(mult)[~pad, None]
+  np.testing.assert_array_equal(rows[~pad], want_rows)
+  with pytest.raises(ValueError, match="mult_M scales gathered rows; pass src_M"):
+    fq.quantize_tiles_with_transpose(x, None, 1, mult_M=jnp.ones((40,)), backend=_INTERP)
+
+
+@pytest.mark.parametrize("case", ["swiglu_row_align_16", "swiglu_grad_unaligned_metrics",
+                                  "swiglu_grad_whole_tiles"])
+def test_swiglu_prologues_bit_identical_to_xla(case):
+  """prologue="swiglu" (silu(gate) * up of h = [gate | up]) and "swiglu_grad" ([dgate | dup]
+  from h and d_act): the kernel computes them from its tiles (swiglu_grad: both output tiles of
+  a step from one read) as XLA does on the whole array, rounds them to h's dtype, and quantises
+  them to the same codes and scales: groups padded to 16 rows, unaligned groups with the
+  metrics, groups of whole 128-row tiles. F = 256 (two tiles each side); F = 96 (off the tile)
+  takes XLA's values. Checked against the SwiGLU's autodiff gradient too, and to fail with
+  dgate and dup swapped."""
+  rng = np.random.default_rng(5)
+  row_align, metrics = {"swiglu_row_align_16": (16, False),
+                        "swiglu_grad_unaligned_metrics": (1, True),
+                        "swiglu_grad_whole_tiles": (128, False)}[case]
+  sizes = [0, 16, 144, 0, 48] if row_align == 16 else [3, 70, 0, 150, 1] if row_align == 1 \
+      else [128, 0, 256]
+  num_rows, f = sum(sizes) + 2 * row_align, 256
+  h = jnp.asarray(rng.standard_normal((num_rows, 2 * f)) * 2, jnp.bfloat16)
+  prologue = "swiglu" if case.startswith("swiglu_row") else "swiglu_grad"
+  aux = (jnp.asarray(rng.standard_normal((num_rows, f)), jnp.bfloat16)
+         if prologue == "swiglu_grad" else None)
+  tile_ids, num_tiles = fq.row_tile_ids(num_rows, jnp.asarray(sizes, jnp.int32))
+  op = functools.partial(fq.quantize_tiles_with_transpose, num_tiles=num_tiles,
+                         with_metrics=metrics)
+  got = _jit(op, h, tile_ids, prologue=prologue, aux=aux, backend=_INTERP, row_align=row_align)
+  want = _jit(op, fq.apply_prologue(h, prologue, aux), tile_ids, backend="xla")
+  _assert_same(got[:4], want[:4])
+  assert got[0].shape == (num_rows, f if prologue == "swiglu" else 2 * f)
+  if metrics:
+    np.testing.assert_array_equal(np.asarray(got[4])[0], np.asarray(want[4])[0])
+    np.testing.assert_allclose(np.asarray(got[4])[1], np.asarray(want[4])[1], rtol=1e-6)
+  if prologue == "swiglu_grad":  # the formula against autodiff of the forward
+    gate, up = jnp.split(h.astype(jnp.float32), 2, axis=-1)
+    _, vjp = jax.vjp(fq.swiglu_f32, gate, up)
+    np.testing.assert_allclose(
+        np.concatenate([np.asarray(g) for g in vjp(aux.astype(jnp.float32))], axis=-1),
+        np.asarray(jnp.concatenate(fq.swiglu_grad_f32(gate, up, aux.astype(jnp.float32)), -1)),
+        rtol=1e-5, atol=1e-6)
+  # F off the tile (96): XLA computes the values, the kernel quantises them.
+  narrow = jnp.concatenate([h[:, :96], h[:, f:f + 96]], axis=1)
+  narrow_aux = None if aux is None else aux[:, :96]
+  _assert_same(
+      _jit(op, narrow, tile_ids, prologue=prologue, aux=narrow_aux, backend=_INTERP)[:4],
+      _jit(op, fq.apply_prologue(narrow, prologue, narrow_aux), tile_ids, backend="xla")[:4])
+  with pytest.raises(ValueError, match="prologue 'swiglu' reads x's rows in order"):
+    fq.quantize_tiles_with_transpose(h, None, 1, prologue="swiglu",
+                                     src_M=jnp.zeros((8,), jnp.int32), backend=_INTERP)
+
+
 def test_backend_choice_and_errors():
   assert fq._resolve_backend("auto") == "xla"  # CPU
   with pytest.raises(ValueError, match="Unknown FP8 quantisation backend 'triton'"):
