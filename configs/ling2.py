@@ -80,9 +80,10 @@ def model_config(variant: str) -> ml_collections.ConfigDict:
   # FP8_GROUP_ALIGN's note); 32 or more lets the FP8 wgrad kernel run (kernels/fp8_tgmm_mgpu.py),
   # 128 its fastest tiling (mini_h200 takes 128).
   m.fp8_group_align = 16
-  # With the full FP8 recipe, the experts' token copies (and their gradients, router weights
-  # multiplied in) are read by index inside the quantisation and exist only as E4M3 codes
-  # (kernels/dispatch.py expert_ffn); false: permute, FP8 GEMMs, un-permute, as separate ops.
+  # With the full FP8 recipe the routed experts run as one custom VJP whose quantise kernels read
+  # the token copies (and their gradients, router weights multiplied in) by index and compute
+  # the SwiGLU from the first GEMM's output: those exist only as E4M3 codes
+  # (kernels/fp8_experts.py). false: permute, FP8 GEMMs and SwiGLU, un-permute, as separate ops.
   m.fp8_fused_dispatch = True
 
   if variant == "mini":

@@ -1,8 +1,8 @@
 """The routed experts' SwiGLU FFN in FP8 as one custom VJP, its data movement inside the
 quantisations.
 
-`dispatch.expert_ffn`'s FP8 path as separate ops (`dispatch.permute`, `fp8_gemm
-.fp8_grouped_linear` twice, the SwiGLU and `dispatch.unpermute` between them) writes four
+`dispatch.expert_ffn`'s FP8 path as separate ops (`dispatch.permute`, two
+`fp8_gemm.fp8_grouped_linear`s, the SwiGLU and `dispatch.unpermute` between them) writes four
 [M, *] tensors in the input dtype that only a quantise kernel then reads: the token copies x,
 the SwiGLU's output, the output gradient's rows (router weights multiplied in) and the SwiGLU's
 gradient. Here the quantise kernel (`fp8_quant.quantize_tiles_with_transpose`) makes each of
@@ -132,11 +132,11 @@ def _bwd(backend, recipe, row_align, res, dy_TD):
   dw2 = tgmm(*at, dyt_q, dyt_s, out_dtype=w2_dt.dtype)
   # The first projection's output gradient: the SwiGLU's, from h and d_act.
   if _SWIGLU_GRAD_IN_QUANTIZE:
-    dh = dict(prologue="swiglu_grad", aux=d_act_MF)
+    dh_from, made_in_kernel = h_MF2, dict(prologue="swiglu_grad", aux=d_act_MF)
   else:
-    dh = dict(prologue=None, aux=None)
-    h_MF2 = fq.apply_prologue(h_MF2, "swiglu_grad", d_act_MF)
-  dh_q, dh_s, dht_q, dht_s, dh_metrics = quant_grad(h_MF2, measure=measure_up, **dh)
+    dh_from, made_in_kernel = fq.apply_prologue(h_MF2, "swiglu_grad", d_act_MF), {}
+  dh_q, dh_s, dht_q, dht_s, dh_metrics = quant_grad(dh_from, measure=measure_up,
+                                                    **made_in_kernel)
   dx_MD = gmm(dh_q, dh_s, *w1)
   dw1 = tgmm(*xt, dht_q, dht_s, out_dtype=w1_dt.dtype)
   with jax.named_scope("dispatch"):  # the permutations' parts, for profiles

@@ -315,8 +315,7 @@ def _transposed_kernel(x_MK, tile_ids_M, num_tiles, pow2_scales, backend, want_r
   else:
     bounds, kernel_tiles = _tile_bounds(tile_ids_M, num_tiles), num_tiles
   outs = fqt.quantize(x_MK, *bounds, src_M=src_M, mult_M=mult_M, prologue=prologue, aux=aux,
-                      want_rows=want_rows,
-                      want_cols=True, num_tiles=kernel_tiles,
+                      want_rows=want_rows, want_cols=True, num_tiles=kernel_tiles,
                       row_align=row_align, pow2=pow2_scales,
                       interpret=backend == "pallas_triton_interpret", metrics=metrics)
   if metrics:
@@ -401,8 +400,8 @@ def quantize_tiles_with_transpose(
   backends read x once for both.
   src_M, mult_M: quantise `gather_rows(x, src_M, mult_M)` instead of x (M is src_M's length):
   the kernel reads x's rows by index, so a permutation's copy (and an un-permutation's router
-  weights, mult_M) is never written out in x's dtype; XLA gathers first. The codes and scales
-  are the same either way.
+  weights, mult_M) is never written out in x's dtype; XLA gathers first. Both apply the same
+  arithmetic (fp32 product, then the rule).
   prologue, aux: quantise `apply_prologue(x, prologue, aux)` (the experts' SwiGLU, or its
   gradient, fused into the quantisation: the kernel computes it from x's tiles; XLA first).
 

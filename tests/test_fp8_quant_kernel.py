@@ -100,6 +100,21 @@ def test_transposed_kernels_bit_identical_to_xla(case):
     assert empty.size and np.all(np.asarray(got[3])[:, empty] == 1.0)
 
 
+def _kernel_matches_xla_of(values, x, sizes, row_align, metrics, **fused):
+  """The kernel on x with `fused` (src_M / mult_M / prologue / aux) gives the codes, scales and
+  metrics XLA gives for `values`, what those arguments stand for; returns the kernel's."""
+  tile_ids, num_tiles = fq.row_tile_ids(values.shape[0], jnp.asarray(sizes, jnp.int32))
+  op = functools.partial(fq.quantize_tiles_with_transpose, num_tiles=num_tiles,
+                         with_metrics=metrics)
+  got = _jit(op, x, tile_ids, backend=_INTERP, row_align=row_align, **fused)
+  want = _jit(op, values, tile_ids, backend="xla")
+  _assert_same(got[:4], want[:4])
+  if metrics:
+    np.testing.assert_array_equal(np.asarray(got[4])[0], np.asarray(want[4])[0])
+    np.testing.assert_allclose(np.asarray(got[4])[1], np.asarray(want[4])[1], rtol=1e-6)
+  return got
+
+
 @pytest.mark.parametrize("case", ["groups_row_align_16_scaled", "whole_tiles_gathered",
                                   "groups_unaligned_scaled_metrics"])
 def test_gathered_rows_bit_identical_to_xla(case):
@@ -124,15 +139,8 @@ def test_gathered_rows_bit_identical_to_xla(case):
   if case != "whole_tiles_gathered":
     mult = jnp.asarray(rng.uniform(0.01, 2.0, num_rows), jnp.float32)
   x = _x(rng, (num_src, 200), jnp.bfloat16)
-  tile_ids, num_tiles = fq.row_tile_ids(num_rows, jnp.asarray(sizes, jnp.int32))
-  op = functools.partial(fq.quantize_tiles_with_transpose, num_tiles=num_tiles,
-                         with_metrics=metrics)
-  got = _jit(op, x, tile_ids, src_M=src, mult_M=mult, backend=_INTERP, row_align=row_align)
-  want = _jit(op, fq.gather_rows(x, src, mult), tile_ids, backend="xla")
-  _assert_same(got[:4], want[:4])
-  if metrics:
-    np.testing.assert_array_equal(np.asarray(got[4])[0], np.asarray(want[4])[0])
-    np.testing.assert_allclose(np.asarray(got[4])[1], np.asarray(want[4])[1], rtol=1e-6)
+  _kernel_matches_xla_of(fq.gather_rows(x, src, mult), x, sizes, row_align, metrics, src_M=src,
+                         mult_M=mult)
   # The gathered rows themselves: padding copies are zeros, the rest x's rows times the weight.
   rows = np.asarray(fq.gather_rows(x, src, mult), np.float32)
   pad = np.asarray(src) >= num_src
@@ -166,16 +174,9 @@ def test_swiglu_prologues_bit_identical_to_xla(case):
   prologue = "swiglu" if case.startswith("swiglu_row") else "swiglu_grad"
   aux = (jnp.asarray(rng.standard_normal((num_rows, f)), jnp.bfloat16)
          if prologue == "swiglu_grad" else None)
-  tile_ids, num_tiles = fq.row_tile_ids(num_rows, jnp.asarray(sizes, jnp.int32))
-  op = functools.partial(fq.quantize_tiles_with_transpose, num_tiles=num_tiles,
-                         with_metrics=metrics)
-  got = _jit(op, h, tile_ids, prologue=prologue, aux=aux, backend=_INTERP, row_align=row_align)
-  want = _jit(op, fq.apply_prologue(h, prologue, aux), tile_ids, backend="xla")
-  _assert_same(got[:4], want[:4])
+  got = _kernel_matches_xla_of(fq.apply_prologue(h, prologue, aux), h, sizes, row_align,
+                               metrics, prologue=prologue, aux=aux)
   assert got[0].shape == (num_rows, f if prologue == "swiglu" else 2 * f)
-  if metrics:
-    np.testing.assert_array_equal(np.asarray(got[4])[0], np.asarray(want[4])[0])
-    np.testing.assert_allclose(np.asarray(got[4])[1], np.asarray(want[4])[1], rtol=1e-6)
   if prologue == "swiglu_grad":  # the formula against autodiff of the forward
     gate, up = jnp.split(h.astype(jnp.float32), 2, axis=-1)
     _, vjp = jax.vjp(fq.swiglu_f32, gate, up)
@@ -186,9 +187,8 @@ def test_swiglu_prologues_bit_identical_to_xla(case):
   # F off the tile (96): XLA computes the values, the kernel quantises them.
   narrow = jnp.concatenate([h[:, :96], h[:, f:f + 96]], axis=1)
   narrow_aux = None if aux is None else aux[:, :96]
-  _assert_same(
-      _jit(op, narrow, tile_ids, prologue=prologue, aux=narrow_aux, backend=_INTERP)[:4],
-      _jit(op, fq.apply_prologue(narrow, prologue, narrow_aux), tile_ids, backend="xla")[:4])
+  _kernel_matches_xla_of(fq.apply_prologue(narrow, prologue, narrow_aux), narrow, sizes, 1,
+                         metrics, prologue=prologue, aux=narrow_aux)
   with pytest.raises(ValueError, match="prologue 'swiglu' reads x's rows in order"):
     fq.quantize_tiles_with_transpose(h, None, 1, prologue="swiglu",
                                      src_M=jnp.zeros((8,), jnp.int32), backend=_INTERP)
