@@ -78,8 +78,8 @@ _WGRAD_TOKENS = flags.DEFINE_integer(
     "mini_h200's 12 x 4096.")
 _WGRAD_SPLITS = flags.DEFINE_list(
     "wgrad_splits", ["1"], "--sections=dense_wgrad: k_splits values to time (gmm_fp8's split-K; "
-    "1 is none). fp8_gemm_mgpu.auto_k_splits would pick 4 / 2 for the shared expert's down / up "
-    "and 2 for QKV at 49152 tokens.")
+    "1 is none). At 49152 tokens fp8_gemm_mgpu.auto_k_splits picks 2 for the shared expert's "
+    "down and gate+up, QKV and the dense FFN's down, 1 for the rest.")
 _REPEATS = flags.DEFINE_integer("repeats", 20, "Calls per timed batch (median of 3 batches).")
 _GEMM_CHECK = flags.DEFINE_bool(
     "gemm_check", True, "Run the GEMM correctness section first (compiles every tiling).")

@@ -198,9 +198,8 @@ def _check_experts(op: dict[str, Any], key: jax.Array, kernel_backend: str) -> d
   ids_TK = jax.vmap(lambda k: jax.random.permutation(k, num_experts)[:top_k])(
       jax.random.split(kr, num_tokens)).astype(jnp.int32)
   weights_TK = jax.random.uniform(kp, (num_tokens, top_k), jnp.float32, 0.1, 1.0)
-  sizes_E, copy_M = dispatch._route(ids_TK, num_experts, op["row_align"])
+  sizes_E, copy_M, rows_TK = dispatch.route_with_rows(ids_TK, num_experts, op["row_align"])
   assert copy_M.shape[0] == op["rows"], (copy_M.shape, op["rows"])
-  rows_TK = dispatch._inverse_permutation(copy_M)[:num_tokens * top_k].reshape(num_tokens, top_k)
   probe = jnp.zeros((2,), jnp.float32)
   fn = lambda backend: (lambda x, w1, w2: fp8_experts.fused_expert_ffn(
       x, copy_M, rows_TK, weights_TK, w1, w2, sizes_E, probe, probe, backend, op["recipe"],

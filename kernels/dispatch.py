@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kernels import fp8_quant as fq
 from kernels import grouped_matmul as gmm_lib
 
 
@@ -165,6 +166,16 @@ def _route(expert_ids_TK: jax.Array, num_experts: int,
     ids_M = jnp.concatenate([ids_M, _padding_ids(group_sizes_E, ids_M.shape[0], group_align)])
     group_sizes_E = -(-group_sizes_E // group_align) * group_align
   return group_sizes_E, jnp.argsort(ids_M, stable=True).astype(jnp.int32)
+
+
+def route_with_rows(expert_ids_TK: jax.Array, num_experts: int,
+                    group_align: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """`_route`'s group sizes and sort order, and the row of each (token, slot) copy [T, K] (the
+  order's inverse): the routing `fp8_experts.fused_expert_ffn` takes."""
+  num_tokens, top_k = expert_ids_TK.shape
+  group_sizes_E, sort_idx_M = _route(expert_ids_TK, num_experts, group_align)
+  rows_TK = _inverse_permutation(sort_idx_M)[:num_tokens * top_k].reshape(num_tokens, top_k)
+  return group_sizes_E, sort_idx_M, rows_TK
 
 
 def _padding_ids(group_sizes_E: jax.Array, num_copies: int, align: int) -> jax.Array:
@@ -363,7 +374,7 @@ def expert_ffn(
 
 def _swiglu(h_MF2: jax.Array, dtype) -> jax.Array:
   gate_MF, up_MF = jnp.split(h_MF2.astype(jnp.float32), 2, axis=-1)
-  return (jax.nn.silu(gate_MF) * up_MF).astype(dtype)
+  return fq.swiglu_f32(gate_MF, up_MF).astype(dtype)  # the FP8 quantiser's prologue computes it
 
 
 def _fp8_fused_expert_ffn(x_TD, expert_ids_TK, weights_TK, w_gate_up_EDF2, w_down_EFD, probe_up,
@@ -371,10 +382,9 @@ def _fp8_fused_expert_ffn(x_TD, expert_ids_TK, weights_TK, w_gate_up_EDF2, w_dow
   """`expert_ffn`'s FP8 path as `fp8_experts.fused_expert_ffn` (its docstring)."""
   from kernels import fp8_experts
 
-  num_tokens, top_k = expert_ids_TK.shape
   with jax.named_scope("dispatch"):
-    group_sizes_E, sort_idx_M = _route(expert_ids_TK, w_gate_up_EDF2.shape[0], group_align)
-    rows_TK = _inverse_permutation(sort_idx_M)[:num_tokens * top_k].reshape(num_tokens, top_k)
+    group_sizes_E, sort_idx_M, rows_TK = route_with_rows(expert_ids_TK, w_gate_up_EDF2.shape[0],
+                                                         group_align)
   return fp8_experts.fused_expert_ffn(x_TD, sort_idx_M, rows_TK, weights_TK, w_gate_up_EDF2,
                                       w_down_EFD, group_sizes_E, probe_up, probe_down, "auto",
                                       recipe, group_align)

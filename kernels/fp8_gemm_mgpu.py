@@ -49,7 +49,7 @@ Two flags take the rest of the idle time (session 10; the tuned tilings set both
 Split-K (`gmm_fp8`'s k_splits, session 12): unit (split, item, column tile) contracts one
 k_splits-th of K into its own fp32 partial output, added after the kernel. It is for outputs with
 fewer tiles than SMs over a long K (the shared expert's weight gradients: 32 and 64 tiles of a
-49,152-token contraction on 132 SMs); `auto_k_splits` picks the count, off on GPUs until timed.
+49,152-token contraction on 132 SMs); `auto_k_splits` picks the count (on since session 13).
 
 Supported: K a multiple of 128, N a multiple of 2 * tile_n (tile_n 128 or 64 after the
 shared-memory fit), bf16 or fp32 out, accumulators of whole 128-byte rows of the

@@ -547,17 +547,17 @@ def check_gathered(num_tokens: int = 49152, top_k: int = 8, num_groups: int = 25
   width = 512
   h = jax.random.normal(jax.random.key(2), (num_rows, 2 * width), jnp.bfloat16)
   d_act = jax.random.normal(jax.random.key(3), (num_rows, width), jnp.bfloat16)
-  quant = functools.partial(fq.quantize_tiles_with_transpose, tile_ids_M=tile_ids_M,
-                            num_tiles=num_tiles, row_align=row_align, backend=backend)
   for prologue, aux in (("swiglu", None), ("swiglu_grad", d_act)):
-    separate = jax.jit(lambda h, a, p=prologue: quant(fq.apply_prologue(h, p, a)))
+    separate = jax.jit(
+        lambda h, a, p=prologue: quant(fq.apply_prologue(h, p, a), backend=backend))
     want, t_sep = separate(h, aux), time_queued(separate, h, aux)
     print(f"{prologue} [{num_rows}, {2 * width}]: XLA then the kernel {t_sep * 1e3:.3f} ms")
     for warps in (4, 8, 16) if row_align >= TILE else (None,):
       # Groups of whole tiles take the aligned launch: the kernel itself, at each warp count.
-      fused = jax.jit(lambda h, a, p=prologue, w=warps: quant(h, prologue=p, aux=a) if w is None
-                      else quantize(h, prologue=p, aux=a, want_cols=True, num_warps=w,
-                                    interpret=backend != "pallas_triton"))
+      fused = jax.jit(lambda h, a, p=prologue, w=warps: (
+          quant(h, prologue=p, aux=a, backend=backend) if w is None
+          else quantize(h, prologue=p, aux=a, want_cols=True, num_warps=w,
+                        interpret=backend != "pallas_triton")))
       got = fused(h, aux)
       differ = int(jnp.sum(bits(got[0]) != bits(want[0])))
       scale_err = float(jnp.max(jnp.abs(got[1] / want[1].T - 1))) if warps else float(

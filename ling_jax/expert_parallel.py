@@ -123,7 +123,7 @@ def _local_expert_ffn(x_TD, expert_ids_TK, weights_TK, w_gate_up_XDF2, w_down_XF
   y_RD = dispatch.expert_ffn(recv_RD, local_ids_R[:, None], ones_R1, w_gate_up_XDF2,
                              w_down_XFD, backend=backend, quant=quant, fp8_probes=fp8_probes,
                              fp8_recipe=fp8_recipe, fp8_group_align=fp8_group_align,
-                               fp8_fused_dispatch=fp8_fused_dispatch)
+                             fp8_fused_dispatch=fp8_fused_dispatch)
   with jax.named_scope("all_to_all"):
     y_MD = back(y_RD)
   return dispatch.unpermute(y_MD, sort_idx_M, weights_TK)
