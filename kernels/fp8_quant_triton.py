@@ -73,6 +73,12 @@ COLS_ALIGNED_LAUNCH = {**COLS_LAUNCH, "num_warps": 4}
 # SwiGLU then this kernel: 0.68); "swiglu_grad" 1.27 at 8, 3.81 at 4, 1.29 at 16 (XLA then
 # this kernel: 1.23).
 PROLOGUE_WARPS = 8
+# Rows read by index (`src_M`: the experts' token copies and weighted output-gradient rows),
+# both layouts, column tiles from row 0: 4 warps, as the aligned launch. On an H200 at
+# Ling-mini (session 14, [425728, 2048] bf16, `python -m kernels.fp8_quant_triton --gathered`,
+# two calls): the copies 1.29 ms at 4 warps, 1.31-1.32 at 8, 2.15-2.17 at 16; the weighted
+# rows 1.49-1.50 at 4, 2.07-2.08 at 8, 2.22-2.25 at 16.
+GATHER_WARPS = COLS_ALIGNED_LAUNCH["num_warps"]
 # Launches may also set "num_stages" (default 1): above 1 a program's tiles run as a loop that
 # Triton pipelines. None of the launches set it: on an H200 (session 12) the pipelined rows
 # launches ran as the unrolled one (1.13 of copy) and the column ones slower (0.48 against 0.64).
@@ -337,7 +343,9 @@ def quantize(x_MK: jax.Array, starts_C: jax.Array | None = None,
   aligned = starts_C is None
   launch = (COLS_ALIGNED_LAUNCH if aligned else COLS_LAUNCH) if want_cols else ROWS_LAUNCH
   tiles_per_prog = tiles_per_prog or launch["tiles_per_prog"]
-  num_warps = num_warps or (PROLOGUE_WARPS if prologue else launch["num_warps"])
+  num_warps = num_warps or (PROLOGUE_WARPS if prologue else
+                            GATHER_WARPS if gather and want_cols and aligned else
+                            launch["num_warps"])
   if transpose_codes is None:
     transpose_codes = COLS_LAUNCH["transpose_codes"]
   num_stages = num_stages or launch.get("num_stages", 1)
@@ -477,14 +485,15 @@ def self_check(num_rows: int = 397056, num_groups: int = 256, row_align: int = 1
 
 
 def _explain_mismatch(x_TK, src_M, mult_M, got, want) -> None:
-  """Prints how many elements of each output differ, and for differing row codes which side
-  NumPy's rule agrees with on their rows (ml_dtypes rounds E4M3 correctly)."""
+  """Prints how many elements of each output differ, and for differing row and column codes
+  which side NumPy's rule agrees with (ml_dtypes rounds E4M3 correctly)."""
   import ml_dtypes
 
   from kernels import fp8_quant as fq
   bits_np = lambda a: np.asarray(a).view(np.uint8 if a.dtype == E4M3 else np.uint32)
   differ = [int(np.sum(bits_np(a) != bits_np(b))) for a, b in zip(got, want, strict=True)]
   print(f"  differing elements of (row codes, row scales, column codes, column scales): {differ}")
+  _explain_column_mismatch(x_TK, src_M, mult_M, bits_np(got[2]), bits_np(want[2]))
   q_got, q_want = (bits_np(a[0]) for a in (got, want))
   rows = np.nonzero((q_got != q_want).any(axis=1))[0]
   if not len(rows):
@@ -503,13 +512,40 @@ def _explain_mismatch(x_TK, src_M, mult_M, got, want) -> None:
         f"XLA at {int(np.sum(q_np == q_want[rows]))} of {q_np.size} codes")
 
 
+def _explain_column_mismatch(x_TK, src_M, mult_M, qc_got, qc_want) -> None:
+  """For the column codes (q_KM, 128-row tiles from row 0) that differ: which side NumPy's
+  rule (amax of the tile's column, then x * (1 / scale) in fp32, rounded by ml_dtypes) agrees
+  with."""
+  import ml_dtypes
+
+  from kernels import fp8_quant as fq
+  ks, ms = np.nonzero(qc_got != qc_want)
+  if not len(ks):
+    return
+  tiles, where = np.unique(ms // TILE, return_inverse=True)
+  rows = (tiles[:, None] * TILE + np.arange(TILE)).reshape(-1)
+  rows = np.minimum(rows, src_M.shape[0] - 1)
+  x32 = np.asarray(fq.gather_rows(x_TK, src_M[rows], None if mult_M is None else mult_M[rows]),
+                   np.float32).reshape(len(tiles), TILE, -1)
+  cols = x32[where, :, ks]  # [differing, 128]: each code's column tile
+  amax = np.abs(cols).max(-1)
+  scale = np.where(amax > 0, amax * np.float32(E4M3_INV_MAX), np.float32(1)).astype(np.float32)
+  value = x32[where, ms % TILE, ks] * (np.float32(1) / scale)
+  q_np = np.clip(value, -448, 448).astype(ml_dtypes.float8_e4m3fn).view(np.uint8)
+  print(f"  {len(ks)} column codes differ; NumPy agrees with the kernel at "
+        f"{int(np.sum(q_np == qc_got[ks, ms]))} and with XLA at "
+        f"{int(np.sum(q_np == qc_want[ks, ms]))} of them")
+
+
 def check_gathered(num_tokens: int = 49152, top_k: int = 8, num_groups: int = 256,
                    row_align: int = 128, widths: tuple[int, ...] = (2048,),
                    backend: str = "pallas_triton") -> None:
   """GPU check of the quantisation with the permutation inside (`src_M`, `mult_M`), at
   Ling-mini's expert shapes (balanced routing, groups padded to row_align): codes and scales
-  bit-identical to XLA's quantisation of the rows gathered first, and the ms of the fused
-  kernel against the copy then the kernel (the separate ops' path), with and without weights."""
+  bit-identical to XLA's quantisation of the rows gathered first (where not, which side NumPy
+  agrees with), and the ms of the fused kernel against the copy then the kernel (the separate
+  ops' path), with and without weights, and at 4, 8 and 16 warps; then the same for the
+  SwiGLU prologues."""
   from kernels import dispatch
   from kernels import fp8_quant as fq
   from ling_jax.profiling import time_queued
@@ -543,6 +579,17 @@ def check_gathered(num_tokens: int = 49152, top_k: int = 8, num_groups: int = 25
       print(f"[{num_rows}, {width}] {'weighted' if mult is not None else 'copies'}: identical to "
             f"XLA {same}; fused {t_fused * 1e3:.3f} ms ({gbytes / t_fused:.0f} GB/s), copy + "
             f"quantise {t_sep * 1e3:.3f} ms")
+      for warps in (4, 8, 16) if row_align >= TILE else ():
+        # Groups of whole tiles take the aligned launch: the kernel itself, at each warp count.
+        launch = jax.jit(lambda x, s, m, w=warps: quantize(
+            x, src_M=s, mult_M=m, want_cols=True, num_warps=w,
+            interpret=backend != "pallas_triton"))
+        outs = launch(x, src_M, mult)
+        differ = sum(int(jnp.sum(bits(a) != bits(b))) for a, b in zip(
+            (outs[0], outs[2]), (want[0], want[2]), strict=True))
+        t = time_queued(launch, x, src_M, mult)
+        print(f"  {warps} warps: {t * 1e3:.3f} ms ({gbytes / t:.0f} GB/s); {differ} codes "
+              f"differ from XLA's")
   # The SwiGLU and its gradient computed in the kernel against XLA's, then the kernel.
   width = 512
   h = jax.random.normal(jax.random.key(2), (num_rows, 2 * width), jnp.bfloat16)
