@@ -134,6 +134,16 @@ def record_ops(config: Any) -> list[dict[str, Any]]:
   return list(seen.values())
 
 
+_OP_KIND_NAMES = ("experts", "grouped", "linear")
+
+
+def select_ops(recorded: list[dict[str, Any]], kinds: list[str]) -> list[dict[str, Any]]:
+  """The recorded ops of the given kinds, kind by kind in `kinds`' order (stable within one)."""
+  if unknown := sorted(set(kinds) - set(_OP_KIND_NAMES)):
+    raise ValueError(f"--op_kinds: unknown {unknown}; choose from {', '.join(_OP_KIND_NAMES)}.")
+  return sorted((op for op in recorded if op["op"] in kinds), key=lambda op: kinds.index(op["op"]))
+
+
 def _batch(config: Any, seed: int) -> dict[str, np.ndarray]:
   t = config.train
   return data_lib.SyntheticBatches(t.batch_size, t.seq_len, config.model.vocab_size,
@@ -357,14 +367,14 @@ def main(argv: list[str]) -> None:
 
   if "ops" in _PARTS.value:
     kinds = _OP_KINDS.value
-    if unknown := set(kinds) - {"experts", "grouped", "linear"}:
-      raise app.UsageError(f"--op_kinds: unknown {sorted(unknown)}; choose from experts, "
-                           "grouped, linear.")
+    try:
+      select_ops([], kinds)  # the flag's error before the trace
+    except ValueError as e:
+      raise app.UsageError(str(e)) from None
     recorded = record_ops(config)
     metrics_lib.log("%d distinct FP8 ops in the model's step; checking the %s ones",
                     len(recorded), ", ".join(kinds))
-    recorded = sorted((op for op in recorded if op["op"] in kinds),
-                      key=lambda op: kinds.index(op["op"]))
+    recorded = select_ops(recorded, kinds)
     for i, op in enumerate(recorded):
       ops.append(check_op(op, jax.random.key(i), _KERNEL_BACKEND.value))
       o = ops[-1]

@@ -101,3 +101,12 @@ def test_the_fused_experts_take_the_requantisation_tolerance():
   assert check_fp8_model.failures([experts], 1e-2) == [experts]
   apart = {**experts, "y_fused_vs_separate": 2e-2}
   assert check_fp8_model.failures([apart], 1e-2, 3e-2) == [apart]
+
+
+def test_op_kinds_pick_and_order_the_ops():
+  ops = [{"op": "linear", "i": 0}, {"op": "experts", "i": 1}, {"op": "linear", "i": 2},
+         {"op": "grouped", "i": 3}]
+  picked = check_fp8_model.select_ops(ops, ["experts", "linear"])
+  assert [o["i"] for o in picked] == [1, 0, 2]
+  with pytest.raises(ValueError, match=r"--op_kinds: unknown \['expert'\]; choose from experts"):
+    check_fp8_model.select_ops(ops, ["expert"])
