@@ -1,6 +1,8 @@
 """Checks and times the Mosaic GPU grouped matmul against the baselines, in one run on an H200.
 
-Run on the GPU machine (see ../shared/device.md; gpu_baselines.py copied into .bench/):
+Run on the GPU machine (see ../shared/device.md; gpu_baselines.py copied into .bench/, and
+tokamax with the requirements the image lacks among the wheels installed, `TOKAMAX_WHEELS`;
+without them it stops before timing, unless --baselines=false):
   PYTHONPATH=$PWD:/tmp/site python3 experiments/bench_kernels.py --shapes=mini
 
 A tiling spec is body:tile_m:tile_n:tile_k:stages[:m][:e<epi_n>][:a][:o][:c]
@@ -313,16 +315,37 @@ def check_correctness(configs, wgrad_configs, swiglu_configs) -> bool:
   return ok
 
 
-def _import_tokamax():
+# tokamax 0.0.17's requirements that the GPU image lacks (session 14), less jax and what the image
+# has: `../shared/tools/device_wheels.sh` downloads them beside the project's own wheels.
+TOKAMAX_WHEELS = ("tokamax immutabledict pydantic pydantic-core annotated-types typing-inspection "
+                  "typing-extensions einshape jaxtyping wadler-lindig qwix tensorboardx tqdm")
+
+
+def _import_baselines():
+  """gpu_baselines (from .bench/) and tokamax; else exits (2) naming what is missing and the fix,
+  before anything is timed: a table without its baselines cannot answer the issue's ratios."""
+  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                  ".bench"))
+  missing = []
+  try:
+    import gpu_baselines
+  except ImportError as e:
+    gpu_baselines = None
+    missing.append(f"gpu_baselines ({e}): copy ../shared/tools/gpu_baselines.py into .bench/")
   for m in ("xprof", "xprof.cli", "xprof.cli.tools"):  # tokamax imports xprof only to profile
     sys.modules.setdefault(m, types.ModuleType(m))
   sys.modules["xprof.cli.tools"].get_kernel_stats_tool = None
   try:
     import tokamax
-    return tokamax
   except ImportError as e:
-    print("tokamax not installed:", e)
-    return None
+    tokamax = None
+    missing.append(f"tokamax ({e}): run ../shared/tools/device_wheels.sh {TOKAMAX_WHEELS} and "
+                   "install .whl on the device")
+  if missing:
+    print(f"error: --baselines: {'; '.join(missing)}. Or pass --baselines=false.",
+          file=sys.stderr)
+    sys.exit(2)
+  return gpu_baselines, tokamax
 
 
 def _problems(shape) -> dict:
@@ -718,21 +741,17 @@ def main(argv):
   print(jax.__version__, jax.devices(), flush=True)
   configs = _CONFIGS.value
   print("auto backend on this machine:", gmm_lib._resolve_backend("auto"), flush=True)
+  gpu_baselines, tokamax = _import_baselines() if _BASELINES.value else (None, None)
   ok = None
   if _CHECK.value:
     ok = check_correctness(configs, _WGRAD_CONFIGS.value, _SWIGLU_CONFIGS.value)
-  tokamax = None
-  if _BASELINES.value:
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                    ".bench"))
+  if gpu_baselines is not None:
     try:
-      import gpu_baselines
       if _DENSE.value:
         gpu_baselines.dense_bf16()
       RESULTS.update({f"baseline {k}": v for k, v in gpu_baselines.RESULTS.items()})
     except Exception as e:
       print("gpu_baselines failed:", type(e).__name__, str(e)[:300])
-    tokamax = _import_tokamax()
   permute_rows = []
   if _PERMUTE.value:
     for shape in _SHAPES.value:

@@ -356,3 +356,22 @@ def test_backend_falls_back_to_reference_for_uncovered_operands():
   ref = jax.value_and_grad(lambda a, b: loss("reference", a, b), argnums=(0, 1))(lhs, rhs)
   for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(ref)):
     np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
+def test_bench_kernels_stops_before_timing_without_its_baselines():
+  """experiments/bench_kernels.py with --baselines (the default) and neither gpu_baselines nor
+  tokamax importable: one error naming both fixes, exit 2, before any check or timing."""
+  import os
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  blocked = ("import runpy, sys; sys.modules['gpu_baselines'] = sys.modules['tokamax'] = None; "
+             "sys.argv = ['bench_kernels.py']; "
+             "runpy.run_path('experiments/bench_kernels.py', run_name='__main__')")
+  proc = subprocess.run([sys.executable, "-c", blocked], cwd=root, capture_output=True, text=True,
+                        timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=root))
+  assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+  assert "error: --baselines: gpu_baselines" in proc.stderr
+  assert "device_wheels.sh tokamax immutabledict pydantic" in proc.stderr
+  assert "--baselines=false" in proc.stderr
+  assert "CORRECTNESS" not in proc.stdout
