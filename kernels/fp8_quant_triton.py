@@ -484,11 +484,18 @@ def self_check(num_rows: int = 397056, num_groups: int = 256, row_align: int = 1
     print(f"weights {list(shape)}: identical {same}; {times}")
 
 
+def _numpy_codes(x, amax):
+  """The quantisation rule in NumPy, E4M3 rounded by ml_dtypes (correctly): x * (1 / scale),
+  scale = amax / 448 (1 for an all-zero tile), as uint8 codes."""
+  import ml_dtypes
+  scale = np.where(amax > 0, amax * np.float32(E4M3_INV_MAX), np.float32(1)).astype(np.float32)
+  return np.clip(x * (np.float32(1) / scale), -448, 448).astype(
+      ml_dtypes.float8_e4m3fn).view(np.uint8)
+
+
 def _explain_mismatch(x_TK, src_M, mult_M, got, want) -> None:
   """Prints how many elements of each output differ, and for differing row and column codes
   which side NumPy's rule agrees with (ml_dtypes rounds E4M3 correctly)."""
-  import ml_dtypes
-
   from kernels import fp8_quant as fq
   bits_np = lambda a: np.asarray(a).view(np.uint8 if a.dtype == E4M3 else np.uint32)
   differ = [int(np.sum(bits_np(a) != bits_np(b))) for a, b in zip(got, want, strict=True)]
@@ -502,10 +509,7 @@ def _explain_mismatch(x_TK, src_M, mult_M, got, want) -> None:
   x32 = np.asarray(fq.gather_rows(x_TK, src_M[rows], None if mult_M is None else mult_M[rows]),
                    np.float32)
   tiles = x32.reshape(len(rows), -1, TILE)
-  amax = np.abs(tiles).max(-1, keepdims=True)
-  scale = np.where(amax > 0, amax * np.float32(E4M3_INV_MAX), np.float32(1)).astype(np.float32)
-  q_np = np.clip(tiles * (np.float32(1) / scale), -448, 448).astype(ml_dtypes.float8_e4m3fn)
-  q_np = q_np.reshape(len(rows), -1).view(np.uint8)
+  q_np = _numpy_codes(tiles, np.abs(tiles).max(-1, keepdims=True)).reshape(len(rows), -1)
   codes_differ = int(np.sum(q_got[rows] != q_want[rows]))
   print(f"  {codes_differ} row codes in {len(rows)} rows and {scales_differ} scales differ; on "
         f"those rows NumPy agrees with the kernel at {int(np.sum(q_np == q_got[rows]))} and with "
@@ -516,8 +520,6 @@ def _explain_column_mismatch(x_TK, src_M, mult_M, qc_got, qc_want) -> None:
   """For the column codes (q_KM, 128-row tiles from row 0) that differ: which side NumPy's
   rule (amax of the tile's column, then x * (1 / scale) in fp32, rounded by ml_dtypes) agrees
   with."""
-  import ml_dtypes
-
   from kernels import fp8_quant as fq
   ks, ms = np.nonzero(qc_got != qc_want)
   if not len(ks):
@@ -528,10 +530,7 @@ def _explain_column_mismatch(x_TK, src_M, mult_M, qc_got, qc_want) -> None:
   x32 = np.asarray(fq.gather_rows(x_TK, src_M[rows], None if mult_M is None else mult_M[rows]),
                    np.float32).reshape(len(tiles), TILE, -1)
   cols = x32[where, :, ks]  # [differing, 128]: each code's column tile
-  amax = np.abs(cols).max(-1)
-  scale = np.where(amax > 0, amax * np.float32(E4M3_INV_MAX), np.float32(1)).astype(np.float32)
-  value = x32[where, ms % TILE, ks] * (np.float32(1) / scale)
-  q_np = np.clip(value, -448, 448).astype(ml_dtypes.float8_e4m3fn).view(np.uint8)
+  q_np = _numpy_codes(x32[where, ms % TILE, ks], np.abs(cols).max(-1))
   print(f"  {len(ks)} column codes differ; NumPy agrees with the kernel at "
         f"{int(np.sum(q_np == qc_got[ks, ms]))} and with XLA at "
         f"{int(np.sum(q_np == qc_want[ks, ms]))} of them")

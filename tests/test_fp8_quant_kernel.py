@@ -280,17 +280,22 @@ def test_looped_launch_matches_unrolled(want_cols):
   assert outs[2][-2].shape[-1] == 2  # two programs along K: the loop ran twice in each
 
 
-def test_column_mismatch_report_sides_with_numpy(capsys):
-  """The GPU check's report on differing column codes (`check_gathered`): two codes of XLA's
-  column layout nudged by one step are put on XLA's side by NumPy's rule, not the nudged one."""
+def test_mismatch_report_sides_with_numpy(capsys):
+  """The GPU check's report on codes that differ from XLA's (`check_gathered`): codes of XLA's
+  two layouts nudged by one step are put on XLA's side by NumPy's rule, not the nudged one."""
   x = jax.random.normal(jax.random.key(0), (64, 256), jnp.bfloat16)
   src_M = jnp.asarray(np.random.default_rng(0).integers(0, 64, 256), jnp.int32)
   mult_M = jax.random.uniform(jax.random.key(1), (256,), jnp.float32, 0.1, 1.0)
-  want = np.asarray(fq.quantize_tiles_with_transpose(fq.gather_rows(x, src_M, mult_M), None, 2,
-                                                     backend="xla")[2]).view(np.uint8)
-  nudged = want.copy()
-  nudged[5, 130] ^= 1
-  nudged[7, 3] ^= 2
-  fqt._explain_column_mismatch(x, src_M, mult_M, nudged, want)
-  assert "2 column codes differ; NumPy agrees with the kernel at 0 and with XLA at 2" in (
-      capsys.readouterr().out)
+  want = [np.asarray(a) for a in fq.quantize_tiles_with_transpose(
+      fq.gather_rows(x, src_M, mult_M), None, 2, backend="xla")]
+  got = [a.copy() for a in want]
+  rows, cols = got[0].view(np.uint8), got[2].view(np.uint8)
+  rows[9, 17] ^= 1
+  cols[5, 130] ^= 1
+  cols[7, 3] ^= 2
+  fqt._explain_mismatch(x, src_M, mult_M, got, want)
+  out = capsys.readouterr().out
+  assert "(row codes, row scales, column codes, column scales): [1, 0, 2, 0]" in out
+  assert "2 column codes differ; NumPy agrees with the kernel at 0 and with XLA at 2" in out
+  assert ("1 row codes in 1 rows and 0 scales differ; on those rows NumPy agrees with the kernel "
+          "at 255 and with XLA at 256 of 256 codes") in out

@@ -9,6 +9,9 @@ Key: M rows, K contraction dim, N output dim, G groups, I work items.
 """
 
 import dataclasses
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -361,9 +364,6 @@ def test_backend_falls_back_to_reference_for_uncovered_operands():
 def test_bench_kernels_stops_before_timing_without_its_baselines():
   """experiments/bench_kernels.py with --baselines (the default) and neither gpu_baselines nor
   tokamax importable: one error naming both fixes, exit 2, before any check or timing."""
-  import os
-  import subprocess
-  import sys
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   blocked = ("import runpy, sys; sys.modules['gpu_baselines'] = sys.modules['tokamax'] = None; "
              "sys.argv = ['bench_kernels.py']; "
