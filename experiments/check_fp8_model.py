@@ -19,8 +19,8 @@ kernels on the GPU at the shapes a config actually feeds them, which the tests c
    The fused experts quantise intermediates (the SwiGLU's output, its gradient) made from a
    GEMM's bf16 output, so a one-step difference there moves some of their codes: they take
    --requant_tolerance, and two more numbers say what that noise is: their forward against the
-   separate ops on the same kernels (identical codes, so ~0), and the reference against itself
-   compiled inside the gradient's program (XLA's other GEMMs: the noise floor).
+   separate ops on the same kernels (identical codes, so ~0), and the reference against its own
+   forward compiled for its gradient (XLA's other GEMMs: the noise floor).
    `--op_kinds` picks and orders the kinds checked.
 2. The model. Loss and gradients at initialisation on one batch of random tokens: bf16, FP8 with
    the kernels and FP8 with the reference. The two FP8 runs should agree far more closely than
@@ -67,9 +67,9 @@ _REQUANT_TOLERANCE = flags.DEFINE_float(
     "requant_tolerance", 3e-2, "The same for the fused experts, which quantise intermediates made "
     "from a GEMM's bf16 output (the SwiGLU and its gradient): where the kernel's accumulation "
     "order moves that output by one bf16 step, a few percent of the intermediate's E4M3 codes "
-    "move by one step: 1.3e-2 on the H200 at Ling-mini, where the reference differs from itself "
-    "compiled in another program by 1.2e-2 (session 14). Their forward is also checked against "
-    "the separate-op path on the same kernels (same codes) at --tolerance.")
+    "move by one step: 1.3e-2 on the H200 at Ling-mini, where the reference differs from its "
+    "own forward compiled for its gradient by 1.2e-2 (session 14). Their forward is also checked "
+    "against the separate-op path on the same kernels (same codes) at --tolerance.")
 _LOSS_TOLERANCE = flags.DEFINE_float(
     "loss_tolerance", 1e-3, "Largest relative gap of the model's first loss, FP8 with kernels "
     "against FP8 with the reference (same codes but for accumulation order: ~1e-5).")
@@ -188,12 +188,13 @@ def check_op(op: dict[str, Any], key: jax.Array,
     plain = lambda x, w: gmm_lib.grouped_matmul(x, w, sizes)
   dy = jax.random.normal(kd, (op["x"][0], op["w"][-1]), jnp.float32).astype(op["dtype"])
 
-  return _compare(op, fn(kernel_backend), fn("reference"), plain, (x, w), dy)
+  return _compare(op, fn(kernel_backend), fn("reference"), plain, (x, w), dy)[0]
 
 
-def _compare(op, kernel, reference, plain, args, dy) -> dict[str, Any]:
+def _compare(op, kernel, reference, plain, args, dy) -> tuple[dict[str, Any], tuple]:
   """y and the gradients of `args` (x, then the weights: dw the worst of them) of the kernel
-  function against the reference's and the unquantised one's."""
+  function against the reference's and the unquantised one's; also the kernel's and the
+  reference's y (each from the forward compiled for its gradient)."""
   def run(f):
     y, vjp = jax.vjp(f, *args)
     dx, *dws = vjp(dy)
@@ -210,7 +211,7 @@ def _compare(op, kernel, reference, plain, args, dy) -> dict[str, Any]:
     result[f"{name}_kernel_vs_ref"] = max(map(profiling.rel_error, g, r))
     result[f"{name}_fp8_vs_bf16"] = max(map(profiling.rel_error, r, b))
     result[f"{name}_finite"] = all(bool(np.isfinite(np.asarray(v, np.float32)).all()) for v in g)
-  return result
+  return result, (got[0], ref[0])
 
 
 def _check_experts(op: dict[str, Any], key: jax.Array, kernel_backend: str) -> dict[str, Any]:
@@ -233,21 +234,21 @@ def _check_experts(op: dict[str, Any], key: jax.Array, kernel_backend: str) -> d
       op["row_align"]))
   plain = lambda x, w1, w2: dispatch.expert_ffn(x, ids_TK, weights_TK, w1, w2)
   dy = jax.random.normal(kd, op["x"], jnp.float32).astype(op["dtype"])
-  result = _compare(op, fn(kernel_backend), fn("reference"), plain, (x, w1, w2), dy)
+  result, (y_fused, y_ref_in_vjp) = _compare(op, fn(kernel_backend), fn("reference"), plain,
+                                             (x, w1, w2), dy)
   # The separate ops (permute, two fp8_grouped_linears, unpermute; FP8 GEMMs on "auto") quantise
   # the same values forward: on a GPU the same kernels give the same codes, so their y differs
   # from the fused path's only by the combine's summation order.
   separate = lambda x, w1, w2: dispatch.expert_ffn(
       x, ids_TK, weights_TK, w1, w2, quant="fp8_blockwise", fp8_probes=(probe, probe),
       fp8_recipe=op["recipe"], fp8_group_align=op["row_align"], fp8_fused_dispatch=False)
-  y_fused, y_separate, y_ref = (jax.device_get(jax.jit(f)(x, w1, w2))
-                                for f in (fn(kernel_backend), separate, fn("reference")))
+  y_separate, y_ref = (jax.device_get(jax.jit(f)(x, w1, w2))
+                       for f in (separate, fn("reference")))
   result["y_fused_vs_separate"] = profiling.rel_error(y_fused, y_separate)
   # For scale, what requantising the intermediates does to two runs with the same codes in and
   # GEMMs that differ only in accumulation order: the reference compiled alone against the
-  # reference inside the gradient's program (XLA picks each one's GEMMs), and the separate
+  # reference's forward compiled for its gradient (XLA picks each one's GEMMs), and the separate
   # ops against the reference (each of their GEMMs matches it as the "grouped" rows do).
-  y_ref_in_vjp = jax.device_get(jax.vjp(jax.jit(fn("reference")), x, w1, w2)[0])
   result["y_ref_vs_ref_in_vjp"] = profiling.rel_error(y_ref, y_ref_in_vjp)
   result["y_separate_vs_ref"] = profiling.rel_error(y_separate, y_ref)
   return result
@@ -328,7 +329,7 @@ def _markdown(ops: list[dict[str, Any]], model: list[dict[str, Any]], tol: float
           f"| {o['y_fp8_vs_bf16']:.2e} | {o['dx_fp8_vs_bf16']:.2e} | {o['dw_fp8_vs_bf16']:.2e} |")
     lines += ["", *(f"Fused experts x{o['x']}: y against the separate ops' (same kernels, same "
                      f"codes forward) {o['y_fused_vs_separate']:.2e}. For scale: the "
-                     f"reference against itself compiled in the gradient's program "
+                     f"reference against its forward compiled for its gradient "
                      f"{o['y_ref_vs_ref_in_vjp']:.2e}; the separate ops against the reference "
                      f"{o['y_separate_vs_ref']:.2e}."
                      for o in ops if "y_fused_vs_separate" in o)]
