@@ -155,6 +155,10 @@ def train_config(variant: str) -> ml_collections.ConfigDict:
   # gradient values in half the bytes for the gradient copy, norm and update (train.py).
   t.compute_dtype_grads = False
   t.mtp_loss_weight = 0.1
+  # 0: the LM heads' logits made whole. N: the training loss applies the LM head to N positions
+  # at a time in a rematerialised scan (train.chunked_cross_entropy_sum), so [B, L, V] logits
+  # never exist; costs one more LM-head matmul per head. N divides seq_len.
+  t.loss_chunk_len = 0
   t.router_z_loss_coef = 0.0  # The open recipe uses 3.5e-6.
   t.expert_bias_update_rate = 1e-3  # 1e-4 after context extension.
   t.max_consecutive_nan_steps = 5

@@ -36,6 +36,9 @@ class Output:
   mtp_logits: tuple[jax.Array, ...]  # Depth-d MTP logits [B, L, V] predict token t + d + 1.
   hidden_BLD: jax.Array  # Trunk output after the final norm.
   cache: Any = None  # Decoding only: the updated KV cache (see `init_cache`).
+  # With logits=False: the MTP blocks' outputs, the LM head's inputs (logits and mtp_logits are
+  # then None and ()).
+  mtp_hidden: tuple[jax.Array, ...] = ()
 
 
 class DecoderLayer(nn.Module):
@@ -110,9 +113,12 @@ class Ling2(nn.Module):
 
   @nn.compact
   def __call__(self, inputs_BL: jax.Array, positions_BL: jax.Array, segment_ids_BL: jax.Array,
-               targets_BL: jax.Array | None = None, cache: Any = None) -> Output:
+               targets_BL: jax.Array | None = None, cache: Any = None,
+               logits: bool = True) -> Output:
     """Full-sequence pass, or with `cache` a decoding pass that returns logits [B, 1, V] of the
-    last position only (with left padding, every row's newest token) and the updated cache."""
+    last position only (with left padding, every row's newest token) and the updated cache.
+    logits=False stops before the LM head: the trunk's and MTP blocks' outputs only (a loss that
+    applies the head itself, chunk by chunk: `train.chunked_cross_entropy_sum`)."""
     m = self.m
     decode = new_cache = None
     if cache is not None:
@@ -135,9 +141,9 @@ class Ling2(nn.Module):
     hidden_BLD = layers.rms_norm(m, "final_norm")(x_BLD)
     lm_head = layers.dense(m, m.vocab_size, "lm_head")
     logits_dtype = config_lib.dtype_of(m.get("logits_dtype", "float32"))
-    logits_BLV = lm_head(hidden_BLD).astype(logits_dtype)
+    head = lambda h_BLD: lm_head(h_BLD).astype(logits_dtype) if logits else None
 
-    mtp_logits = []
+    mtp_hidden = []
     if m.num_nextn_predict_layers and targets_BL is not None:
       h_BLD = hidden_BLD
       for depth in range(m.num_nextn_predict_layers):
@@ -145,8 +151,10 @@ class Ling2(nn.Module):
         next_embed_BLD = embed(shift_left(targets_BL, depth))
         h_BLD = MTPLayer(m, name=f"mtp_{depth}")(h_BLD, next_embed_BLD, positions_BL,
                                                  segment_ids_BL)
-        mtp_logits.append(lm_head(h_BLD).astype(logits_dtype))
-    return Output(logits_BLV, tuple(mtp_logits), hidden_BLD, new_cache)
+        mtp_hidden.append(h_BLD)
+    mtp_logits = tuple(map(head, mtp_hidden)) if logits else ()
+    return Output(head(hidden_BLD), mtp_logits, hidden_BLD, new_cache,
+                  () if logits else tuple(mtp_hidden))
 
 
 def init_variables(m: Any, rng: jax.Array, batch: int = 1, length: int = 8) -> dict:
@@ -159,11 +167,11 @@ def init_variables(m: Any, rng: jax.Array, batch: int = 1, length: int = 8) -> d
 
 def apply(m: Any, variables: dict, inputs_BL: jax.Array, positions_BL: jax.Array,
           segment_ids_BL: jax.Array, targets_BL: jax.Array | None = None,
-          cache: dict | None = None) -> tuple[Output, dict]:
+          cache: dict | None = None, logits: bool = True) -> tuple[Output, dict]:
   """Runs the model; returns its outputs and the `moe_stats` (token counts, z-losses)."""
   out, mutated = Ling2(m).apply(
       {k: v for k, v in variables.items() if k != moe.STATS},
-      inputs_BL, positions_BL, segment_ids_BL, targets_BL, cache, mutable=[moe.STATS])
+      inputs_BL, positions_BL, segment_ids_BL, targets_BL, cache, logits, mutable=[moe.STATS])
   return out, mutated.get(moe.STATS, {})
 
 

@@ -16,6 +16,7 @@ from flax import traverse_util
 
 from kernels import fp8_gemm
 from kernels import lse_triton
+from ling_jax import config as config_lib
 from ling_jax import fp8
 from ling_jax import model as model_lib
 from ling_jax import moe
@@ -173,6 +174,36 @@ def cross_entropy_sum(logits_BLV: jax.Array, targets_BL: jax.Array,
     return jnp.sum(token_cross_entropy(logits_BLV, targets_BL) * mask_BL)
 
 
+def chunked_cross_entropy_sum(hidden_BLD: jax.Array, targets_BL: jax.Array, mask_BL: jax.Array,
+                              *, kernel_DV: jax.Array, chunk_len: int, m: Any) -> jax.Array:
+  """`cross_entropy_sum` of the LM head's logits (hidden @ kernel), `chunk_len` positions at a
+  time.
+
+  The head is `layers.dense`'s product (in m.dtype, then m.logits_dtype) of each chunk, inside a
+  scan whose body is rematerialised: only one chunk's [B, chunk_len, V] logits and their
+  gradient exist at a time, and the backward pass multiplies each chunk by the head again
+  (one more LM-head GEMM per head). The head's gradient sums the chunks' in fp32.
+  """
+  batch, length, d_model = hidden_BLD.shape
+  num_chunks = length // chunk_len
+  dtype = config_lib.dtype_of(m.dtype)
+  logits_dtype = config_lib.dtype_of(m.get("logits_dtype", "float32"))
+  kernel32_DV = kernel_DV.astype(jnp.float32)  # the chunks' head gradients add up in fp32
+  split = lambda a: jnp.moveaxis(a.reshape(batch, num_chunks, chunk_len, *a.shape[2:]), 1, 0)
+
+  @jax.checkpoint
+  def chunk(total, xs):
+    h_BCD, targets_BC, mask_BC = xs
+    logits_BCV = jax.lax.dot_general(h_BCD.astype(dtype), kernel32_DV.astype(dtype),
+                                     (((2,), (0,)), ((), ()))).astype(logits_dtype)
+    return total + cross_entropy_sum(logits_BCV, targets_BC, mask_BC), None
+
+  with jax.named_scope("lm_head"):
+    total, _ = jax.lax.scan(chunk, jnp.zeros((), jnp.float32),
+                            (split(hidden_BLD), split(targets_BL), split(mask_BL)))
+  return total
+
+
 def loss_masks(batch: dict, depth: int) -> jax.Array:
   """Returns the mask of positions with a depth-`depth` target in the same document.
 
@@ -204,17 +235,23 @@ def loss_fn(params: Any, moe_state: Any, batch: dict, denominators: jax.Array, m
   variables = {"params": params, moe.STATE: moe_state}
   if fp8_probes:
     variables[fp8.PROBES] = fp8_probes
-  out, stats = model_lib.apply(m, variables, batch["inputs"],
-                               batch["positions"], batch["segment_ids"], batch["targets"])
-  ce = cross_entropy_sum(out.logits_BLV, batch["targets"], loss_masks(batch, 0))
+  chunk_len = t.get("loss_chunk_len", 0)
+  out, stats = model_lib.apply(m, variables, batch["inputs"], batch["positions"],
+                               batch["segment_ids"], batch["targets"], logits=not chunk_len)
+  if chunk_len:  # the LM head applied here, chunk by chunk (`train.loss_chunk_len`)
+    ce_of = functools.partial(chunked_cross_entropy_sum, kernel_DV=params["lm_head"]["kernel"],
+                              chunk_len=chunk_len, m=m)
+    heads = (out.hidden_BLD, *out.mtp_hidden)
+  else:
+    ce_of, heads = cross_entropy_sum, (out.logits_BLV, *out.mtp_logits)
+  ce = ce_of(heads[0], batch["targets"], loss_masks(batch, 0))
   loss = ce / denominators[0]
   mtp_ce = jnp.zeros(())
-  for depth, logits_BLV in enumerate(out.mtp_logits, start=1):
+  for depth, head_in in enumerate(heads[1:], start=1):
     mtp_targets_BL = model_lib.shift_left(batch["targets"], depth)
-    mtp_ce += cross_entropy_sum(logits_BLV, mtp_targets_BL, loss_masks(batch, depth)
-                                ) / denominators[depth]
-  if out.mtp_logits:
-    mtp_ce = mtp_ce / len(out.mtp_logits)
+    mtp_ce += ce_of(head_in, mtp_targets_BL, loss_masks(batch, depth)) / denominators[depth]
+  if len(heads) > 1:
+    mtp_ce = mtp_ce / (len(heads) - 1)
     loss += t.mtp_loss_weight * mtp_ce
   num_micro = t.grad_accum_steps
   z_loss = _stats_sum(stats, "z_loss") / num_micro

@@ -41,6 +41,10 @@ def validate_config(config: Any) -> None:
   if not isinstance(prefetch, int) or prefetch < 0:
     config_lib.fail("train.prefetch_batches", f"must be an integer >= 0, got {prefetch!r}",
                     "use 0 for synchronous input or e.g. 2 to build two steps ahead")
+  chunk_len = t.get("loss_chunk_len", 0)
+  if not isinstance(chunk_len, int) or chunk_len < 0 or (chunk_len and t.seq_len % chunk_len):
+    config_lib.fail("train.loss_chunk_len", f"{chunk_len!r} does not divide seq_len={t.seq_len} "
+                    "into whole chunks", "use 0 (logits made whole) or a divisor of seq_len")
   if t.batch_size % t.grad_accum_steps:
     config_lib.fail("train.batch_size", f"{t.batch_size} sequences do not split into "
           f"{t.grad_accum_steps} micro-batches", "make batch_size a multiple of grad_accum_steps")

@@ -275,3 +275,59 @@ def test_init_state_fn_is_one_object_per_config():
                              c.train.copy_and_resolve_references()) is fn
   c.train.seed = 1
   assert train.init_state_fn(c.model, c.train) is not fn
+
+
+def test_chunked_lm_head_loss_matches_whole_logits(setup):
+  """train.loss_chunk_len: the loss, its parts and every gradient as with whole logits (the MTP
+  head too; two documents and padding in the batch)."""
+  c, state, batch = setup
+  chunked = c.copy_and_resolve_references()
+  chunked.train.loss_chunk_len = 4
+  (loss1, aux1, g1), (loss2, aux2, g2) = (_jitted(train.accumulate_gradients, cfg)(state, batch)
+                                          for cfg in (c, chunked))
+  for got, want in ((loss2, loss1), (aux2["ce"], aux1["ce"]), (aux2["mtp_ce"], aux1["mtp_ce"])):
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8), g2, g1)
+
+
+def test_chunked_cross_entropy_holds_one_chunk_of_logits():
+  """train.chunked_cross_entropy_sum against the LM head then cross_entropy_sum: the same sum
+  and gradients (hidden and head), in bf16 compute with a bf16 head too, and the compiled
+  gradient's temporaries a fraction of the whole logits' (one 32-position chunk of 512)."""
+  c = _micro_config()
+  c.model.dtype = "bfloat16"
+  b, length, d_model, vocab = 2, 512, 32, 8192
+  kh, kw, kt = jax.random.split(jax.random.key(0), 3)
+  hidden = jax.random.normal(kh, (b, length, d_model), jnp.float32)
+  targets = jax.random.randint(kt, (b, length), 0, vocab)
+  mask = (jnp.arange(length) < length - 5).astype(jnp.float32)[None].repeat(b, 0)
+
+  def whole(h, w):
+    logits = jax.lax.dot_general(h.astype(jnp.bfloat16), w.astype(jnp.bfloat16),
+                                 (((2,), (0,)), ((), ()))).astype(jnp.float32)
+    return train.cross_entropy_sum(logits, targets, mask)
+
+  def chunked(h, w):
+    return train.chunked_cross_entropy_sum(h, targets, mask, kernel_DV=w, chunk_len=32, m=c.model)
+
+  for w_dtype in (jnp.float32, jnp.bfloat16):
+    w = (jax.random.normal(kw, (d_model, vocab), jnp.float32) / 8).astype(w_dtype)
+    (want, want_g), (got, got_g) = (jax.jit(jax.value_and_grad(f, (0, 1)))(hidden, w)
+                                    for f in (whole, chunked))
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    for g, r in zip(got_g, want_g):
+      assert g.dtype == r.dtype
+      np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(r, np.float32),
+                                 rtol=2e-2, atol=2e-2 * float(jnp.max(jnp.abs(r))))
+  temp = {f.__name__: jax.jit(jax.grad(f, (0, 1))).lower(hidden, w).compile()
+          .memory_analysis().temp_size_in_bytes for f in (whole, chunked)}
+  logits_bytes = b * length * vocab * 4
+  # 50.3 MB against 5.5 MB (a chunk's logits and gradient, the head and its sum in fp32).
+  assert temp["whole"] >= logits_bytes > 4 * temp["chunked"], temp
+
+
+def test_loss_chunk_len_must_divide_seq_len():
+  c = _micro_config()
+  c.train.loss_chunk_len = 5
+  with pytest.raises(ValueError, match=r"train.loss_chunk_len: 5 does not divide seq_len=16"):
+    trainer.validate_config(c)
