@@ -184,7 +184,7 @@ def chunked_cross_entropy_sum(hidden_BLD: jax.Array, targets_BL: jax.Array, mask
   gradient exist at a time, and the backward pass multiplies each chunk by the head again
   (one more LM-head GEMM per head). The head's gradient sums the chunks' in fp32.
   """
-  batch, length, d_model = hidden_BLD.shape
+  batch, length, _ = hidden_BLD.shape
   num_chunks = length // chunk_len
   dtype = config_lib.dtype_of(m.dtype)
   logits_dtype = config_lib.dtype_of(m.get("logits_dtype", "float32"))
