@@ -141,9 +141,9 @@ class Ling2(nn.Module):
     hidden_BLD = layers.rms_norm(m, "final_norm")(x_BLD)
     lm_head = layers.dense(m, m.vocab_size, "lm_head")
     logits_dtype = config_lib.dtype_of(m.get("logits_dtype", "float32"))
-    head = lambda h_BLD: lm_head(h_BLD).astype(logits_dtype) if logits else None
+    logits_BLV = lm_head(hidden_BLD).astype(logits_dtype) if logits else None
 
-    mtp_hidden = []
+    mtp_logits, mtp_hidden = [], []
     if m.num_nextn_predict_layers and targets_BL is not None:
       h_BLD = hidden_BLD
       for depth in range(m.num_nextn_predict_layers):
@@ -151,10 +151,11 @@ class Ling2(nn.Module):
         next_embed_BLD = embed(shift_left(targets_BL, depth))
         h_BLD = MTPLayer(m, name=f"mtp_{depth}")(h_BLD, next_embed_BLD, positions_BL,
                                                  segment_ids_BL)
-        mtp_hidden.append(h_BLD)
-    mtp_logits = tuple(map(head, mtp_hidden)) if logits else ()
-    return Output(head(hidden_BLD), mtp_logits, hidden_BLD, new_cache,
-                  () if logits else tuple(mtp_hidden))
+        if logits:
+          mtp_logits.append(lm_head(h_BLD).astype(logits_dtype))
+        else:
+          mtp_hidden.append(h_BLD)
+    return Output(logits_BLV, tuple(mtp_logits), hidden_BLD, new_cache, tuple(mtp_hidden))
 
 
 def init_variables(m: Any, rng: jax.Array, batch: int = 1, length: int = 8) -> dict:
