@@ -118,6 +118,25 @@ def test_mesh_matches_one_device(mesh_name, reference):
     assert len(shards) == 8 and all(np.array_equal(s, shards[0]) for s in shards)
 
 
+def test_chunked_loss_on_a_mesh_matches_whole_logits_on_one_device(reference):
+  """train.loss_chunk_len on a 2 fsdp x 2 data x 2 expert mesh against the one-device run with
+  whole logits: five steps' losses, the first step's gradients (the MTP head's included) and the
+  expert biases."""
+  state, batches, want = reference
+  config = _config(data=2, fsdp=2, expert=2)
+  config.train.loss_chunk_len = 8
+  (losses, biases, grads0), _ = _sharded_run(config, state, batches)
+  want_losses, want_biases, want_grads = want
+  np.testing.assert_allclose(losses, want_losses, rtol=1e-5)
+  flat_want = traverse_util.flatten_dict(want_grads)
+  for path, g in traverse_util.flatten_dict(jax.device_get(grads0)).items():
+    scale = np.max(np.abs(flat_want[path])) + 1e-12
+    np.testing.assert_allclose(g / scale, flat_want[path] / scale, atol=2e-5,
+                               err_msg="/".join(path))
+  for got_bias, want_bias in zip(jax.tree.leaves(biases), jax.tree.leaves(want_biases)):
+    np.testing.assert_allclose(got_bias, want_bias, atol=1e-6)
+
+
 def test_per_shard_counts_would_give_another_bias(reference):
   """The bias check above can fail: per-shard token counts move the bias differently."""
   state, batches, want = reference

@@ -277,19 +277,6 @@ def test_init_state_fn_is_one_object_per_config():
   assert train.init_state_fn(c.model, c.train) is not fn
 
 
-def test_chunked_lm_head_loss_matches_whole_logits(setup):
-  """train.loss_chunk_len: the loss, its parts and every gradient as with whole logits (the MTP
-  head too; two documents and padding in the batch)."""
-  c, state, batch = setup
-  chunked = c.copy_and_resolve_references()
-  chunked.train.loss_chunk_len = 4
-  (loss1, aux1, g1), (loss2, aux2, g2) = (_jitted(train.accumulate_gradients, cfg)(state, batch)
-                                          for cfg in (c, chunked))
-  for got, want in ((loss2, loss1), (aux2["ce"], aux1["ce"]), (aux2["mtp_ce"], aux1["mtp_ce"])):
-    np.testing.assert_allclose(got, want, rtol=1e-6)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8), g2, g1)
-
-
 def test_chunked_cross_entropy_holds_one_chunk_of_logits():
   """train.chunked_cross_entropy_sum against the LM head then cross_entropy_sum: the same sum
   and gradients (hidden and head), in bf16 compute with a bf16 head too, and the compiled
