@@ -34,7 +34,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels import fp8_quant as fq
 from kernels import grouped_matmul as gmm_lib
 
 
@@ -367,14 +366,11 @@ def expert_ffn(
     # The SwiGLU in the first GEMM's epilogue (kernels/grouped_matmul_mgpu.py).
     act_MF = gmm_lib.grouped_matmul_swiglu(x_MD, w_gate_up_EDF2, group_sizes_E, backend=backend)
   else:
-    act_MF = _swiglu(matmul(x_MD, w_gate_up_EDF2, group_sizes_E, probe_up), x_TD.dtype)
+    # The SwiGLU the FP8 quantiser's prologue computes too (`grouped_matmul.swiglu_f32`).
+    act_MF = gmm_lib._swiglu_of(matmul(x_MD, w_gate_up_EDF2, group_sizes_E, probe_up),
+                                x_TD.dtype)
   y_MD = matmul(act_MF, w_down_EFD, group_sizes_E, probe_down)
   return unpermute(y_MD, sort_idx_M, weights_TK, backend=backend)
-
-
-def _swiglu(h_MF2: jax.Array, dtype) -> jax.Array:
-  gate_MF, up_MF = jnp.split(h_MF2.astype(jnp.float32), 2, axis=-1)
-  return fq.swiglu_f32(gate_MF, up_MF).astype(dtype)  # the FP8 quantiser's prologue computes it
 
 
 def _fp8_fused_expert_ffn(x_TD, expert_ids_TK, weights_TK, w_gate_up_EDF2, w_down_EFD, probe_up,

@@ -36,6 +36,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
+from kernels.grouped_matmul import swiglu_f32
+from kernels.grouped_matmul import swiglu_grad_f32
+
 E4M3 = jnp.float8_e4m3fn
 E4M3_MAX = 448.0
 E4M3_INV_MAX = np.float32(1.0 / 448.0)  # scale = amax * this (see _scale_of)
@@ -262,18 +265,6 @@ def _check_row_align(fn: str, num_rows: int, row_align: int):
     raise ValueError(f"{fn}: row_align must be a power of two <= {TILE} that divides M = "
                      f"{num_rows}, got {row_align}. Pad the groups to it (dispatch.permute's "
                      f"group_align) or pass row_align=1.")
-
-
-def swiglu_f32(gate: jax.Array, up: jax.Array) -> jax.Array:
-  """silu(gate) * up in fp32, as `dispatch.expert_ffn` computes it (and the quantise kernel's
-  "swiglu" prologue)."""
-  return gate * jax.nn.sigmoid(gate) * up
-
-
-def swiglu_grad_f32(gate: jax.Array, up: jax.Array, d_act: jax.Array):
-  """(dgate, dup) of swiglu_f32 for its output's gradient d_act, in fp32."""
-  sig = jax.nn.sigmoid(gate)
-  return d_act * up * sig * (1.0 + gate * (1.0 - sig)), d_act * gate * sig
 
 
 def apply_prologue(x_MK: jax.Array, prologue: str | None, aux: jax.Array | None) -> jax.Array:

@@ -52,8 +52,8 @@ from kernels.fp8_quant import E4M3_MAX
 from kernels.fp8_quant import TILE
 from kernels.fp8_quant import _check_row_align
 from kernels.fp8_quant import metrics_from_sums
-from kernels.fp8_quant import swiglu_f32
-from kernels.fp8_quant import swiglu_grad_f32
+from kernels.grouped_matmul import swiglu_f32
+from kernels.grouped_matmul import swiglu_grad_f32
 
 # Launches, the best of experiments/bench_fp8.py's on an H200 (2026-11-30, BENCHMARKS.md, session
 # 5). Rows alone, R rows x T 128-column tiles per program: 32 x 4 with 4 warps (every launch tried

@@ -177,10 +177,23 @@ class _Backend(NamedTuple):
   swiglu: Callable[..., jax.Array | tuple[jax.Array, jax.Array]] | None = None
 
 
+def swiglu_f32(gate: jax.Array, up: jax.Array) -> jax.Array:
+  """silu(gate) * up in fp32: the one definition of the experts' SwiGLU that the unfused paths
+  (`_swiglu_of`) and the FP8 quantiser's "swiglu" prologue (`kernels/fp8_quant.py`) compute."""
+  return gate * jax.nn.sigmoid(gate) * up
+
+
+def swiglu_grad_f32(gate: jax.Array, up: jax.Array, d_act: jax.Array):
+  """(dgate, dup) of swiglu_f32 for its output's gradient d_act, in fp32 (the fused SwiGLU's
+  backward here, and the FP8 quantiser's "swiglu_grad" prologue)."""
+  sig = jax.nn.sigmoid(gate)
+  return d_act * up * sig * (1.0 + gate * (1.0 - sig)), d_act * gate * sig
+
+
 def _swiglu_of(h_MN: jax.Array, out_dtype) -> jax.Array:
-  """silu(gate) * up in fp32 for h = [gate | up]."""
+  """silu(gate) * up in fp32 for h = [gate | up], in out_dtype."""
   gate_MF, up_MF = jnp.split(h_MN.astype(jnp.float32), 2, axis=-1)
-  return (jax.nn.silu(gate_MF) * up_MF).astype(out_dtype)
+  return swiglu_f32(gate_MF, up_MF).astype(out_dtype)
 
 
 def _composite_swiglu(cfg: _Config, lhs_MK, rhs_GKN, group_sizes_G, save_preact: bool):
@@ -497,10 +510,7 @@ def _gmm_swiglu_fwd(cfg, lhs_MK, rhs_GKN, group_sizes_G):
 def _gmm_swiglu_bwd(cfg, res, dact_MF):
   lhs_MK, rhs_GKN, group_sizes_G, h_MN = res
   gate_MF, up_MF = jnp.split(h_MN.astype(jnp.float32), 2, axis=-1)
-  sig_MF = jax.nn.sigmoid(gate_MF)
-  dact_MF = dact_MF.astype(jnp.float32)
-  dgate_MF = dact_MF * up_MF * sig_MF * (1 + gate_MF * (1 - sig_MF))
-  dup_MF = dact_MF * gate_MF * sig_MF
+  dgate_MF, dup_MF = swiglu_grad_f32(gate_MF, up_MF, dact_MF.astype(jnp.float32))
   # The cotangent of the saved pre-activation, in its dtype, as the unfused path would have it.
   dh_MN = jnp.concatenate([dgate_MF, dup_MF], axis=-1).astype(h_MN.dtype)
   return _gmm_bwd(cfg._replace(out_dtype=h_MN.dtype), (lhs_MK, rhs_GKN, group_sizes_G), dh_MN)

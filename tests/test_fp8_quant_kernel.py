@@ -18,6 +18,7 @@ import pytest
 
 from kernels import fp8_quant as fq
 from kernels import fp8_quant_triton as fqt
+from kernels import grouped_matmul as gmm_lib
 
 _INTERP = "pallas_triton_interpret"
 
@@ -179,10 +180,11 @@ def test_swiglu_prologues_bit_identical_to_xla(case):
   assert got[0].shape == (num_rows, f if prologue == "swiglu" else 2 * f)
   if prologue == "swiglu_grad":  # the formula against autodiff of the forward
     gate, up = jnp.split(h.astype(jnp.float32), 2, axis=-1)
-    _, vjp = jax.vjp(fq.swiglu_f32, gate, up)
+    _, vjp = jax.vjp(gmm_lib.swiglu_f32, gate, up)
     np.testing.assert_allclose(
         np.concatenate([np.asarray(g) for g in vjp(aux.astype(jnp.float32))], axis=-1),
-        np.asarray(jnp.concatenate(fq.swiglu_grad_f32(gate, up, aux.astype(jnp.float32)), -1)),
+        np.asarray(jnp.concatenate(gmm_lib.swiglu_grad_f32(gate, up, aux.astype(jnp.float32)),
+                                   -1)),
         rtol=1e-5, atol=1e-6)
   # F off the tile (96): XLA computes the values, the kernel quantises them.
   narrow = jnp.concatenate([h[:, :96], h[:, f:f + 96]], axis=1)
