@@ -74,9 +74,10 @@ _LOSS_TOLERANCE = flags.DEFINE_float(
     "loss_tolerance", 1e-3, "Largest relative gap of the model's first loss, FP8 with kernels "
     "against FP8 with the reference (same codes but for accumulation order: ~1e-5).")
 _PARTS = flags.DEFINE_list("parts", ["ops", "model"], "What to check: ops, model.")
+_OP_KIND_NAMES = ("experts", "grouped", "linear")
 _OP_KINDS = flags.DEFINE_list(
-    "op_kinds", ["experts", "grouped", "linear"], "Which recorded ops to check, in this order: "
-    "experts (the fused expert FFN), grouped, linear.")
+    "op_kinds", list(_OP_KIND_NAMES), "Which recorded ops to check, in this order: experts (the "
+    "fused expert FFN), grouped, linear.")
 _KERNEL_BACKEND = flags.DEFINE_string(
     "kernel_backend", "auto", "FP8 GEMM backend of the ops' kernel runs (kernels/fp8_gemm.py); "
     "pallas_mosaic_gpu_interpret checks the wiring on a CPU.")
@@ -134,9 +135,6 @@ def record_ops(config: Any) -> list[dict[str, Any]]:
   return list(seen.values())
 
 
-_OP_KIND_NAMES = ("experts", "grouped", "linear")
-
-
 def select_ops(recorded: list[dict[str, Any]], kinds: list[str]) -> list[dict[str, Any]]:
   """The recorded ops of the given kinds, kind by kind in `kinds`' order (stable within one)."""
   if unknown := sorted(set(kinds) - set(_OP_KIND_NAMES)):
@@ -168,16 +166,20 @@ def _group_sizes(rows: int, groups: int, align: int, key: jax.Array) -> jax.Arra
   return jnp.asarray(sizes, jnp.int32)
 
 
+def _weight(key: jax.Array, shape, dtype) -> jax.Array:
+  """A random weight [..., K, N] at 1 / sqrt(K), so that its products keep x's scale."""
+  return (jax.random.normal(key, shape, jnp.float32) / np.sqrt(shape[-2])).astype(dtype)
+
+
 def check_op(op: dict[str, Any], key: jax.Array,
              kernel_backend: str = "auto") -> dict[str, Any]:
   """Forward and backward of one FP8 op: kernels against the reference, and against bf16."""
-  kx, kw, kd, kg = jax.random.split(key, 4)
-  x = jax.random.normal(kx, op["x"], jnp.float32).astype(op["dtype"])
-  fan_in = op["w"][-2]
-  w = (jax.random.normal(kw, op["w"], jnp.float32) / np.sqrt(fan_in)).astype(op["w_dtype"])
-  probe = jnp.zeros((2,), jnp.float32)
   if op["op"] == "experts":
     return _check_experts(op, key, kernel_backend)
+  kx, kw, kd, kg = jax.random.split(key, 4)
+  x = jax.random.normal(kx, op["x"], jnp.float32).astype(op["dtype"])
+  w = _weight(kw, op["w"], op["w_dtype"])
+  probe = jnp.zeros((2,), jnp.float32)
   if op["op"] == "linear":
     fn = lambda backend: (lambda x, w: fp8_gemm.fp8_linear(x, w, probe, backend, op["recipe"]))
     plain = lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
@@ -217,12 +219,10 @@ def _compare(op, kernel, reference, plain, args, dy) -> tuple[dict[str, Any], tu
 def _check_experts(op: dict[str, Any], key: jax.Array, kernel_backend: str) -> dict[str, Any]:
   """The fused expert FFN on random top-k routing, against its reference and bf16's."""
   kx, kw, kw2, kd, kr, kp = jax.random.split(key, 6)
-  num_tokens, d_model = op["x"]
+  num_tokens = op["x"][0]
   num_experts, top_k = op["w"][0], op["top_k"]
   x = jax.random.normal(kx, op["x"], jnp.float32).astype(op["dtype"])
-  w1 = (jax.random.normal(kw, op["w"], jnp.float32) / np.sqrt(d_model)).astype(op["w_dtype"])
-  w2 = (jax.random.normal(kw2, op["w_down"], jnp.float32)
-        / np.sqrt(op["w_down"][1])).astype(op["w_dtype"])
+  w1, w2 = _weight(kw, op["w"], op["w_dtype"]), _weight(kw2, op["w_down"], op["w_dtype"])
   ids_TK = jax.vmap(lambda k: jax.random.permutation(k, num_experts)[:top_k])(
       jax.random.split(kr, num_tokens)).astype(jnp.int32)
   weights_TK = jax.random.uniform(kp, (num_tokens, top_k), jnp.float32, 0.1, 1.0)
