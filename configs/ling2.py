@@ -156,8 +156,8 @@ def train_config(variant: str) -> ml_collections.ConfigDict:
   t.compute_dtype_grads = False
   t.mtp_loss_weight = 0.1
   # 0: the LM heads' logits made whole. N: the training loss applies the LM head to N positions
-  # at a time in a rematerialised scan (train.chunked_cross_entropy_sum), so [B, L, V] logits
-  # never exist; costs one more LM-head matmul per head. N divides seq_len.
+  # at a time, making each chunk's gradients as it goes (train.chunked_cross_entropy_sum), so
+  # [B, L, V] logits never exist, for the same matmuls. N divides seq_len.
   t.loss_chunk_len = 0
   t.router_z_loss_coef = 0.0  # The open recipe uses 3.5e-6.
   t.expert_bias_update_rate = 1e-3  # 1e-4 after context extension.
@@ -196,18 +196,20 @@ def mini_h200(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
   Every mini dimension is kept (hidden 2048, 256 experts x 512, top-8, one shared expert, 16/4
   heads, MTP 1, vocab 157,184) but the depth: fp32 master weights and two bf16 AdamW moments
-  take 8 bytes per parameter, the gradients 2-4 more, and mini has 16.3B, so 4 of its 20 layers
-  (1 dense + 3 MoE; 4.0B parameters with MTP) run beside the activations of a 12 x 4096-token
-  batch (121 GiB with 95% of the memory given to JAX, as bench_train does; 6 layers need 148
-  GiB, which XLA brings to 130 by recomputing). Attention is cuDNN's fused causal kernel without
-  document masks (packed documents see earlier ones in their row, Megatron's default): with a
-  document mask cuDNN runs 3x slower. The logits stay bf16 (the LM head's matmul rounds them
-  there anyway; the loss runs in fp32), the layer scan is unrolled when compiled, the weight
-  gradients are taken in bf16 and written out whole before the optimizer, and the router's fp32
-  matmul runs as its bf16x6 emulation on the tensor cores (bf16x3 in its backward).
+  take 8 bytes per parameter, the gradients 2-4 more, and mini has 16.3B, so 8 of its 20 layers
+  (1 dense + 7 MoE; 7.3B parameters with MTP) run beside the activations of a 12 x 4096-token
+  batch: 128 GiB with 95% of the memory given to JAX, as bench_train does. That needs the loss
+  made 1,024 positions at a time (`train.loss_chunk_len`): whole logits [12, 4096, 157,184] for
+  two heads with their gradients take 77 GiB of temporaries, so that only 4 layers fit.
+  Attention is cuDNN's fused causal kernel without document masks (packed documents see earlier
+  ones in their row, Megatron's default): with a document mask cuDNN runs 3x slower. The
+  logits stay bf16 (the LM head's matmul rounds them there anyway; the loss runs in fp32), the
+  layer scan is unrolled when compiled, the weight gradients are taken in bf16 and written out
+  whole before the optimizer, and the router's fp32 matmul runs as its bf16x6 emulation on the
+  tensor cores (bf16x3 in its backward).
   """
   m, t = config.model, config.train
-  m.num_hidden_layers = 4
+  m.num_hidden_layers = 8
   m.attention_impl = "cudnn_causal"
   m.logits_dtype = "bfloat16"
   m.unroll_layers = True  # 7% faster steps and 11 GiB less at 4 layers (BENCHMARKS.md)
@@ -225,6 +227,7 @@ def mini_h200(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   # 49,152 tokens: 393,216 routed rows per MoE layer. The optimizer's cost per step is fixed,
   # so each step's tokens spread it (session 6: 4 -> 8 rows gave 46.0% -> 50.0% MFU at 4 layers).
   t.batch_size, t.seq_len = 12, 4096
+  t.loss_chunk_len = 1024  # as fast as whole logits, 47 against 94 GiB at 2 layers (session 15)
   t.num_steps, t.warmup_steps = 200, 20
   t.log_every, t.eval_every, t.eval_batches = 10, 1000, 2
   t.checkpoint_every = 1000

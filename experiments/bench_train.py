@@ -1,7 +1,7 @@
 """Training throughput on one device: tokens/s, MFU, memory and a profiled step-time breakdown.
 
   python -m experiments.bench_train --config=configs/ling2.py:mini_h200 \\
-      --quants=none,fp8_blockwise --depths=2,4 --out_dir=/tmp/bench_train
+      --quants=none,fp8_blockwise --depths=2,8 --out_dir=/tmp/bench_train
 
 Each (quant, depth) variant is compiled, warmed up and timed over `--steps` steps fed by the real
 input pipeline (`--data=corpus`, built ahead on a thread as in training) or by random tokens
@@ -53,7 +53,9 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
 # XLA does not read that variable (session 13: the device's memory stats still show the BFC
 # pool with it set; with XLA_PYTHON_CLIENT_ALLOCATOR=cuda_async they do not), so those passes
 # were chance, and it is gone. The allocator stays XLA's default; set
-# XLA_PYTHON_CLIENT_ALLOCATOR=cuda_async to try CUDA's stream-ordered one.
+# XLA_PYTHON_CLIENT_ALLOCATOR=cuda_async to try CUDA's stream-ordered one. Since session 15
+# `mini_h200` makes its loss 1,024 positions at a time (`train.loss_chunk_len`), and that block
+# (the two LM heads' whole logits and their gradients) no longer exists.
 
 import jax
 import ml_collections

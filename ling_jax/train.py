@@ -177,31 +177,82 @@ def cross_entropy_sum(logits_BLV: jax.Array, targets_BL: jax.Array,
 def chunked_cross_entropy_sum(hidden_BLD: jax.Array, targets_BL: jax.Array, mask_BL: jax.Array,
                               *, kernel_DV: jax.Array, chunk_len: int, m: Any) -> jax.Array:
   """`cross_entropy_sum` of the LM head's logits (hidden @ kernel), `chunk_len` positions at a
-  time.
+  time: only one chunk's [B, chunk_len, V] logits exist at once.
 
-  The head is `layers.dense`'s product (in m.dtype, then m.logits_dtype) of each chunk, inside a
-  scan whose body is rematerialised: only one chunk's [B, chunk_len, V] logits and their
-  gradient exist at a time, and the backward pass multiplies each chunk by the head again
-  (one more LM-head GEMM per head). The head's gradient sums the chunks' in fp32.
+  The head is `layers.dense`'s product (in m.dtype, then m.logits_dtype). Under autodiff the
+  forward pass also makes each chunk's gradients, since the logits' gradient needs only the
+  chunk (softmax - one_hot, masked): the hidden states' in m.dtype, the head's summed over the
+  chunks in fp32. The backward pass scales them by the loss's cotangent. So the step runs the
+  three LM-head matmuls of whole logits, not a fourth to recompute them.
   """
-  batch, length, _ = hidden_BLD.shape
-  num_chunks = length // chunk_len
   dtype = config_lib.dtype_of(m.dtype)
   logits_dtype = config_lib.dtype_of(m.get("logits_dtype", "float32"))
-  kernel32_DV = kernel_DV.astype(jnp.float32)  # the chunks' head gradients add up in fp32
-  split = lambda a: jnp.moveaxis(a.reshape(batch, num_chunks, chunk_len, *a.shape[2:]), 1, 0)
-
-  @jax.checkpoint
-  def chunk(total, xs):
-    h_BCD, targets_BC, mask_BC = xs
-    logits_BCV = jax.lax.dot_general(h_BCD.astype(dtype), kernel32_DV.astype(dtype),
-                                     (((2,), (0,)), ((), ()))).astype(logits_dtype)
-    return total + cross_entropy_sum(logits_BCV, targets_BC, mask_BC), None
-
   with jax.named_scope("lm_head"):
-    total, _ = jax.lax.scan(chunk, jnp.zeros((), jnp.float32),
-                            (split(hidden_BLD), split(targets_BL), split(mask_BL)))
-  return total
+    return _linear_cross_entropy(hidden_BLD, kernel_DV, targets_BL, mask_BL, chunk_len, dtype,
+                                 logits_dtype)
+
+
+def _linear_cross_entropy_scan(hidden_BLD, kernel_DV, targets_BL, mask_BL, chunk_len, dtype,
+                               logits_dtype, with_grads: bool):
+  """Returns (the masked cross-entropy sum, and with_grads its gradients for a cotangent of 1:
+  hidden's [B, L, D] in dtype and the kernel's [D, V] in fp32), one scan step per chunk."""
+  batch, length, _ = hidden_BLD.shape
+  num_chunks = length // chunk_len
+  split = lambda a: jnp.moveaxis(a.reshape(batch, num_chunks, chunk_len, *a.shape[2:]), 1, 0)
+  kernel_DV = kernel_DV.astype(dtype)
+
+  def chunk(carry, xs):
+    total, dkernel_DV = carry
+    h_BCD, targets_BC, mask_BC = xs
+    h_BCD = h_BCD.astype(dtype)
+    logits_BCV = jax.lax.dot_general(h_BCD, kernel_DV, (((2,), (0,)), ((), ()))
+                                     ).astype(logits_dtype)
+    ce_BC, residuals = _token_cross_entropy_fwd(logits_BCV, targets_BC)
+    total += jnp.sum(ce_BC * mask_BC)
+    if not with_grads:
+      return (total, dkernel_DV), None
+    dlogits_BCV = _token_cross_entropy_bwd(residuals, mask_BC.astype(jnp.float32))[0]
+    dlogits_BCV = dlogits_BCV.astype(dtype)
+    dh_BCD = jax.lax.dot_general(dlogits_BCV, kernel_DV, (((2,), (1,)), ((), ())))
+    dkernel_DV += jax.lax.dot_general(h_BCD, dlogits_BCV, (((0, 1), (0, 1)), ((), ())),
+                                      preferred_element_type=jnp.float32)
+    return (total, dkernel_DV), dh_BCD
+
+  dkernel_DV = jnp.zeros(kernel_DV.shape, jnp.float32) if with_grads else None
+  (total, dkernel_DV), dh_NBCD = jax.lax.scan(
+      chunk, (jnp.zeros((), jnp.float32), dkernel_DV),
+      (split(hidden_BLD), split(targets_BL), split(mask_BL)))
+  if not with_grads:
+    return total, None
+  dh_BLD = jnp.moveaxis(dh_NBCD, 0, 1).reshape(hidden_BLD.shape[:2] + dh_NBCD.shape[-1:])
+  return total, (dh_BLD, dkernel_DV)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _linear_cross_entropy(hidden_BLD, kernel_DV, targets_BL, mask_BL, chunk_len, dtype,
+                          logits_dtype):
+  return _linear_cross_entropy_scan(hidden_BLD, kernel_DV, targets_BL, mask_BL, chunk_len,
+                                    dtype, logits_dtype, with_grads=False)[0]
+
+
+def _linear_cross_entropy_fwd(hidden_BLD, kernel_DV, targets_BL, mask_BL, chunk_len, dtype,
+                              logits_dtype):
+  total, (dh_BLD, dkernel_DV) = _linear_cross_entropy_scan(
+      hidden_BLD, kernel_DV, targets_BL, mask_BL, chunk_len, dtype, logits_dtype,
+      with_grads=True)
+  # The kernel's dtype rides along as an empty array (residuals are arrays).
+  return total, (dh_BLD.astype(hidden_BLD.dtype), dkernel_DV, jnp.zeros((0,), kernel_DV.dtype))
+
+
+def _linear_cross_entropy_bwd(chunk_len, dtype, logits_dtype, residuals, g):
+  """The forward's gradients times the loss's cotangent g; none for the targets and mask."""
+  del chunk_len, dtype, logits_dtype
+  dh_BLD, dkernel_DV, kernel_like = residuals
+  return ((g * dh_BLD.astype(jnp.float32)).astype(dh_BLD.dtype),
+          (g * dkernel_DV).astype(kernel_like.dtype), None, None)
+
+
+_linear_cross_entropy.defvjp(_linear_cross_entropy_fwd, _linear_cross_entropy_bwd)
 
 
 def loss_masks(batch: dict, depth: int) -> jax.Array:

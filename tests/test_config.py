@@ -6,11 +6,20 @@ import pytest
 from configs import ling2
 from ling_jax import config as config_lib
 from ling_jax import model
+from ling_jax import trainer
 
 
 @pytest.mark.parametrize("variant", ["tiny", "small", "mini", "flash", "1t"])
 def test_released_and_small_configs_are_valid(variant):
   config_lib.validate_model_config(ling2.model_config(variant))
+
+
+@pytest.mark.parametrize("arg", ["tiny", "small", "mini", "flash", "1t", "mini_h200"])
+def test_experiment_configs_are_valid(arg, monkeypatch):
+  """The whole configs the jobs take (model, train, data, mesh), e.g. mini_h200's loss chunks
+  dividing its sequence, on one device as mini_h200 runs (its 12 rows do not split over 8)."""
+  monkeypatch.setattr(jax, "device_count", lambda: 1)
+  trainer.validate_config(ling2.get_config(arg))
 
 
 def test_1t_uses_rotary_dim_and_others_the_factor():

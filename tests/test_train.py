@@ -279,8 +279,9 @@ def test_init_state_fn_is_one_object_per_config():
 
 def test_chunked_cross_entropy_holds_one_chunk_of_logits():
   """train.chunked_cross_entropy_sum against the LM head then cross_entropy_sum: the same sum
-  and gradients (hidden and head), in bf16 compute with a bf16 head too, and the compiled
-  gradient's temporaries a fraction of the whole logits' (one 32-position chunk of 512)."""
+  (differentiated or not) and gradients (hidden and head, made in the forward pass), in bf16
+  compute with a bf16 head too, and the compiled gradient's temporaries a fraction of the whole
+  logits' (one 32-position chunk of 512)."""
   c = _micro_config()
   c.model.dtype = "bfloat16"
   b, length, d_model, vocab = 2, 512, 32, 8192
@@ -302,6 +303,7 @@ def test_chunked_cross_entropy_holds_one_chunk_of_logits():
     (want, want_g), (got, got_g) = (jax.jit(jax.value_and_grad(f, (0, 1)))(hidden, w)
                                     for f in (whole, chunked))
     np.testing.assert_allclose(got, want, rtol=1e-5)
+    np.testing.assert_allclose(jax.jit(chunked)(hidden, w), want, rtol=1e-5)  # no gradients
     for g, r in zip(got_g, want_g):
       assert g.dtype == r.dtype
       np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(r, np.float32),
