@@ -24,7 +24,8 @@ What each phase sets (ling2_spec.md sections 3 and 5):
 - pretrain: 4K sequences, expert-bias update rate 1e-3, a batch-size ramp from a quarter of the
   batch over the first ~500B tokens (the start size is ours; the report says only "ramps up").
 - long_context: 32K sequences and max positions, rope_theta from the model config, optional YaRN,
-  update rate 1e-4, the batch in sequences shrunk to keep tokens per batch, 150B tokens.
+  update rate 1e-4, the batch in sequences shrunk to keep tokens per batch, 150B tokens. From here
+  on the loss applies the LM head 4,096 positions at a time (`train.loss_chunk_len`).
 - midtrain: reasoning pre-activation, 600B tokens of a weighted mixture (`general` and
   `reasoning`, chain-of-thought data; the shares are ours) at 32K, update rate 1e-4.
 - sft: DFT over JSONL chat records (ling_jax/sft.py), loss on assistant tokens only, each record's
@@ -44,6 +45,7 @@ from configs import ling2
 PHASES = ("pretrain", "long_context", "midtrain", "sft")
 _TOKENS = {"long_context": 150e9, "midtrain": 600e9}  # Tokens per phase (ling2_spec.md s5).
 _RAMP_TOKENS = 500e9  # The batch-size ramp covers the first ~500B pre-training tokens.
+_LOSS_CHUNK_LEN = 4096  # Positions per LM-head chunk in the phases after pre-training.
 
 
 def _parse(arg: str) -> tuple[str, dict[str, str]]:
@@ -90,6 +92,11 @@ def get_config(arg: str = "pretrain") -> ml_collections.ConfigDict:
     return config
   # Every later phase runs after context extension.
   t.expert_bias_update_rate = 1e-4
+  # Whole logits at 32K positions are [B, 32768, V] a head: 10 GB a sequence in bf16 at Ling's
+  # vocabulary, twice with their gradient. The loss makes them a chunk at a time instead, as
+  # fast (train.loss_chunk_len; BENCHMARKS.md, session 15).
+  if seq_len > _LOSS_CHUNK_LEN and seq_len % _LOSS_CHUNK_LEN == 0:
+    t.loss_chunk_len = _LOSS_CHUNK_LEN
   t.warmup_steps = min(t.warmup_steps, 200)
   factor = float(options.get("yarn", 0))
   if factor:

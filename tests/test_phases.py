@@ -37,12 +37,13 @@ def test_presets_set_each_phase():
                                            "original_max_position_embeddings": 4096}
   assert long.train.batch_size == 550  # 4400 x 4K tokens kept at 32K
   assert long.train.num_steps == int(150e9 / (550 * 32_768))
+  assert pre.train.loss_chunk_len == 0 and long.train.loss_chunk_len == 4096
   assert phases_config.get_config("long_context").model.rope_scaling is None
   mid = phases_config.get_config("midtrain")
   assert mid.data.mixture == "general=0.5,reasoning=0.5" and mid.train.init_mode == "params"
   sft = phases_config.get_config("sft,variant=tiny,seq_len=256")
   assert sft.data.source == "jsonl" and sft.train.seq_len == 256
-  assert sft.train.expert_bias_update_rate == 1e-4
+  assert sft.train.expert_bias_update_rate == 1e-4 and sft.train.loss_chunk_len == 0  # 256
   with pytest.raises(ValueError, match="Unknown phase"):
     phases_config.get_config("anneal")
 
