@@ -202,6 +202,11 @@ def _combine(y_TKD: jax.Array, weights_TK: jax.Array) -> jax.Array:
   return jnp.sum(y_TKD.astype(jnp.float32) * weights_TK.astype(jnp.float32)[:, :, None], axis=1)
 
 
+def _combine_weights_grad(y_TKD: jax.Array, dout_TD: jax.Array) -> jax.Array:
+  """`_combine`'s gradient in the router weights: [T, K] of <y[t, k], dout[t]>, in fp32."""
+  return jnp.sum(y_TKD.astype(jnp.float32) * dout_TD.astype(jnp.float32)[:, None, :], axis=-1)
+
+
 @jax.custom_vjp
 def _unpermute(y_MD: jax.Array, sort_idx_M: jax.Array, weights_TK: jax.Array) -> jax.Array:
   return _combine_rows(y_MD, _inverse_permutation(sort_idx_M)[:weights_TK.size], weights_TK)
@@ -223,8 +228,8 @@ def _unpermute_bwd(res, dout_TD):
   dy_MD = dout_MD * weights_M[:, None]
   if not padded:
     dy_MD = dy_MD.astype(y_MD.dtype)
-    y_TKD = _gather_copies(y_MD, sort_idx_M, num_tokens, top_k).astype(jnp.float32)
-    dweights_TK = jnp.sum(y_TKD * dout_TD[:, None, :], axis=-1)
+    dweights_TK = _combine_weights_grad(_gather_copies(y_MD, sort_idx_M, num_tokens, top_k),
+                                        dout_TD)
   else:
     # Padding rows: exactly zero (a select, not a zero weight, which keeps inf * 0).
     dy_MD = jnp.where((sort_idx_M < weights_TK.size)[:, None], dy_MD, 0.0).astype(y_MD.dtype)

@@ -143,8 +143,7 @@ def _bwd(backend, recipe, row_align, res, dy_TD):
     # Each token's K rows summed in fp32 (padding rows are nobody's copy and are never read).
     dx_TD = dispatch._combine_rows(dx_MD, rows_TK.reshape(-1),
                                    jnp.ones(rows_TK.shape, jnp.float32))
-    y_TKD = y_MD[rows_TK].astype(jnp.float32)
-    dweights_TK = jnp.sum(y_TKD * dy_TD.astype(jnp.float32)[:, None, :], axis=-1)
+    dweights_TK = dispatch._combine_weights_grad(y_MD[rows_TK], dy_TD)
   zeros = lambda a: np.zeros(a.shape, jax.dtypes.float0)
   return (dx_TD, zeros(copy_M), zeros(rows_TK), dweights_TK.astype(weights_TK.dtype), dw1, dw2,
           zeros(group_sizes_E), dh_metrics, dy_metrics)
