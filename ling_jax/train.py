@@ -275,6 +275,19 @@ def _stats_sum(stats: dict, name: str) -> jax.Array:
   return sum((jnp.sum(v) for k, v in flat.items() if k[-1] == name), jnp.zeros(()))
 
 
+def _apply_heads(m: Any, variables: dict, batch: dict, chunk_len: int):
+  """Runs the model on a batch; returns (ce_of, heads, stats): `ce_of(head, targets, mask)` is
+  the summed cross-entropy of one head (the main one first, then each MTP depth's), from whole
+  logits, or with `chunk_len` (`train.loss_chunk_len`) from the head's inputs, chunk by chunk."""
+  out, stats = model_lib.apply(m, variables, batch["inputs"], batch["positions"],
+                               batch["segment_ids"], batch["targets"], logits=not chunk_len)
+  if not chunk_len:
+    return cross_entropy_sum, (out.logits_BLV, *out.mtp_logits), stats
+  ce_of = functools.partial(chunked_cross_entropy_sum, chunk_len=chunk_len, m=m,
+                            kernel_DV=variables["params"]["lm_head"]["kernel"])
+  return ce_of, (out.hidden_BLD, *out.mtp_hidden), stats
+
+
 def loss_fn(params: Any, moe_state: Any, batch: dict, denominators: jax.Array, m: Any,
             t: Any, fp8_probes: Any = None) -> tuple[jax.Array, dict]:
   """Returns the training loss of one micro-batch and its metrics.
@@ -286,15 +299,7 @@ def loss_fn(params: Any, moe_state: Any, batch: dict, denominators: jax.Array, m
   variables = {"params": params, moe.STATE: moe_state}
   if fp8_probes:
     variables[fp8.PROBES] = fp8_probes
-  chunk_len = t.get("loss_chunk_len", 0)
-  out, stats = model_lib.apply(m, variables, batch["inputs"], batch["positions"],
-                               batch["segment_ids"], batch["targets"], logits=not chunk_len)
-  if chunk_len:  # the LM head applied here, chunk by chunk (`train.loss_chunk_len`)
-    ce_of = functools.partial(chunked_cross_entropy_sum, kernel_DV=params["lm_head"]["kernel"],
-                              chunk_len=chunk_len, m=m)
-    heads = (out.hidden_BLD, *out.mtp_hidden)
-  else:
-    ce_of, heads = cross_entropy_sum, (out.logits_BLV, *out.mtp_logits)
+  ce_of, heads, stats = _apply_heads(m, variables, batch, t.get("loss_chunk_len", 0))
   ce = ce_of(heads[0], batch["targets"], loss_masks(batch, 0))
   loss = ce / denominators[0]
   mtp_ce = jnp.zeros(())
@@ -482,17 +487,16 @@ def apply_gradients(state: TrainState, loss: jax.Array, aux: dict, grads: Any, *
   return new_state, metrics
 
 
-def eval_step(params: Any, moe_state: Any, batch: dict, *, m: Any) -> dict:
-  """Returns summed cross-entropy (nats) and token counts of the main and MTP heads."""
-  out, _ = model_lib.apply(m, {"params": params, moe.STATE: moe_state}, batch["inputs"],
-                           batch["positions"], batch["segment_ids"], batch["targets"])
+def eval_step(params: Any, moe_state: Any, batch: dict, *, m: Any, chunk_len: int = 0) -> dict:
+  """Returns summed cross-entropy (nats) and token counts of the main and MTP heads; with
+  `chunk_len` (the run's `train.loss_chunk_len`) the logits are made a chunk at a time."""
+  ce_of, heads, _ = _apply_heads(m, {"params": params, moe.STATE: moe_state}, batch, chunk_len)
   mask_BL = loss_masks(batch, 0)
-  result = {"ce_sum": cross_entropy_sum(out.logits_BLV, batch["targets"], mask_BL),
-            "tokens": jnp.sum(mask_BL)}
-  if out.mtp_logits:
+  result = {"ce_sum": ce_of(heads[0], batch["targets"], mask_BL), "tokens": jnp.sum(mask_BL)}
+  if len(heads) > 1:
     mtp_mask_BL = loss_masks(batch, 1)
-    result["mtp_ce_sum"] = cross_entropy_sum(
-        out.mtp_logits[0], model_lib.shift_left(batch["targets"], 1), mtp_mask_BL)
+    result["mtp_ce_sum"] = ce_of(heads[1], model_lib.shift_left(batch["targets"], 1),
+                                 mtp_mask_BL)
     result["mtp_tokens"] = jnp.sum(mtp_mask_BL)
   return result
 
