@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ling_jax import config as config_lib
 from ling_jax import layers
 
 
@@ -42,6 +43,10 @@ def cache_mask(segment_ids_BL: jax.Array, segment_ids_BS: jax.Array,
 def dot_product_attention(q_BLNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array,
                           segment_ids_BL: jax.Array, impl: str = "xla") -> jax.Array:
   """Returns causal, segment-masked GQA outputs [B, L, N, H]; softmax in fp32."""
+  if impl.startswith("cudnn") and jax.default_backend() != "gpu":  # before XLA fails to lower
+    config_lib.fail("model.attention_impl", f"{impl!r} is cuDNN's fused kernel, which needs a "
+                    f"GPU, and this run's backend is {jax.default_backend()}",
+                    "use attention_impl='xla' off GPUs")
   if impl == "cudnn":  # Fused GPU kernel; documents kept apart by an explicit mask.
     return jax.nn.dot_product_attention(q_BLNH, k_BSKH, v_BSKH, implementation="cudnn",
                                         mask=attention_mask(segment_ids_BL)[:, 0])

@@ -54,3 +54,14 @@ def test_bad_config_names_the_field(field, value, fragment, monkeypatch):
 def test_unknown_variant():
   with pytest.raises(ValueError, match="tiny, small, mini, flash, 1t"):
     ling2.get_config("huge")
+
+
+def test_cudnn_attention_off_gpu_names_the_field():
+  """A GPU config (mini_h200's cuDNN attention) on CPU: a ConfigError while tracing, not XLA's
+  "cuDNN is not detected" from the compiler."""
+  m = ling2.model_config("tiny")
+  m.attention_impl = "cudnn_causal"
+  with pytest.raises(config_lib.ConfigError,
+                     match=r"config.model.attention_impl: 'cudnn_causal' .* backend is cpu\. "
+                           r"Fix: use attention_impl='xla' off GPUs"):
+    jax.eval_shape(lambda: model.init_variables(m, jax.random.key(0)))
