@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import traverse_util
+from jax.sharding import PartitionSpec as P
 
 from kernels import fp8_gemm
 from kernels import lse_triton
@@ -21,6 +22,7 @@ from ling_jax import fp8
 from ling_jax import model as model_lib
 from ling_jax import moe
 from ling_jax import router
+from ling_jax import sharding
 
 
 @flax.struct.dataclass
@@ -183,7 +185,9 @@ def chunked_cross_entropy_sum(hidden_BLD: jax.Array, targets_BL: jax.Array, mask
   forward pass also makes each chunk's gradients, since the logits' gradient needs only the
   chunk (softmax - one_hot, masked): the hidden states' in m.dtype, the head's summed over the
   chunks in fp32. The backward pass scales them by the loss's cotangent. So the step runs the
-  three LM-head matmuls of whole logits, not a fourth to recompute them.
+  three LM-head matmuls of whole logits, not a fourth to recompute them. On a mesh whose batch
+  is split (and no tensor axis), each device runs the chunks of its own rows (`shard_map`) and
+  the head's gradient is summed over the batch shards once.
   """
   dtype = config_lib.dtype_of(m.dtype)
   logits_dtype = config_lib.dtype_of(m.get("logits_dtype", "float32"))
@@ -237,9 +241,28 @@ def _linear_cross_entropy(hidden_BLD, kernel_DV, targets_BL, mask_BL, chunk_len,
 
 def _linear_cross_entropy_fwd(hidden_BLD, kernel_DV, targets_BL, mask_BL, chunk_len, dtype,
                               logits_dtype):
-  total, (dh_BLD, dkernel_DV) = _linear_cross_entropy_scan(
-      hidden_BLD, kernel_DV, targets_BL, mask_BL, chunk_len, dtype, logits_dtype,
-      with_grads=True)
+  scan = functools.partial(_linear_cross_entropy_scan, chunk_len=chunk_len, dtype=dtype,
+                           logits_dtype=logits_dtype, with_grads=True)
+  mesh = jax.sharding.get_abstract_mesh()
+  shape = {} if mesh.empty else dict(mesh.shape)
+  batch_axes = tuple(a for a in sharding.BATCH_AXES if shape.get(a, 1) > 1)
+  num_shards = math.prod(shape[a] for a in batch_axes)
+  if not batch_axes or shape.get("tensor", 1) > 1 or hidden_BLD.shape[0] % num_shards:
+    total, (dh_BLD, dkernel_DV) = scan(hidden_BLD, kernel_DV, targets_BL, mask_BL)
+  else:
+    # Each device runs the chunks of its own rows with the whole head, and the head's gradient
+    # is summed over the batch shards once, after the last chunk: left to the partitioner, the
+    # scan's carry would be all-reduced at every chunk ([D, V] fp32: 1.3 GB at Ling-mini).
+    # With a tensor axis the vocabulary stays split instead, as the partitioner does it (and
+    # rows that do not split over the shards stay with it too).
+    def local(h_BLD, w_DV, t_BL, m_BL):
+      total, (dh_BLD, dw_DV) = scan(h_BLD, w_DV, t_BL, m_BL)
+      return jax.lax.psum(total, batch_axes), dh_BLD, jax.lax.psum(dw_DV, batch_axes)
+
+    rows = P(batch_axes)
+    total, dh_BLD, dkernel_DV = jax.shard_map(
+        local, mesh=mesh, in_specs=(rows, P(), rows, rows), out_specs=(P(), rows, P()),
+        check_vma=False)(hidden_BLD, kernel_DV, targets_BL, mask_BL)
   # The kernel's dtype rides along as an empty array (residuals are arrays).
   return total, (dh_BLD.astype(hidden_BLD.dtype), dkernel_DV, jnp.zeros((0,), kernel_DV.dtype))
 

@@ -121,11 +121,14 @@ def test_mesh_matches_one_device(mesh_name, reference):
 def test_chunked_loss_on_a_mesh_matches_whole_logits_on_one_device(reference):
   """train.loss_chunk_len on a 2 fsdp x 2 data x 2 expert mesh against the one-device run with
   whole logits: five steps' losses, the first step's gradients (the MTP head's included) and the
-  expert biases."""
+  expert biases; and no collective inside the chunks' loop (the head's gradient is summed over
+  the batch shards once, not at every chunk)."""
   state, batches, want = reference
   config = _config(data=2, fsdp=2, expert=2)
   config.train.loss_chunk_len = 8
-  (losses, biases, grads0), _ = _sharded_run(config, state, batches)
+  (losses, biases, grads0), hlo = _sharded_run(config, state, batches)
+  for op in ("all-reduce", "all-gather", "reduce-scatter"):
+    assert not [line for line in _collectives(hlo, op) if "lm_head)/while/body" in line], op
   want_losses, want_biases, want_grads = want
   np.testing.assert_allclose(losses, want_losses, rtol=1e-5)
   flat_want = traverse_util.flatten_dict(want_grads)
