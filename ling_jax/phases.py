@@ -178,8 +178,7 @@ def evaluate_run(workdir: str, *, step: int | None = None,
       state, _ = ckpt.restore(step, target)
   shardings = jax.tree.map(lambda x: x.sharding, target)
   batch_sharding, replicated = sharding.batch_sharding(mesh), sharding.replicated(mesh)
-  eval_fn = jax.jit(functools.partial(train_lib.eval_step, m=config.model,
-                                      chunk_len=config.train.get("loss_chunk_len", 0)),
+  eval_fn = jax.jit(functools.partial(train_lib.eval_step, m=config.model, t=config.train),
                     in_shardings=(shardings.params, shardings.moe_state, batch_sharding),
                     out_shardings=replicated)
   result: dict[str, Any] = {"step": step,

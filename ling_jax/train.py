@@ -510,10 +510,11 @@ def apply_gradients(state: TrainState, loss: jax.Array, aux: dict, grads: Any, *
   return new_state, metrics
 
 
-def eval_step(params: Any, moe_state: Any, batch: dict, *, m: Any, chunk_len: int = 0) -> dict:
-  """Returns summed cross-entropy (nats) and token counts of the main and MTP heads; with
-  `chunk_len` (the run's `train.loss_chunk_len`) the logits are made a chunk at a time."""
-  ce_of, heads, _ = _apply_heads(m, {"params": params, moe.STATE: moe_state}, batch, chunk_len)
+def eval_step(params: Any, moe_state: Any, batch: dict, *, m: Any, t: Any) -> dict:
+  """Returns summed cross-entropy (nats) and token counts of the main and MTP heads (the logits
+  made a chunk at a time with `t.loss_chunk_len`, as in training)."""
+  ce_of, heads, _ = _apply_heads(m, {"params": params, moe.STATE: moe_state}, batch,
+                                 t.get("loss_chunk_len", 0))
   mask_BL = loss_masks(batch, 0)
   result = {"ce_sum": ce_of(heads[0], batch["targets"], mask_BL), "tokens": jnp.sum(mask_BL)}
   if len(heads) > 1:

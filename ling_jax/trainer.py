@@ -203,8 +203,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
   step_fn = jax.jit(functools.partial(train_lib.train_step, m=m, t=t),
                     in_shardings=(state_shardings, batch_sharding),
                     out_shardings=(state_shardings, replicated), donate_argnums=0)
-  eval_fn = jax.jit(functools.partial(train_lib.eval_step, m=m,
-                                      chunk_len=t.get("loss_chunk_len", 0)),
+  eval_fn = jax.jit(functools.partial(train_lib.eval_step, m=m, t=t),
                     in_shardings=(state_shardings.params, state_shardings.moe_state,
                                   batch_sharding), out_shardings=replicated)
   writer = metrics_lib.MetricWriter(workdir, enabled=jax.process_index() == 0)
@@ -303,8 +302,7 @@ def evaluate_params(config: Any, params: Any, moe_state: Any) -> dict[str, float
   t = config.train
   batches = data_lib.make_eval_batches(config.data, seq_len=t.seq_len, batch_size=t.batch_size,
                                        max_batches=t.eval_batches)
-  eval_fn = jax.jit(functools.partial(train_lib.eval_step, m=config.model,
-                                      chunk_len=t.get("loss_chunk_len", 0)))
+  eval_fn = jax.jit(functools.partial(train_lib.eval_step, m=config.model, t=t))
   return _evaluate(eval_fn, params, moe_state, batches)
 
 

@@ -318,8 +318,10 @@ def test_chunked_cross_entropy_holds_one_chunk_of_logits():
 def test_eval_step_in_chunks_matches_whole_logits(setup):
   """The validation loss of a run with train.loss_chunk_len: the same sums, both heads."""
   c, state, batch = setup
-  whole, chunked = (jax.jit(functools.partial(train.eval_step, m=c.model, chunk_len=n))(
-      state.params, state.moe_state, batch) for n in (0, 4))
+  chunks = c.copy_and_resolve_references()
+  chunks.train.loss_chunk_len = 4
+  whole, chunked = (jax.jit(functools.partial(train.eval_step, m=cfg.model, t=cfg.train))(
+      state.params, state.moe_state, batch) for cfg in (c, chunks))
   assert set(chunked) == set(whole) == {"ce_sum", "tokens", "mtp_ce_sum", "mtp_tokens"}
   for key in whole:
     np.testing.assert_allclose(chunked[key], whole[key], rtol=1e-6)
