@@ -154,3 +154,9 @@ def router_grad_precision(m: Any) -> Any:
 def dtype_of(name: str) -> jnp.dtype:
   """Returns the jnp dtype for a config dtype name."""
   return jnp.dtype(name)
+
+
+def logits_dtype(m: Any) -> jnp.dtype:
+  """The LM head's logits' dtype (`model.logits_dtype`, fp32 unless set): the model's and the
+  chunked loss's (ling_jax/train.py)."""
+  return dtype_of(m.get("logits_dtype", "float32"))

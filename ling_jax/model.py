@@ -140,7 +140,7 @@ class Ling2(nn.Module):
       x_BLD = x_BLD[:, -1:]
     hidden_BLD = layers.rms_norm(m, "final_norm")(x_BLD)
     lm_head = layers.dense(m, m.vocab_size, "lm_head")
-    logits_dtype = config_lib.dtype_of(m.get("logits_dtype", "float32"))
+    logits_dtype = config_lib.logits_dtype(m)
     logits_BLV = lm_head(hidden_BLD).astype(logits_dtype) if logits else None
 
     mtp_logits, mtp_hidden = [], []

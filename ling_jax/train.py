@@ -190,7 +190,7 @@ def chunked_cross_entropy_sum(hidden_BLD: jax.Array, targets_BL: jax.Array, mask
   the head's gradient is summed over the batch shards once.
   """
   dtype = config_lib.dtype_of(m.dtype)
-  logits_dtype = config_lib.dtype_of(m.get("logits_dtype", "float32"))
+  logits_dtype = config_lib.logits_dtype(m)
   with jax.named_scope("lm_head"):
     return _linear_cross_entropy(hidden_BLD, kernel_DV, targets_BL, mask_BL, chunk_len, dtype,
                                  logits_dtype)
