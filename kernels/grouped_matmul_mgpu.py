@@ -17,9 +17,11 @@ neighbours. Rows past the last group form an extra "tail" group whose output is 
 item the schedule records the group, the first row the tile reads (tiles near the end are shifted
 back so that reads stay inside the M rows, with no padding of the operands), and which rows of the
 tile the item owns. The kernel is persistent: each SM walks the (item, column tile) units with
-stride equal to the SM count. Each unit multiplies its R rows by the group's matrix and stores
-only the rows it owns, with a ladder of power-of-two TMA stores (TMA boxes are static, the row
-count is not), so items that read each other's rows never overwrite them.
+stride equal to the SM count, items in the schedule's order: small groups' items spread evenly
+among the large groups' (see `make_tile_schedule`). Each unit multiplies its R rows by the
+group's matrix and stores only the rows it owns, with a ladder of power-of-two TMA stores (TMA
+boxes are static, the row count is not), so items that read each other's rows never overwrite
+them.
 
 Kernel bodies that share the schedule and the store:
   - "ws": warp-specialised: a memory warpgroup issues TMA loads into a ring of `stages` buffers,
@@ -48,8 +50,10 @@ Kernel bodies that share the schedule and the store:
   - "pipe": one warpgroup, `plgpu.emit_pipeline` (simpler; kept as a fallback and a baseline).
 The epilogue of the "ws" bodies stores in slabs of `epi_n` columns through two SMEM slots: a
 slab's TMA store runs while the next slab is written, and the last ones while the next unit's
-main loop runs ("pp" uses one slot per warpgroup). Slabs narrower than the tile leave shared
-memory for a deeper ring.
+main loop runs. "pp" uses one slot per warpgroup unless `double_staging` (spec token "d") asks
+for two; its slabs may also be cut along rows (`epi_m`, token "r<rows>"), so that two slots of
+64 x 64 fit beside a 6-stage ring. Slabs narrower than the tile leave shared memory for a deeper
+ring.
 
 The weight gradient `tgmm` loops, per (group, K tile, N tile) unit, over the group's rows in
 chunks; chunks at the group's edges zero the rows of other groups in SMEM before the wgmma.
@@ -106,6 +110,8 @@ class TileConfig:
   resident_lhs: bool = False  # "pp" only: keep each item's lhs rows (all of K) in shared memory
   ordered: bool = False  # "pp" only: the compute warpgroups' main loops take strict turns
   multicast_lhs: bool = False  # "pp" only: 2-CTA clusters on neighbouring column tiles share lhs
+  double_staging: bool = False  # "pp" only: two epilogue staging slots per compute warpgroup
+  epi_m: int | None = None  # "pp" only: rows per epilogue store slab; None: all tile_m at once
 
   @property
   def splits_tile(self) -> bool:
@@ -126,10 +132,17 @@ class TileConfig:
   def epi_cols(self) -> int:
     return min(self.epi_n or self.tile_n, self.tile_n)
 
+  @property
+  def epi_rows(self) -> int:
+    return min(self.epi_m or self.wg_m, self.wg_m)
+
   def out_slots(self) -> int:
     """Staging slots per compute warpgroup: two let a slab's store overlap the next slab's
-    writes; "pp" takes one (its epilogue already overlaps the other warpgroup's wgmmas)."""
-    return 1 if self.epi_cols == self.tile_n or self.body == "pp" else 2
+    writes; "pp" takes one (its epilogue already overlaps the other warpgroup's wgmmas) unless
+    `double_staging` asks for two."""
+    if self.epi_cols == self.tile_n and self.epi_rows == self.wg_m:
+      return 1
+    return 2 if self.body != "pp" or self.double_staging else 1
 
   def smem_bytes(self, in_itemsize: int, out_itemsize: int, swiglu: bool = False,
                  k_dim: int = 0) -> int:
@@ -138,7 +151,7 @@ class TileConfig:
     ring = self.stages * (lhs_rows + self.cta_n * (2 if swiglu else 1)) * self.tile_k
     ring += self.tile_m * k_dim if self.resident_lhs else 0
     compute_wgs = 1 if self.body == "pipe" else 2
-    out = compute_wgs * self.out_slots() * self.wg_m * self.epi_cols * out_itemsize
+    out = compute_wgs * self.out_slots() * self.epi_rows * self.epi_cols * out_itemsize
     return ring * in_itemsize + out
 
   def fit_smem(self, in_itemsize: int, out_itemsize: int, swiglu: bool = False,
@@ -148,10 +161,12 @@ class TileConfig:
         self, lambda cfg: cfg.smem_bytes(in_itemsize, out_itemsize, swiglu, k_dim), _SMEM_BUDGET)
 
   def spec(self) -> str:
-    """The bench flag string: body:tile_m:tile_n:tile_k:stages[:m][:e<epi_n>][:a][:o][:c]."""
+    """The bench flag string: body:tile_m:tile_n:tile_k:stages[:m][:e<epi_n>][:r<epi_m>][:a][:o]
+    [:c][:d]."""
     extra = (":m" if self.split == "m" else "") + (f":e{self.epi_n}" if self.epi_n else "")
+    extra += f":r{self.epi_m}" if self.epi_m else ""
     extra += (":a" if self.resident_lhs else "") + (":o" if self.ordered else "")
-    extra += ":c" if self.multicast_lhs else ""
+    extra += (":c" if self.multicast_lhs else "") + (":d" if self.double_staging else "")
     return f"{self.body}:{self.tile_m}:{self.tile_n}:{self.tile_k}:{self.stages}{extra}"
 
 
@@ -164,37 +179,43 @@ def parse_tile_config(spec: str) -> TileConfig:
   if body not in _BODIES:
     raise ValueError(f"parse_tile_config: unknown body {body!r} in {spec!r}; expected one of "
                      f"{_BODIES}.")
-  split, epi_n, resident, ordered, multicast = "n", None, False, False, False
+  split, epi_n, resident, ordered, multicast, double = "n", None, False, False, False, False
+  epi_m = None
   for token in extra:
     if token == "m":
       split = "m"
     elif token.startswith("e"):
       epi_n = int(token[1:])
+    elif token.startswith("r"):
+      epi_m = int(token[1:])
     elif token == "a":
       resident = True
     elif token == "o":
       ordered = True
     elif token == "c":
       multicast = True
+    elif token == "d":
+      double = True
     else:
       raise ValueError(f"parse_tile_config: unknown token {token!r} in {spec!r}; expected 'm' "
-                       "(split rows), 'e<int>' (epilogue slab columns), 'a' (resident lhs), "
-                       "'o' (ordered main loops) or 'c' (2-CTA clusters sharing lhs).")
+                       "(split rows), 'e<int>' (epilogue slab columns), 'r<int>' (epilogue "
+                       "slab rows), 'a' (resident lhs), 'o' (ordered main loops), 'c' (2-CTA "
+                       "clusters sharing lhs) or 'd' (two epilogue staging slots).")
   if split == "m" and body not in ("ws", "ws_chain"):
     raise ValueError(f"parse_tile_config: {spec!r} splits rows ('m'), which only the 'ws' and "
                      "'ws_chain' bodies do; drop the 'm'.")
   if resident and body != "pp":
     raise ValueError(f"parse_tile_config: {spec!r} keeps lhs resident ('a'), which only the "
                      "'pp' body does; drop the 'a' or use body 'pp'.")
-  if (ordered or multicast) and body != "pp":
-    raise ValueError(f"parse_tile_config: {spec!r} asks for 'o' (ordered main loops) or 'c' "
-                     "(clusters sharing lhs), which only the 'pp' body has; drop them or use "
-                     "body 'pp'.")
+  if (ordered or multicast or double or epi_m) and body != "pp":
+    raise ValueError(f"parse_tile_config: {spec!r} asks for 'o' (ordered main loops), 'c' "
+                     "(clusters sharing lhs), 'd' (two staging slots) or 'r' (slab rows), which "
+                     "only the 'pp' body has; drop them or use body 'pp'.")
   if multicast and resident:
     raise ValueError(f"parse_tile_config: {spec!r} combines 'a' (resident lhs) with 'c' "
                      "(clusters sharing lhs); keep one of them.")
   return TileConfig(int(tm), int(tn), int(tk), int(stages), body, split, epi_n, resident, ordered,
-                    multicast)
+                    multicast, double, epi_m)
 
 
 # Chosen from measurements on an H200 on 2026-11-29 (experiments/bench_kernels.py; the figures are
@@ -210,14 +231,25 @@ def parse_tile_config(spec: str) -> TileConfig:
 # Session 6: L2 prefetches of the operands of later units lost in both calls (down fwd 486
 # against 513, up fwd 452 against 615; not kept). The table's kernels run at the board's 700 W
 # power cap (~1400-1470 MHz, tokamax's ~1860), so they are bound by energy per FLOP.
+# Session 16 (2026-12-01): the down projection's epilogue writes 4x the bytes per FLOP of the up
+# projection's, and its one staging slot made the second slab wait for the first one's store.
+# Two 128 x 64 slots (5 stages, "d") won it on a fast machine (562 / 555 / 580 against 526 / 530
+# / 536) but not on a slow one (514 against 520); two 64 x 64 slots beside the 6-stage ring, with
+# ordered main loops ("r64:o:d"), won on the slow one (5 rounds, balanced / Zipf: 553 / 483
+# against 520 / 470), then measured 566 and 555 on two machines (1.86x and 1.81x tokamax). The
+# other problems keep one slot: "d" lost on all three (up 610 against 614, dgrads 585 / 564
+# against 596 / 586); "r64:o:d" was timed on the up projection once (605 against 595).
 # Key: (K, N, transpose_rhs, dtype name) of the forward op as the kernel sees it.
 _PING_PONG = TileConfig(128, 128, 64, 6, "pp", epi_n=64)  # 6 x 32 KiB ring + 2 x 16 KiB staging
+# 6 x 32 KiB ring + 4 x 8 KiB staging
+_PING_PONG_2_SLOTS = TileConfig(128, 128, 64, 6, "pp", epi_n=64, ordered=True,
+                                double_staging=True, epi_m=64)
 TILE_CONFIGS: dict[tuple[int, int, bool, str], TileConfig] = {
     # Ling-mini up-projection (hidden 2048 -> gate+up 1024) and its dgrad.
     (2048, 1024, False, "bfloat16"): _PING_PONG,
     (1024, 2048, True, "bfloat16"): _PING_PONG,
     # Ling-mini down-projection (expert width 512 -> hidden 2048) and its dgrad.
-    (512, 2048, False, "bfloat16"): _PING_PONG,
+    (512, 2048, False, "bfloat16"): _PING_PONG_2_SLOTS,
     (2048, 512, True, "bfloat16"): _PING_PONG,
 }
 DEFAULT_TILE_CONFIG = TileConfig()
@@ -265,11 +297,24 @@ def max_schedule_items(num_rows: int, num_groups: int, tile_m: int) -> int:
   return pl.cdiv(num_rows + (_ROW_ALIGN - 1) * (num_groups + 1), tile_m) + num_groups + 1
 
 
-def make_tile_schedule(group_sizes_G: jax.Array, num_rows: int, tile_m: int) -> TileSchedule:
+# Groups of at most this many tiles are "small" for `make_tile_schedule`'s spread order.
+_SMALL_GROUP_TILES = 2
+
+
+def make_tile_schedule(group_sizes_G: jax.Array, num_rows: int, tile_m: int,
+                       spread: bool = True) -> TileSchedule:
   """Cuts each group's rows into tiles from its own (8-aligned) first row; the tail is group G.
 
   Needs num_rows >= tile_m and a multiple of 8 (the caller pads tiny inputs) and group sizes that
   sum to at most num_rows.
+
+  Item order: by group, unless `spread`, where the items of small groups (at most
+  `_SMALL_GROUP_TILES` tiles) are spread evenly among the others', each sequence keeping its own
+  order. The SMs take units in item order, so with items in group order a run of small groups is
+  a stretch where every unit reads weights no other unit shares, and the kernel waits on HBM
+  there (a model of 132-unit waves at 3.0 TB/s puts Zipf-skewed Ling-mini groups at -15% against
+  balanced ones in group order, -11% spread); spread, those weight reads overlap the large
+  groups' compute. With one kind of group only, the order is by group either way.
   """
   if num_rows < tile_m:
     raise ValueError(f"make_tile_schedule: num_rows={num_rows} < tile_m={tile_m}; pad first.")
@@ -281,18 +326,30 @@ def make_tile_schedule(group_sizes_G: jax.Array, num_rows: int, tile_m: int) -> 
   starts_H = ends_H - sizes_H
   base_H = starts_H - starts_H % _ROW_ALIGN
   tiles_H = jnp.where(sizes_H > 0, (ends_H - base_H + tile_m - 1) // tile_m, 0)
-  item_ends_H = jnp.cumsum(tiles_H)
-  item_starts_H = item_ends_H - tiles_H
+  # Small groups' items and large groups' items, each in group order, as one sequence of 2H
+  # groups: small ones first (none without `spread`). One cumsum and one search serve both
+  # orders: each launch is GPU time in every call.
+  small_H = (tiles_H <= _SMALL_GROUP_TILES) if spread else jnp.zeros_like(tiles_H, bool)
+  tiles_2H = jnp.concatenate([jnp.where(small_H, tiles_H, 0), jnp.where(small_H, 0, tiles_H)])
+  item_ends_2H = jnp.cumsum(tiles_2H)
+  num_small, num_items = item_ends_2H[num_groups], item_ends_2H[-1]
+  # Position r holds a small group's item when floor(r S / N) steps up there (S small items of
+  # N, evenly placed): small item floor(r S / N), else large item r - floor(r S / N), which is
+  # item S + r - floor(r S / N) of the 2H sequence.
   items_I = jnp.arange(max_schedule_items(num_rows, num_groups, tile_m), dtype=jnp.int32)
+  smalls_before_I = items_I * num_small // jnp.maximum(num_items, 1)
+  is_small_I = (items_I + 1) * num_small // jnp.maximum(num_items, 1) > smalls_before_I
+  seq_I = jnp.where(is_small_I, smalls_before_I, num_small + items_I - smalls_before_I)
   # All pairs compared at once: one small fusion on GPU, where the default binary search is a
   # while loop of several kernels per step, timed as part of every call.
-  group_I = jnp.searchsorted(item_ends_H, items_I, side="right", method="compare_all")
-  group_I = jnp.minimum(group_I.astype(jnp.int32), num_groups)
-  tile_start_I = base_H[group_I] + (items_I - item_starts_H[group_I]) * tile_m
+  slot_I = jnp.searchsorted(item_ends_2H, seq_I, side="right", method="compare_all")
+  slot_I = jnp.minimum(slot_I.astype(jnp.int32), 2 * num_groups + 1)
+  tile_in_group_I = seq_I - (item_ends_2H[slot_I] - tiles_2H[slot_I])
+  group_I = jnp.minimum(slot_I % (num_groups + 1), num_groups)
+  tile_start_I = base_H[group_I] + tile_in_group_I * tile_m
   read_start_I = jnp.minimum(tile_start_I, num_rows - tile_m)
   lo_I = jnp.maximum(starts_H[group_I], tile_start_I)
   hi_I = jnp.minimum(ends_H[group_I], tile_start_I + tile_m)
-  num_items = item_ends_H[-1]
   used_I = items_I < num_items
   own_rows_I = jnp.where(used_I, jnp.maximum(hi_I - lo_I, 0), 0)
   own_offset_I = jnp.where(used_I, lo_I - read_start_I, 0)
@@ -577,8 +634,8 @@ def _pp_body(cfg: TileConfig, transpose_rhs: bool, swiglu: bool, num_groups: int
   group_gmem, start_gmem, offset_gmem, rows_gmem, lhs_gmem, rhs_gmem, out_gmem = refs
   schedule_gmem = (group_gmem, start_gmem, offset_gmem, rows_gmem)
   tm, tn, tk, stages = cfg.tile_m, cfg.tile_n, cfg.tile_k, cfg.stages
-  epi_n = cfg.epi_cols
-  num_slabs = tn // epi_n
+  epi_m, epi_n = cfg.epi_rows, cfg.epi_cols
+  num_slabs = (tm // epi_m) * (tn // epi_n)
   k_steps = lhs_gmem.shape[1] // tk
   n_tiles = out_gmem.shape[1] // tn
   dtype = lhs_gmem.dtype
@@ -596,6 +653,8 @@ def _pp_body(cfg: TileConfig, transpose_rhs: bool, swiglu: bool, num_groups: int
     num_local = jnp.maximum(count_gmem[0] * n_tiles - sm + num_sms - 1, 0) // num_sms
     unit_of = lambda j: j * num_sms + sm
   lhs_slots = k_steps if resident else stages
+  # Two staging slots alternate only over an even slab count (every unit starts on slot 0).
+  pp_slots = cfg.out_slots() if num_slabs % 2 == 0 else 1
   # cfg.ordered: turn[w] says that warpgroup w may start its next unit's wgmmas.
   turns = {"turn": plgpu.Barrier(num_arrivals=1, num_barriers=2)} if cfg.ordered else {}
 
@@ -603,8 +662,8 @@ def _pp_body(cfg: TileConfig, transpose_rhs: bool, swiglu: bool, num_groups: int
       pl.run_scoped,
       lhs_smem=plgpu.SMEM((lhs_slots, tm, tk), dtype, transforms=_swizzled((tm, tk), dtype)),
       rhs_smem=plgpu.SMEM((stages, *rhs_block), dtype, transforms=_swizzled(rhs_block, dtype)),
-      out_smem=plgpu.SMEM((2, cfg.out_slots(), tm, epi_n), out_gmem.dtype,
-                          transforms=_swizzled((tm, epi_n), out_gmem.dtype, tile_rows=1)),
+      out_smem=plgpu.SMEM((2, pp_slots, epi_m, epi_n), out_gmem.dtype,
+                          transforms=_swizzled((epi_m, epi_n), out_gmem.dtype, tile_rows=1)),
       loaded=plgpu.Barrier(num_arrivals=2, num_barriers=2 * stages),  # [wg * stages + slot]
       # With multicast a slot is free once the step's owner in both CTAs released it.
       consumed=(plgpu.ClusterBarrier(collective_axes=("cluster",), num_arrivals=1,
@@ -695,12 +754,19 @@ def _pp_body(cfg: TileConfig, transpose_rhs: bool, swiglu: bool, num_groups: int
 
         def store_slabs(value):
           value = value.astype(out_smem.dtype)
-          for c in range(num_slabs):  # one staging slot: the last slab's store must have read it
-            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-            out_smem[wg, 0] = value[:, c * epi_n:(c + 1) * epi_n]
+          slabs = [(r, c) for r in range(tm // epi_m) for c in range(tn // epi_n)]
+          for i, (r, c) in enumerate(slabs):
+            # One slot: the last slab's store must have read it. Two, with an even slab count:
+            # slab i takes slot i % 2, last read by the store before the latest.
+            plgpu.wait_smem_to_gmem(1 if pp_slots == 2 else 0, wait_read_only=True)
+            slot = i % pp_slots
+            out_smem[wg, slot] = value[r * epi_m:(r + 1) * epi_m, c * epi_n:(c + 1) * epi_n]
             plgpu.commit_smem()
-            _store_rows(out_smem.at[wg, 0], out_gmem, u.start + u.offset, u.offset, u.rows,
-                        u.col_tile * tn + c * epi_n, tm)
+            # The owned rows [offset, offset + rows) of the tile that fall in this slab's rows.
+            lo = jnp.clip(u.offset, r * epi_m, (r + 1) * epi_m)
+            count = jnp.clip(u.offset + u.rows, r * epi_m, (r + 1) * epi_m) - lo
+            _store_rows(out_smem.at[wg, slot], out_gmem, u.start + lo, lo - r * epi_m, count,
+                        u.col_tile * tn + c * epi_n, epi_m)
 
         acc = pl.run_scoped(acc_scope, plgpu.ACC((tm, tn), jnp.float32))
         # The zero tail ran the loop too (every unit keeps the ring in step); it stores zeros.
@@ -739,7 +805,8 @@ def supports(lhs_MK: jax.Array, rhs_GKN: jax.Array, transpose_rhs: bool, out_dty
   slab_ok = cfg.epi_n is None or (fitted.epi_cols * out_itemsize) % 128 == 0
   split_ok = cfg.split in ("n", "m") if cfg.splits_tile else cfg.split == "n"
   tiles_ok = (split_ok and fitted.tile_n % fitted.epi_cols == 0 and slab_ok
-              and fitted.wg_m & (fitted.wg_m - 1) == 0 and fitted.wg_m % 64 == 0)
+              and fitted.wg_m & (fitted.wg_m - 1) == 0 and fitted.wg_m % 64 == 0
+              and fitted.epi_rows % 64 == 0 and fitted.wg_m % fitted.epi_rows == 0)
   return (fits and tiles_ok and lhs_MK.dtype == rhs_GKN.dtype
           and lhs_MK.dtype in (jnp.bfloat16, jnp.float16)
           and jnp.dtype(out_dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16),

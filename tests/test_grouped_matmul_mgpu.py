@@ -39,11 +39,16 @@ _SPLIT_M = mgpu.TileConfig(tile_m=128, tile_n=64, tile_k=64, stages=2, body="ws_
 # steps (stages may not exceed them) and 3 column tiles per item, so that an item's first unit
 # alternates between the warpgroups. "ordered_multicast": main loops in strict turns, and 2-CTA
 # clusters whose CTAs share every lhs step (each loads half, TMA multicast to both).
+# "double_staging": two epilogue slabs of 32 columns through two staging slots per warpgroup;
+# "row_slabs": four slabs of 64 rows x 32 columns through two slots, so that owned rows split
+# across slabs at ragged places.
 _PING_PONG = {
     "streamed": mgpu.TileConfig(tile_m=64, tile_n=64, tile_k=64, stages=3, body="pp"),
     "resident": mgpu.TileConfig(tile_m=64, tile_n=64, tile_k=64, stages=2, body="pp",
                                 resident_lhs=True),
     "ordered_multicast": mgpu.parse_tile_config("pp:64:64:64:3:o:c"),
+    "double_staging": mgpu.parse_tile_config("pp:64:64:64:3:e32:d"),
+    "row_slabs": mgpu.parse_tile_config("pp:128:64:64:3:e32:r64:d"),
 }
 _SMALL_WGRAD = mgpu.WgradConfig(tile_k=64, tile_n=64, chunk=64, stages=2)
 _INTERPRET = plgpu.InterpretGPUParams()
@@ -124,6 +129,23 @@ def test_schedule_tiles_each_group_from_its_own_start():
   np.testing.assert_array_equal(schedule.own_rows_I[:n], [100, 100, 100, 124, 88, 3, 5])
 
 
+def test_schedule_spreads_small_groups_among_large_ones():
+  """Small groups' items (at most 2 tiles) sit evenly among the large groups' items, each
+  sequence in its own order; without `spread`, items go by group."""
+  sizes = np.array([384, 64, 0, 100, 512, 60, 256], np.int32)  # 8 tail rows: 1384 of 1392 used
+  spread = mgpu.make_tile_schedule(jnp.asarray(sizes), 1392, 128)
+  by_group = mgpu.make_tile_schedule(jnp.asarray(sizes), 1392, 128, spread=False)
+  n = int(spread.num_items[0])
+  assert n == int(by_group.num_items[0]) == 14
+  np.testing.assert_array_equal(by_group.group_I[:n], [0, 0, 0, 1, 3, 4, 4, 4, 4, 4, 5, 6, 6, 7])
+  # Large: groups 0 (3 tiles) and 4 (5: rows 548-1059, tiled from 544); small: 1, 3, 5, 6 (2
+  # tiles) and the tail, group 7: 6 items, at the r where floor((r + 1) * 6 / 14) steps up.
+  np.testing.assert_array_equal(spread.group_I[:n], [0, 0, 1, 0, 3, 4, 5, 4, 4, 6, 4, 6, 4, 7])
+  # The same items, each with the same rows.
+  items = lambda s: sorted(zip(*(np.asarray(a[:n]).tolist() for a in s[:4])))
+  assert items(spread) == items(by_group)
+
+
 def test_schedule_balanced_is_one_item_per_tile():
   schedule = mgpu.make_tile_schedule(jnp.full((4,), 256, jnp.int32), 1024, 128)
   assert int(schedule.num_items[0]) == 8
@@ -198,6 +220,9 @@ def test_gmm_split_rows_and_slab_epilogue_interpret_matches_fp64(transpose):
     ("resident", True, *_SIZE_CASES["one_group_all_rows"]),
     ("streamed", False, *_SIZE_CASES["fewer_rows_than_tile"]),
     ("ordered_multicast", False, *_SIZE_CASES["ragged_with_tail"]),
+    ("double_staging", False, *_SIZE_CASES["ragged_with_tail"]),
+    ("row_slabs", True, *_SIZE_CASES["ragged_with_tail"]),
+    ("row_slabs", False, *_SPLIT_CASE),
 ])
 def test_gmm_ping_pong_interpret_matches_fp64(variant, transpose, num_rows, sizes):
   cfg = _PING_PONG[variant]
@@ -254,6 +279,14 @@ def test_tile_config_spec_round_trips_and_bad_tokens_fail():
   assert mgpu.parse_tile_config("pp:128:128:64:4:e64:a").resident_lhs
   cfg = mgpu.parse_tile_config("pp:128:128:64:6:e64:o:c")
   assert cfg.ordered and cfg.multicast_lhs and cfg.spec() == "pp:128:128:64:6:e64:o:c"
+  cfg = mgpu.parse_tile_config("pp:128:128:64:5:e64:d")
+  assert cfg.double_staging and cfg.out_slots() == 2 and cfg.spec() == "pp:128:128:64:5:e64:d"
+  assert mgpu.parse_tile_config("pp:128:128:64:6:e64").out_slots() == 1
+  cfg = mgpu.parse_tile_config("pp:128:128:64:6:e64:r64:d")
+  assert (cfg.epi_rows, cfg.spec()) == (64, "pp:128:128:64:6:e64:r64:d")
+  assert cfg.smem_bytes(2, 2) == 6 * 32768 + 2 * 2 * 64 * 64 * 2  # the ring and four 8 KiB slots
+  with pytest.raises(ValueError, match="only the 'pp' body has"):
+    mgpu.parse_tile_config("ws:128:128:64:4:r64")
   with pytest.raises(ValueError, match="unknown token 'x'"):
     mgpu.parse_tile_config("ws:128:128:64:4:x")
   with pytest.raises(ValueError, match="unknown body 'wss'"):
