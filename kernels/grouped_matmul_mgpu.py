@@ -236,7 +236,7 @@ def parse_tile_config(spec: str) -> TileConfig:
 # Two 128 x 64 slots (5 stages, "d") won it on a fast machine (562 / 555 / 580 against 526 / 530
 # / 536) but not on a slow one (514 against 520); two 64 x 64 slots beside the 6-stage ring, with
 # ordered main loops ("r64:o:d"), won on the slow one (5 rounds, balanced / Zipf: 553 / 483
-# against 520 / 470), then measured 566 and 555 on two machines (1.86x and 1.81x tokamax). The
+# against 520 / 470), then measured 566, 555 and 571 on three machines (1.81-1.86x tokamax). The
 # other problems keep one slot: "d" lost on all three (up 610 against 614, dgrads 585 / 564
 # against 596 / 586); "r64:o:d" was timed on the up projection once (605 against 595).
 # Key: (K, N, transpose_rhs, dtype name) of the forward op as the kernel sees it.
