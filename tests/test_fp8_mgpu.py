@@ -66,27 +66,31 @@ def _assert_close(out, ref, rtol):
   np.testing.assert_array_less(np.abs(out - ref) / scale, rtol)
 
 
-@pytest.mark.parametrize("case", ["ragged_with_tail", "ragged_with_tail_bf16", "all_empty"])
+@pytest.mark.parametrize("case", ["ragged_with_tail", "ragged_with_tail_bf16", "all_empty",
+                                  "spread"])
 def test_grouped_kernel_matches_fp64(case):
   """Empty groups, groups under a tile, a shared tile, unaligned M and zero tail rows; two wgmma
   accumulators per warpgroup (acc_cols) in the ragged cases, each written through its own output
   tile, in fp32 and in bf16 (the model's dtype: on the GPU a column slice of one swizzled bf16
-  tile was written wrongly, which interpret mode, without swizzle, cannot show; session 8)."""
+  tile was written wrongly, which interpret mode, without swizzle, cannot show; session 8).
+  "spread": a 4-tile group beside 1- and 2-tile ones, whose items the schedule spreads among
+  the large group's (out of group order)."""
   out_dtype, rtol = (jnp.bfloat16, 2**-8) if case.endswith("bf16") else (jnp.float32, 1e-5)
   case = case.removesuffix("_bf16")
-  m_dim, sizes = {"ragged_with_tail": (203, [0, 70, 3, 0, 100]), "all_empty": (64, [0, 0])}[case]
+  m_dim, sizes = {"ragged_with_tail": (203, [0, 70, 3, 0, 100]), "all_empty": (64, [0, 0]),
+                  "spread": (330, [0, 200, 3, 0, 100])}[case]
   rng = np.random.default_rng(len(case))
   # N = 256 where there are rows: two column tiles, each in its own block of B (its own scale).
-  n_dim = 256 if case == "ragged_with_tail" else 128
+  n_dim = 128 if case == "all_empty" else 256
   (a_q, sa, b_q, sb), (a_MK, b_GNK) = _operands(rng, m_dim, 256, n_dim, len(sizes))
   # "m" order walks row tiles in bands (the dense kernel's L2 order); it must cover every unit.
   # Two wgmma accumulators per warpgroup (acc_cols) where there are rows.
   # In bf16, 128 columns per warpgroup in two 64-column accumulators, as the tuned tilings.
   bf16 = out_dtype == jnp.bfloat16
   cfg = mgpu.Fp8TileConfig(tile_m=64, tile_n=128 if bf16 else 64, stages=2, grid_minor="m",
-                           grid_width=2, acc_cols=(64 if bf16 else 32) if case == "ragged_with_tail"
+                           grid_width=2, acc_cols=(64 if bf16 else 32) if case != "all_empty"
                            else 0)
-  assert cfg.wg_shape[1] // cfg.acc_n == (2 if case == "ragged_with_tail" else 1)
+  assert cfg.wg_shape[1] // cfg.acc_n == (1 if case == "all_empty" else 2)
   out = mgpu.gmm_fp8(a_q, sa.T, b_q, jnp.swapaxes(sb, 1, 2), jnp.asarray(sizes, jnp.int32),
                      out_dtype=out_dtype, config=cfg, interpret=_INTERPRET, num_sms=3)
   assert out.shape == (m_dim, n_dim) and out.dtype == out_dtype

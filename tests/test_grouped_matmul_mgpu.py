@@ -61,6 +61,9 @@ _SIZE_CASES = {
     "all_empty": (128, [0, 0]),
     "fewer_rows_than_tile": (20, [5, 0, 15]),
 }
+# With 64-row tiles a large group (4 tiles) and small ones (1-2 tiles, the tail's included), so
+# that the schedule spreads the small groups' items among the large one's.
+_SPREAD_CASE = (330, [0, 200, 3, 0, 100])
 # Starts off the 8-row grid, groups inside one 64-row half of a tile (the other warpgroup skips),
 # an empty group, and 24 tail rows.
 _SPLIT_CASE = (264, [7, 60, 1, 0, 66, 64, 2, 40])
@@ -146,6 +149,14 @@ def test_schedule_spreads_small_groups_among_large_ones():
   assert items(spread) == items(by_group)
 
 
+def test_spread_case_leaves_group_order():
+  """_SPREAD_CASE, which the kernel tests run, has items out of group order."""
+  num_rows, sizes = _SPREAD_CASE
+  schedule = mgpu.make_tile_schedule(jnp.asarray(sizes, jnp.int32), num_rows, 64)
+  groups = np.asarray(schedule.group_I[:int(schedule.num_items[0])])
+  assert (np.diff(groups) < 0).any()
+
+
 def test_schedule_balanced_is_one_item_per_tile():
   schedule = mgpu.make_tile_schedule(jnp.full((4,), 256, jnp.int32), 1024, 128)
   assert int(schedule.num_items[0]) == 8
@@ -223,6 +234,7 @@ def test_gmm_split_rows_and_slab_epilogue_interpret_matches_fp64(transpose):
     ("double_staging", False, *_SIZE_CASES["ragged_with_tail"]),
     ("row_slabs", True, *_SIZE_CASES["ragged_with_tail"]),
     ("row_slabs", False, *_SPLIT_CASE),
+    ("streamed", False, *_SPREAD_CASE),
 ])
 def test_gmm_ping_pong_interpret_matches_fp64(variant, transpose, num_rows, sizes):
   cfg = _PING_PONG[variant]
