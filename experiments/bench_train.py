@@ -28,7 +28,9 @@ per-layer speed, should it fit in memory.
 
 Writes `results.jsonl` (one line per variant) and `summary.md` to --out_dir, and per variant its
 profile (`<name>.trace.json.gz`, Perfetto JSON) and compiled HLO (`<name>.hlo.txt.gz`), from which
-`ling_jax.profiling.breakdown` re-reads the breakdown offline.
+`ling_jax.profiling.breakdown` re-reads the breakdown offline. A variant that raises (out of
+memory, say) is logged with its traceback and the others run on; the summary lists it with its
+error, and the run exits with status 1 once everything else is written.
 """
 
 import copy
@@ -235,8 +237,9 @@ def run_variant(config: Any, source: Any, name: str, out_dir: str,
 
 
 def markdown(results: list[dict[str, Any]], projections: list[dict[str, Any]],
-             curves: list[dict[str, Any]] = ()) -> str:
-  """Returns the results as Markdown tables."""
+             curves: list[dict[str, Any]] = (),
+             failures: list[tuple[str, BaseException]] = ()) -> str:
+  """Returns the results as Markdown tables, the failed variants' errors after the first."""
   lines = ["| variant | layers | params | step (ms) | tokens/s | MFU | peak mem (GiB) "
            "| compile (s) | routing max violation |",
            "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -249,6 +252,7 @@ def markdown(results: list[dict[str, Any]], projections: list[dict[str, Any]],
     lines.append(f"| {r['name']} | {r['layers']} | {r['params'] / 1e9:.2f}B | {r['step_ms']:.1f} "
                  f"| {r['tokens_per_s']:,.0f} | {r['mfu']:.1%} | {mem} | {r['compile_s']:.0f} "
                  f"| {vio} |")
+  lines += profiling.failure_rows(list(failures))
   if projections:
     lines += ["", "| projected to | ms per layer | fixed ms | step (ms) | tokens/s | MFU |",
               "|---|---:|---:|---:|---:|---:|"]
@@ -320,7 +324,7 @@ def main(argv: list[str]) -> None:
     source = data_lib.SyntheticBatches(t.batch_size, t.seq_len, base.model.vocab_size, t.seed)
   full = variant_config(base, "none", _FULL_DEPTH.value).model
   start_state = copy.deepcopy(source.get_state())  # Every variant starts from the same batch.
-  results = []
+  results, failures = [], []
   for spec, quant, overrides in variants:
     for depth in depths:
       gc.collect()  # The last variant's state and executables go before this one allocates.
@@ -342,6 +346,7 @@ def main(argv: list[str]) -> None:
         where = "".join(traceback.format_exception(e)[-12:])
         metrics_lib.log("[%s] failed: %s: %s\n%s", name, type(e).__name__, str(e)[:2000],
                         where[-4000:])
+        failures.append((name, e))
         continue
       result["variant"] = spec  # The --quants entry, by which results are grouped.
       result["_full_flops_ratio"] = (scaling.flops_per_token(full, t.seq_len)
@@ -351,10 +356,13 @@ def main(argv: list[str]) -> None:
         f.write(json.dumps({k: v for k, v in result.items() if not k.startswith("_")}) + "\n")
   projections = profiling.project_to_depth(results, _FULL_DEPTH.value, _PEAK.value)
   curves = profiling.compare_losses(results, _LOSS_WINDOW.value, _LOSS_TOLERANCE.value)
-  table = markdown(results, projections, curves)
+  table = markdown(results, projections, curves, failures)
   with open(os.path.join(_OUT_DIR.value, "summary.md"), "w") as f:
     f.write(table)
   print(table, flush=True)
+  if failures:  # The others' figures are written; the exit status says the run was not whole.
+    raise SystemExit(f"{len(failures)} of {len(failures) + len(results)} variants failed: "
+                     f"{', '.join(name for name, _ in failures)} (their tracebacks are above).")
 
 
 if __name__ == "__main__":

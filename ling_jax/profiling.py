@@ -204,6 +204,19 @@ def format_breakdown(summary: dict[str, Any], step_ms: float | None = None) -> s
   return "\n".join(lines)
 
 
+def failure_rows(failures: list[tuple[str, BaseException]]) -> list[str]:
+  """Markdown lines naming each benchmark variant that raised, with its error's first line (the
+  log has the traceback), so that a summary table never reads as if they had not been asked for."""
+  if not failures:
+    return []
+  lines = ["", "Variants that failed (tracebacks in the log):", "", "| variant | error |",
+           "|---|---|"]
+  for name, error in failures:
+    first = (str(error).strip().splitlines() or [""])[0][:200].replace("|", "\\|")
+    lines.append(f"| {name} | {type(error).__name__}: {first} |")
+  return lines
+
+
 def parse_variant(spec: str, model: Any) -> tuple[str, dict[str, Any]]:
   """Splits a `--quants` entry, `quant[+field=value...]`, into the quant and model overrides.
 

@@ -215,6 +215,16 @@ def test_bench_train_refuses_bad_flags_before_it_starts(tmp_path, flags, message
   assert not out.exists()  # refused before anything is written or compiled
 
 
+def test_failed_variants_are_listed_with_their_errors():
+  assert profiling.failure_rows([]) == []
+  lines = profiling.failure_rows([
+      ("none-L8", RuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 77 GiB\nmore")),
+      ("fp8_blockwise-L8", AssertionError())])
+  assert "| none-L8 | RuntimeError: RESOURCE_EXHAUSTED: Out of memory allocating 77 GiB |" in lines
+  assert "| fp8_blockwise-L8 | AssertionError:  |" in lines
+  assert lines[-3].startswith("|---|")
+
+
 def test_variant_specs_carry_typed_model_overrides():
   model = ml_collections.ConfigDict({"quant": "none", "embedding_backward": "sorted",
                                      "num_hidden_layers": 2, "unroll_layers": False})
