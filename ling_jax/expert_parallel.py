@@ -81,7 +81,7 @@ def _expert_ffn(x_TD, expert_ids_TK, weights_TK, w_gate_up_EDF2, w_down_EFD, *, 
   if num_experts % num_shards:
     raise ValueError(f"expert_ffn: {num_experts} experts do not split over the {num_shards} "
                      "devices of the 'expert' mesh axis; fix config.mesh.expert.")
-  batch_axes = tuple(a for a in sharding.BATCH_AXES if shape.get(a, 1) > 1)
+  batch_axes = sharding.split_batch_axes(shape)
   token_spec = P(batch_axes or None)
   local = functools.partial(_local_expert_ffn, num_shards=num_shards, backend=backend,
                             impl=all_to_all_impl(all_to_all), quant=quant,

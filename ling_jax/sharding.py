@@ -176,9 +176,14 @@ def tree_shardings(tree: Any, mesh: Mesh) -> Any:
   return jax.tree_util.tree_map_with_path(leaf_sharding, tree)
 
 
+def split_batch_axes(sizes: Any) -> tuple[str, ...]:
+  """The batch axes (data, fsdp, expert) that `sizes` (a mesh's shape) splits, in order."""
+  return tuple(a for a in BATCH_AXES if sizes.get(a, 1) > 1)
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   """Returns the sharding of [B, ...] batch arrays: rows split over data x fsdp x expert."""
-  return NamedSharding(mesh, P(tuple(a for a in BATCH_AXES if mesh.shape[a] > 1) or None))
+  return NamedSharding(mesh, P(split_batch_axes(mesh.shape) or None))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

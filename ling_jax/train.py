@@ -245,7 +245,7 @@ def _linear_cross_entropy_fwd(hidden_BLD, kernel_DV, targets_BL, mask_BL, chunk_
                            logits_dtype=logits_dtype, with_grads=True)
   mesh = jax.sharding.get_abstract_mesh()
   shape = {} if mesh.empty else dict(mesh.shape)
-  batch_axes = tuple(a for a in sharding.BATCH_AXES if shape.get(a, 1) > 1)
+  batch_axes = sharding.split_batch_axes(shape)
   num_shards = math.prod(shape[a] for a in batch_axes)
   if not batch_axes or shape.get("tensor", 1) > 1 or hidden_BLD.shape[0] % num_shards:
     total, (dh_BLD, dkernel_DV) = scan(hidden_BLD, kernel_DV, targets_BL, mask_BL)
