@@ -130,12 +130,6 @@ def _kernel_gmm(backend: str, fn: str, k_dim: int, n_dim: int, out_dtype):
   return call
 
 
-def _fit_group_sizes(group_sizes_G: jax.Array, num_rows: int) -> jax.Array:
-  """Clips sizes so that groups end within the M rows (as `grouped_matmul` does)."""
-  ends_G = jnp.minimum(jnp.cumsum(jnp.maximum(group_sizes_G.astype(jnp.int32), 0)), num_rows)
-  return jnp.diff(ends_G, prepend=jnp.zeros((1,), jnp.int32))
-
-
 def _check_e4m3(fn: str, **operands: jax.Array) -> None:
   for name, q in operands.items():
     if q.dtype != fq.E4M3:
@@ -209,7 +203,7 @@ def fp8_grouped_matmul(a_q_MK: jax.Array, a_scale_MKt: jax.Array, b_q_GNK: jax.A
   kernel = _kernel_gmm(backend, fn, k_dim, n_dim, out_dtype)
   if kernel is not None:
     return kernel(a_q_MK, a_scale_MKt.T, b_q_GNK, jnp.swapaxes(b_scale_GNtKt, 1, 2),
-                  _fit_group_sizes(group_sizes_G, m_dim), b_scaling="block")
+                  gmm_lib.fit_group_sizes(group_sizes_G, m_dim), b_scaling="block")
   a_MK = fq.dequantize_tiles(a_q_MK, a_scale_MKt)
   b_GKN = jnp.swapaxes(fq.dequantize_blocks(b_q_GNK, b_scale_GNtKt), 1, 2)
   return gmm_lib.grouped_matmul(a_MK, b_GKN, group_sizes_G, preferred_element_type=out_dtype,
@@ -297,7 +291,7 @@ def fp8_transposed_grouped_matmul(
   kernel = _kernel_tgmm(resolved, fn, a_q_KM.shape[0], b_q_NM.shape[0], out_dtype, row_align)
   if kernel is not None:
     return kernel(a_q_KM, a_scale_KC, b_q_NM, b_scale_NC,
-                  _fit_group_sizes(group_sizes_G, a_q_KM.shape[1]))
+                  gmm_lib.fit_group_sizes(group_sizes_G, a_q_KM.shape[1]))
   dtype = jnp.float32 if resolved == "reference" else jnp.bfloat16
   a_MK = fq.dequantize_rows_transposed(a_q_KM, a_scale_KC, tile_ids_M, dtype).T
   b_MN = fq.dequantize_rows_transposed(b_q_NM, b_scale_NC, tile_ids_M, dtype).T

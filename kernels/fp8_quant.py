@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
+from kernels.grouped_matmul import prefix_sum
 from kernels.grouped_matmul import swiglu_f32
 from kernels.grouped_matmul import swiglu_grad_f32
 
@@ -217,9 +218,9 @@ def row_tile_ids(num_rows: int, group_sizes_G: jax.Array | None = None,
     return jnp.arange(num_rows, dtype=jnp.int32) // tile, pl.cdiv(num_rows, tile)
   sizes_G = group_sizes_G.astype(jnp.int32)
   sizes_G1 = jnp.concatenate([sizes_G, (num_rows - jnp.sum(sizes_G))[None]])
-  ends_G1 = jnp.cumsum(sizes_G1)
+  ends_G1 = prefix_sum(sizes_G1)
   tiles_G1 = (sizes_G1 + tile - 1) // tile
-  tile_starts_G1 = jnp.cumsum(tiles_G1) - tiles_G1
+  tile_starts_G1 = prefix_sum(tiles_G1) - tiles_G1
   rows_M = jnp.arange(num_rows, dtype=jnp.int32)
   # All [M, G + 1] comparisons in one fusion: the default binary search is a while loop of
   # log2(G) steps on the GPU.

@@ -68,6 +68,7 @@ from kernels.fp8_gemm_mgpu import mma_promote
 from kernels.fp8_gemm_mgpu import store_sums
 from kernels.fp8_gemm_mgpu import swizzled
 from kernels.fp8_gemm_mgpu import zero_sums
+from kernels.grouped_matmul import prefix_sum
 from kernels.grouped_matmul_mgpu import device_num_sms
 from kernels.grouped_matmul_mgpu import shrink_to_fit
 
@@ -363,7 +364,7 @@ def group_tiles(group_sizes_G: jax.Array) -> tuple[jax.Array, jax.Array]:
   """Each group's first row and first 128-row tile (`fp8_quant.row_tile_ids`' numbering)."""
   sizes_G = group_sizes_G.astype(jnp.int32)
   tiles_G = (sizes_G + TILE_M - 1) // TILE_M
-  return jnp.cumsum(sizes_G) - sizes_G, jnp.cumsum(tiles_G) - tiles_G
+  return prefix_sum(sizes_G) - sizes_G, prefix_sum(tiles_G) - tiles_G
 
 
 @functools.partial(jax.jit, static_argnames=("row_align", "out_dtype", "config", "interpret",

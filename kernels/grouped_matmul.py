@@ -538,9 +538,31 @@ def _check_tile_m(tile_m: int, fn: str) -> None:
     raise ValueError(f"{fn}: tile_m must be a positive int, got {tile_m!r}.")
 
 
-def _fit_group_sizes(group_sizes_G: jax.Array, num_rows: int) -> jax.Array:
+# Longest vector `prefix_sum` sums as all pairs (its [N, N] masked sum); longer ones use cumsum.
+_PAIRWISE_PREFIX_MAX = 4096
+
+
+def prefix_sum(x_N: jax.Array) -> jax.Array:
+  """Inclusive cumulative sum of a short vector (group sizes, tile counts): out[i] = x[:i+1].sum().
+
+  As one masked sum over all [N, N] pairs, which XLA fuses into a single small reduction. On an
+  H200, `jnp.cumsum` of 256 group sizes (XLA's reduce-window lowering) added ~100 us to each
+  grouped GEMM call that clipped its group sizes with it: 20% of the Ling-mini down
+  projection (BENCHMARKS.md, blockwise FP8, session 17). Vectors past _PAIRWISE_PREFIX_MAX
+  elements take `jnp.cumsum`.
+  """
+  n = x_N.shape[0]
+  if n > _PAIRWISE_PREFIX_MAX:
+    return jnp.cumsum(x_N)
+  idx_N = jnp.arange(n, dtype=jnp.int32)
+  upto_NN = idx_N[None, :] <= idx_N[:, None]  # [i, j]: j <= i
+  return jnp.sum(jnp.where(upto_NN, x_N[None, :], jnp.zeros((), x_N.dtype)), axis=1,
+                 dtype=x_N.dtype)
+
+
+def fit_group_sizes(group_sizes_G: jax.Array, num_rows: int) -> jax.Array:
   """Clips sizes so that groups end within the M rows; rows past the last group stay zero."""
-  ends_G = jnp.minimum(jnp.cumsum(jnp.maximum(group_sizes_G.astype(jnp.int32), 0)), num_rows)
+  ends_G = jnp.minimum(prefix_sum(jnp.maximum(group_sizes_G.astype(jnp.int32), 0)), num_rows)
   return jnp.diff(ends_G, prepend=jnp.zeros((1,), jnp.int32))
 
 
@@ -598,7 +620,7 @@ def grouped_matmul(
   if lhs_MK.shape[0] == 0:
     return jnp.zeros((0, rhs_GKN.shape[2]), out_dtype)
   cfg = _Config(out_dtype, tile_m, _resolve_backend(backend), transpose_rhs=False)
-  return _gmm(cfg, lhs_MK, rhs_GKN, _fit_group_sizes(group_sizes_G, lhs_MK.shape[0]))
+  return _gmm(cfg, lhs_MK, rhs_GKN, fit_group_sizes(group_sizes_G, lhs_MK.shape[0]))
 
 
 def transposed_grouped_matmul(
@@ -646,7 +668,7 @@ def transposed_grouped_matmul(
   if lhs_MK.shape[0] == 0:
     return jnp.zeros((group_sizes_G.shape[0], lhs_MK.shape[1], rhs_MN.shape[1]), out_dtype)
   cfg = _Config(out_dtype, tile_m, _resolve_backend(backend), transpose_rhs=False)
-  return _tgmm(cfg, lhs_MK, rhs_MN, _fit_group_sizes(group_sizes_G, lhs_MK.shape[0]))
+  return _tgmm(cfg, lhs_MK, rhs_MN, fit_group_sizes(group_sizes_G, lhs_MK.shape[0]))
 
 
 def grouped_matmul_swiglu(
@@ -686,7 +708,7 @@ def grouped_matmul_swiglu(
   if lhs_MK.shape[0] == 0:
     return jnp.zeros((0, rhs_GKN.shape[2] // 2), out_dtype)
   cfg = _Config(out_dtype, tile_m, _resolve_backend(backend), transpose_rhs=False)
-  return _gmm_swiglu(cfg, lhs_MK, rhs_GKN, _fit_group_sizes(group_sizes_G, lhs_MK.shape[0]))
+  return _gmm_swiglu(cfg, lhs_MK, rhs_GKN, fit_group_sizes(group_sizes_G, lhs_MK.shape[0]))
 
 
 def fused_swiglu_wins(backend: str, dtype, k_dim: int, n_dim: int) -> bool:

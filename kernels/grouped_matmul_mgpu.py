@@ -80,6 +80,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from kernels.grouped_matmul import prefix_sum
+
 
 def shrink_to_fit(cfg: Any, smem_bytes: Callable[[Any], int], budget: int) -> Any:
   """Returns `cfg` (a tiling dataclass with `stages` and `tile_n`) with pipeline stages dropped
@@ -322,16 +324,16 @@ def make_tile_schedule(group_sizes_G: jax.Array, num_rows: int, tile_m: int,
   sizes_G = group_sizes_G.astype(jnp.int32)
   tail = num_rows - jnp.sum(sizes_G)
   sizes_H = jnp.concatenate([sizes_G, tail[None]])  # H = G + 1 groups, tail last
-  ends_H = jnp.cumsum(sizes_H)
+  ends_H = prefix_sum(sizes_H)
   starts_H = ends_H - sizes_H
   base_H = starts_H - starts_H % _ROW_ALIGN
   tiles_H = jnp.where(sizes_H > 0, (ends_H - base_H + tile_m - 1) // tile_m, 0)
   # Small groups' items and large groups' items, each in group order, as one sequence of 2H
-  # groups: small ones first (none without `spread`). One cumsum and one search serve both
+  # groups: small ones first (none without `spread`). One prefix sum and one search serve both
   # orders: each launch is GPU time in every call.
   small_H = (tiles_H <= _SMALL_GROUP_TILES) if spread else jnp.zeros_like(tiles_H, bool)
   tiles_2H = jnp.concatenate([jnp.where(small_H, tiles_H, 0), jnp.where(small_H, 0, tiles_H)])
-  item_ends_2H = jnp.cumsum(tiles_2H)
+  item_ends_2H = prefix_sum(tiles_2H)
   num_small, num_items = item_ends_2H[num_groups], item_ends_2H[-1]
   # Position r holds a small group's item when floor(r S / N) steps up there (S small items of
   # N, evenly placed): small item floor(r S / N), else large item r - floor(r S / N), which is
@@ -987,7 +989,7 @@ def tgmm(lhs_MK: jax.Array, rhs_MN: jax.Array, group_sizes_G: jax.Array, *, out_
   if padded_rows != num_rows:
     lhs_MK = jnp.pad(lhs_MK, ((0, padded_rows - num_rows), (0, 0)))
     rhs_MN = jnp.pad(rhs_MN, ((0, padded_rows - num_rows), (0, 0)))
-  ends_G = jnp.cumsum(group_sizes_G.astype(jnp.int32))
+  ends_G = prefix_sum(group_sizes_G.astype(jnp.int32))
   starts_G = ends_G - group_sizes_G.astype(jnp.int32)
   kernel = plgpu.kernel(
       functools.partial(_tgmm_body, cfg),

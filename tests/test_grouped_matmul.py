@@ -252,6 +252,28 @@ def test_group_sizes_over_m_are_clipped():
   _assert_close(out_MN, _np_gmm(lhs_MK, rhs_GKN, [8, 9, 3]), 1e-5)
 
 
+@pytest.mark.parametrize("n, dtype", [(1, jnp.int32), (257, jnp.int32), (514, jnp.int32),
+                                      (300, jnp.float32), (4097, jnp.int32)])
+def test_prefix_sum_matches_numpy_cumsum(n, dtype, monkeypatch):
+  """The pairwise prefix sum (and, past _PAIRWISE_PREFIX_MAX, cumsum) against NumPy, with
+  negative and zero entries; 4097 once with the pairwise sum forced too."""
+  rng = np.random.default_rng(n)
+  x = rng.integers(-50, 400, n).astype(np.dtype(dtype))
+  want = np.cumsum(x, dtype=np.dtype(dtype))
+  got = jax.jit(gmm_lib.prefix_sum)(jnp.asarray(x))
+  assert got.dtype == dtype
+  np.testing.assert_array_equal(np.asarray(got), want)
+  if n > gmm_lib._PAIRWISE_PREFIX_MAX:
+    monkeypatch.setattr(gmm_lib, "_PAIRWISE_PREFIX_MAX", n)
+    np.testing.assert_array_equal(np.asarray(gmm_lib.prefix_sum(jnp.asarray(x))), want)
+
+
+def test_fit_group_sizes_clips_at_m():
+  sizes = jnp.asarray([5, -1, 300, 0, 900, 7, 0, 3], jnp.int32)
+  np.testing.assert_array_equal(np.asarray(gmm_lib.fit_group_sizes(sizes, 1024)),
+                                [5, 0, 300, 0, 719, 0, 0, 0])
+
+
 def test_reference_tiles_shrink_to_the_average_group():
   assert gmm_lib._reference_tile_rows(16384, 32, 128) == 128
   assert gmm_lib._reference_tile_rows(2048, 256, 128) == 8
