@@ -46,6 +46,11 @@ Two flags take the rest of the idle time (session 10; the tuned tilings set both
     with `wg_split="m"` and 64-column accumulators that is 2 x 32 registers a thread beside
     the 128 of the running sum.
 
+`double_staging` gives each accumulator two output tiles in shared memory, used by alternate
+units, so that a unit's epilogue need not wait for the previous unit's stores to read theirs
+(the bf16 ping-pong body's down projection gained 6-7% from its two slots). Here it was level or
+worse (session 17), and no tuned tiling sets it.
+
 Split-K (`gmm_fp8`'s k_splits, session 12): unit (split, item, column tile) contracts one
 k_splits-th of K into its own fp32 partial output, added after the kernel. It is for outputs with
 fewer tiles than SMs over a long K (the shared expert's weight gradients: 32 and 64 tiles of a
@@ -111,6 +116,15 @@ class Fp8TileConfig:
   # current one (two accumulators of partial sums in flight), so a warpgroup's promotion
   # arithmetic overlaps its own next wgmma. Without it, each wgmma is waited before the next.
   overlap: bool = False
+  # Two output tiles per accumulator, used by alternate units (spec token "d"): a unit's
+  # epilogue then waits only for the stores of the unit before the previous one to have read
+  # their tile, not for the previous unit's.
+  double_staging: bool = False
+
+  @property
+  def out_slots(self) -> int:
+    """Output tiles in shared memory per accumulator of each compute warpgroup."""
+    return 2 if self.double_staging else 1
 
   @property
   def wg_shape(self) -> tuple[int, int]:
@@ -132,7 +146,8 @@ class Fp8TileConfig:
   def smem_bytes(self, out_itemsize: int) -> int:
     operands = (self.tile_m + self.cta_n) * TILE_K  # e4m3: 1 byte each
     scales = (self.tile_m + self.cta_n) * 4  # the column vector, in case it is used
-    return self.stages * (operands + scales) + 2 * self.tile_m * self.tile_n * out_itemsize
+    out = 2 * self.out_slots * self.tile_m * self.tile_n * out_itemsize
+    return self.stages * (operands + scales) + out
 
   def fit_smem(self, out_itemsize: int) -> "Fp8TileConfig":
     """Drops stages (not below 2), then halves tile_n, until shared memory fits."""
@@ -149,12 +164,19 @@ class Fp8TileConfig:
 # GEMM 757 / 608): 128 x 128 units split by rows with 64-column accumulators, the pipeline
 # chained across units and each promotion overlapping the next wgmma, 941 (up) / 697 (down)
 # against 931 / 569 for the session 6 tiling; chaining alone gave the down projection 633-661.
+# Session 17 (three calls on three machines, bf16 out, balanced): one 64 x 128 accumulator per
+# warpgroup (no overlap) beat _EXPERTS' two 64 x 64 on both: up 942 / 949 / 981 against
+# 920 / 919 / 948; down, with bands 16 row tiles wide, 692 / 738 against 664 / 701. Two output
+# slots (`double_staging`) were level or worse (down 674-739, up 878-972).
 # Absent shapes take the default, narrowed by `fit_smem` and by N.
 _EXPERTS = Fp8TileConfig(tile_n=64, stages=4, grid_minor="m", grid_width=4, wg_split="m",
                          acc_cols=64, chain=True, overlap=True)
+_EXPERTS_FWD = Fp8TileConfig(tile_n=64, stages=4, grid_minor="m", grid_width=4, wg_split="m",
+                             acc_cols=128, chain=True)
 TILE_CONFIGS: dict[tuple[int, int, str], Fp8TileConfig] = {
-    (2048, 1024, "bfloat16"): _EXPERTS,  # Ling-mini expert gate+up
-    (512, 2048, "bfloat16"): _EXPERTS,  # Ling-mini expert down
+    (2048, 1024, "bfloat16"): _EXPERTS_FWD,  # Ling-mini expert gate+up
+    # Ling-mini expert down
+    (512, 2048, "bfloat16"): dataclasses.replace(_EXPERTS_FWD, grid_width=16),
     # Their input gradients (session 10, second call): 836 for the session 6 default tiling
     # (the others within 1%), 841 for _EXPERTS' (bf16: 624 / 614).
     (1024, 2048, "bfloat16"): Fp8TileConfig(grid_minor="m", grid_width=16, acc_cols=64),
@@ -408,9 +430,10 @@ def _kernel_body(cfg: Fp8TileConfig, num_groups: int, scalar_sb: bool, k_splits:
       pl.run_scoped,
       allocs=pipeline(ignore, ignore, 0, plgpu.PipelinePipeline.START if cfg.chain else None
                       ).get_allocations(*operands(0, 0)),
-      # [warpgroup, accumulator]: one output tile per accumulator (`store_sums`). (Mosaic
-      # GPU's layout inference rejects 64-row stores into a swizzled tile.)
-      out_smem=plgpu.SMEM((2, wg_cols // acc_n, wg_rows, acc_n), out_gmem.dtype,
+      # [warpgroup, slot, accumulator]: one output tile per accumulator (`store_sums`), and
+      # per slot (`double_staging`). (Mosaic GPU's layout inference rejects 64-row stores into
+      # a swizzled tile.)
+      out_smem=plgpu.SMEM((2, cfg.out_slots, wg_cols // acc_n, wg_rows, acc_n), out_gmem.dtype,
                           transforms=() if split_m else
                           swizzled((wg_rows, acc_n), out_gmem.dtype, tile_rows=1)),
       collective_axes="wg",
@@ -435,14 +458,19 @@ def _kernel_body(cfg: Fp8TileConfig, num_groups: int, scalar_sb: bool, k_splits:
       is_tail = group == num_groups
 
       def store(sums):
-        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last unit's stores read out_smem
-        store_sums(out_smem.at[wg], sums)
+        # Every unit commits one store group per accumulator. One slot: the last unit's stores
+        # must have read it. Two: unit i takes slot i % 2, so only the groups of the unit
+        # before (the other slot's) may still be reading.
+        num_acc = wg_cols // acc_n
+        plgpu.wait_smem_to_gmem(num_acc if cfg.out_slots == 2 else 0, wait_read_only=True)
+        slot = info.local_index % 2 if cfg.out_slots == 2 else 0
+        store_sums(out_smem.at[wg, slot], sums)
         plgpu.commit_smem()
         # The unit owns rows [offset, offset + rows) of the tile; this warpgroup stores its share.
         lo = jnp.clip(offset - row0, 0, wg_rows)
         hi = jnp.clip(offset + rows - row0, 0, wg_rows)
-        for c in range(wg_cols // acc_n):
-          _store_owned_rows(out_smem.at[wg, c], out_split, start + row0, lo, hi - lo,
+        for c in range(num_acc):
+          _store_owned_rows(out_smem.at[wg, slot, c], out_split, start + row0, lo, hi - lo,
                             ni * cta_n + col0 + c * acc_n, wg_rows)
 
       def compute_context(run_pipeline):

@@ -132,19 +132,22 @@ def test_row_split_body_matches_fp64(case):
   np.testing.assert_array_equal(np.asarray(out)[sum(sizes):], 0.0)
 
 
-@pytest.mark.parametrize("variant", ["chain", "overlap", "chain_overlap_rows", "chain_tile"])
+@pytest.mark.parametrize("variant", ["chain", "overlap", "chain_overlap_rows", "chain_tile",
+                                     "chain_overlap_rows_double", "rows_double"])
 def test_chained_and_overlapped_bodies_match_fp64(variant):
   """`chain` (one pipeline across an SM's units, tail units running it too) and `overlap` (the
   next accumulator's wgmma in flight while one is promoted; three accumulators per warpgroup,
   each waited for while the next runs). Three SMs for 5+ units each: START, STEADY and STOP all run.
   K = 512 is 4 steps; the 3 stages asked for drop to 2, the largest divisor (`chained`).
   "chain_tile": B scaled per row and 128 of K, as the linears' wgrads run (TILE_SCALED_DEFAULT
-  is chained)."""
-  rows = variant.endswith("rows")
+  is chained). "double": output tiles in two slots that alternate between an SM's units
+  (`double_staging`), tail units (zeros) included."""
+  rows = "rows" in variant
   cfg = mgpu.Fp8TileConfig(
       tile_m=128 if rows else 64, tile_n=96, stages=3, grid_minor="m", grid_width=2,
       wg_split="m" if rows else "n", acc_cols=64 if rows else 32,
-      chain="chain" in variant, overlap="overlap" in variant)
+      chain="chain" in variant, overlap="overlap" in variant,
+      double_staging="double" in variant)
   assert cfg.wg_shape[1] // cfg.acc_n == 3
   m_dim, sizes = 203, [0, 70, 3, 0, 100]  # 30 tail rows
   assert mgpu.chained(cfg, 4).stages == (2 if cfg.chain else 3)
@@ -155,9 +158,12 @@ def test_chained_and_overlapped_bodies_match_fp64(variant):
     sb_GNKt = _scales(rng, (len(sizes), 384, 4))
     b_GNK = _np(b_q) * np.repeat(_np(sb_GNKt), 128, axis=2)
     sb_GKtX, b_scaling = jnp.swapaxes(sb_GNKt, 1, 2), "tile"
+  # Two slots of fp32 tiles would not fit beside the ring: bf16 out there (as the experts run).
+  out_dtype, rtol = (jnp.bfloat16, 2**-8) if cfg.double_staging else (jnp.float32, 1e-5)
+  assert cfg.fit_smem(jnp.dtype(out_dtype).itemsize) == cfg
   out = mgpu.gmm_fp8(a_q, sa.T, b_q, sb_GKtX, jnp.asarray(sizes, jnp.int32), b_scaling=b_scaling,
-                     out_dtype=jnp.float32, config=cfg, interpret=_INTERPRET, num_sms=3)
-  _assert_close(out, _np_grouped(a_MK, b_GNK, sizes), 1e-5)
+                     out_dtype=out_dtype, config=cfg, interpret=_INTERPRET, num_sms=3)
+  _assert_close(out, _np_grouped(a_MK, b_GNK, sizes), rtol)
   np.testing.assert_array_equal(np.asarray(out)[sum(sizes):], 0.0)
 
 
@@ -243,20 +249,23 @@ def test_supports_and_smem_fit():
 
 
 @pytest.mark.parametrize("shape", ["dense_8192", "mini_up", "wgrad_tile", "dense_8192_rows",
-                                   "mini_down_chain_overlap"])
+                                   "mini_down_chain_overlap", "mini_down_double"])
 def test_kernel_lowers_for_cuda_at_full_size(shape):
   """Layout inference (WGMMA row/column scale vectors, fp8 swizzles) without a GPU."""
   m_dim, k_dim, n_dim, groups = {"dense_8192": (8192, 8192, 8192, 1),
                                  "mini_up": (16384, 2048, 1024, 256),
                                  "wgrad_tile": (2048, 16384, 2048, 1),
                                  "dense_8192_rows": (8192, 8192, 8192, 1),
-                                 "mini_down_chain_overlap": (16384, 512, 2048, 256)}[shape]
+                                 "mini_down_chain_overlap": (16384, 512, 2048, 256),
+                                 "mini_down_double": (16384, 512, 2048, 256)}[shape]
   b_scaling = "tile" if shape == "wgrad_tile" else "block"
   cfg = {"dense_8192_rows": mgpu.Fp8TileConfig(grid_minor="m", grid_width=16, wg_split="m",
                                                acc_cols=128),
          "mini_down_chain_overlap": mgpu.Fp8TileConfig(stages=4, grid_minor="m", grid_width=4,
                                                        wg_split="m", acc_cols=64, chain=True,
-                                                       overlap=True)}.get(shape)
+                                                       overlap=True),
+         "mini_down_double": dataclasses.replace(mgpu.TILE_CONFIGS[512, 2048, "bfloat16"],
+                                                 double_staging=True)}.get(shape)
   sb_cols = n_dim if b_scaling == "tile" else n_dim // 128
   spec = jax.ShapeDtypeStruct
   f = jax.jit(lambda *a: mgpu.gmm_fp8(*a, b_scaling=b_scaling, config=cfg, num_sms=132))
