@@ -36,7 +36,8 @@ its own output tile in shared memory, see `store_sums`), and
 layout: wgmmas 64 rows high). B's block scales are read from global memory one step ahead
 (carried), off the critical path, and A's before the wgmma is issued.
 
-Two flags take the rest of the idle time (session 10; the tuned tilings set both):
+Two flags take the rest of the idle time (session 10; the dense default sets both, the Ling-mini
+experts' forward tilings only `chain` since session 17):
   - `chain`: one pipeline runs across all of an SM's units (the pipeline's START, STEADY and
     STOP states), so the memory warpgroup loads the next unit's first steps while the compute
     warpgroups promote and store this one. K = 512 is only 4 steps a unit: the Ling-mini down
@@ -164,10 +165,10 @@ class Fp8TileConfig:
 # GEMM 757 / 608): 128 x 128 units split by rows with 64-column accumulators, the pipeline
 # chained across units and each promotion overlapping the next wgmma, 941 (up) / 697 (down)
 # against 931 / 569 for the session 6 tiling; chaining alone gave the down projection 633-661.
-# Session 17 (three calls on three machines, bf16 out, balanced): one 64 x 128 accumulator per
-# warpgroup (no overlap) beat _EXPERTS' two 64 x 64 on both: up 942 / 949 / 981 against
-# 920 / 919 / 948; down, with bands 16 row tiles wide, 692 / 738 against 664 / 701. Two output
-# slots (`double_staging`) were level or worse (down 674-739, up 878-972).
+# Session 17 (four machines, bf16 out, balanced): one 64 x 128 accumulator per warpgroup (no
+# overlap) beat _EXPERTS' two 64 x 64 on both: up 942 / 949 / 981 / 950 against 921 / 919 /
+# 948 / 911; down, with bands 16 row tiles wide, 692 / 738 / 721 against 664 / 698 / 693 (three
+# machines). Two output slots (`double_staging`) were level or worse (down 674-739, up 878-972).
 # Absent shapes take the default, narrowed by `fit_smem` and by N.
 _EXPERTS = Fp8TileConfig(tile_n=64, stages=4, grid_minor="m", grid_width=4, wg_split="m",
                          acc_cols=64, chain=True, overlap=True)
