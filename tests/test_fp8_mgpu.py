@@ -10,6 +10,9 @@ Key: M rows, K contraction, N output columns, G groups, Kt K-steps of 128.
 """
 
 import dataclasses
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -365,3 +368,24 @@ def test_split_k_lowers_for_cuda_at_the_shared_expert_wgrad():
                     spec((n_dim, k_dim), jnp.float8_e4m3fn),
                     spec((k_dim // 128, n_dim), jnp.float32)).lower(lowering_platforms=("cuda",))
   assert "mosaic_gpu" in lowered.as_text()
+
+
+def test_bench_fp8_spec_tokens_map_to_config_flags():
+  """experiments/bench_fp8's tiling specs: the six fields, the optional ones, and the flag tokens
+  `chain`, `overlap` and `d` anywhere after them. (A subprocess: the module defines absl flags
+  at import.)"""
+  script = (
+      "from experiments import bench_fp8 as b\n"
+      "print(repr(b._config('128:64:4:m:16:1:m:128:chain:d')))\n"
+      "print(repr(b._config('128:128:3:m:4:1:n:64:overlap')))\n")
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             PYTHONPATH=os.path.dirname(os.path.dirname(__file__)))
+  proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  got = proc.stdout.strip().splitlines()[-2:]
+  assert got == [repr(mgpu.Fp8TileConfig(tile_m=128, tile_n=64, stages=4, grid_minor="m",
+                                         grid_width=16, wg_split="m", acc_cols=128, chain=True,
+                                         double_staging=True)),
+                 repr(mgpu.Fp8TileConfig(tile_m=128, tile_n=128, stages=3, grid_minor="m",
+                                         grid_width=4, wg_split="n", acc_cols=64, overlap=True))]
