@@ -83,6 +83,9 @@ _WGRAD_SPLITS = flags.DEFINE_list(
     "wgrad_splits", ["1"], "--sections=dense_wgrad: k_splits values to time (gmm_fp8's split-K; "
     "1 is none). At 49152 tokens fp8_gemm_mgpu.auto_k_splits picks 2 for the shared expert's "
     "down and gate+up, QKV and the dense FFN's down, 1 for the rest.")
+_STREAM = flags.DEFINE_bool(
+    "stream", True, "grouped: also time each GEMM's HBM bytes (A and B read, the bf16 output "
+    "written) through one XLA fusion (`gemm_stream`), the roof for its byte mix.")
 _REPEATS = flags.DEFINE_integer("repeats", 20, "Calls per timed batch (median of 3 batches).")
 _GEMM_CHECK = flags.DEFINE_bool(
     "gemm_check", True, "Run the GEMM correctness section first (compiles every tiling).")
@@ -133,6 +136,9 @@ _QUANT_ROWS = (16384, 131072)  # rows of a linear's and of the experts' activati
 _QUANT_COLS = 2048  # their columns (Ling-mini hidden)
 _QUANT_WEIGHTS = (256, 2048, 1024)  # the experts' gate+up weights (G, K, N)
 _QUANT_CHECK = (1000, 2048)  # the quantise kernels' bit-exactness check (M, K)
+# `gemm_stream` rows, and the output alone written
+STREAM_FP8, STREAM_BF16, STREAM_WRITE = "fp8 bytes streamed", "bf16 bytes streamed", "out written"
+STREAM_TMA_WRITE = "out written by TMA stores"  # `tma_write`
 RESULTS: dict[str, dict] = {}
 TABLES: dict[str, list] = {"dense": [], "grouped": [], "quant": [], "expert_align": []}
 
@@ -155,10 +161,11 @@ def _write_json() -> None:
 
 def _config(spec: str) -> mgpu.Fp8TileConfig:
   """tm:tn:stages:grid_minor:grid_width:scalar_b_scale[:wg_split[:acc_cols[:probe]]], then
-  optional tokens `chain`, `overlap` and `d` (Fp8TileConfig's flags chain, overlap and
-  double_staging)."""
+  optional tokens `chain`, `overlap`, `d` and `r` (Fp8TileConfig's flags chain, overlap,
+  double_staging and b_scale_ring)."""
   tokens = spec.split(":")
-  flag_names = {"chain": "chain", "overlap": "overlap", "d": "double_staging"}
+  flag_names = {"chain": "chain", "overlap": "overlap", "d": "double_staging",
+                "r": "b_scale_ring"}
   flags_on = {t for t in tokens if t in flag_names}
   tm, tn, stages, minor, width, scalar, *rest = [t for t in tokens if t not in flags_on]
   extra = dict(zip(("wg_split", "acc_cols", "probe"), rest))
@@ -568,6 +575,83 @@ def time_dense_wgrad() -> None:
     _write_json()
 
 
+def _stream_fits(a_shape, b_size: int, n_dim: int) -> bool:
+  m_dim, k_dim = a_shape
+  return b_size % (m_dim * n_dim) == 0 and (k_dim % n_dim == 0 or n_dim % k_dim == 0)
+
+
+def gemm_stream(a, b, n_dim: int):
+  """A GEMM's HBM traffic with none of its arithmetic: one XLA fusion that reads every byte of
+  A [M, K] and of B (any shape, Q x M x N elements) once and writes an [M, N] bf16 output, as
+  the GEMM ideally does. out[m, j] = (sum or tiling of A's row m onto N columns) + sum over q of
+  B viewed as [M, Q, N]. Its time is the streaming roof for the GEMM's byte mix (62% writes for
+  Ling-mini's FP8 down projection, against a copy's 50%). None where the sizes do not divide."""
+  m_dim, k_dim = a.shape
+  if not _stream_fits(a.shape, b.size, n_dim):
+    return None
+  b_view = b.reshape(m_dim, b.size // (m_dim * n_dim), n_dim).astype(jnp.float32).sum(axis=1)
+  a32 = a.astype(jnp.float32)
+  if k_dim >= n_dim:
+    a_view = a32.reshape(m_dim, n_dim, k_dim // n_dim).sum(axis=2)
+  else:
+    a_view = jnp.tile(a32, (1, n_dim // k_dim))
+  return (a_view + b_view).astype(jnp.bfloat16)
+
+
+def tma_write(rows: int, cols: int, dtype=jnp.bfloat16, tile=(128, 128), num_sms=None):
+  """A Mosaic GPU kernel that only writes: every SM TMA-stores one shared-memory tile (left
+  unwritten: its contents do not matter here) over its share of a [rows, cols] output, as a
+  GEMM's epilogue stores its output tiles. The write roof for the GEMMs' own store path."""
+  from jax.experimental import pallas as pl
+  from jax.experimental.pallas import mosaic_gpu as plgpu
+  tiles_r, tiles_c = rows // tile[0], cols // tile[1]
+
+  def body(out_gmem):
+    @functools.partial(pl.run_scoped, smem=plgpu.SMEM(tile, dtype))
+    def _(smem):
+      @plgpu.nd_loop((tiles_r * tiles_c,), collective_axes="sm")
+      def _(info):
+        i = info.index[0]
+        plgpu.copy_smem_to_gmem(smem, out_gmem.at[pl.ds(i // tiles_c * tile[0], tile[0]),
+                                                  pl.ds(i % tiles_c * tile[1], tile[1])])
+        plgpu.wait_smem_to_gmem(8, wait_read_only=True)  # at most 8 stores in flight
+      plgpu.wait_smem_to_gmem(0)
+
+  return plgpu.kernel(body, out_type=jax.ShapeDtypeStruct((rows, cols), dtype),
+                      grid=(num_sms or bf16_mgpu.device_num_sms(),), grid_names=("sm",))
+
+
+def _time_stream(name: str, key: str, a, b, n_dim: int, flops: float, row: dict) -> None:
+  """Times `gemm_stream` on a GEMM's operands; records GB/s and, as row[key], the TFLOP/s of a
+  GEMM that moved its bytes in that time."""
+  if not _stream_fits(a.shape, b.size, n_dim):
+    print(f"{name} {key}: no stream fusion for A {a.shape}, B of {b.size} elements, N {n_dim}")
+    return
+  nbytes = a.nbytes + b.nbytes + a.shape[0] * n_dim * 2
+  seconds = _bench(jax.jit(functools.partial(gemm_stream, n_dim=n_dim)), a, b)
+  row[key] = flops / seconds / 1e12
+  _record(f"{name} {key}: {nbytes / 1e6:.0f} MB, GB/s", nbytes / seconds / 1e9, "GB/s")
+  _record(f"{name} {key}: a GEMM moving those bytes at that rate", row[key], "TFLOP/s")
+  if STREAM_WRITE not in row:  # the output alone: a broadcast of one traced value, written
+    out_shape = (a.shape[0], n_dim)
+    write = jax.jit(lambda v: jnp.broadcast_to(v, out_shape))
+    seconds = _bench(write, jnp.ones((), jnp.bfloat16))
+    row[STREAM_WRITE] = flops / seconds / 1e12
+    _record(f"{name} {STREAM_WRITE}: {out_shape[0] * n_dim * 2 / 1e6:.0f} MB, GB/s",
+            out_shape[0] * n_dim * 2 / seconds / 1e9, "GB/s")
+    _record(f"{name} {STREAM_WRITE}: a GEMM writing that output at that rate",
+            row[STREAM_WRITE], "TFLOP/s")
+    try:  # the same bytes through TMA stores from shared memory, as the GEMMs write
+      seconds = _bench(jax.jit(lambda: tma_write(*out_shape)()))
+      row[STREAM_TMA_WRITE] = flops / seconds / 1e12
+      _record(f"{name} {STREAM_TMA_WRITE}: GB/s", out_shape[0] * n_dim * 2 / seconds / 1e9,
+              "GB/s")
+      _record(f"{name} {STREAM_TMA_WRITE}: a GEMM writing that output at that rate",
+              row[STREAM_TMA_WRITE], "TFLOP/s")
+    except Exception as e:
+      print(f"{name} tma_write failed: {type(e).__name__}: {str(e)[:300]}")
+
+
 def time_grouped() -> None:
   key = jax.random.PRNGKey(12)
   for shape in _GROUPED_SHAPES.value:
@@ -586,6 +670,8 @@ def time_grouped() -> None:
           a, s, b, t, g, backend="pallas_mosaic_gpu"))
       row["ours op"] = flops / _bench(f, a_q, sa, b_q, sb, sizes) / 1e12
       _record(f"grouped {shape} {pname} fp8 ours, fp8_grouped_matmul", row["ours op"], "TFLOP/s")
+      if _STREAM.value:
+        _time_stream(f"grouped {shape} {pname}", STREAM_FP8, a_q, b_q, n_dim, flops, row)
       bf16 = jax.jit(lambda a, b, g: bf16_mgpu.gmm(a, b, g))
       # Two sets of bf16 operands: the FP8 codes' values (3 mantissa bits: `_operands`' normals
       # x 48 cast to E4M3), and normals x 48 in bf16 (full mantissas, as a bf16 training step
@@ -606,6 +692,8 @@ def time_grouped() -> None:
                   "TFLOP/s")
         except Exception as e:
           print(f"bf16 gmm {shape} {pname} {label} failed: {type(e).__name__}: {str(e)[:300]}")
+      if _STREAM.value:
+        _time_stream(f"grouped {shape} {pname}", STREAM_BF16, a16, w16, n_dim, flops, row)
       del operand_sets, a16, w16
       TABLES["grouped"].append(row)
       _write_json()
@@ -896,6 +984,20 @@ def _print_tables() -> None:
           f"{fmt(r['ours op'])} | {r['ours cfg']} | {fmt(r.get('bf16 ours'))} | "
           f"{ratio(r['ours kernel'], r.get('bf16 ours'))} | {fmt(full)} | "
           f"{ratio(r['ours kernel'], full)} |")
+  streamed = [r for r in TABLES["grouped"] if STREAM_FP8 in r]
+  if streamed:
+    print("\n| grouped GEMM (TFLOP/s of a GEMM moving the bytes in the time) | FP8 bytes streamed "
+          "| FP8 kernel of it | bf16 bytes streamed | bf16 full mantissas of it | 1.5x bf16 full "
+          "of FP8's | output written alone (XLA / TMA stores) |")
+    print("|---|---|---|---|---|---|---|")
+    for r in streamed:
+      fp8_roof, bf16_roof = r[STREAM_FP8], r.get(STREAM_BF16)
+      full = r.get("bf16 ours, full mantissas")
+      frac = lambda a, b: f"{a / b:.0%}" if a and b else "-"
+      print(f"| {r['shape']} {r['problem']} | {fmt(fp8_roof)} | "
+            f"{frac(r['ours kernel'], fp8_roof)} | {fmt(bf16_roof)} | {frac(full, bf16_roof)} | "
+            f"{frac(1.5 * full if full else 0, fp8_roof)} | {fmt(r.get(STREAM_WRITE))} / "
+            f"{fmt(r.get(STREAM_TMA_WRITE))} |")
   print("\n| quantise | impl | shape | GB/s | copy GB/s | of copy |")
   print("|---|---|---|---|---|---|")
   for r in TABLES["quant"]:

@@ -77,7 +77,7 @@ from kernels.grouped_matmul_mgpu import device_num_sms
 from kernels.grouped_matmul_mgpu import make_tile_schedule
 from kernels.grouped_matmul_mgpu import shrink_to_fit
 
-_PROBES = ("", "const_sb", "no_promote")
+_PROBES = ("", "const_sb", "no_promote", "no_store", "no_smem_out")
 TILE_K = 128  # one wgmma K step = one scale block; 128 e4m3 bytes = one 128B swizzle row
 _ROW_ALIGN = 8  # row offsets of A tiles are multiples of this (8-row SMEM tiling)
 _SMEM_BUDGET = 232448 - 4096  # 227 KiB per CTA on Hopper, less room for barriers
@@ -106,7 +106,10 @@ class Fp8TileConfig:
   acc_cols: int = 0
   # Timing probes of bench_fp8's ceiling experiments, numerically WRONG: "const_sb" takes B's
   # block scale as 1 instead of reading it from global memory; "no_promote" accumulates all of K
-  # in one wgmma accumulator (no per-step wait, no scales), as a bf16 GEMM does. "" = the kernel.
+  # in one wgmma accumulator (no per-step wait, no scales), as a bf16 GEMM does. The epilogue's
+  # share: "no_store" skips it (the sums written to shared memory only under a condition that
+  # is never true, so that they stay computed), "no_smem_out" skips the sums' write to shared
+  # memory but issues the TMA stores. "" = the kernel.
   probe: str = ""
   # One pipeline chained across all of an SM's units (the pipeline's START / STEADY / STOP
   # states): the memory warpgroup loads the next unit's first K steps while the compute
@@ -121,6 +124,12 @@ class Fp8TileConfig:
   # epilogue then waits only for the stores of the unit before the previous one to have read
   # their tile, not for the previous unit's.
   double_staging: bool = False
+  # B's 128x128 block scales through the TMA ring (spec token "r"; block-scaled B with
+  # scalar_b_scale only): each K step the memory warpgroup also loads that step's row of the
+  # group's block scales (one per 128 output columns, padded to 128 bytes: `ring_scale_cols`),
+  # and a compute warpgroup reads its scalars from shared memory. Without it each
+  # compute warpgroup reads them from global memory, one step ahead.
+  b_scale_ring: bool = False
 
   @property
   def out_slots(self) -> int:
@@ -273,7 +282,17 @@ def supports(k_dim: int, n_dim: int, out_dtype, cfg: Fp8TileConfig | None = None
           # an accumulator's columns lie in one 128x128 block of B (one block scale)
           and (TILE_K % cfg.acc_n == 0 or cfg.probe == "no_promote") and wg_rows % 64 == 0
           and k_dim >= TILE_K
-          and k_dim % TILE_K == 0 and n_dim % cfg.cta_n == 0 and cfg.tile_m % 64 == 0)
+          and k_dim % TILE_K == 0 and n_dim % cfg.cta_n == 0 and cfg.tile_m % 64 == 0
+          # a ring slot's scale row fits where smem_bytes counts a unit's column scales
+          and (not cfg.b_scale_ring or ring_scale_cols(n_dim) <= cfg.cta_n))
+
+
+def ring_scale_cols(n_dim: int) -> int:
+  """Block scales per row of B's scales in the ring (`b_scale_ring`): N's 128-column blocks,
+  padded to a multiple of 32, so that each ring slot is 128 bytes, the alignment TMA wants of
+  its shared-memory destination (slots of 64 bytes were a misaligned-address fault on the GPU,
+  session 18)."""
+  return pl.cdiv(pl.cdiv(n_dim, TILE_K), 32) * 32
 
 
 def swizzled(block_shape, dtype, tile_rows: int = 8):
@@ -374,13 +393,15 @@ def _kernel_body(cfg: Fp8TileConfig, num_groups: int, scalar_sb: bool, k_splits:
                  a_gmem, sa_gmem, b_gmem, sb_gmem, out_gmem):
   """Memory warpgroup: TMA ring of A, B, sa (and sb columns). Compute warpgroups: wgmma + fp32
   promotion. With scalar_sb, sb_gmem is [G, Kt, Nt] block scales read as scalars from global
-  memory, one step ahead. With k_splits > 1, out_gmem is [k_splits, M, N]: unit (s, item,
+  memory, one step ahead, or with cfg.b_scale_ring from each step's row of them in the ring
+  (Nt padded, `ring_scale_cols`). With k_splits > 1, out_gmem is [k_splits, M, N]: unit (s, item,
   column tile) contracts the s-th k_splits-th of K into out[s]."""
   k_steps = a_gmem.shape[1] // TILE_K // k_splits  # a unit's K steps
   k_len = k_steps * TILE_K
   tm, tn, cta_n, acc_n = cfg.tile_m, cfg.tile_n, cfg.cta_n, cfg.acc_n
   n_tiles = out_gmem.shape[-1] // cta_n
   f32 = jnp.float32
+  ring_sb = scalar_sb and cfg.b_scale_ring  # B's block scales in the ring, one row a step
 
   def pipeline(mma_step, compute_context, col_tile, state=None):
     # "no_promote" keeps a wgmma in flight past its step: release each slot one step late.
@@ -396,6 +417,9 @@ def _kernel_body(cfg: Fp8TileConfig, num_groups: int, scalar_sb: bool, k_splits:
     ]
     if not scalar_sb:
       in_specs.append(plgpu.BlockSpec((1, cta_n), lambda k: (k, col_tile),
+                                      memory_space=plgpu.SMEM, **late))
+    elif ring_sb:
+      in_specs.append(plgpu.BlockSpec((1, sb_gmem.shape[-1]), lambda k: (k, 0),
                                       memory_space=plgpu.SMEM, **late))
     return plgpu.emit_pipeline_warp_specialized(
         mma_step,
@@ -413,13 +437,14 @@ def _kernel_body(cfg: Fp8TileConfig, num_groups: int, scalar_sb: bool, k_splits:
     g = jnp.minimum(group, num_groups - 1)
     if k_splits == 1:
       ops = (a_gmem.at[pl.ds(start, tm)], b_gmem.at[g], sa_gmem.at[:, pl.ds(start, tm)])
-      return ops if scalar_sb else ops + (sb_gmem.at[g],)
+      return ops if scalar_sb and not ring_sb else ops + (sb_gmem.at[g],)
     # The split's K range: byte offsets along K are multiples of 128 (TMA wants 16).
     k0 = split * k_len if isinstance(split, int) else pl.multiple_of(split * k_len, TILE_K)
     kt0 = split * k_steps
     ops = (a_gmem.at[pl.ds(start, tm), pl.ds(k0, k_len)], b_gmem.at[g, :, pl.ds(k0, k_len)],
            sa_gmem.at[pl.ds(kt0, k_steps), pl.ds(start, tm)])
-    return ops if scalar_sb else ops + (sb_gmem.at[g, pl.ds(kt0, k_steps)],)
+    return (ops if scalar_sb and not ring_sb
+            else ops + (sb_gmem.at[g, pl.ds(kt0, k_steps)],))
 
   ignore = lambda *_, **__: None
   # This compute warpgroup's part of a unit: rows [row0, row0 + wg_rows), columns
@@ -465,8 +490,13 @@ def _kernel_body(cfg: Fp8TileConfig, num_groups: int, scalar_sb: bool, k_splits:
         num_acc = wg_cols // acc_n
         plgpu.wait_smem_to_gmem(num_acc if cfg.out_slots == 2 else 0, wait_read_only=True)
         slot = info.local_index % 2 if cfg.out_slots == 2 else 0
-        store_sums(out_smem.at[wg, slot], sums)
+        if cfg.probe in ("no_store", "no_smem_out"):  # rows < 0 never holds (probe doc)
+          pl.when(rows < 0)(lambda: store_sums(out_smem.at[wg, slot], sums))
+        else:
+          store_sums(out_smem.at[wg, slot], sums)
         plgpu.commit_smem()
+        if cfg.probe == "no_store":
+          return
         # The unit owns rows [offset, offset + rows) of the tile; this warpgroup stores its share.
         lo = jnp.clip(offset - row0, 0, wg_rows)
         hi = jnp.clip(offset + rows - row0, 0, wg_rows)
@@ -490,7 +520,7 @@ def _kernel_body(cfg: Fp8TileConfig, num_groups: int, scalar_sb: bool, k_splits:
 
       def block_scales(k):
         """B's 128x128 block scales of K step k, one per accumulator, from global memory."""
-        if not scalar_sb:
+        if not scalar_sb or ring_sb:
           return None
         if cfg.probe == "const_sb":
           return (jnp.float32(1.0),) * (wg_cols // acc_n)
@@ -513,6 +543,9 @@ def _kernel_body(cfg: Fp8TileConfig, num_groups: int, scalar_sb: bool, k_splits:
                           layout=plgpu.Layout.WGMMA.reduce(1))
 
         def scale_of(c):
+          if ring_sb:  # this step's row of block scales, in the ring
+            sb_c = sb_smem[0][0, (ni * cta_n + col0 + c * acc_n) // TILE_K]
+            return jax.lax.broadcast_in_dim(sa_R * sb_c, (wg_rows, acc_n), [0])
           if scalar_sb:
             return jax.lax.broadcast_in_dim(sa_R * sb[c], (wg_rows, acc_n), [0])
           sb_N = plgpu.load(sb_smem[0].at[0, pl.ds(col0 + c * acc_n, acc_n)],
@@ -606,6 +639,8 @@ def gmm_fp8(a_q_MK: jax.Array, sa_KtM: jax.Array, b_q_GNK: jax.Array, sb_GKtX: j
   scalar_sb = b_scaling == "block" and cfg.scalar_b_scale
   if b_scaling == "block" and not scalar_sb:
     sb_GKtX = expand_block_scales(sb_GKtX, n_dim)
+  elif scalar_sb and cfg.b_scale_ring and ring_scale_cols(n_dim) != nt:
+    sb_GKtX = jnp.pad(sb_GKtX, ((0, 0), (0, 0), (0, ring_scale_cols(n_dim) - nt)))
   # Row tiles start on multiples of 8 (the SMEM tiling): pad M to that, and to one tile at least.
   padded_rows = max(pl.cdiv(num_rows, _ROW_ALIGN) * _ROW_ALIGN, cfg.tile_m)
   if padded_rows != num_rows:

@@ -136,7 +136,8 @@ def test_row_split_body_matches_fp64(case):
 
 
 @pytest.mark.parametrize("variant", ["chain", "overlap", "chain_overlap_rows", "chain_tile",
-                                     "chain_overlap_rows_double", "rows_double"])
+                                     "chain_overlap_rows_double", "rows_double", "chain_ring",
+                                     "chain_overlap_rows_ring"])
 def test_chained_and_overlapped_bodies_match_fp64(variant):
   """`chain` (one pipeline across an SM's units, tail units running it too) and `overlap` (the
   next accumulator's wgmma in flight while one is promoted; three accumulators per warpgroup,
@@ -144,13 +145,14 @@ def test_chained_and_overlapped_bodies_match_fp64(variant):
   K = 512 is 4 steps; the 3 stages asked for drop to 2, the largest divisor (`chained`).
   "chain_tile": B scaled per row and 128 of K, as the linears' wgrads run (TILE_SCALED_DEFAULT
   is chained). "double": output tiles in two slots that alternate between an SM's units
-  (`double_staging`), tail units (zeros) included."""
+  (`double_staging`), tail units (zeros) included. "ring": B's block scales through the TMA ring
+  (`b_scale_ring`), three blocks of scales padded to 32 per step."""
   rows = "rows" in variant
   cfg = mgpu.Fp8TileConfig(
       tile_m=128 if rows else 64, tile_n=96, stages=3, grid_minor="m", grid_width=2,
       wg_split="m" if rows else "n", acc_cols=64 if rows else 32,
       chain="chain" in variant, overlap="overlap" in variant,
-      double_staging="double" in variant)
+      double_staging="double" in variant, b_scale_ring="ring" in variant)
   assert cfg.wg_shape[1] // cfg.acc_n == 3
   m_dim, sizes = 203, [0, 70, 3, 0, 100]  # 30 tail rows
   assert mgpu.chained(cfg, 4).stages == (2 if cfg.chain else 3)
@@ -252,7 +254,8 @@ def test_supports_and_smem_fit():
 
 
 @pytest.mark.parametrize("shape", ["dense_8192", "mini_up", "wgrad_tile", "dense_8192_rows",
-                                   "mini_down_chain_overlap", "mini_down_double"])
+                                   "mini_down_chain_overlap", "mini_down_double",
+                                   "mini_down_ring", "split_k_ring"])
 def test_kernel_lowers_for_cuda_at_full_size(shape):
   """Layout inference (WGMMA row/column scale vectors, fp8 swizzles) without a GPU."""
   m_dim, k_dim, n_dim, groups = {"dense_8192": (8192, 8192, 8192, 1),
@@ -260,7 +263,9 @@ def test_kernel_lowers_for_cuda_at_full_size(shape):
                                  "wgrad_tile": (2048, 16384, 2048, 1),
                                  "dense_8192_rows": (8192, 8192, 8192, 1),
                                  "mini_down_chain_overlap": (16384, 512, 2048, 256),
-                                 "mini_down_double": (16384, 512, 2048, 256)}[shape]
+                                 "mini_down_double": (16384, 512, 2048, 256),
+                                 "mini_down_ring": (16384, 512, 2048, 256),
+                                 "split_k_ring": (512, 16384, 512, 1)}[shape]
   b_scaling = "tile" if shape == "wgrad_tile" else "block"
   cfg = {"dense_8192_rows": mgpu.Fp8TileConfig(grid_minor="m", grid_width=16, wg_split="m",
                                                acc_cols=128),
@@ -268,7 +273,11 @@ def test_kernel_lowers_for_cuda_at_full_size(shape):
                                                        wg_split="m", acc_cols=64, chain=True,
                                                        overlap=True),
          "mini_down_double": dataclasses.replace(mgpu.TILE_CONFIGS[512, 2048, "bfloat16"],
-                                                 double_staging=True)}.get(shape)
+                                                 double_staging=True),
+         "mini_down_ring": dataclasses.replace(mgpu.TILE_CONFIGS[512, 2048, "bfloat16"],
+                                               b_scale_ring=True),
+         "split_k_ring": dataclasses.replace(mgpu.DEFAULT_TILE_CONFIG,
+                                             b_scale_ring=True)}.get(shape)
   sb_cols = n_dim if b_scaling == "tile" else n_dim // 128
   spec = jax.ShapeDtypeStruct
   f = jax.jit(lambda *a: mgpu.gmm_fp8(*a, b_scaling=b_scaling, config=cfg, num_sms=132))
@@ -372,12 +381,12 @@ def test_split_k_lowers_for_cuda_at_the_shared_expert_wgrad():
 
 def test_bench_fp8_spec_tokens_map_to_config_flags():
   """experiments/bench_fp8's tiling specs: the six fields, the optional ones, and the flag tokens
-  `chain`, `overlap` and `d` anywhere after them. (A subprocess: the module defines absl flags
+  `chain`, `overlap`, `d` and `r` anywhere after them. (A subprocess: the module defines absl flags
   at import.)"""
   script = (
       "from experiments import bench_fp8 as b\n"
       "print(repr(b._config('128:64:4:m:16:1:m:128:chain:d')))\n"
-      "print(repr(b._config('128:128:3:m:4:1:n:64:overlap')))\n")
+      "print(repr(b._config('128:128:3:m:4:1:n:64:overlap:r')))\n")
   env = dict(os.environ, JAX_PLATFORMS="cpu",
              PYTHONPATH=os.path.dirname(os.path.dirname(__file__)))
   proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
@@ -388,4 +397,33 @@ def test_bench_fp8_spec_tokens_map_to_config_flags():
                                          grid_width=16, wg_split="m", acc_cols=128, chain=True,
                                          double_staging=True)),
                  repr(mgpu.Fp8TileConfig(tile_m=128, tile_n=128, stages=3, grid_minor="m",
-                                         grid_width=4, wg_split="n", acc_cols=64, overlap=True))]
+                                         grid_width=4, wg_split="n", acc_cols=64, overlap=True,
+                                         b_scale_ring=True))]
+
+
+def test_bench_fp8_gemm_stream_reads_and_writes_a_gemms_bytes():
+  """bench_fp8's streaming roof: `gemm_stream` against NumPy (A tiled or summed onto N columns,
+  B summed over its extra factor), None where the sizes do not divide; `tma_write` lowers for
+  CUDA. (A subprocess: the module defines absl flags at import.)"""
+  script = (
+      "import numpy as np, jax, jax.numpy as jnp\n"
+      "from experiments import bench_fp8 as b\n"
+      "rng = np.random.default_rng(0)\n"
+      "for m, k, n, g in [(64, 32, 128, 4), (64, 128, 32, 4), (64, 64, 64, 2)]:\n"
+      "  a = rng.normal(size=(m, k)).astype(np.float32)\n"
+      "  w = rng.normal(size=(g, k, n)).astype(np.float32)\n"
+      "  got = np.float32(b.gemm_stream(jnp.asarray(a), jnp.asarray(w), n))\n"
+      "  a_n = np.tile(a, (1, n // k)) if n >= k else a.reshape(m, n, k // n).sum(2)\n"
+      "  want = a_n + w.reshape(m, w.size // (m * n), n).sum(1)\n"
+      "  print(float(np.abs(got - want).max() / np.abs(want).max()))\n"
+      "print(b.gemm_stream(jnp.ones((64, 48)), jnp.ones((2, 48, 64)), 64))\n"
+      "low = jax.jit(lambda: b.tma_write(1024, 512, num_sms=132)()).trace()\n"
+      "print('mosaic_gpu' in low.lower(lowering_platforms=('cuda',)).as_text())\n")
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             PYTHONPATH=os.path.dirname(os.path.dirname(__file__)))
+  proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  *errs, none, lowered = proc.stdout.strip().splitlines()[-5:]
+  assert all(float(e) < 1e-2 for e in errs), errs  # bf16 output rounding: ~4e-3
+  assert none == "None" and lowered == "True"
