@@ -61,7 +61,8 @@ _GROUPED_CONFIGS = flags.DEFINE_list(
     "grouped_configs", ["128:64:4:m:4:1:m:128:chain", "128:64:4:m:16:1:m:128:chain",
                         "128:64:4:m:4:1:m:64:chain:overlap"],
     "Tilings for the grouped GEMMs (same format); the first two are the Ling-mini experts' "
-    "up and down tunings (fp8_gemm_mgpu.TILE_CONFIGS, session 17), the third session 10's. "
+    "up and down tunings (fp8_gemm_mgpu.TILE_CONFIGS, session 17; the second is the input "
+    "gradients' too since session 18), the third session 10's. "
     "128x128 warpgroup tiles without split accumulators (acc_cols 0) spill registers.")
 _GROUPED_SHAPES = flags.DEFINE_list("grouped_shapes", ["mini", "flash", "1t"], "Expert shapes.")
 _GROUPED_PROBLEMS = flags.DEFINE_list(
@@ -161,11 +162,11 @@ def _write_json() -> None:
 
 def _config(spec: str) -> mgpu.Fp8TileConfig:
   """tm:tn:stages:grid_minor:grid_width:scalar_b_scale[:wg_split[:acc_cols[:probe]]], then
-  optional tokens `chain`, `overlap`, `d` and `r` (Fp8TileConfig's flags chain, overlap,
-  double_staging and b_scale_ring)."""
+  optional tokens `chain`, `overlap`, `d`, `r` and `s` (Fp8TileConfig's flags chain, overlap,
+  double_staging, b_scale_ring and swizzle_rows_out)."""
   tokens = spec.split(":")
   flag_names = {"chain": "chain", "overlap": "overlap", "d": "double_staging",
-                "r": "b_scale_ring"}
+                "r": "b_scale_ring", "s": "swizzle_rows_out"}
   flags_on = {t for t in tokens if t in flag_names}
   tm, tn, stages, minor, width, scalar, *rest = [t for t in tokens if t not in flags_on]
   extra = dict(zip(("wg_split", "acc_cols", "probe"), rest))
@@ -492,7 +493,8 @@ def _torch_blockwise():
 def _time_tilings(label: str, specs, k_dim: int, n_dim: int, flops: float, call,
                   *args) -> tuple[float, str | None]:
   """Times `call(cfg)(*args)` for each tiling spec that covers (K, N), records each as
-  "<label> <spec>", and returns the best TFLOP/s with its spec (0, None if none ran)."""
+  "<label> <spec>", and returns the best TFLOP/s with its spec (0, None if none ran). Probes
+  (`Fp8TileConfig.probe`: their outputs are wrong on purpose) are timed but never the best."""
   best, best_spec = 0.0, None
   for spec in specs:
     cfg = _config(spec)
@@ -504,7 +506,7 @@ def _time_tilings(label: str, specs, k_dim: int, n_dim: int, flops: float, call,
       print(f"{label} {spec} failed: {type(e).__name__}: {str(e)[:400]}")
       continue
     _record(f"{label} {spec}", tf, "TFLOP/s")
-    if tf > best:
+    if tf > best and not cfg.probe:
       best, best_spec = tf, spec
   return best, best_spec
 

@@ -77,7 +77,7 @@ from kernels.grouped_matmul_mgpu import device_num_sms
 from kernels.grouped_matmul_mgpu import make_tile_schedule
 from kernels.grouped_matmul_mgpu import shrink_to_fit
 
-_PROBES = ("", "const_sb", "no_promote", "no_store", "no_smem_out")
+_PROBES = ("", "const_sb", "no_promote", "no_store", "no_smem_out", "no_mma")
 TILE_K = 128  # one wgmma K step = one scale block; 128 e4m3 bytes = one 128B swizzle row
 _ROW_ALIGN = 8  # row offsets of A tiles are multiples of this (8-row SMEM tiling)
 _SMEM_BUDGET = 232448 - 4096  # 227 KiB per CTA on Hopper, less room for barriers
@@ -109,7 +109,8 @@ class Fp8TileConfig:
   # in one wgmma accumulator (no per-step wait, no scales), as a bf16 GEMM does. The epilogue's
   # share: "no_store" skips it (the sums written to shared memory only under a condition that
   # is never true, so that they stay computed), "no_smem_out" skips the sums' write to shared
-  # memory but issues the TMA stores. "" = the kernel.
+  # memory but issues the TMA stores; "no_mma" runs no wgmma and no promotion (the loads and
+  # the stores alone). "" = the kernel.
   probe: str = ""
   # One pipeline chained across all of an SM's units (the pipeline's START / STEADY / STOP
   # states): the memory warpgroup loads the next unit's first K steps while the compute
@@ -130,6 +131,10 @@ class Fp8TileConfig:
   # and a compute warpgroup reads its scalars from shared memory. Without it each
   # compute warpgroup reads them from global memory, one step ahead.
   b_scale_ring: bool = False
+  # wg_split "m": the output tiles in shared memory swizzled (spec token "s"), as those of the
+  # "n" split always are; without it they are plain row-major (the sums' writes then meet bank
+  # conflicts).
+  swizzle_rows_out: bool = False
 
   @property
   def out_slots(self) -> int:
@@ -175,22 +180,23 @@ class Fp8TileConfig:
 # chained across units and each promotion overlapping the next wgmma, 941 (up) / 697 (down)
 # against 931 / 569 for the session 6 tiling; chaining alone gave the down projection 633-661.
 # Session 17 (four machines, bf16 out, balanced): one 64 x 128 accumulator per warpgroup (no
-# overlap) beat _EXPERTS' two 64 x 64 on both: up 942 / 949 / 981 / 950 against 921 / 919 /
+# overlap) beat two 64 x 64 with overlap on both: up 942 / 949 / 981 / 950 against 921 / 919 /
 # 948 / 911; down, with bands 16 row tiles wide, 692 / 738 / 721 against 664 / 698 / 693 (three
 # machines). Two output slots (`double_staging`) were level or worse (down 674-739, up 878-972).
+# Session 18 (four calls on two machines, with session 17's two): the input gradients run the
+# down projection's tiling too, up dgrad 887-903 against 843-864 for their old table tilings,
+# down dgrad 897-920 against 874-902.
 # Absent shapes take the default, narrowed by `fit_smem` and by N.
-_EXPERTS = Fp8TileConfig(tile_n=64, stages=4, grid_minor="m", grid_width=4, wg_split="m",
-                         acc_cols=64, chain=True, overlap=True)
 _EXPERTS_FWD = Fp8TileConfig(tile_n=64, stages=4, grid_minor="m", grid_width=4, wg_split="m",
                              acc_cols=128, chain=True)
+_EXPERTS_WIDE = dataclasses.replace(_EXPERTS_FWD, grid_width=16)  # bands of 16 row tiles
 TILE_CONFIGS: dict[tuple[int, int, str], Fp8TileConfig] = {
     (2048, 1024, "bfloat16"): _EXPERTS_FWD,  # Ling-mini expert gate+up
-    # Ling-mini expert down
-    (512, 2048, "bfloat16"): dataclasses.replace(_EXPERTS_FWD, grid_width=16),
-    # Their input gradients (session 10, second call): 836 for the session 6 default tiling
-    # (the others within 1%), 841 for _EXPERTS' (bf16: 624 / 614).
-    (1024, 2048, "bfloat16"): Fp8TileConfig(grid_minor="m", grid_width=16, acc_cols=64),
-    (2048, 512, "bfloat16"): _EXPERTS,
+    (512, 2048, "bfloat16"): _EXPERTS_WIDE,  # Ling-mini expert down
+    # Their input gradients (session 10's were 836 / 841 for the default and two 64 x 64
+    # accumulators with overlap; bf16 624 / 614)
+    (1024, 2048, "bfloat16"): _EXPERTS_WIDE,
+    (2048, 512, "bfloat16"): _EXPERTS_WIDE,
     # Ling-flash expert gate+up: not timed with the new tilings yet (session 4's choice)
     (4096, 2048, "bfloat16"): Fp8TileConfig(grid_minor="m", grid_width=4),
 }
@@ -457,10 +463,9 @@ def _kernel_body(cfg: Fp8TileConfig, num_groups: int, scalar_sb: bool, k_splits:
       allocs=pipeline(ignore, ignore, 0, plgpu.PipelinePipeline.START if cfg.chain else None
                       ).get_allocations(*operands(0, 0)),
       # [warpgroup, slot, accumulator]: one output tile per accumulator (`store_sums`), and
-      # per slot (`double_staging`). (Mosaic GPU's layout inference rejects 64-row stores into
-      # a swizzled tile.)
+      # per slot (`double_staging`). Row-major with wg_split "m" unless cfg.swizzle_rows_out.
       out_smem=plgpu.SMEM((2, cfg.out_slots, wg_cols // acc_n, wg_rows, acc_n), out_gmem.dtype,
-                          transforms=() if split_m else
+                          transforms=() if split_m and not cfg.swizzle_rows_out else
                           swizzled((wg_rows, acc_n), out_gmem.dtype, tile_rows=1)),
       collective_axes="wg",
   )
@@ -535,6 +540,8 @@ def _kernel_body(cfg: Fp8TileConfig, num_groups: int, scalar_sb: bool, k_splits:
         if cfg.probe == "no_promote":  # carry is the accumulator; keep one wgmma in flight
           plgpu.wgmma(carry, a_wg, b_wg.transpose((1, 0)))
           plgpu.wgmma_wait(1)
+          return carry
+        if cfg.probe == "no_mma":
           return carry
         sums, sb = carry
         # The next step's block scales: their global-memory latency hides behind this step.
