@@ -255,7 +255,8 @@ def test_supports_and_smem_fit():
 
 @pytest.mark.parametrize("shape", ["dense_8192", "mini_up", "wgrad_tile", "dense_8192_rows",
                                    "mini_down_chain_overlap", "mini_down_double",
-                                   "mini_down_ring", "split_k_ring"])
+                                   "mini_down_ring", "split_k_ring", "mini_down_swizzled",
+                                   "probe_no_store", "probe_no_mma"])
 def test_kernel_lowers_for_cuda_at_full_size(shape):
   """Layout inference (WGMMA row/column scale vectors, fp8 swizzles) without a GPU."""
   m_dim, k_dim, n_dim, groups = {"dense_8192": (8192, 8192, 8192, 1),
@@ -265,7 +266,10 @@ def test_kernel_lowers_for_cuda_at_full_size(shape):
                                  "mini_down_chain_overlap": (16384, 512, 2048, 256),
                                  "mini_down_double": (16384, 512, 2048, 256),
                                  "mini_down_ring": (16384, 512, 2048, 256),
-                                 "split_k_ring": (512, 16384, 512, 1)}[shape]
+                                 "split_k_ring": (512, 16384, 512, 1),
+                                 "mini_down_swizzled": (16384, 512, 2048, 256),
+                                 "probe_no_store": (16384, 512, 2048, 256),
+                                 "probe_no_mma": (16384, 512, 2048, 256)}[shape]
   b_scaling = "tile" if shape == "wgrad_tile" else "block"
   cfg = {"dense_8192_rows": mgpu.Fp8TileConfig(grid_minor="m", grid_width=16, wg_split="m",
                                                acc_cols=128),
@@ -277,7 +281,13 @@ def test_kernel_lowers_for_cuda_at_full_size(shape):
          "mini_down_ring": dataclasses.replace(mgpu.TILE_CONFIGS[512, 2048, "bfloat16"],
                                                b_scale_ring=True),
          "split_k_ring": dataclasses.replace(mgpu.DEFAULT_TILE_CONFIG,
-                                             b_scale_ring=True)}.get(shape)
+                                             b_scale_ring=True),
+         "mini_down_swizzled": dataclasses.replace(mgpu.TILE_CONFIGS[512, 2048, "bfloat16"],
+                                                   swizzle_rows_out=True, double_staging=True),
+         "probe_no_store": dataclasses.replace(mgpu.TILE_CONFIGS[512, 2048, "bfloat16"],
+                                               probe="no_store"),
+         "probe_no_mma": dataclasses.replace(mgpu.TILE_CONFIGS[512, 2048, "bfloat16"],
+                                             probe="no_mma")}.get(shape)
   sb_cols = n_dim if b_scaling == "tile" else n_dim // 128
   spec = jax.ShapeDtypeStruct
   f = jax.jit(lambda *a: mgpu.gmm_fp8(*a, b_scaling=b_scaling, config=cfg, num_sms=132))
