@@ -623,6 +623,45 @@ def tma_write(rows: int, cols: int, dtype=jnp.bfloat16, tile=(128, 128), num_sms
                       grid=(num_sms or bf16_mgpu.device_num_sms(),), grid_names=("sm",))
 
 
+def tma_stream(units: int, in_rows: int, in_cols: int, in_dtype, out_tile=(128, 128)):
+  """A Mosaic GPU kernel that only moves bytes the way a GEMM's TMA pipeline does: each of
+  `units` CTAs TMA-loads an [in_rows, in_cols] block of the input and TMA-stores one bf16
+  output tile (its shared memory left unwritten); several CTAs share an SM. Its time is the TMA
+  roof for a byte mix with no operand read twice: units x in_rows x in_cols elements in, units
+  tiles out."""
+  from jax.experimental import pallas as pl
+  from jax.experimental.pallas import mosaic_gpu as plgpu
+
+  def body(x_gmem, y_gmem):
+    @functools.partial(pl.run_scoped, x_smem=plgpu.SMEM((in_rows, in_cols), in_dtype),
+                       y_smem=plgpu.SMEM(out_tile, jnp.bfloat16),
+                       loaded=plgpu.Barrier(num_arrivals=1))
+    def _(x_smem, y_smem, loaded):
+      i = jax.lax.axis_index("unit")
+      plgpu.copy_gmem_to_smem(x_gmem.at[pl.ds(i * in_rows, in_rows)], x_smem, loaded)
+      plgpu.barrier_wait(loaded)
+      plgpu.copy_smem_to_gmem(y_smem, y_gmem.at[pl.ds(i * out_tile[0], out_tile[0])])
+      plgpu.wait_smem_to_gmem(0)
+
+  return plgpu.kernel(
+      body, out_type=jax.ShapeDtypeStruct((units * out_tile[0], out_tile[1]), jnp.bfloat16),
+      grid=(units,), grid_names=("unit",))
+
+
+def _stream_blocks(in_bytes: int, out_bytes: int, itemsize: int, tile_bytes: int = 128 * 256):
+  """(units, in_rows, in_cols) for `tma_stream`: one 128 x 128 bf16 output tile a unit and the
+  input split evenly over the units in rows of 128 or 256 elements (at most 256 rows a box);
+  None where that does not divide."""
+  if out_bytes % tile_bytes:
+    return None
+  units = out_bytes // tile_bytes
+  for in_cols in (128, 256):
+    row_bytes = in_cols * itemsize
+    if in_bytes % (units * row_bytes) == 0 and in_bytes // (units * row_bytes) <= 256:
+      return units, in_bytes // (units * row_bytes), in_cols
+  return None
+
+
 def _time_stream(name: str, key: str, a, b, n_dim: int, flops: float, row: dict) -> None:
   """Times `gemm_stream` on a GEMM's operands; records GB/s and, as row[key], the TFLOP/s of a
   GEMM that moved its bytes in that time."""
@@ -634,6 +673,21 @@ def _time_stream(name: str, key: str, a, b, n_dim: int, flops: float, row: dict)
   row[key] = flops / seconds / 1e12
   _record(f"{name} {key}: {nbytes / 1e6:.0f} MB, GB/s", nbytes / seconds / 1e9, "GB/s")
   _record(f"{name} {key}: a GEMM moving those bytes at that rate", row[key], "TFLOP/s")
+  blocks = _stream_blocks(a.nbytes + b.nbytes, a.shape[0] * n_dim * 2, a.dtype.itemsize)
+  if blocks is None:
+    print(f"{name} {key}: no tma_stream blocks for these sizes")
+  else:  # the same bytes through TMA loads and stores, no operand read twice
+    units, in_rows, in_cols = blocks
+    x = jnp.zeros((units * in_rows, in_cols), a.dtype)
+    try:
+      seconds = _bench(jax.jit(tma_stream(units, in_rows, in_cols, a.dtype)), x)
+      row[f"{key} by TMA"] = flops / seconds / 1e12
+      _record(f"{name} {key} by TMA: GB/s", nbytes / seconds / 1e9, "GB/s")
+      _record(f"{name} {key} by TMA: a GEMM moving those bytes at that rate",
+              row[f"{key} by TMA"], "TFLOP/s")
+    except Exception as e:
+      print(f"{name} tma_stream failed: {type(e).__name__}: {str(e)[:300]}")
+    del x
   if STREAM_WRITE not in row:  # the output alone: a broadcast of one traced value, written
     out_shape = (a.shape[0], n_dim)
     write = jax.jit(lambda v: jnp.broadcast_to(v, out_shape))
@@ -990,8 +1044,8 @@ def _print_tables() -> None:
   if streamed:
     print("\n| grouped GEMM (TFLOP/s of a GEMM moving the bytes in the time) | FP8 bytes streamed "
           "| FP8 kernel of it | bf16 bytes streamed | bf16 full mantissas of it | 1.5x bf16 full "
-          "of FP8's | output written alone (XLA / TMA stores) |")
-    print("|---|---|---|---|---|---|---|")
+          "of FP8's | output written alone (XLA / TMA stores) | FP8 bytes by TMA (`tma_stream`) |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in streamed:
       fp8_roof, bf16_roof = r[STREAM_FP8], r.get(STREAM_BF16)
       full = r.get("bf16 ours, full mantissas")
@@ -999,7 +1053,7 @@ def _print_tables() -> None:
       print(f"| {r['shape']} {r['problem']} | {fmt(fp8_roof)} | "
             f"{frac(r['ours kernel'], fp8_roof)} | {fmt(bf16_roof)} | {frac(full, bf16_roof)} | "
             f"{frac(1.5 * full if full else 0, fp8_roof)} | {fmt(r.get(STREAM_WRITE))} / "
-            f"{fmt(r.get(STREAM_TMA_WRITE))} |")
+            f"{fmt(r.get(STREAM_TMA_WRITE))} | {fmt(r.get(STREAM_FP8 + ' by TMA'))} |")
   print("\n| quantise | impl | shape | GB/s | copy GB/s | of copy |")
   print("|---|---|---|---|---|---|")
   for r in TABLES["quant"]:

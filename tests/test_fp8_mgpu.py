@@ -413,8 +413,9 @@ def test_bench_fp8_spec_tokens_map_to_config_flags():
 
 def test_bench_fp8_gemm_stream_reads_and_writes_a_gemms_bytes():
   """bench_fp8's streaming roof: `gemm_stream` against NumPy (A tiled or summed onto N columns,
-  B summed over its extra factor), None where the sizes do not divide; `tma_write` lowers for
-  CUDA. (A subprocess: the module defines absl flags at import.)"""
+  B summed over its extra factor), None where the sizes do not divide; `tma_write` and
+  `tma_stream` lower for CUDA, and `_stream_blocks` splits a byte mix into TMA boxes. (A
+  subprocess: the module defines absl flags at import.)"""
   script = (
       "import numpy as np, jax, jax.numpy as jnp\n"
       "from experiments import bench_fp8 as b\n"
@@ -428,12 +429,19 @@ def test_bench_fp8_gemm_stream_reads_and_writes_a_gemms_bytes():
       "  print(float(np.abs(got - want).max() / np.abs(want).max()))\n"
       "print(b.gemm_stream(jnp.ones((64, 48)), jnp.ones((2, 48, 64)), 64))\n"
       "low = jax.jit(lambda: b.tma_write(1024, 512, num_sms=132)()).trace()\n"
+      "print('mosaic_gpu' in low.lower(lowering_platforms=('cuda',)).as_text())\n"
+      "print(b._stream_blocks(335544320, 536870912, 1), b._stream_blocks(3 * 2**20, 2**20, 1))\n"
+      "x = jax.ShapeDtypeStruct((32 * 160, 128), jnp.float8_e4m3fn)\n"
+      "low = jax.jit(b.tma_stream(32, 160, 128, x.dtype)).trace(x)\n"
       "print('mosaic_gpu' in low.lower(lowering_platforms=('cuda',)).as_text())\n")
   env = dict(os.environ, JAX_PLATFORMS="cpu",
              PYTHONPATH=os.path.dirname(os.path.dirname(__file__)))
   proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
                         timeout=300)
   assert proc.returncode == 0, proc.stderr[-2000:]
-  *errs, none, lowered = proc.stdout.strip().splitlines()[-5:]
+  *errs, none, lowered, blocks, stream_lowered = proc.stdout.strip().splitlines()[-8:]
   assert all(float(e) < 1e-2 for e in errs), errs  # bf16 output rounding: ~4e-3
-  assert none == "None" and lowered == "True"
+  assert none == "None" and lowered == "True" and stream_lowered == "True"
+  # The FP8 down projection's 335 MB in, 537 MB out: 16,384 tiles, 160 rows of 128 bytes each;
+  # 3 MiB in over 32 tiles needs 768 rows of 128 or 384 of 256, past TMA's 256: none.
+  assert blocks == "(16384, 160, 128) None"
