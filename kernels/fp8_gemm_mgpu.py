@@ -128,12 +128,13 @@ class Fp8TileConfig:
   # B's 128x128 block scales through the TMA ring (spec token "r"; block-scaled B with
   # scalar_b_scale only): each K step the memory warpgroup also loads that step's row of the
   # group's block scales (one per 128 output columns, padded to 128 bytes: `ring_scale_cols`),
-  # and a compute warpgroup reads its scalars from shared memory. Without it each
-  # compute warpgroup reads them from global memory, one step ahead.
+  # and a compute warpgroup reads its scalars from shared memory. Without it each compute
+  # warpgroup reads them from global memory, one step ahead. -1% to +1.4% on the Ling-mini
+  # experts' forward tilings, 1-5% behind on their input gradients (session 18): not tuned in.
   b_scale_ring: bool = False
   # wg_split "m": the output tiles in shared memory swizzled (spec token "s"), as those of the
-  # "n" split always are; without it they are plain row-major (the sums' writes then meet bank
-  # conflicts).
+  # "n" split always are; without it they are plain row-major. Level on the Ling-mini experts
+  # (session 18), so no tuned tiling sets it.
   swizzle_rows_out: bool = False
 
   @property
@@ -183,9 +184,9 @@ class Fp8TileConfig:
 # overlap) beat two 64 x 64 with overlap on both: up 942 / 949 / 981 / 950 against 921 / 919 /
 # 948 / 911; down, with bands 16 row tiles wide, 692 / 738 / 721 against 664 / 698 / 693 (three
 # machines). Two output slots (`double_staging`) were level or worse (down 674-739, up 878-972).
-# Session 18 (four calls on two machines, with session 17's two): the input gradients run the
-# down projection's tiling too, up dgrad 887-903 against 843-864 for their old table tilings,
-# down dgrad 897-920 against 874-902.
+# Session 18 (five calls on four machines, session 17's two included): the input gradients run
+# the down projection's tiling too, up dgrad 882-903 against 843-864 for their old table
+# tilings, down dgrad 897-920 against 873-902.
 # Absent shapes take the default, narrowed by `fit_smem` and by N.
 _EXPERTS_FWD = Fp8TileConfig(tile_n=64, stages=4, grid_minor="m", grid_width=4, wg_split="m",
                              acc_cols=128, chain=True)
