@@ -389,36 +389,38 @@ def test_split_k_lowers_for_cuda_at_the_shared_expert_wgrad():
   assert "mosaic_gpu" in lowered.as_text()
 
 
-def test_bench_fp8_spec_tokens_map_to_config_flags():
-  """experiments/bench_fp8's tiling specs: the six fields, the optional ones, and the flag tokens
-  `chain`, `overlap`, `d` and `r` anywhere after them. (A subprocess: the module defines absl flags
-  at import.)"""
-  script = (
-      "from experiments import bench_fp8 as b\n"
-      "print(repr(b._config('128:64:4:m:16:1:m:128:chain:d')))\n"
-      "print(repr(b._config('128:128:3:m:4:1:n:64:overlap:r')))\n")
+def _bench_fp8_stdout(script: str) -> list[str]:
+  """Lines printed by `script`, run in a subprocess with experiments.bench_fp8 importable as
+  `b` (the module defines absl flags at import, so not in this process)."""
   env = dict(os.environ, JAX_PLATFORMS="cpu",
              PYTHONPATH=os.path.dirname(os.path.dirname(__file__)))
+  script = "from experiments import bench_fp8 as b\n" + script
   proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
                         timeout=300)
   assert proc.returncode == 0, proc.stderr[-2000:]
-  got = proc.stdout.strip().splitlines()[-2:]
+  return proc.stdout.strip().splitlines()
+
+
+def test_bench_fp8_spec_tokens_map_to_config_flags():
+  """experiments/bench_fp8's tiling specs: the six fields, the optional ones, and the flag tokens
+  `chain`, `overlap`, `d`, `r` and `s` anywhere after them."""
+  got = _bench_fp8_stdout(
+      "print(repr(b._config('128:64:4:m:16:1:m:128:chain:d')))\n"
+      "print(repr(b._config('128:128:3:m:4:1:n:64:overlap:r:s')))\n")[-2:]
   assert got == [repr(mgpu.Fp8TileConfig(tile_m=128, tile_n=64, stages=4, grid_minor="m",
                                          grid_width=16, wg_split="m", acc_cols=128, chain=True,
                                          double_staging=True)),
                  repr(mgpu.Fp8TileConfig(tile_m=128, tile_n=128, stages=3, grid_minor="m",
                                          grid_width=4, wg_split="n", acc_cols=64, overlap=True,
-                                         b_scale_ring=True))]
+                                         b_scale_ring=True, swizzle_rows_out=True))]
 
 
 def test_bench_fp8_gemm_stream_reads_and_writes_a_gemms_bytes():
-  """bench_fp8's streaming roof: `gemm_stream` against NumPy (A tiled or summed onto N columns,
+  """bench_fp8's byte streams: `gemm_stream` against NumPy (A tiled or summed onto N columns,
   B summed over its extra factor), None where the sizes do not divide; `tma_write` and
-  `tma_stream` lower for CUDA, and `_stream_blocks` splits a byte mix into TMA boxes. (A
-  subprocess: the module defines absl flags at import.)"""
+  `tma_stream` lower for CUDA, and `_stream_blocks` splits a byte mix into TMA boxes."""
   script = (
       "import numpy as np, jax, jax.numpy as jnp\n"
-      "from experiments import bench_fp8 as b\n"
       "rng = np.random.default_rng(0)\n"
       "for m, k, n, g in [(64, 32, 128, 4), (64, 128, 32, 4), (64, 64, 64, 2)]:\n"
       "  a = rng.normal(size=(m, k)).astype(np.float32)\n"
@@ -434,12 +436,7 @@ def test_bench_fp8_gemm_stream_reads_and_writes_a_gemms_bytes():
       "x = jax.ShapeDtypeStruct((32 * 160, 128), jnp.float8_e4m3fn)\n"
       "low = jax.jit(b.tma_stream(32, 160, 128, x.dtype)).trace(x)\n"
       "print('mosaic_gpu' in low.lower(lowering_platforms=('cuda',)).as_text())\n")
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             PYTHONPATH=os.path.dirname(os.path.dirname(__file__)))
-  proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
-                        timeout=300)
-  assert proc.returncode == 0, proc.stderr[-2000:]
-  *errs, none, lowered, blocks, stream_lowered = proc.stdout.strip().splitlines()[-8:]
+  *errs, none, lowered, blocks, stream_lowered = _bench_fp8_stdout(script)[-8:]
   assert all(float(e) < 1e-2 for e in errs), errs  # bf16 output rounding: ~4e-3
   assert none == "None" and lowered == "True" and stream_lowered == "True"
   # The FP8 down projection's 335 MB in, 537 MB out: 16,384 tiles, 160 rows of 128 bytes each;
