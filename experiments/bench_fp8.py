@@ -35,6 +35,8 @@ import ml_dtypes
 import numpy as np
 from absl import app
 from absl import flags
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from kernels import fp8_gemm  # noqa: E402
@@ -607,8 +609,6 @@ def tma_write(rows: int, cols: int, dtype=jnp.bfloat16, tile=(128, 128), num_sms
   """A Mosaic GPU kernel that only writes: every SM TMA-stores one shared-memory tile (left
   unwritten: its contents do not matter here) over its share of a [rows, cols] output, as a
   GEMM's epilogue stores its output tiles. The write roof for the GEMMs' own store path."""
-  from jax.experimental import pallas as pl
-  from jax.experimental.pallas import mosaic_gpu as plgpu
   tiles_r, tiles_c = rows // tile[0], cols // tile[1]
 
   def body(out_gmem):
@@ -632,8 +632,6 @@ def tma_stream(units: int, in_rows: int, in_cols: int, in_dtype, out_tile=(128, 
   output tile (its shared memory left unwritten); several CTAs share an SM. Its time is the TMA
   roof for a byte mix with no operand read twice: units x in_rows x in_cols elements in, units
   tiles out."""
-  from jax.experimental import pallas as pl
-  from jax.experimental.pallas import mosaic_gpu as plgpu
 
   def body(x_gmem, y_gmem):
     @functools.partial(pl.run_scoped, x_smem=plgpu.SMEM((in_rows, in_cols), in_dtype),
@@ -665,18 +663,26 @@ def _stream_blocks(in_bytes: int, out_bytes: int, itemsize: int, tile_bytes: int
   return None
 
 
+def _record_stream(label: str, seconds: float, nbytes: int, flops: float) -> float:
+  """Records GB/s and the TFLOP/s of a GEMM moving its bytes in `seconds`; returns the latter."""
+  _record(f"{label}: {nbytes / 1e6:.0f} MB, GB/s", nbytes / seconds / 1e9, "GB/s")
+  tflops = flops / seconds / 1e12
+  _record(f"{label}: a GEMM moving those bytes at that rate", tflops, "TFLOP/s")
+  return tflops
+
+
 def _time_stream(name: str, key: str, a, b, n_dim: int, flops: float, row: dict) -> None:
-  """Times `gemm_stream` on a GEMM's operands; records GB/s and, as row[key], the TFLOP/s of a
-  GEMM that moved its bytes in that time."""
+  """Times a GEMM's bytes (`gemm_stream`, then `tma_stream`) as row[key] and row[key + " by
+  TMA"], and, once a row, its output alone (an XLA broadcast, then `tma_write`), each as the
+  TFLOP/s of a GEMM that moved those bytes in that time."""
   if not _stream_fits(a.shape, b.size, n_dim):
     print(f"{name} {key}: no stream fusion for A {a.shape}, B of {b.size} elements, N {n_dim}")
     return
-  nbytes = a.nbytes + b.nbytes + a.shape[0] * n_dim * 2
+  out_bytes = a.shape[0] * n_dim * 2
+  nbytes = a.nbytes + b.nbytes + out_bytes
   seconds = _bench(jax.jit(functools.partial(gemm_stream, n_dim=n_dim)), a, b)
-  row[key] = flops / seconds / 1e12
-  _record(f"{name} {key}: {nbytes / 1e6:.0f} MB, GB/s", nbytes / seconds / 1e9, "GB/s")
-  _record(f"{name} {key}: a GEMM moving those bytes at that rate", row[key], "TFLOP/s")
-  blocks = _stream_blocks(a.nbytes + b.nbytes, a.shape[0] * n_dim * 2, a.dtype.itemsize)
+  row[key] = _record_stream(f"{name} {key}", seconds, nbytes, flops)
+  blocks = _stream_blocks(a.nbytes + b.nbytes, out_bytes, a.dtype.itemsize)
   if blocks is None:
     print(f"{name} {key}: no tma_stream blocks for these sizes")
   else:  # the same bytes through TMA loads and stores, no operand read twice
@@ -684,10 +690,7 @@ def _time_stream(name: str, key: str, a, b, n_dim: int, flops: float, row: dict)
     x = jnp.zeros((units * in_rows, in_cols), a.dtype)
     try:
       seconds = _bench(jax.jit(tma_stream(units, in_rows, in_cols, a.dtype)), x)
-      row[f"{key} by TMA"] = flops / seconds / 1e12
-      _record(f"{name} {key} by TMA: GB/s", nbytes / seconds / 1e9, "GB/s")
-      _record(f"{name} {key} by TMA: a GEMM moving those bytes at that rate",
-              row[f"{key} by TMA"], "TFLOP/s")
+      row[f"{key} by TMA"] = _record_stream(f"{name} {key} by TMA", seconds, nbytes, flops)
     except Exception as e:
       print(f"{name} tma_stream failed: {type(e).__name__}: {str(e)[:300]}")
     del x
@@ -695,18 +698,11 @@ def _time_stream(name: str, key: str, a, b, n_dim: int, flops: float, row: dict)
     out_shape = (a.shape[0], n_dim)
     write = jax.jit(lambda v: jnp.broadcast_to(v, out_shape))
     seconds = _bench(write, jnp.ones((), jnp.bfloat16))
-    row[STREAM_WRITE] = flops / seconds / 1e12
-    _record(f"{name} {STREAM_WRITE}: {out_shape[0] * n_dim * 2 / 1e6:.0f} MB, GB/s",
-            out_shape[0] * n_dim * 2 / seconds / 1e9, "GB/s")
-    _record(f"{name} {STREAM_WRITE}: a GEMM writing that output at that rate",
-            row[STREAM_WRITE], "TFLOP/s")
+    row[STREAM_WRITE] = _record_stream(f"{name} {STREAM_WRITE}", seconds, out_bytes, flops)
     try:  # the same bytes through TMA stores from shared memory, as the GEMMs write
       seconds = _bench(jax.jit(lambda: tma_write(*out_shape)()))
-      row[STREAM_TMA_WRITE] = flops / seconds / 1e12
-      _record(f"{name} {STREAM_TMA_WRITE}: GB/s", out_shape[0] * n_dim * 2 / seconds / 1e9,
-              "GB/s")
-      _record(f"{name} {STREAM_TMA_WRITE}: a GEMM writing that output at that rate",
-              row[STREAM_TMA_WRITE], "TFLOP/s")
+      row[STREAM_TMA_WRITE] = _record_stream(f"{name} {STREAM_TMA_WRITE}", seconds, out_bytes,
+                                             flops)
     except Exception as e:
       print(f"{name} tma_write failed: {type(e).__name__}: {str(e)[:300]}")
 

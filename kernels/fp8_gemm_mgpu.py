@@ -409,6 +409,7 @@ def _kernel_body(cfg: Fp8TileConfig, num_groups: int, scalar_sb: bool, k_splits:
   n_tiles = out_gmem.shape[-1] // cta_n
   f32 = jnp.float32
   ring_sb = scalar_sb and cfg.b_scale_ring  # B's block scales in the ring, one row a step
+  sb_operand = not scalar_sb or ring_sb  # sb goes through the ring (as columns or as rows)
 
   def pipeline(mma_step, compute_context, col_tile, state=None):
     # "no_promote" keeps a wgmma in flight past its step: release each slot one step late.
@@ -444,14 +445,13 @@ def _kernel_body(cfg: Fp8TileConfig, num_groups: int, scalar_sb: bool, k_splits:
     g = jnp.minimum(group, num_groups - 1)
     if k_splits == 1:
       ops = (a_gmem.at[pl.ds(start, tm)], b_gmem.at[g], sa_gmem.at[:, pl.ds(start, tm)])
-      return ops if scalar_sb and not ring_sb else ops + (sb_gmem.at[g],)
+      return ops + (sb_gmem.at[g],) if sb_operand else ops
     # The split's K range: byte offsets along K are multiples of 128 (TMA wants 16).
     k0 = split * k_len if isinstance(split, int) else pl.multiple_of(split * k_len, TILE_K)
     kt0 = split * k_steps
     ops = (a_gmem.at[pl.ds(start, tm), pl.ds(k0, k_len)], b_gmem.at[g, :, pl.ds(k0, k_len)],
            sa_gmem.at[pl.ds(kt0, k_steps), pl.ds(start, tm)])
-    return (ops if scalar_sb and not ring_sb
-            else ops + (sb_gmem.at[g, pl.ds(kt0, k_steps)],))
+    return ops + (sb_gmem.at[g, pl.ds(kt0, k_steps)],) if sb_operand else ops
 
   ignore = lambda *_, **__: None
   # This compute warpgroup's part of a unit: rows [row0, row0 + wg_rows), columns
@@ -526,7 +526,7 @@ def _kernel_body(cfg: Fp8TileConfig, num_groups: int, scalar_sb: bool, k_splits:
 
       def block_scales(k):
         """B's 128x128 block scales of K step k, one per accumulator, from global memory."""
-        if not scalar_sb or ring_sb:
+        if sb_operand:
           return None
         if cfg.probe == "const_sb":
           return (jnp.float32(1.0),) * (wg_cols // acc_n)
