@@ -56,15 +56,17 @@ _DENSE_CONFIGS = flags.DEFINE_list(
     "Tilings tm:tn:stages:grid_minor:grid_width:scalar_b_scale[:wg_split[:acc_cols[:probe]]] "
     "for the dense GEMMs (Fp8TileConfig's fields; e.g. 128:128:3:m:16:1:m:128, warpgroups "
     "split by rows, 128-column accumulators; a 9th field times a probe: const_sb or "
-    "no_promote, numerically wrong); tokens 'chain', 'overlap' and 'd' (double_staging) "
-    "anywhere after the 6th switch on those Fp8TileConfig flags. Session 6's specs had a body "
+    "no_promote, numerically wrong); tokens 'chain', 'overlap', 'd' (double_staging), 'r' "
+    "(b_scale_ring), 's' (swizzle_rows_out) and 'f' (flat) anywhere after the 6th switch on "
+    "those Fp8TileConfig flags. Session 6's specs had a body "
     "field (ws) after the 6th.")
 _GROUPED_CONFIGS = flags.DEFINE_list(
-    "grouped_configs", ["128:64:4:m:4:1:m:128:chain", "128:64:4:m:16:1:m:128:chain",
-                        "128:64:4:m:4:1:m:64:chain:overlap"],
+    "grouped_configs", ["128:64:4:m:4:1:m:128:chain", "128:64:4:m:16:1:m:128:f",
+                        "128:64:4:m:16:1:m:128:chain", "128:64:4:m:4:1:m:64:chain:overlap"],
     "Tilings for the grouped GEMMs (same format); the first two are the Ling-mini experts' "
-    "up and down tunings (fp8_gemm_mgpu.TILE_CONFIGS, session 17; the second is the input "
-    "gradients' too since session 18), the third session 10's. "
+    "up and down tunings (fp8_gemm_mgpu.TILE_CONFIGS; the second, on the flat ring since "
+    "session 19, is the input gradients' too), the third the down one before session 19, the "
+    "fourth session 10's. "
     "128x128 warpgroup tiles without split accumulators (acc_cols 0) spill registers.")
 _GROUPED_SHAPES = flags.DEFINE_list("grouped_shapes", ["mini", "flash", "1t"], "Expert shapes.")
 _GROUPED_PROBLEMS = flags.DEFINE_list(
@@ -90,6 +92,10 @@ _STREAM = flags.DEFINE_bool(
     "stream", True, "grouped: also time each GEMM's HBM bytes (A and B read, the bf16 output "
     "written) through one XLA fusion (`gemm_stream`) and through TMA (`tma_stream`), and its "
     "output alone (an XLA broadcast and `tma_write`).")
+_WRITE_ORDERS = flags.DEFINE_list(
+    "write_orders", ["n"], "--stream: the tile orders `tma_write` times the output in: 'n' "
+    "(each row of tiles in turn) and 'm<w>' (bands of w row tiles, as grid_minor 'm' with "
+    "grid_width w walks a GEMM's units).")
 _REPEATS = flags.DEFINE_integer("repeats", 20, "Calls per timed batch (median of 3 batches).")
 _GEMM_CHECK = flags.DEFINE_bool(
     "gemm_check", True, "Run the GEMM correctness section first (compiles every tiling).")
@@ -165,11 +171,11 @@ def _write_json() -> None:
 
 def _config(spec: str) -> mgpu.Fp8TileConfig:
   """tm:tn:stages:grid_minor:grid_width:scalar_b_scale[:wg_split[:acc_cols[:probe]]], then
-  optional tokens `chain`, `overlap`, `d`, `r` and `s` (Fp8TileConfig's flags chain, overlap,
-  double_staging, b_scale_ring and swizzle_rows_out)."""
+  optional tokens `chain`, `overlap`, `d`, `r`, `s` and `f` (Fp8TileConfig's flags chain,
+  overlap, double_staging, b_scale_ring, swizzle_rows_out and flat)."""
   tokens = spec.split(":")
   flag_names = {"chain": "chain", "overlap": "overlap", "d": "double_staging",
-                "r": "b_scale_ring", "s": "swizzle_rows_out"}
+                "r": "b_scale_ring", "s": "swizzle_rows_out", "f": "flat"}
   flags_on = {t for t in tokens if t in flag_names}
   tm, tn, stages, minor, width, scalar, *rest = [t for t in tokens if t not in flags_on]
   extra = dict(zip(("wg_split", "acc_cols", "probe"), rest))
@@ -310,12 +316,14 @@ def check_configs(specs) -> bool:
           errs[case + suffix] = (profiling.rel_error(out, ref) if np.any(ref)
                                  else float(np.abs(out).max()))
           tols[case + suffix] = tol
-        errs["tile-scaled B" + suffix] = profiling.rel_error(np.float32(mgpu.matmul_fp8(
-            t_a, t_sa.T, t_b, t_sb.T, b_scaling="tile", out_dtype=out_dtype, config=cfg)),
-            ref_tile)
+        if not cfg.flat:  # the flat ring takes block-scaled B only
+          errs["tile-scaled B" + suffix] = profiling.rel_error(np.float32(mgpu.matmul_fp8(
+              t_a, t_sa.T, t_b, t_sb.T, b_scaling="tile", out_dtype=out_dtype, config=cfg)),
+              ref_tile)
+          tols["tile-scaled B" + suffix] = tol
         errs["dense 8192^3" + suffix] = profiling.rel_error(np.float32(mgpu.matmul_fp8(
             a_q, sa.T, b_q, sb.T, out_dtype=out_dtype, config=cfg)), ref_dense)
-        tols["tile-scaled B" + suffix] = tols["dense 8192^3" + suffix] = tol
+        tols["dense 8192^3" + suffix] = tol
     except Exception as e:
       print(f"check {spec} raised {type(e).__name__}: {str(e)[:600]}", flush=True)
       errs["raised"], tols["raised"] = float("nan"), 0.0
@@ -605,20 +613,31 @@ def gemm_stream(a, b, n_dim: int):
   return (a_view + b_view).astype(jnp.bfloat16)
 
 
-def tma_write(rows: int, cols: int, dtype=jnp.bfloat16, tile=(128, 128), num_sms=None):
+def tma_write(rows: int, cols: int, dtype=jnp.bfloat16, tile=(128, 128), num_sms=None,
+              order: str = "n"):
   """A Mosaic GPU kernel that only writes: every SM TMA-stores one shared-memory tile (left
   unwritten: its contents do not matter here) over its share of a [rows, cols] output, as a
-  GEMM's epilogue stores its output tiles. The write roof for the GEMMs' own store path."""
+  GEMM's epilogue stores its output tiles. The write roof for the GEMMs' own store path.
+  `order` walks the tiles as `Fp8TileConfig.grid_minor` / `grid_width` walk units: "n" along
+  rows of tiles (each row's column tiles in turn), "m<w>" in bands of w row tiles down all
+  columns (`plgpu.planar_snake`, as the GEMMs do)."""
   tiles_r, tiles_c = rows // tile[0], cols // tile[1]
+  if order != "n" and not (order[:1] == "m" and order[1:].isdigit()):
+    raise ValueError(f"tma_write: order={order!r}; use 'n' or 'm<band width>', e.g. 'm16'.")
+
+  def tile_of(i):
+    if order == "n":
+      return i // tiles_c, i % tiles_c
+    return plgpu.planar_snake(i, (tiles_r, tiles_c), 0, int(order[1:]))
 
   def body(out_gmem):
     @functools.partial(pl.run_scoped, smem=plgpu.SMEM(tile, dtype))
     def _(smem):
       @plgpu.nd_loop((tiles_r * tiles_c,), collective_axes="sm")
       def _(info):
-        i = info.index[0]
-        plgpu.copy_smem_to_gmem(smem, out_gmem.at[pl.ds(i // tiles_c * tile[0], tile[0]),
-                                                  pl.ds(i % tiles_c * tile[1], tile[1])])
+        r, c = tile_of(info.index[0])
+        plgpu.copy_smem_to_gmem(smem, out_gmem.at[pl.ds(r * tile[0], tile[0]),
+                                                  pl.ds(c * tile[1], tile[1])])
         plgpu.wait_smem_to_gmem(8, wait_read_only=True)  # at most 8 stores in flight
       plgpu.wait_smem_to_gmem(0)
 
@@ -699,12 +718,13 @@ def _time_stream(name: str, key: str, a, b, n_dim: int, flops: float, row: dict)
     write = jax.jit(lambda v: jnp.broadcast_to(v, out_shape))
     seconds = _bench(write, jnp.ones((), jnp.bfloat16))
     row[STREAM_WRITE] = _record_stream(f"{name} {STREAM_WRITE}", seconds, out_bytes, flops)
-    try:  # the same bytes through TMA stores from shared memory, as the GEMMs write
-      seconds = _bench(jax.jit(lambda: tma_write(*out_shape)()))
-      row[STREAM_TMA_WRITE] = _record_stream(f"{name} {STREAM_TMA_WRITE}", seconds, out_bytes,
-                                             flops)
-    except Exception as e:
-      print(f"{name} tma_write failed: {type(e).__name__}: {str(e)[:300]}")
+    for order in _WRITE_ORDERS.value:  # the same bytes through TMA stores, as the GEMMs write
+      label = STREAM_TMA_WRITE + ("" if order == "n" else f", order {order}")
+      try:
+        seconds = _bench(jax.jit(lambda order=order: tma_write(*out_shape, order=order)()))
+        row[label] = _record_stream(f"{name} {label}", seconds, out_bytes, flops)
+      except Exception as e:
+        print(f"{name} tma_write {order} failed: {type(e).__name__}: {str(e)[:300]}")
 
 
 def time_grouped() -> None:

@@ -37,7 +37,7 @@ layout: wgmmas 64 rows high). B's block scales are read from global memory one s
 (carried), off the critical path, and A's before the wgmma is issued.
 
 Two flags take the rest of the idle time (session 10; the dense default sets both, the Ling-mini
-experts' forward tilings only `chain` since session 17):
+up projection's tiling only `chain` since session 17):
   - `chain`: one pipeline runs across all of an SM's units (the pipeline's START, STEADY and
     STOP states), so the memory warpgroup loads the next unit's first steps while the compute
     warpgroups promote and store this one. K = 512 is only 4 steps a unit: the Ling-mini down
@@ -46,6 +46,14 @@ experts' forward tilings only `chain` since session 17):
     c's promotion runs beside the next wgmma. Two accumulators of partial sums are live then;
     with `wg_split="m"` and 64-column accumulators that is 2 x 32 registers a thread beside
     the 128 of the running sum.
+
+`flat` replaces Pallas's pipeline by this module's own ring (`_flat_ring`, session 19): one
+ring of TMA slots across all of an SM's (unit, K step) pairs, with "loaded" and "consumed"
+barriers per slot, as the bf16 ping-pong body of kernels/grouped_matmul_mgpu.py runs. It takes
+any stage count and, with `wg_split="p"`, ping-pong warpgroups; neither won (BENCHMARKS.md), but
+at 4 stages it is 1-6% ahead of `chain` on the down projection and level to 3% on the input
+gradients, which the table's `_EXPERTS_WIDE` runs. Its K steps must stay a loop: unrolled, they
+ran 3-7x slower on the GPU.
 
 `double_staging` gives each accumulator two output tiles in shared memory, used by alternate
 units, so that a unit's epilogue need not wait for the previous unit's stores to read theirs
@@ -74,6 +82,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from kernels.grouped_matmul_mgpu import device_num_sms
+from kernels.grouped_matmul_mgpu import drain_ring
 from kernels.grouped_matmul_mgpu import make_tile_schedule
 from kernels.grouped_matmul_mgpu import shrink_to_fit
 
@@ -97,7 +106,9 @@ class Fp8TileConfig:
   scalar_b_scale: bool = True
   # How a unit (tile_m x 2 tile_n) is split between the two compute warpgroups: "n",
   # each takes tile_n columns of all rows; "m", each takes tile_m / 2 rows of all 2 tile_n
-  # columns (DeepGEMM's layout: wgmmas 64 rows high and up to 256 wide).
+  # columns (DeepGEMM's layout: wgmmas 64 rows high and up to 256 wide); "p" (ping-pong, `flat`
+  # only), each takes whole units, the SM's units in turn, so that one's promotions and
+  # epilogue run beside the other's wgmmas.
   wg_split: str = "n"
   # Columns per wgmma accumulator (0: all of the warpgroup's). Each step a compute warpgroup runs
   # one wgmma per accumulator, each waited and promoted before the next, so that only one
@@ -136,6 +147,11 @@ class Fp8TileConfig:
   # "n" split always are; without it they are plain row-major. Level on the Ling-mini experts
   # (session 18), so no tuned tiling sets it.
   swizzle_rows_out: bool = False
+  # This module's own ring instead of Pallas's warp-specialised pipeline (spec token "f",
+  # `_flat_ring`): one ring across all of an SM's (unit, K step) pairs with any stage count,
+  # where `chain` needs the stages to divide K's steps. 128x128 block-scaled B with its scales
+  # read from global memory (scalar_b_scale, no b_scale_ring), and no "no_promote" probe.
+  flat: bool = False
 
   @property
   def out_slots(self) -> int:
@@ -147,6 +163,8 @@ class Fp8TileConfig:
     """Rows and columns of one compute warpgroup's part of a unit."""
     if self.wg_split == "m":
       return self.tile_m // 2, 2 * self.tile_n
+    if self.wg_split == "p":
+      return self.tile_m, 2 * self.tile_n
     return self.tile_m, self.tile_n
 
   @property
@@ -162,7 +180,7 @@ class Fp8TileConfig:
   def smem_bytes(self, out_itemsize: int) -> int:
     operands = (self.tile_m + self.cta_n) * TILE_K  # e4m3: 1 byte each
     scales = (self.tile_m + self.cta_n) * 4  # the column vector, in case it is used
-    out = 2 * self.out_slots * self.tile_m * self.tile_n * out_itemsize
+    out = 2 * self.out_slots * self.wg_shape[0] * self.wg_shape[1] * out_itemsize
     return self.stages * (operands + scales) + out
 
   def fit_smem(self, out_itemsize: int) -> "Fp8TileConfig":
@@ -187,10 +205,16 @@ class Fp8TileConfig:
 # Session 18 (five calls on four machines, session 17's two included): the input gradients run
 # the down projection's tiling too, up dgrad 882-903 against 843-864 for their old table
 # tilings, down dgrad 897-920 against 873-902.
+# Session 19 (five calls on five machines): that tiling on the module's own ring (`flat`)
+# rather than Pallas's chained pipeline: down 755-770 against 725-745, up dgrad 896-901 against
+# 874-885, down dgrad 905-915 against 877-921 (level); the up projection 938-978 against 961-975
+# on its own tiling, so it stays chained. Five stages, ping-pong warpgroups ("p") and each
+# promotion beside the next step's wgmma all lost (BENCHMARKS.md).
 # Absent shapes take the default, narrowed by `fit_smem` and by N.
 _EXPERTS_FWD = Fp8TileConfig(tile_n=64, stages=4, grid_minor="m", grid_width=4, wg_split="m",
                              acc_cols=128, chain=True)
-_EXPERTS_WIDE = dataclasses.replace(_EXPERTS_FWD, grid_width=16)  # bands of 16 row tiles
+# Bands of 16 row tiles, on the flat ring.
+_EXPERTS_WIDE = dataclasses.replace(_EXPERTS_FWD, grid_width=16, chain=False, flat=True)
 TILE_CONFIGS: dict[tuple[int, int, str], Fp8TileConfig] = {
     (2048, 1024, "bfloat16"): _EXPERTS_FWD,  # Ling-mini expert gate+up
     (512, 2048, "bfloat16"): _EXPERTS_WIDE,  # Ling-mini expert down
@@ -269,6 +293,8 @@ def tile_config(k_dim: int, n_dim: int, out_dtype, b_scaling: str = "block") -> 
   out_dtype = jnp.dtype(out_dtype)
   default = TILE_SCALED_DEFAULT if b_scaling == "tile" else DEFAULT_TILE_CONFIG
   cfg = TILE_CONFIGS.get((k_dim, n_dim, out_dtype.name), default)
+  if cfg.flat and b_scaling != "block":  # the flat ring takes block-scaled B only
+    cfg = dataclasses.replace(cfg, flat=False, chain=True)
   cfg = cfg.fit_smem(out_dtype.itemsize)
   while n_dim % cfg.cta_n and cfg.tile_n > 64:
     cfg = dataclasses.replace(cfg, tile_n=cfg.tile_n // 2)
@@ -282,7 +308,10 @@ def supports(k_dim: int, n_dim: int, out_dtype, cfg: Fp8TileConfig | None = None
     return False
   cfg = (cfg or tile_config(k_dim, n_dim, out_dtype)).fit_smem(out_dtype.itemsize)
   wg_rows, wg_cols = cfg.wg_shape
-  return (cfg.probe in _PROBES and cfg.wg_split in ("n", "m")
+  flat_ok = not cfg.flat or (cfg.scalar_b_scale and not cfg.b_scale_ring and not cfg.chain
+                             and cfg.probe not in ("no_promote", "const_sb"))
+  ping_pong_ok = cfg.wg_split != "p" or (cfg.flat and not cfg.double_staging)
+  return (cfg.probe in _PROBES and cfg.wg_split in ("n", "m", "p") and flat_ok and ping_pong_ok
           and cfg.smem_bytes(out_dtype.itemsize) <= _SMEM_BUDGET
           # chunks of whole 128-byte swizzle rows of the output tile (its stores slice them)
           and wg_cols % cfg.acc_n == 0 and cfg.acc_n * out_dtype.itemsize % 128 == 0
@@ -402,7 +431,8 @@ def _kernel_body(cfg: Fp8TileConfig, num_groups: int, scalar_sb: bool, k_splits:
   promotion. With scalar_sb, sb_gmem is [G, Kt, Nt] block scales read as scalars from global
   memory, one step ahead, or with cfg.b_scale_ring from each step's row of them in the ring
   (Nt padded, `ring_scale_cols`). With k_splits > 1, out_gmem is [k_splits, M, N]: unit (s, item,
-  column tile) contracts the s-th k_splits-th of K into out[s]."""
+  column tile) contracts the s-th k_splits-th of K into out[s]. The ring is Pallas's
+  warp-specialised pipeline, or with cfg.flat this module's own (`_flat_ring`)."""
   k_steps = a_gmem.shape[1] // TILE_K // k_splits  # a unit's K steps
   k_len = k_steps * TILE_K
   tm, tn, cta_n, acc_n = cfg.tile_m, cfg.tile_n, cfg.cta_n, cfg.acc_n
@@ -453,116 +483,136 @@ def _kernel_body(cfg: Fp8TileConfig, num_groups: int, scalar_sb: bool, k_splits:
            sa_gmem.at[pl.ds(kt0, k_steps), pl.ds(start, tm)])
     return ops + (sb_gmem.at[g, pl.ds(kt0, k_steps)],) if sb_operand else ops
 
-  ignore = lambda *_, **__: None
   # This compute warpgroup's part of a unit: rows [row0, row0 + wg_rows), columns
   # [col0, col0 + wg_cols) of the CTA's tile (Fp8TileConfig.wg_split).
   wg_rows, wg_cols = cfg.wg_shape
   split_m = wg_rows != tm
 
+  def unit_work(index, local_index, wg, out_smem):
+    """The unit of grid index `index` (the SM's local_index-th): where it lies, and the compute
+    warpgroup wg's K step and epilogue for it."""
+    row0, col0 = (wg * wg_rows, 0) if split_m else (0, 0 if cfg.wg_split == "p" else wg * tn)
+    # Splits outermost: concurrent units share the split's K range of A and B in L2.
+    split, unit = jax.lax.div(index, count_gmem[0] * n_tiles), jax.lax.rem(
+        index, count_gmem[0] * n_tiles)
+    out_split = out_gmem if k_splits == 1 else out_gmem.at[split]
+    if cfg.grid_minor == "m":
+      item, ni = plgpu.planar_snake(unit, (count_gmem[0], n_tiles), 0, cfg.grid_width)
+    else:
+      item, ni = unit // n_tiles, unit % n_tiles
+    group = group_gmem[item]
+    start = pl.multiple_of(start_gmem[item], _ROW_ALIGN)
+    offset, rows = offset_gmem[item], rows_gmem[item]
+
+    def store(sums):
+      # Every unit commits one store group per accumulator. One slot: the last unit's stores
+      # must have read it. Two: unit i takes slot i % 2, so only the groups of the unit
+      # before (the other slot's) may still be reading.
+      num_acc = wg_cols // acc_n
+      plgpu.wait_smem_to_gmem(num_acc if cfg.out_slots == 2 else 0, wait_read_only=True)
+      slot = local_index % 2 if cfg.out_slots == 2 else 0
+      if cfg.probe in ("no_store", "no_smem_out"):  # rows < 0 never holds (probe doc)
+        pl.when(rows < 0)(lambda: store_sums(out_smem.at[wg, slot], sums))
+      else:
+        store_sums(out_smem.at[wg, slot], sums)
+      plgpu.commit_smem()
+      if cfg.probe == "no_store":
+        return
+      # The unit owns rows [offset, offset + rows) of the tile; this warpgroup stores its share.
+      lo = jnp.clip(offset - row0, 0, wg_rows)
+      hi = jnp.clip(offset + rows - row0, 0, wg_rows)
+      for c in range(num_acc):
+        _store_owned_rows(out_smem.at[wg, slot, c], out_split, start + row0, lo, hi - lo,
+                          ni * cta_n + col0 + c * acc_n, wg_rows)
+
+    def block_scales(k):
+      """B's 128x128 block scales of K step k, one per accumulator, from global memory."""
+      if sb_operand:
+        return None
+      if cfg.probe == "const_sb":
+        return (jnp.float32(1.0),) * (wg_cols // acc_n)
+      g = jnp.minimum(group, num_groups - 1)
+      return tuple(sb_gmem[g, split * k_steps + k, (ni * cta_n + col0 + c * acc_n) // TILE_K]
+                   for c in range(wg_cols // acc_n))
+
+    def mma_step(idx, a_smem, b_smem, sa_smem, *rest):
+      *sb_smem, carry = rest
+      a_wg = a_smem.at[pl.ds(row0, wg_rows)] if split_m else a_smem
+      b_wg = b_smem.at[pl.ds(col0, wg_cols)]
+      if cfg.probe == "no_promote":  # carry is the accumulator; keep one wgmma in flight
+        plgpu.wgmma(carry, a_wg, b_wg.transpose((1, 0)))
+        plgpu.wgmma_wait(1)
+        return carry
+      if cfg.probe == "no_mma":
+        return carry
+      sums, sb = carry
+      # The next step's block scales: their global-memory latency hides behind this step.
+      sb_next = block_scales(jnp.minimum(idx[0] + 1, k_steps - 1))
+      sa_R = plgpu.load(sa_smem.at[0, pl.ds(row0, wg_rows)],
+                        layout=plgpu.Layout.WGMMA.reduce(1))
+
+      def scale_of(c):
+        if ring_sb:  # this step's row of block scales, in the ring
+          sb_c = sb_smem[0][0, (ni * cta_n + col0 + c * acc_n) // TILE_K]
+          return jax.lax.broadcast_in_dim(sa_R * sb_c, (wg_rows, acc_n), [0])
+        if scalar_sb:
+          return jax.lax.broadcast_in_dim(sa_R * sb[c], (wg_rows, acc_n), [0])
+        sb_N = plgpu.load(sb_smem[0].at[0, pl.ds(col0 + c * acc_n, acc_n)],
+                          layout=plgpu.Layout.WGMMA.reduce(0))
+        return (jax.lax.broadcast_in_dim(sa_R, (wg_rows, acc_n), [0])
+                * jax.lax.broadcast_in_dim(sb_N, (wg_rows, acc_n), [1]))
+
+      return mma_promote(cfg, a_wg, b_wg, sums, scale_of), sb_next
+
+    def finish(sums):
+      """The epilogue after the pipeline: tail units (which ran it too) store zeros."""
+      is_tail = group == num_groups
+      pl.when(is_tail)(lambda: store(zero_sums(cfg)))
+      pl.when(jnp.logical_not(is_tail))(lambda: store(sums))
+
+    return dict(split=split, ni=ni, group=group, start=start, store=store, finish=finish,
+                block_scales=block_scales, mma_step=mma_step)
+
+  # [warpgroup, slot, accumulator]: one output tile per accumulator (`store_sums`), and
+  # per slot (`double_staging`). Row-major with wg_split "m" unless cfg.swizzle_rows_out.
+  out_smem_type = plgpu.SMEM((2, cfg.out_slots, wg_cols // acc_n, wg_rows, acc_n), out_gmem.dtype,
+                             transforms=() if split_m and not cfg.swizzle_rows_out else
+                             swizzled((wg_rows, acc_n), out_gmem.dtype, tile_rows=1))
+  if cfg.flat:
+    _flat_ring(cfg, k_steps, n_tiles * k_splits, count_gmem, unit_work, out_smem_type,
+               a_gmem, sa_gmem, b_gmem, operands)
+    return
+
+  ignore = lambda *_, **__: None
+
   @functools.partial(
       pl.run_scoped,
       allocs=pipeline(ignore, ignore, 0, plgpu.PipelinePipeline.START if cfg.chain else None
                       ).get_allocations(*operands(0, 0)),
-      # [warpgroup, slot, accumulator]: one output tile per accumulator (`store_sums`), and
-      # per slot (`double_staging`). Row-major with wg_split "m" unless cfg.swizzle_rows_out.
-      out_smem=plgpu.SMEM((2, cfg.out_slots, wg_cols // acc_n, wg_rows, acc_n), out_gmem.dtype,
-                          transforms=() if split_m and not cfg.swizzle_rows_out else
-                          swizzled((wg_rows, acc_n), out_gmem.dtype, tile_rows=1)),
+      out_smem=out_smem_type,
       collective_axes="wg",
   )
   def _scope(allocs, out_smem):
     wg = jax.lax.axis_index("wg")
-    row0, col0 = (wg * wg_rows, 0) if split_m else (0, wg * tn)
 
     @plgpu.nd_loop((count_gmem[0] * n_tiles * k_splits,), collective_axes="sm")
     def _unit(info):
-      # Splits outermost: concurrent units share the split's K range of A and B in L2.
-      split, unit = jax.lax.div(info.index[0], count_gmem[0] * n_tiles), jax.lax.rem(
-          info.index[0], count_gmem[0] * n_tiles)
-      out_split = out_gmem if k_splits == 1 else out_gmem.at[split]
-      if cfg.grid_minor == "m":
-        item, ni = plgpu.planar_snake(unit, (count_gmem[0], n_tiles), 0, cfg.grid_width)
-      else:
-        item, ni = unit // n_tiles, unit % n_tiles
-      group = group_gmem[item]
-      start = pl.multiple_of(start_gmem[item], _ROW_ALIGN)
-      offset, rows = offset_gmem[item], rows_gmem[item]
-      is_tail = group == num_groups
-
-      def store(sums):
-        # Every unit commits one store group per accumulator. One slot: the last unit's stores
-        # must have read it. Two: unit i takes slot i % 2, so only the groups of the unit
-        # before (the other slot's) may still be reading.
-        num_acc = wg_cols // acc_n
-        plgpu.wait_smem_to_gmem(num_acc if cfg.out_slots == 2 else 0, wait_read_only=True)
-        slot = info.local_index % 2 if cfg.out_slots == 2 else 0
-        if cfg.probe in ("no_store", "no_smem_out"):  # rows < 0 never holds (probe doc)
-          pl.when(rows < 0)(lambda: store_sums(out_smem.at[wg, slot], sums))
-        else:
-          store_sums(out_smem.at[wg, slot], sums)
-        plgpu.commit_smem()
-        if cfg.probe == "no_store":
-          return
-        # The unit owns rows [offset, offset + rows) of the tile; this warpgroup stores its share.
-        lo = jnp.clip(offset - row0, 0, wg_rows)
-        hi = jnp.clip(offset + rows - row0, 0, wg_rows)
-        for c in range(num_acc):
-          _store_owned_rows(out_smem.at[wg, slot, c], out_split, start + row0, lo, hi - lo,
-                            ni * cta_n + col0 + c * acc_n, wg_rows)
+      u = unit_work(info.index[0], info.local_index, wg, out_smem)
 
       def compute_context(run_pipeline):
         if cfg.probe == "no_promote":
           def run(acc_ref):
             run_pipeline(acc_ref)
-            store((acc_ref[...],))
+            u["store"]((acc_ref[...],))
           pl.run_scoped(run, plgpu.ACC((wg_rows, wg_cols), f32))
         elif cfg.chain:  # tail units ran the pipeline too (below): store zeros for them
-          sums, _ = run_pipeline((zero_sums(cfg), block_scales(0)))
-          pl.when(is_tail)(lambda: store(zero_sums(cfg)))
-          pl.when(jnp.logical_not(is_tail))(lambda: store(sums))
+          sums, _ = run_pipeline((zero_sums(cfg), u["block_scales"](0)))
+          u["finish"](sums)
         else:
-          sums, _ = run_pipeline((zero_sums(cfg), block_scales(0)))
-          store(sums)
+          sums, _ = run_pipeline((zero_sums(cfg), u["block_scales"](0)))
+          u["store"](sums)
 
-      def block_scales(k):
-        """B's 128x128 block scales of K step k, one per accumulator, from global memory."""
-        if sb_operand:
-          return None
-        if cfg.probe == "const_sb":
-          return (jnp.float32(1.0),) * (wg_cols // acc_n)
-        g = jnp.minimum(group, num_groups - 1)
-        return tuple(sb_gmem[g, split * k_steps + k, (ni * cta_n + col0 + c * acc_n) // TILE_K]
-                     for c in range(wg_cols // acc_n))
-
-      def mma_step(idx, a_smem, b_smem, sa_smem, *rest):
-        *sb_smem, carry = rest
-        a_wg = a_smem.at[pl.ds(row0, wg_rows)] if split_m else a_smem
-        b_wg = b_smem.at[pl.ds(col0, wg_cols)]
-        if cfg.probe == "no_promote":  # carry is the accumulator; keep one wgmma in flight
-          plgpu.wgmma(carry, a_wg, b_wg.transpose((1, 0)))
-          plgpu.wgmma_wait(1)
-          return carry
-        if cfg.probe == "no_mma":
-          return carry
-        sums, sb = carry
-        # The next step's block scales: their global-memory latency hides behind this step.
-        sb_next = block_scales(jnp.minimum(idx[0] + 1, k_steps - 1))
-        sa_R = plgpu.load(sa_smem.at[0, pl.ds(row0, wg_rows)],
-                          layout=plgpu.Layout.WGMMA.reduce(1))
-
-        def scale_of(c):
-          if ring_sb:  # this step's row of block scales, in the ring
-            sb_c = sb_smem[0][0, (ni * cta_n + col0 + c * acc_n) // TILE_K]
-            return jax.lax.broadcast_in_dim(sa_R * sb_c, (wg_rows, acc_n), [0])
-          if scalar_sb:
-            return jax.lax.broadcast_in_dim(sa_R * sb[c], (wg_rows, acc_n), [0])
-          sb_N = plgpu.load(sb_smem[0].at[0, pl.ds(col0 + c * acc_n, acc_n)],
-                            layout=plgpu.Layout.WGMMA.reduce(0))
-          return (jax.lax.broadcast_in_dim(sa_R, (wg_rows, acc_n), [0])
-                  * jax.lax.broadcast_in_dim(sb_N, (wg_rows, acc_n), [1]))
-
-        return mma_promote(cfg, a_wg, b_wg, sums, scale_of), sb_next
-
+      ops = operands(u["start"], u["group"], u["split"])
       if cfg.chain:
         # One pipeline across all of this SM's units. Every unit runs it, tail units too (on
         # the last group's weights), since a skipped call would break the chain. A lone unit
@@ -572,19 +622,100 @@ def _kernel_body(cfg: Fp8TileConfig, num_groups: int, scalar_sb: bool, k_splits:
             info.local_index == 0, int(plgpu.PipelinePipeline.START),
             jnp.where(info.local_index == last, int(plgpu.PipelinePipeline.STOP),
                       int(plgpu.PipelinePipeline.STEADY)))
-        pipeline(mma_step, compute_context, ni, state)(*operands(start, group, split),
-                                                       allocations=allocs)
+        pipeline(u["mma_step"], compute_context, u["ni"], state)(*ops, allocations=allocs)
       else:
-        @pl.when(is_tail & (wg < 2))
+        @pl.when((u["group"] == num_groups) & (wg < 2))
         def _():
-          store(zero_sums(cfg))
+          u["store"](zero_sums(cfg))
 
-        @pl.when(jnp.logical_not(is_tail))
+        @pl.when(u["group"] != num_groups)
         def _():
-          pipeline(mma_step, compute_context, ni)(*operands(start, group, split),
-                                                  allocations=allocs)
+          pipeline(u["mma_step"], compute_context, u["ni"])(*ops, allocations=allocs)
 
   plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+
+def _flat_ring(cfg: Fp8TileConfig, k_steps: int, units_per_item: int, count_gmem, unit_work,
+               out_smem_type, a_gmem, sa_gmem, b_gmem, operands):
+  """cfg.flat: one ring of cfg.stages slots across all of an SM's (unit, K step) pairs, any
+  stage count. The SM's local unit j's step k is step t = j * k_steps + k of the ring, in slot
+  t % stages. The memory warpgroup waits until step t - stages is consumed (both compute
+  warpgroups arrived), then TMA-loads A's, B's and sa's boxes of step t, all three on the slot's
+  "loaded" barrier; both compute warpgroups wait on it, run the step (`unit_work`'s mma_step)
+  and arrive on "consumed". Every unit runs its steps, tail units too (they store zeros), so
+  both sides count steps alike. Pallas's chained pipeline needs the stages to divide K's steps
+  (4 at K = 512); this ring takes any count. At the same 4 stages it ran the Ling-mini down
+  projection 1-6% faster than the chained pipeline (session 19), why is not established.
+
+  wg_split "p" (ping-pong): compute warpgroup w takes local units w, w + 2, ... whole; each has
+  its own "loaded" barriers ([w * stages + slot]) and alone releases its steps' slots."""
+  tm, cta_n, stages = cfg.tile_m, cfg.cta_n, cfg.stages
+  ping_pong = cfg.wg_split == "p"
+  sm, num_sms = jax.lax.axis_index("sm"), jax.lax.axis_size("sm")
+  num_local = jnp.maximum(count_gmem[0] * units_per_item - sm + num_sms - 1, 0) // num_sms
+
+  @functools.partial(
+      pl.run_scoped,
+      a_smem=plgpu.SMEM((stages, tm, TILE_K), a_gmem.dtype,
+                        transforms=swizzled((tm, TILE_K), a_gmem.dtype)),
+      b_smem=plgpu.SMEM((stages, cta_n, TILE_K), b_gmem.dtype,
+                        transforms=swizzled((cta_n, TILE_K), b_gmem.dtype)),
+      sa_smem=plgpu.SMEM((stages, 1, tm), jnp.float32),
+      out_smem=out_smem_type,
+      loaded=plgpu.Barrier(num_arrivals=3,  # A, B, sa
+                           num_barriers=2 * stages if ping_pong else stages),
+      # Released by both compute warpgroups, or with ping-pong by the step's one.
+      consumed=plgpu.Barrier(num_arrivals=1 if ping_pong else 2, num_barriers=stages),
+      collective_axes="wg",
+  )
+  def _scope(a_smem, b_smem, sa_smem, out_smem, loaded, consumed):
+    wg = jax.lax.axis_index("wg")
+    loaded_of = lambda j, slot: loaded.at[(j % 2) * stages + slot if ping_pong else slot]
+
+    @pl.when(wg == 2)
+    def _memory():
+      plgpu.set_max_registers(40, action="decrease")
+
+      @pl.loop(0, num_local)
+      def _unit(j):
+        u = unit_work(j * num_sms + sm, j, wg, out_smem)
+        a_src, b_src, sa_src = operands(u["start"], u["group"], u["split"])[:3]
+        b_src = b_src.at[pl.ds(u["ni"] * cta_n, cta_n)]
+
+        @pl.loop(0, k_steps)
+        def _step(k):
+          t = j * k_steps + k
+          slot = t % stages
+          pl.when(t >= stages)(lambda: plgpu.barrier_wait(consumed.at[slot]))
+          k0 = pl.multiple_of(k * TILE_K, TILE_K)
+          barrier = loaded_of(j, slot)
+          plgpu.copy_gmem_to_smem(a_src.at[:, pl.ds(k0, TILE_K)], a_smem.at[slot], barrier)
+          plgpu.copy_gmem_to_smem(b_src.at[:, pl.ds(k0, TILE_K)], b_smem.at[slot], barrier)
+          plgpu.copy_gmem_to_smem(sa_src.at[pl.ds(k, 1)], sa_smem.at[slot], barrier)
+
+      drain_ring(consumed, num_local * k_steps, stages)
+
+    @pl.when(wg < 2)
+    def _compute():
+      plgpu.set_max_registers(232, action="increase")
+
+      @pl.loop(0, (num_local - wg + 1) // 2 if ping_pong else num_local)
+      def _unit(i):
+        j = 2 * i + wg if ping_pong else i
+        u = unit_work(j * num_sms + sm, j, wg, out_smem)
+
+        def step(k, carry):
+          slot = (j * k_steps + k) % stages
+          plgpu.barrier_wait(loaded_of(j, slot))
+          carry = u["mma_step"]((k,), a_smem.at[slot], b_smem.at[slot], sa_smem.at[slot], carry)
+          plgpu.barrier_arrive(consumed.at[slot])  # mma_step waited for its wgmmas
+          return carry
+
+        # A loop, not unrolled: unrolled, the steps ran 3-7x slower on the GPU (session 19).
+        sums, _ = jax.lax.fori_loop(0, k_steps, step, (zero_sums(cfg), u["block_scales"](0)))
+        u["finish"](sums)
+
+      plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
 
 def expand_block_scales(sb_GKtNt: jax.Array, n_dim: int) -> jax.Array:
@@ -644,6 +775,9 @@ def gmm_fp8(a_q_MK: jax.Array, sa_KtM: jax.Array, b_q_GNK: jax.Array, sb_GKtX: j
   if cfg.probe == "no_promote" and cfg.acc_n != cfg.wg_shape[1]:
     raise ValueError(f"gmm_fp8: the 'no_promote' probe runs one accumulator per warpgroup; got "
                      f"acc_cols={cfg.acc_cols} of {cfg.wg_shape[1]} columns. Use acc_cols=0.")
+  if cfg.flat and b_scaling != "block":
+    raise ValueError(f"gmm_fp8: the flat ring (Fp8TileConfig.flat) runs 128x128 block-scaled B "
+                     f"only, got b_scaling={b_scaling!r}; use a tiling without flat.")
   scalar_sb = b_scaling == "block" and cfg.scalar_b_scale
   if b_scaling == "block" and not scalar_sb:
     sb_GKtX = expand_block_scales(sb_GKtX, n_dim)

@@ -416,6 +416,14 @@ def _silu_times(gate, up):
   return gate / (1.0 + jnp.exp(-gate)) * up
 
 
+def drain_ring(consumed, total_steps, stages: int) -> None:
+  """The memory warpgroup's end of a hand-rolled TMA ring (slot t % stages for step t): wait on
+  the releases of the last `stages` steps too, so that no barrier phase is left unawaited."""
+  @pl.loop(jnp.maximum(total_steps - stages, 0), total_steps)
+  def _drain(t):
+    plgpu.barrier_wait(consumed.at[t % stages])
+
+
 def _pipe_body(cfg: TileConfig, transpose_rhs: bool, swiglu: bool, num_groups: int,
                count_gmem, *refs):
   """One warpgroup per SM: emit_pipeline over K for each (item, column tile) unit."""
@@ -714,12 +722,7 @@ def _pp_body(cfg: TileConfig, transpose_rhs: bool, swiglu: bool, num_groups: int
                      else rhs_gmem.at[u.weight, pl.ds(k * tk, tk), pl.ds(col, tn)])
           plgpu.copy_gmem_to_smem(rhs_src, rhs_smem.at[slot], barrier)
 
-      # Observe the last steps' releases too, so that no barrier phase is left unawaited.
-      total_steps = num_local * k_steps
-
-      @pl.loop(jnp.maximum(total_steps - stages, 0), total_steps)
-      def _drain(t):
-        plgpu.barrier_wait(consumed.at[t % stages])
+      drain_ring(consumed, num_local * k_steps, stages)
 
     @pl.when(wg < 2)
     def _compute():

@@ -172,6 +172,55 @@ def test_chained_and_overlapped_bodies_match_fp64(variant):
   np.testing.assert_array_equal(np.asarray(out)[sum(sizes):], 0.0)
 
 
+@pytest.mark.parametrize("variant", ["rows", "cols_5_stages", "ping_pong", "ping_pong_split_acc",
+                                     "rows_split_k"])
+def test_flat_ring_matches_fp64(variant):
+  """`flat`, the module's own ring across an SM's (unit, K step) pairs: stage counts that do not
+  divide K's 4 steps (3, 5), ping-pong warpgroups ("p": each takes whole units in turn, its
+  own "loaded" barriers, one or two accumulators), and split-K (K's range per split offset in
+  the ring's loads). Three SMs for 5+ units each, empty and tiny groups and tail rows."""
+  cfg = {"rows": mgpu.Fp8TileConfig(tile_m=128, tile_n=64, stages=3, grid_minor="m",
+                                    grid_width=2, wg_split="m", acc_cols=64, flat=True),
+         "cols_5_stages": mgpu.Fp8TileConfig(tile_m=64, tile_n=64, stages=5, flat=True),
+         "ping_pong": mgpu.Fp8TileConfig(tile_m=64, tile_n=64, stages=3, grid_minor="m",
+                                         grid_width=2, wg_split="p", flat=True),
+         "ping_pong_split_acc": mgpu.Fp8TileConfig(tile_m=64, tile_n=64, stages=2,
+                                                   wg_split="p", acc_cols=64, flat=True),
+         "rows_split_k": mgpu.Fp8TileConfig(tile_m=128, tile_n=64, stages=3, wg_split="m",
+                                            flat=True)}[variant]
+  k_splits = 2 if variant == "rows_split_k" else None
+  m_dim, sizes = (203, [0, 70, 3, 0, 100]) if k_splits is None else (150, [150])
+  rng = np.random.default_rng(11)
+  (a_q, sa, b_q, sb), (a_MK, b_GNK) = _operands(rng, m_dim, 512, 256, len(sizes))
+  assert mgpu.supports(512, 256, jnp.float32, cfg)
+  assert cfg.fit_smem(4) == cfg
+  out = mgpu.gmm_fp8(a_q, sa.T, b_q, jnp.swapaxes(sb, 1, 2), jnp.asarray(sizes, jnp.int32),
+                     out_dtype=jnp.float32, config=cfg, interpret=_INTERPRET, num_sms=3,
+                     k_splits=k_splits)
+  _assert_close(out, _np_grouped(a_MK, b_GNK, sizes), 1e-5)
+  np.testing.assert_array_equal(np.asarray(out)[sum(sizes):], 0.0)
+
+
+def test_flat_ring_takes_block_scaled_b_only():
+  """The table's flat tilings fall back to the chained pipeline for 1x128-tiled B; asked for
+  directly, the flat ring refuses it, and refuses the probes and flags it does not run."""
+  flat = mgpu.TILE_CONFIGS[512, 2048, "bfloat16"]
+  assert flat.flat and mgpu.tile_config(512, 2048, jnp.bfloat16).flat
+  tiled = mgpu.tile_config(512, 2048, jnp.bfloat16, "tile")
+  assert not tiled.flat and tiled.chain
+  for bad in (dict(chain=True), dict(b_scale_ring=True), dict(probe="const_sb"),
+              dict(scalar_b_scale=False)):
+    assert not mgpu.supports(512, 2048, jnp.bfloat16, dataclasses.replace(flat, **bad)), bad
+  assert not mgpu.supports(512, 2048, jnp.bfloat16, mgpu.Fp8TileConfig(wg_split="p"))
+  rng = np.random.default_rng(0)
+  a_q, sa = _codes(rng, (64, 256)), _scales(rng, (64, 2))
+  b_q, sb = _codes(rng, (1, 128, 256)), _scales(rng, (1, 2, 128))
+  with pytest.raises(ValueError, match="flat ring.*b_scaling='tile'"):
+    mgpu.gmm_fp8(a_q, sa.T, b_q, sb, jnp.asarray([64], jnp.int32), b_scaling="tile",
+                 config=mgpu.Fp8TileConfig(tile_m=64, tile_n=64, stages=2, flat=True),
+                 interpret=_INTERPRET, num_sms=1)
+
+
 def test_chained_keeps_chain_only_where_it_can_run():
   cfg = mgpu.Fp8TileConfig(stages=4, chain=True)
   assert mgpu.chained(cfg, 16).stages == 4 and mgpu.chained(cfg, 6).stages == 3
@@ -256,7 +305,8 @@ def test_supports_and_smem_fit():
 @pytest.mark.parametrize("shape", ["dense_8192", "mini_up", "wgrad_tile", "dense_8192_rows",
                                    "mini_down_chain_overlap", "mini_down_double",
                                    "mini_down_ring", "split_k_ring", "mini_down_swizzled",
-                                   "probe_no_store", "probe_no_mma"])
+                                   "probe_no_store", "probe_no_mma", "mini_down_table",
+                                   "mini_down_ping_pong", "dense_8192_flat", "up_dgrad_table"])
 def test_kernel_lowers_for_cuda_at_full_size(shape):
   """Layout inference (WGMMA row/column scale vectors, fp8 swizzles) without a GPU."""
   m_dim, k_dim, n_dim, groups = {"dense_8192": (8192, 8192, 8192, 1),
@@ -269,25 +319,35 @@ def test_kernel_lowers_for_cuda_at_full_size(shape):
                                  "split_k_ring": (512, 16384, 512, 1),
                                  "mini_down_swizzled": (16384, 512, 2048, 256),
                                  "probe_no_store": (16384, 512, 2048, 256),
-                                 "probe_no_mma": (16384, 512, 2048, 256)}[shape]
+                                 "probe_no_mma": (16384, 512, 2048, 256),
+                                 "mini_down_table": (16384, 512, 2048, 256),
+                                 "mini_down_ping_pong": (16384, 512, 2048, 256),
+                                 "dense_8192_flat": (8192, 8192, 8192, 1),
+                                 "up_dgrad_table": (16384, 1024, 2048, 256)}[shape]
   b_scaling = "tile" if shape == "wgrad_tile" else "block"
+  # The down projection's table tiling is flat; these variants run Pallas's chained pipeline.
+  chained = dataclasses.replace(mgpu.TILE_CONFIGS[512, 2048, "bfloat16"], flat=False, chain=True)
   cfg = {"dense_8192_rows": mgpu.Fp8TileConfig(grid_minor="m", grid_width=16, wg_split="m",
                                                acc_cols=128),
          "mini_down_chain_overlap": mgpu.Fp8TileConfig(stages=4, grid_minor="m", grid_width=4,
                                                        wg_split="m", acc_cols=64, chain=True,
                                                        overlap=True),
-         "mini_down_double": dataclasses.replace(mgpu.TILE_CONFIGS[512, 2048, "bfloat16"],
-                                                 double_staging=True),
-         "mini_down_ring": dataclasses.replace(mgpu.TILE_CONFIGS[512, 2048, "bfloat16"],
-                                               b_scale_ring=True),
+         "mini_down_double": dataclasses.replace(chained, double_staging=True),
+         "mini_down_ring": dataclasses.replace(chained, b_scale_ring=True),
          "split_k_ring": dataclasses.replace(mgpu.DEFAULT_TILE_CONFIG,
                                              b_scale_ring=True),
-         "mini_down_swizzled": dataclasses.replace(mgpu.TILE_CONFIGS[512, 2048, "bfloat16"],
-                                                   swizzle_rows_out=True, double_staging=True),
+         "mini_down_swizzled": dataclasses.replace(chained, swizzle_rows_out=True,
+                                                   double_staging=True),
          "probe_no_store": dataclasses.replace(mgpu.TILE_CONFIGS[512, 2048, "bfloat16"],
                                                probe="no_store"),
          "probe_no_mma": dataclasses.replace(mgpu.TILE_CONFIGS[512, 2048, "bfloat16"],
-                                             probe="no_mma")}.get(shape)
+                                             probe="no_mma"),
+         "mini_down_ping_pong": mgpu.Fp8TileConfig(tile_m=64, tile_n=64, stages=6,
+                                                   grid_minor="m", grid_width=32, wg_split="p",
+                                                   flat=True),
+         # K's 64 steps in the ring's loop, two accumulators overlapped within each step
+         "dense_8192_flat": dataclasses.replace(mgpu.DEFAULT_TILE_CONFIG, chain=False,
+                                                flat=True)}.get(shape)
   sb_cols = n_dim if b_scaling == "tile" else n_dim // 128
   spec = jax.ShapeDtypeStruct
   f = jax.jit(lambda *a: mgpu.gmm_fp8(*a, b_scaling=b_scaling, config=cfg, num_sms=132))
@@ -403,22 +463,27 @@ def _bench_fp8_stdout(script: str) -> list[str]:
 
 def test_bench_fp8_spec_tokens_map_to_config_flags():
   """experiments/bench_fp8's tiling specs: the six fields, the optional ones, and the flag tokens
-  `chain`, `overlap`, `d`, `r` and `s` anywhere after them."""
+  `chain`, `overlap`, `d`, `r`, `s` and `f` anywhere after them."""
   got = _bench_fp8_stdout(
       "print(repr(b._config('128:64:4:m:16:1:m:128:chain:d')))\n"
-      "print(repr(b._config('128:128:3:m:4:1:n:64:overlap:r:s')))\n")[-2:]
+      "print(repr(b._config('128:128:3:m:4:1:n:64:overlap:r:s')))\n"
+      "print(repr(b._config('64:64:6:m:32:1:p:128:f')))\n")[-3:]
   assert got == [repr(mgpu.Fp8TileConfig(tile_m=128, tile_n=64, stages=4, grid_minor="m",
                                          grid_width=16, wg_split="m", acc_cols=128, chain=True,
                                          double_staging=True)),
                  repr(mgpu.Fp8TileConfig(tile_m=128, tile_n=128, stages=3, grid_minor="m",
                                          grid_width=4, wg_split="n", acc_cols=64, overlap=True,
-                                         b_scale_ring=True, swizzle_rows_out=True))]
+                                         b_scale_ring=True, swizzle_rows_out=True)),
+                 repr(mgpu.Fp8TileConfig(tile_m=64, tile_n=64, stages=6, grid_minor="m",
+                                         grid_width=32, wg_split="p", acc_cols=128,
+                                         flat=True))]
 
 
 def test_bench_fp8_gemm_stream_reads_and_writes_a_gemms_bytes():
   """bench_fp8's byte streams: `gemm_stream` against NumPy (A tiled or summed onto N columns,
   B summed over its extra factor), None where the sizes do not divide; `tma_write` and
-  `tma_stream` lower for CUDA, and `_stream_blocks` splits a byte mix into TMA boxes."""
+  `tma_stream` lower for CUDA (`tma_write` in both tile orders), and `_stream_blocks` splits a
+  byte mix into TMA boxes."""
   script = (
       "import numpy as np, jax, jax.numpy as jnp\n"
       "rng = np.random.default_rng(0)\n"
@@ -430,8 +495,10 @@ def test_bench_fp8_gemm_stream_reads_and_writes_a_gemms_bytes():
       "  want = a_n + w.reshape(m, w.size // (m * n), n).sum(1)\n"
       "  print(float(np.abs(got - want).max() / np.abs(want).max()))\n"
       "print(b.gemm_stream(jnp.ones((64, 48)), jnp.ones((2, 48, 64)), 64))\n"
-      "low = jax.jit(lambda: b.tma_write(1024, 512, num_sms=132)()).trace()\n"
-      "print('mosaic_gpu' in low.lower(lowering_platforms=('cuda',)).as_text())\n"
+      "lows = [jax.jit(lambda o=o: b.tma_write(1024, 512, num_sms=132, order=o)()).trace()\n"
+      "        for o in ('n', 'm4')]\n"
+      "print(all('mosaic_gpu' in low.lower(lowering_platforms=('cuda',)).as_text()\n"
+      "          for low in lows))\n"
       "print(b._stream_blocks(335544320, 536870912, 1), b._stream_blocks(3 * 2**20, 2**20, 1))\n"
       "x = jax.ShapeDtypeStruct((32 * 160, 128), jnp.float8_e4m3fn)\n"
       "low = jax.jit(b.tma_stream(32, 160, 128, x.dtype)).trace(x)\n"
