@@ -75,6 +75,7 @@ Shape key: M rows, K contraction, N output columns, G groups, Kt K-steps of 128,
 
 import dataclasses
 import functools
+import types
 
 import jax
 import jax.numpy as jnp
@@ -570,8 +571,8 @@ def _kernel_body(cfg: Fp8TileConfig, num_groups: int, scalar_sb: bool, k_splits:
       pl.when(is_tail)(lambda: store(zero_sums(cfg)))
       pl.when(jnp.logical_not(is_tail))(lambda: store(sums))
 
-    return dict(split=split, ni=ni, group=group, start=start, store=store, finish=finish,
-                block_scales=block_scales, mma_step=mma_step)
+    return types.SimpleNamespace(split=split, ni=ni, group=group, start=start, store=store,
+                                 finish=finish, block_scales=block_scales, mma_step=mma_step)
 
   # [warpgroup, slot, accumulator]: one output tile per accumulator (`store_sums`), and
   # per slot (`double_staging`). Row-major with wg_split "m" unless cfg.swizzle_rows_out.
@@ -603,16 +604,16 @@ def _kernel_body(cfg: Fp8TileConfig, num_groups: int, scalar_sb: bool, k_splits:
         if cfg.probe == "no_promote":
           def run(acc_ref):
             run_pipeline(acc_ref)
-            u["store"]((acc_ref[...],))
+            u.store((acc_ref[...],))
           pl.run_scoped(run, plgpu.ACC((wg_rows, wg_cols), f32))
         elif cfg.chain:  # tail units ran the pipeline too (below): store zeros for them
-          sums, _ = run_pipeline((zero_sums(cfg), u["block_scales"](0)))
-          u["finish"](sums)
+          sums, _ = run_pipeline((zero_sums(cfg), u.block_scales(0)))
+          u.finish(sums)
         else:
-          sums, _ = run_pipeline((zero_sums(cfg), u["block_scales"](0)))
-          u["store"](sums)
+          sums, _ = run_pipeline((zero_sums(cfg), u.block_scales(0)))
+          u.store(sums)
 
-      ops = operands(u["start"], u["group"], u["split"])
+      ops = operands(u.start, u.group, u.split)
       if cfg.chain:
         # One pipeline across all of this SM's units. Every unit runs it, tail units too (on
         # the last group's weights), since a skipped call would break the chain. A lone unit
@@ -622,15 +623,15 @@ def _kernel_body(cfg: Fp8TileConfig, num_groups: int, scalar_sb: bool, k_splits:
             info.local_index == 0, int(plgpu.PipelinePipeline.START),
             jnp.where(info.local_index == last, int(plgpu.PipelinePipeline.STOP),
                       int(plgpu.PipelinePipeline.STEADY)))
-        pipeline(u["mma_step"], compute_context, u["ni"], state)(*ops, allocations=allocs)
+        pipeline(u.mma_step, compute_context, u.ni, state)(*ops, allocations=allocs)
       else:
-        @pl.when((u["group"] == num_groups) & (wg < 2))
+        @pl.when((u.group == num_groups) & (wg < 2))
         def _():
-          u["store"](zero_sums(cfg))
+          u.store(zero_sums(cfg))
 
-        @pl.when(u["group"] != num_groups)
+        @pl.when(u.group != num_groups)
         def _():
-          pipeline(u["mma_step"], compute_context, u["ni"])(*ops, allocations=allocs)
+          pipeline(u.mma_step, compute_context, u.ni)(*ops, allocations=allocs)
 
   plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
@@ -679,8 +680,8 @@ def _flat_ring(cfg: Fp8TileConfig, k_steps: int, units_per_item: int, count_gmem
       @pl.loop(0, num_local)
       def _unit(j):
         u = unit_work(j * num_sms + sm, j, wg, out_smem)
-        a_src, b_src, sa_src = operands(u["start"], u["group"], u["split"])[:3]
-        b_src = b_src.at[pl.ds(u["ni"] * cta_n, cta_n)]
+        a_src, b_src, sa_src = operands(u.start, u.group, u.split)[:3]
+        b_src = b_src.at[pl.ds(u.ni * cta_n, cta_n)]
 
         @pl.loop(0, k_steps)
         def _step(k):
@@ -707,13 +708,13 @@ def _flat_ring(cfg: Fp8TileConfig, k_steps: int, units_per_item: int, count_gmem
         def step(k, carry):
           slot = (j * k_steps + k) % stages
           plgpu.barrier_wait(loaded_of(j, slot))
-          carry = u["mma_step"]((k,), a_smem.at[slot], b_smem.at[slot], sa_smem.at[slot], carry)
+          carry = u.mma_step((k,), a_smem.at[slot], b_smem.at[slot], sa_smem.at[slot], carry)
           plgpu.barrier_arrive(consumed.at[slot])  # mma_step waited for its wgmmas
           return carry
 
         # A loop, not unrolled: unrolled, the steps ran 3-7x slower on the GPU (session 19).
-        sums, _ = jax.lax.fori_loop(0, k_steps, step, (zero_sums(cfg), u["block_scales"](0)))
-        u["finish"](sums)
+        sums, _ = jax.lax.fori_loop(0, k_steps, step, (zero_sums(cfg), u.block_scales(0)))
+        u.finish(sums)
 
       plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
