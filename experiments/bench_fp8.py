@@ -55,8 +55,9 @@ _DENSE_CONFIGS = flags.DEFINE_list(
                       "128:128:3:m:16:1:m:64:overlap"],
     "Tilings tm:tn:stages:grid_minor:grid_width:scalar_b_scale[:wg_split[:acc_cols[:probe]]] "
     "for the dense GEMMs (Fp8TileConfig's fields; e.g. 128:128:3:m:16:1:m:128, warpgroups "
-    "split by rows, 128-column accumulators; a 9th field times a probe: const_sb or "
-    "no_promote, numerically wrong); tokens 'chain', 'overlap', 'd' (double_staging), 'r' "
+    "split by rows (n: by columns, p: ping-pong, flat only), 128-column accumulators; a 9th "
+    "field times a probe: const_sb, no_promote, no_store, no_smem_out or no_mma, numerically "
+    "wrong); tokens 'chain', 'overlap', 'd' (double_staging), 'r' "
     "(b_scale_ring), 's' (swizzle_rows_out) and 'f' (flat) anywhere after the 6th switch on "
     "those Fp8TileConfig flags. Session 6's specs had a body "
     "field (ws) after the 6th.")
