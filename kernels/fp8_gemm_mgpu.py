@@ -206,7 +206,7 @@ class Fp8TileConfig:
 # Session 18 (five calls on four machines, session 17's two included): the input gradients run
 # the down projection's tiling too, up dgrad 882-903 against 843-864 for their old table
 # tilings, down dgrad 897-920 against 873-902.
-# Session 19 (five calls on five machines): that tiling on the module's own ring (`flat`)
+# Session 19 (five calls on four machines): that tiling on the module's own ring (`flat`)
 # rather than Pallas's chained pipeline: down 755-770 against 725-745, up dgrad 896-901 against
 # 874-885, down dgrad 905-915 against 877-921 (level); the up projection 938-978 against 961-975
 # on its own tiling, so it stays chained. Five stages, ping-pong warpgroups ("p") and each
