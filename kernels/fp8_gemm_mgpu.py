@@ -151,7 +151,8 @@ class Fp8TileConfig:
   # This module's own ring instead of Pallas's warp-specialised pipeline (spec token "f",
   # `_flat_ring`): one ring across all of an SM's (unit, K step) pairs with any stage count,
   # where `chain` needs the stages to divide K's steps. 128x128 block-scaled B with its scales
-  # read from global memory (scalar_b_scale, no b_scale_ring), and no "no_promote" probe.
+  # read from global memory (scalar_b_scale, no b_scale_ring), and neither the "no_promote"
+  # nor the "const_sb" probe (`supports` says so).
   flat: bool = False
 
   @property

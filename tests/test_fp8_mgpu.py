@@ -309,24 +309,17 @@ def test_supports_and_smem_fit():
                                    "mini_down_ping_pong", "dense_8192_flat", "up_dgrad_table"])
 def test_kernel_lowers_for_cuda_at_full_size(shape):
   """Layout inference (WGMMA row/column scale vectors, fp8 swizzles) without a GPU."""
-  m_dim, k_dim, n_dim, groups = {"dense_8192": (8192, 8192, 8192, 1),
+  dense, down = (8192, 8192, 8192, 1), (16384, 512, 2048, 256)  # (M, K, N, G)
+  m_dim, k_dim, n_dim, groups = {"dense_8192": dense, "dense_8192_rows": dense,
+                                 "dense_8192_flat": dense,
                                  "mini_up": (16384, 2048, 1024, 256),
+                                 "up_dgrad_table": (16384, 1024, 2048, 256),
                                  "wgrad_tile": (2048, 16384, 2048, 1),
-                                 "dense_8192_rows": (8192, 8192, 8192, 1),
-                                 "mini_down_chain_overlap": (16384, 512, 2048, 256),
-                                 "mini_down_double": (16384, 512, 2048, 256),
-                                 "mini_down_ring": (16384, 512, 2048, 256),
-                                 "split_k_ring": (512, 16384, 512, 1),
-                                 "mini_down_swizzled": (16384, 512, 2048, 256),
-                                 "probe_no_store": (16384, 512, 2048, 256),
-                                 "probe_no_mma": (16384, 512, 2048, 256),
-                                 "mini_down_table": (16384, 512, 2048, 256),
-                                 "mini_down_ping_pong": (16384, 512, 2048, 256),
-                                 "dense_8192_flat": (8192, 8192, 8192, 1),
-                                 "up_dgrad_table": (16384, 1024, 2048, 256)}[shape]
+                                 "split_k_ring": (512, 16384, 512, 1)}.get(shape, down)
   b_scaling = "tile" if shape == "wgrad_tile" else "block"
   # The down projection's table tiling is flat; these variants run Pallas's chained pipeline.
-  chained = dataclasses.replace(mgpu.TILE_CONFIGS[512, 2048, "bfloat16"], flat=False, chain=True)
+  down_table = mgpu.TILE_CONFIGS[512, 2048, "bfloat16"]
+  chained = dataclasses.replace(down_table, flat=False, chain=True)
   cfg = {"dense_8192_rows": mgpu.Fp8TileConfig(grid_minor="m", grid_width=16, wg_split="m",
                                                acc_cols=128),
          "mini_down_chain_overlap": mgpu.Fp8TileConfig(stages=4, grid_minor="m", grid_width=4,
@@ -338,10 +331,8 @@ def test_kernel_lowers_for_cuda_at_full_size(shape):
                                              b_scale_ring=True),
          "mini_down_swizzled": dataclasses.replace(chained, swizzle_rows_out=True,
                                                    double_staging=True),
-         "probe_no_store": dataclasses.replace(mgpu.TILE_CONFIGS[512, 2048, "bfloat16"],
-                                               probe="no_store"),
-         "probe_no_mma": dataclasses.replace(mgpu.TILE_CONFIGS[512, 2048, "bfloat16"],
-                                             probe="no_mma"),
+         "probe_no_store": dataclasses.replace(down_table, probe="no_store"),
+         "probe_no_mma": dataclasses.replace(down_table, probe="no_mma"),
          "mini_down_ping_pong": mgpu.Fp8TileConfig(tile_m=64, tile_n=64, stages=6,
                                                    grid_minor="m", grid_width=32, wg_split="p",
                                                    flat=True),
