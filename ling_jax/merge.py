@@ -152,13 +152,15 @@ def _leaf_paths(treedef) -> list[str]:
 
 
 def merge_checkpoints(config, workdir: str, *, last: int, weights: str,
-                      output: str | None = None) -> dict[str, float]:
-  """Merges the newest `last` checkpoints of a run into `output`; returns both val losses.
+                      output: str | None = None, eval_inputs: bool = False) -> dict:
+  """Merges the newest `last` checkpoints of a run into `output`; returns the val losses.
 
   The merged params and expert biases are the `weights`-shaped average; the rest of the state
   (optimiser moments, step) is the newest checkpoint's. Written as a checkpoint of the newest
   step under `output` (default `workdir/merged`), so evaluation and generation read it like
-  any run directory.
+  any run directory. Returns the merge's and the newest checkpoint's val losses, and with
+  `eval_inputs` every merged checkpoint's (`input_val_losses`, oldest first; one more
+  evaluation per checkpoint, each made as the merge reads it).
   """
   _check_kind(weights)
   source = checkpoint_lib.Checkpointer(workdir, save_every=1, keep=1_000_000)
@@ -170,10 +172,15 @@ def merge_checkpoints(config, workdir: str, *, last: int, weights: str,
   steps = steps[-last:]
   target = trainer.abstract_state(config)
   coeffs = merge_coefficients(weights, last)
+  evaluate = functools.partial(trainer.evaluate_params, config)
+  input_losses = []
 
   def states():
     for step in steps:
-      yield source.restore(step, target)[0]
+      state = source.restore(step, target)[0]
+      if eval_inputs:
+        input_losses.append(evaluate(state.params, state.moe_state)["val_loss"])
+      yield state
 
   newest, _ = source.restore(steps[-1], target)
   merged = merge_params(((s.params, s.moe_state) for s in states()), coeffs)
@@ -185,7 +192,11 @@ def merge_checkpoints(config, workdir: str, *, last: int, weights: str,
                                                  "weights": weights}, force=True)
   sink.close()
   source.close()
-  evaluate = functools.partial(trainer.evaluate_params, config)
-  return {"merged_val_loss": evaluate(merged_state.params, merged_state.moe_state)["val_loss"],
-          "last_val_loss": evaluate(newest.params, newest.moe_state)["val_loss"],
-          "steps": steps, "coefficients": coeffs.tolist()}
+  result = {"merged_val_loss": evaluate(merged_state.params, merged_state.moe_state)["val_loss"],
+            "steps": steps, "coefficients": coeffs.tolist()}
+  if eval_inputs:
+    result["input_val_losses"] = [float(x) for x in input_losses]
+    result["last_val_loss"] = result["input_val_losses"][-1]
+  else:
+    result["last_val_loss"] = evaluate(newest.params, newest.moe_state)["val_loss"]
+  return result
