@@ -211,7 +211,9 @@ class Fp8TileConfig:
 # rather than Pallas's chained pipeline: down 755-770 against 725-745, up dgrad 896-901 against
 # 874-885, down dgrad 905-915 against 877-921 (level); the up projection 938-978 against 961-975
 # on its own tiling, so it stays chained. Five stages, ping-pong warpgroups ("p") and each
-# promotion beside the next step's wgmma all lost (BENCHMARKS.md).
+# promotion beside the next step's wgmma all lost (BENCHMARKS.md). Session 20 (one machine): 3 / 4
+# / 5 stages ran the down projection at 655 / 752-762 / 718 TFLOP/s, its loads and stores alone
+# (probe "no_mma") at 811 / 926 / 960; ptxas reports no spills and no serialised wgmmas.
 # Absent shapes take the default, narrowed by `fit_smem` and by N.
 _EXPERTS_FWD = Fp8TileConfig(tile_n=64, stages=4, grid_minor="m", grid_width=4, wg_split="m",
                              acc_cols=128, chain=True)
