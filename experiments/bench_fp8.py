@@ -125,6 +125,11 @@ _GROUP_ALIGNS = flags.DEFINE_list(
     "group_aligns", ["16", "32", "128"],
     "Row alignments of the expert groups (dispatch.permute's group_align) that the quant and "
     "expert_align sections time against unpadded groups.")
+_PROFILE_DIR = flags.DEFINE_string(
+    "profile_dir", "",
+    "Grouped section: after timing, run each flat-ring tiling (`f`) once more under Mosaic GPU's "
+    "on-device profiler (`gmm_fp8(profile_dir=...)`), write its trace under this directory and "
+    "print each warpgroup role's time per phase (`summarize_ring_trace`).")
 
 # --grouped_problems: (K, N) of each expert GEMM from (hidden, expert width)
 _GROUPED_PROBLEM_DIMS = {"up": lambda h, w: (h, 2 * w), "down": lambda h, w: (w, h),
@@ -728,6 +733,75 @@ def _time_stream(name: str, key: str, a, b, n_dim: int, flops: float, row: dict)
         print(f"{name} tma_write {order} failed: {type(e).__name__}: {str(e)[:300]}")
 
 
+def summarize_ring_trace(trace: dict) -> dict[str, dict[str, float]]:
+  """Shares of time per named phase of a `gmm_fp8(profile_dir=...)` trace, per warpgroup role.
+
+  The trace holds one track per (SM, warpgroup) (`tid` - 1 counts them, three per SM: the two
+  compute warpgroups, then the memory one) of "B"/"E" events. Each track's span runs from its
+  first event to its last; a phase's share is its summed time over the summed spans of the
+  role's tracks, and "other" is what no phase covers (loop control, the barrier arrivals).
+  Returns {"compute": {phase: share, ...}, "memory": {...}}.
+  """
+  tracks: dict[int, list[dict]] = {}
+  for event in trace["traceEvents"]:
+    tracks.setdefault(event["tid"], []).append(event)
+  totals = {"compute": {}, "memory": {}}
+  spans = {"compute": 0.0, "memory": 0.0}
+  for tid, events in tracks.items():
+    role = "memory" if (tid - 1) % 3 == 2 else "compute"
+    events.sort(key=lambda e: e["ts"])
+    spans[role] += events[-1]["ts"] - events[0]["ts"]
+    open_at: dict[str, list[float]] = {}
+    for event in events:
+      if event["ph"] == "B":
+        open_at.setdefault(event["name"], []).append(event["ts"])
+      elif open_at.get(event["name"]):
+        begin = open_at[event["name"]].pop()
+        totals[role][event["name"]] = totals[role].get(event["name"], 0.0) + event["ts"] - begin
+  shares = {}
+  for role, phases in totals.items():
+    if spans[role] <= 0:
+      continue
+    shares[role] = {name: t / spans[role] for name, t in sorted(phases.items())}
+    shares[role]["other"] = max(0.0, 1.0 - sum(shares[role].values()))
+  return shares
+
+
+def _profile_flat(label: str, specs, k_dim: int, n_dim: int, *args) -> None:
+  """`--profile_dir`: each flat tiling once under the profiler; prints its phases' shares."""
+  for spec in specs:
+    cfg = _config(spec)
+    if not cfg.flat or not mgpu.supports(k_dim, n_dim, jnp.bfloat16, cfg):
+      continue
+    out_dir = os.path.join(_PROFILE_DIR.value, f"{label} {spec}".replace(" ", "_"))
+    os.makedirs(out_dir, exist_ok=True)
+    try:
+      jax.block_until_ready(mgpu.gmm_fp8(*args, config=cfg, profile_dir=out_dir))
+      time.sleep(1)  # the trace is written by a host callback
+      newest = max((os.path.join(out_dir, f) for f in os.listdir(out_dir)),
+                   key=os.path.getmtime)
+      with open(newest) as f:
+        trace = json.load(f)
+      shares = summarize_ring_trace(trace)
+    except Exception as e:
+      print(f"{label} {spec} profile failed: {type(e).__name__}: {str(e)[:400]}")
+      continue
+    for role, phases in shares.items():
+      print(f"{label} {spec} profile {role}: "
+            + ", ".join(f"{name} {share:.1%}" for name, share in phases.items()), flush=True)
+    # Clock cycles (the trace's ts is cycles / 1e3 within a track) per unit of a compute track.
+    ends: dict[int, list[float]] = {}
+    for e in trace["traceEvents"]:
+      if e["name"] == "epilogue" and e["ph"] == "E" and (e["tid"] - 1) % 3 != 2:
+        ends.setdefault(e["tid"], []).append(e["ts"])
+    gaps = [b - a for ts in ends.values() for a, b in zip(sorted(ts), sorted(ts)[1:])]
+    if gaps:
+      shares["cycles_per_unit"] = statistics.median(gaps) * 1e3
+      print(f"{label} {spec} profile: {shares['cycles_per_unit']:.0f} cycles per unit (median "
+            f"between a compute warpgroup's epilogues)", flush=True)
+    RESULTS[f"{label} {spec} profile"] = shares
+
+
 def time_grouped() -> None:
   key = jax.random.PRNGKey(12)
   for shape in _GROUPED_SHAPES.value:
@@ -742,6 +816,9 @@ def time_grouped() -> None:
           f"grouped {shape} {pname} fp8 ours", _GROUPED_CONFIGS.value, k_dim, n_dim, flops,
           lambda cfg: functools.partial(mgpu.gmm_fp8, config=cfg),
           a_q, sa.T, b_q, jnp.swapaxes(sb, 1, 2), sizes)
+      if _PROFILE_DIR.value:
+        _profile_flat(f"grouped {shape} {pname} fp8 ours", _GROUPED_CONFIGS.value, k_dim, n_dim,
+                      a_q, sa.T, b_q, jnp.swapaxes(sb, 1, 2), sizes)
       f = jax.jit(lambda a, s, b, t, g: fp8_gemm.fp8_grouped_matmul(
           a, s, b, t, g, backend="pallas_mosaic_gpu"))
       row["ours op"] = flops / _bench(f, a_q, sa, b_q, sb, sizes) / 1e12

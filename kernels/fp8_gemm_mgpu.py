@@ -652,7 +652,12 @@ def _flat_ring(cfg: Fp8TileConfig, k_steps: int, units_per_item: int, count_gmem
   projection 1-6% faster than the chained pipeline (session 19), why is not established.
 
   wg_split "p" (ping-pong): compute warpgroup w takes local units w, w + 2, ... whole; each has
-  its own "loaded" barriers ([w * stages + slot]) and alone releases its steps' slots."""
+  its own "loaded" barriers ([w * stages + slot]) and alone releases its steps' slots.
+
+  Each side's phases are named scopes: "wait_consumed" and "issue_loads" (memory warpgroup),
+  "wait_loaded", "mma_promote" and "epilogue" (compute warpgroups). `gmm_fp8(profile_dir=...)`
+  records them per warpgroup with Mosaic GPU's on-device profiler; without it they cost
+  nothing."""
   tm, cta_n, stages = cfg.tile_m, cfg.cta_n, cfg.stages
   ping_pong = cfg.wg_split == "p"
   sm, num_sms = jax.lax.axis_index("sm"), jax.lax.axis_size("sm")
@@ -690,12 +695,14 @@ def _flat_ring(cfg: Fp8TileConfig, k_steps: int, units_per_item: int, count_gmem
         def _step(k):
           t = j * k_steps + k
           slot = t % stages
-          pl.when(t >= stages)(lambda: plgpu.barrier_wait(consumed.at[slot]))
-          k0 = pl.multiple_of(k * TILE_K, TILE_K)
-          barrier = loaded_of(j, slot)
-          plgpu.copy_gmem_to_smem(a_src.at[:, pl.ds(k0, TILE_K)], a_smem.at[slot], barrier)
-          plgpu.copy_gmem_to_smem(b_src.at[:, pl.ds(k0, TILE_K)], b_smem.at[slot], barrier)
-          plgpu.copy_gmem_to_smem(sa_src.at[pl.ds(k, 1)], sa_smem.at[slot], barrier)
+          with jax.named_scope("wait_consumed"):
+            pl.when(t >= stages)(lambda: plgpu.barrier_wait(consumed.at[slot]))
+          with jax.named_scope("issue_loads"):
+            k0 = pl.multiple_of(k * TILE_K, TILE_K)
+            barrier = loaded_of(j, slot)
+            plgpu.copy_gmem_to_smem(a_src.at[:, pl.ds(k0, TILE_K)], a_smem.at[slot], barrier)
+            plgpu.copy_gmem_to_smem(b_src.at[:, pl.ds(k0, TILE_K)], b_smem.at[slot], barrier)
+            plgpu.copy_gmem_to_smem(sa_src.at[pl.ds(k, 1)], sa_smem.at[slot], barrier)
 
       drain_ring(consumed, num_local * k_steps, stages)
 
@@ -710,14 +717,17 @@ def _flat_ring(cfg: Fp8TileConfig, k_steps: int, units_per_item: int, count_gmem
 
         def step(k, carry):
           slot = (j * k_steps + k) % stages
-          plgpu.barrier_wait(loaded_of(j, slot))
-          carry = u.mma_step((k,), a_smem.at[slot], b_smem.at[slot], sa_smem.at[slot], carry)
+          with jax.named_scope("wait_loaded"):
+            plgpu.barrier_wait(loaded_of(j, slot))
+          with jax.named_scope("mma_promote"):
+            carry = u.mma_step((k,), a_smem.at[slot], b_smem.at[slot], sa_smem.at[slot], carry)
           plgpu.barrier_arrive(consumed.at[slot])  # mma_step waited for its wgmmas
           return carry
 
         # A loop, not unrolled: unrolled, the steps ran 3-7x slower on the GPU (session 19).
         sums, _ = jax.lax.fori_loop(0, k_steps, step, (zero_sums(cfg), u.block_scales(0)))
-        u.finish(sums)
+        with jax.named_scope("epilogue"):
+          u.finish(sums)
 
       plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
@@ -730,11 +740,13 @@ def expand_block_scales(sb_GKtNt: jax.Array, n_dim: int) -> jax.Array:
 # Jitted: a model calls it many times with the same shapes, and JAX then traces the kernel body
 # (its Python-unrolled accumulators and pipeline) once per shape rather than once per call.
 @functools.partial(jax.jit, static_argnames=("b_scaling", "out_dtype", "config", "interpret",
-                                             "num_sms", "k_splits"))
+                                             "num_sms", "k_splits", "profile_dir",
+                                             "profile_ranges"))
 def gmm_fp8(a_q_MK: jax.Array, sa_KtM: jax.Array, b_q_GNK: jax.Array, sb_GKtX: jax.Array,
             group_sizes_G: jax.Array, *, b_scaling: str = "block", out_dtype=jnp.bfloat16,
             config: Fp8TileConfig | None = None, interpret=None,
-            num_sms: int | None = None, k_splits: int | None = None) -> jax.Array:
+            num_sms: int | None = None, k_splits: int | None = None,
+            profile_dir: str | None = None, profile_ranges: int = 256) -> jax.Array:
   """out[rows of g] = dequant(A)[rows of g] @ dequant(B[g])^T, fp32-promoted; tail rows zero.
 
   Args:
@@ -746,6 +758,11 @@ def gmm_fp8(a_q_MK: jax.Array, sa_KtM: jax.Array, b_q_GNK: jax.Array, sb_GKtX: j
       tile, their fp32 partial sums added after the kernel (split-K: more units when the output
       has fewer tiles than the GPU has SMs). None: `auto_k_splits` for a dense GEMM on the GPU
       while `_AUTO_SPLIT_K_ON_GPU` is set, else 1.
+    profile_dir: on the GPU, record each warpgroup's named phases (the flat ring's: `_flat_ring`)
+      with Mosaic GPU's on-device profiler and write a Chrome trace (`<ns>-trace.json`) there
+      per call; `experiments/bench_fp8.py --profile_dir` sums them. The first profile_ranges
+      ranges of each warpgroup are kept (16 bytes each, in shared memory beside the ring's:
+      3 x 256 take 12 KB), later ones dropped.
   """
   num_rows, k_dim = a_q_MK.shape
   num_groups, n_dim, _ = b_q_GNK.shape
@@ -767,6 +784,16 @@ def gmm_fp8(a_q_MK: jax.Array, sa_KtM: jax.Array, b_q_GNK: jax.Array, sb_GKtX: j
   # Split-K partial sums are stored in fp32 and added after the kernel.
   store_dtype = out_dtype if k_splits == 1 else jnp.dtype(jnp.float32)
   cfg = chained(tiling.fit_smem(store_dtype.itemsize), k_steps // k_splits)
+  profile = {}
+  if profile_dir:
+    profile_bytes = 3 * profile_ranges * 16  # 3 warpgroups, 2 events of 2 words per range
+    tiling_bytes = cfg.smem_bytes(store_dtype.itemsize)
+    if tiling_bytes + profile_bytes > _SMEM_BUDGET:
+      raise ValueError(f"gmm_fp8: profile_ranges={profile_ranges} takes {profile_bytes} bytes "
+                       f"of shared memory beside the tiling's {tiling_bytes}, past the "
+                       f"{_SMEM_BUDGET} there are; pass fewer ranges or fewer stages.")
+    profile = dict(profile_space=profile_ranges, profile_dir=profile_dir,
+                   profile_bounds_check=True)
   kt, nt = k_dim // TILE_K, pl.cdiv(n_dim, TILE_K)
   want_sb = {"block": (num_groups, kt, nt), "tile": (num_groups, kt, n_dim)}.get(b_scaling)
   if (not supports(k_dim, n_dim, store_dtype, cfg) or b_q_GNK.shape[2] != k_dim
@@ -803,7 +830,7 @@ def gmm_fp8(a_q_MK: jax.Array, sa_KtM: jax.Array, b_q_GNK: jax.Array, sb_GKtX: j
       num_threads=3,
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(
-          lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+          lowering_semantics=plgpu.LoweringSemantics.Warpgroup, **profile),
       interpret=interpret,
   )
   out_MN = kernel(schedule.num_items, schedule.group_I, schedule.read_start_I,

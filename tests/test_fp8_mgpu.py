@@ -350,6 +350,42 @@ def test_kernel_lowers_for_cuda_at_full_size(shape):
   assert "mosaic_gpu" in lowered.as_text()
 
 
+def test_profile_ranges_past_shared_memory_are_refused_before_lowering():
+  """The profiled kernel itself only lowers on a GPU machine: its trace leaves through a host
+  callback, which JAX lowers for CUDA only with a CUDA backend. Its guard runs anywhere."""
+  spec = jax.ShapeDtypeStruct
+  f = jax.jit(lambda *a: mgpu.gmm_fp8(*a, num_sms=132, profile_dir="/tmp/unused",
+                                      profile_ranges=4096))
+  with pytest.raises(ValueError, match="profile_ranges=4096"):
+    f.trace(spec((16384, 512), jnp.float8_e4m3fn), spec((4, 16384), jnp.float32),
+            spec((256, 2048, 512), jnp.float8_e4m3fn), spec((256, 4, 16), jnp.float32),
+            spec((256,), jnp.int32))
+
+
+def test_bench_fp8_sums_a_ring_trace_per_warpgroup_role():
+  """`summarize_ring_trace` on a crafted trace of one SM: two compute tracks and the memory one
+  (tids 1-3), shares of summed phase time over summed spans."""
+  def ranges(tid, *phases):  # (name, begin, end) -> B/E events, shuffled order is fine
+    return [dict(name=n, ph=ph, ts=float(t), pid=2, tid=tid)
+            for n, b, e in phases for ph, t in (("E", e), ("B", b))]
+  trace = {"traceEvents": (
+      ranges(1, ("wait_loaded", 0, 10), ("mma_promote", 10, 40), ("wait_loaded", 40, 45),
+             ("mma_promote", 45, 75), ("epilogue", 80, 100))
+      + ranges(2, ("wait_loaded", 0, 20), ("mma_promote", 20, 50), ("epilogue", 50, 100))
+      + ranges(3, ("wait_consumed", 0, 30), ("issue_loads", 30, 40),
+               ("wait_consumed", 40, 90), ("issue_loads", 90, 100)))}
+  got = _bench_fp8_stdout(f"print(sorted(b.summarize_ring_trace({trace!r}).items()))")[-1]
+  want = {"compute": {"epilogue": 0.35, "mma_promote": 0.45, "wait_loaded": 0.175,
+                      "other": 0.025},
+          "memory": {"issue_loads": 0.2, "wait_consumed": 0.8, "other": 0.0}}
+  got = dict(eval(got))  # noqa: S307 (our own subprocess's repr of floats and strs)
+  assert got.keys() == want.keys()
+  for role in want:
+    assert got[role].keys() == want[role].keys()
+    for name, share in want[role].items():
+      assert abs(got[role][name] - share) < 1e-12, (role, name, got[role])
+
+
 def test_fp8_wgrad_runs_the_bf16_kernel_on_dequantised_operands():
   """The FP8 experts' weight gradient on a kernel backend: both transposed operands (per-group
   1x128 tiles along M: an empty group, a group over 128 rows, rows past the groups) dequantised
