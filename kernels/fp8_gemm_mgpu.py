@@ -759,10 +759,10 @@ def gmm_fp8(a_q_MK: jax.Array, sa_KtM: jax.Array, b_q_GNK: jax.Array, sb_GKtX: j
       has fewer tiles than the GPU has SMs). None: `auto_k_splits` for a dense GEMM on the GPU
       while `_AUTO_SPLIT_K_ON_GPU` is set, else 1.
     profile_dir: on the GPU, record each warpgroup's named phases (the flat ring's: `_flat_ring`)
-      with Mosaic GPU's on-device profiler and write a Chrome trace (`<ns>-trace.json`) there
-      per call; `experiments/bench_fp8.py --profile_dir` sums them. The first profile_ranges
-      ranges of each warpgroup are kept (16 bytes each, in shared memory beside the ring's:
-      3 x 256 take 12 KB), later ones dropped.
+      with Mosaic GPU's on-device profiler and write a Chrome trace (`*-trace.json`, one per
+      compiled kernel) there; `experiments/bench_fp8.py --profile_dir` sums them. The first
+      profile_ranges ranges of each warpgroup are kept (16 bytes each, in shared memory beside
+      the ring's: 3 x 256 take 12 KB), later ones dropped.
   """
   num_rows, k_dim = a_q_MK.shape
   num_groups, n_dim, _ = b_q_GNK.shape
