@@ -733,6 +733,11 @@ def _time_stream(name: str, key: str, a, b, n_dim: int, flops: float, row: dict)
         print(f"{name} tma_write {order} failed: {type(e).__name__}: {str(e)[:300]}")
 
 
+def _ring_role(tid: int) -> str:
+  """A profile track's warpgroup role: three tracks per SM, the two compute warpgroups first."""
+  return "memory" if (tid - 1) % 3 == 2 else "compute"
+
+
 def summarize_ring_trace(trace: dict) -> dict[str, dict[str, float]]:
   """Shares of time per named phase of a `gmm_fp8(profile_dir=...)` trace, per warpgroup role.
 
@@ -748,7 +753,7 @@ def summarize_ring_trace(trace: dict) -> dict[str, dict[str, float]]:
   totals = {"compute": {}, "memory": {}}
   spans = {"compute": 0.0, "memory": 0.0}
   for tid, events in tracks.items():
-    role = "memory" if (tid - 1) % 3 == 2 else "compute"
+    role = _ring_role(tid)
     events.sort(key=lambda e: e["ts"])
     spans[role] += events[-1]["ts"] - events[0]["ts"]
     open_at: dict[str, list[float]] = {}
@@ -792,7 +797,7 @@ def _profile_flat(label: str, specs, k_dim: int, n_dim: int, *args) -> None:
     # Clock cycles (the trace's ts is cycles / 1e3 within a track) per unit of a compute track.
     ends: dict[int, list[float]] = {}
     for e in trace["traceEvents"]:
-      if e["name"] == "epilogue" and e["ph"] == "E" and (e["tid"] - 1) % 3 != 2:
+      if e["name"] == "epilogue" and e["ph"] == "E" and _ring_role(e["tid"]) == "compute":
         ends.setdefault(e["tid"], []).append(e["ts"])
     gaps = [b - a for ts in ends.values() for a, b in zip(sorted(ts), sorted(ts)[1:])]
     if gaps:
