@@ -178,17 +178,20 @@ def _write_json() -> None:
 def _config(spec: str) -> mgpu.Fp8TileConfig:
   """tm:tn:stages:grid_minor:grid_width:scalar_b_scale[:wg_split[:acc_cols[:probe]]], then
   optional tokens `chain`, `overlap`, `d`, `r`, `s` and `f` (Fp8TileConfig's flags chain,
-  overlap, double_staging, b_scale_ring, swizzle_rows_out and flat)."""
+  overlap, double_staging, b_scale_ring, swizzle_rows_out and flat), `nt` (unit_table off) and
+  `late` (release_early off)."""
   tokens = spec.split(":")
   flag_names = {"chain": "chain", "overlap": "overlap", "d": "double_staging",
                 "r": "b_scale_ring", "s": "swizzle_rows_out", "f": "flat"}
   flags_on = {t for t in tokens if t in flag_names}
-  tm, tn, stages, minor, width, scalar, *rest = [t for t in tokens if t not in flags_on]
+  tm, tn, stages, minor, width, scalar, *rest = [
+      t for t in tokens if t not in flags_on and t not in ("nt", "late")]
   extra = dict(zip(("wg_split", "acc_cols", "probe"), rest))
   if "acc_cols" in extra:
     extra["acc_cols"] = int(extra["acc_cols"])
   return mgpu.Fp8TileConfig(int(tm), int(tn), int(stages), minor, int(width), scalar == "1",
-                            **extra, **{flag_names[t]: True for t in flags_on})
+                            **extra, **{flag_names[t]: True for t in flags_on},
+                            unit_table="nt" not in tokens, release_early="late" not in tokens)
 
 
 def _operands(key, m_dim, k_dim, n_dim, groups=None):
@@ -772,6 +775,35 @@ def summarize_ring_trace(trace: dict) -> dict[str, dict[str, float]]:
   return shares
 
 
+def ring_trace_gaps(trace: dict) -> dict[str, dict[str, float]]:
+  """Where `summarize_ring_trace`'s "other" lies: each gap between a range's end and the next
+  range's begin on one track, keyed "previous>next" by the two ranges' names and summed as a
+  share of the role's summed spans (as there). The gaps of a role add up to its "other"."""
+  gaps = {"compute": {}, "memory": {}}
+  spans = {"compute": 0.0, "memory": 0.0}
+  tracks: dict[int, list[dict]] = {}
+  for event in trace["traceEvents"]:
+    tracks.setdefault(event["tid"], []).append(event)
+  for tid, events in tracks.items():
+    role = _ring_role(tid)
+    # Ends before begins at equal times: a range that ends as the next begins leaves no gap.
+    events.sort(key=lambda e: (e["ts"], e["ph"] == "B"))
+    spans[role] += events[-1]["ts"] - events[0]["ts"]
+    depth, last_end = 0, None
+    for event in events:
+      if event["ph"] == "B":
+        if depth == 0 and last_end is not None and event["ts"] > last_end[1]:
+          key = f"{last_end[0]}>{event['name']}"
+          gaps[role][key] = gaps[role].get(key, 0.0) + event["ts"] - last_end[1]
+        depth += 1
+      else:
+        depth = max(depth - 1, 0)
+        if depth == 0:
+          last_end = (event["name"], event["ts"])
+  return {role: {key: t / spans[role] for key, t in sorted(found.items())}
+          for role, found in gaps.items() if spans[role] > 0}
+
+
 def _profile_flat(label: str, specs, k_dim: int, n_dim: int, *args) -> None:
   """`--profile_dir`: each flat tiling once under the profiler; prints its phases' shares."""
   for spec in specs:
@@ -794,6 +826,10 @@ def _profile_flat(label: str, specs, k_dim: int, n_dim: int, *args) -> None:
     for role, phases in shares.items():
       print(f"{label} {spec} profile {role}: "
             + ", ".join(f"{name} {share:.1%}" for name, share in phases.items()), flush=True)
+    for role, found in ring_trace_gaps(trace).items():
+      largest = sorted(found.items(), key=lambda item: -item[1])[:6]
+      print(f"{label} {spec} profile {role} gaps: "
+            + ", ".join(f"{key} {share:.1%}" for key, share in largest), flush=True)
     # Clock cycles (the trace's ts is cycles / 1e3 within a track) per unit of a compute track.
     ends: dict[int, list[float]] = {}
     for e in trace["traceEvents"]:

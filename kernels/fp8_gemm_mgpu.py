@@ -154,6 +154,13 @@ class Fp8TileConfig:
   # read from global memory (scalar_b_scale, no b_scale_ring), and neither the "no_promote"
   # nor the "const_sb" probe (`supports` says so).
   flat: bool = False
+  # `flat` only: each SM reads where its units lie from its rows of `unit_table`, loaded into
+  # shared memory once (where they fit beside the tiling), rather than deriving each unit from
+  # the schedule in global memory (spec token "nt" turns it off).
+  unit_table: bool = True
+  # `flat` only: a compute warpgroup frees a step's ring slot as soon as the step's wgmmas are
+  # done, before it promotes their partial sums (spec token "late" frees it after).
+  release_early: bool = True
 
   @property
   def out_slots(self) -> int:
@@ -214,6 +221,12 @@ class Fp8TileConfig:
 # promotion beside the next step's wgmma all lost (BENCHMARKS.md). Session 20 (one machine): 3 / 4
 # / 5 stages ran the down projection at 655 / 752-762 / 718 TFLOP/s, its loads and stores alone
 # (probe "no_mma") at 811 / 926 / 960; ptxas reports no spills and no serialised wgmmas.
+# Session 21 (calls 4-6, one machine each): the flat ring's unit table (`unit_table`) took the
+# down projection from 735-761 to 784-819 and the up projection's input gradient from 869-896
+# to 895-915, and cost the down projection's input gradient 2-3% (867-890 against 891-900),
+# whose units are 16 K steps long: there it is off. Freeing each ring slot before the
+# promotion (`release_early`): down 795 / 819 against 782 / 810, the input gradients level.
+# The up projection on the flat ring with the table: 945-947 against 953-965 chained.
 # Absent shapes take the default, narrowed by `fit_smem` and by N.
 _EXPERTS_FWD = Fp8TileConfig(tile_n=64, stages=4, grid_minor="m", grid_width=4, wg_split="m",
                              acc_cols=128, chain=True)
@@ -225,7 +238,7 @@ TILE_CONFIGS: dict[tuple[int, int, str], Fp8TileConfig] = {
     # Their input gradients (session 10's were 836 / 841 for the default and two 64 x 64
     # accumulators with overlap; bf16 624 / 614)
     (1024, 2048, "bfloat16"): _EXPERTS_WIDE,
-    (2048, 512, "bfloat16"): _EXPERTS_WIDE,
+    (2048, 512, "bfloat16"): dataclasses.replace(_EXPERTS_WIDE, unit_table=False),
     # Ling-flash expert gate+up: not timed with the new tilings yet (session 4's choice)
     (4096, 2048, "bfloat16"): Fp8TileConfig(grid_minor="m", grid_width=4),
 }
@@ -370,13 +383,16 @@ def zero_sums(cfg: Fp8TileConfig) -> tuple:
                for _ in range(wg_cols // cfg.acc_n))
 
 
-def mma_promote(cfg: Fp8TileConfig, a_smem, b_smem_NK, sums: tuple, scale_of) -> tuple:
+def mma_promote(cfg: Fp8TileConfig, a_smem, b_smem_NK, sums: tuple, scale_of,
+                release=None) -> tuple:
   """One K step of a warpgroup: sums[c] += (A @ B[cols of c]^T) * scale_of(c).
 
   a_smem holds the warpgroup's rows of A, b_smem_NK its rows of B (output columns). Per
   accumulator c (cfg.acc_n columns), one wgmma into a fresh fp32 accumulator, then its wait and
   the promotion; with cfg.overlap the wgmma of c + 1 runs while c is promoted. scale_of(c) gives
-  a rows x acc_n scale.
+  a rows x acc_n scale. release(), if given, runs as soon as the step's last wgmma is waited
+  for, before its promotion: the step's operands in shared memory are free from then on (so
+  scale_of must not read them).
   """
   def issue(acc_ref, c):
     b_cols = b_smem_NK.at[pl.ds(c * cfg.acc_n, cfg.acc_n)]
@@ -391,6 +407,8 @@ def mma_promote(cfg: Fp8TileConfig, a_smem, b_smem_NK, sums: tuple, scale_of) ->
       leaves c + 1 running) and promote it."""
       if c + 1 == len(sums):
         part_RN = plgpu.wgmma_accumulator_load(acc_ref, wait_n=0)
+        if release is not None:
+          release()
         return (*out, sums[c] + part_RN * scale_of(c))
 
       def next_scope(next_ref):
@@ -411,6 +429,8 @@ def mma_promote(cfg: Fp8TileConfig, a_smem, b_smem_NK, sums: tuple, scale_of) ->
       return acc_ref[...]  # waits for the wgmma
 
     part_RN = pl.run_scoped(partial, plgpu.ACC(sum_RN.shape, jnp.float32))
+    if release is not None and c + 1 == len(sums):
+      release()
     out.append(sum_RN + part_RN * scale_of(c))
   return tuple(out)
 
@@ -428,15 +448,18 @@ def store_sums(out_smem_wg, sums: tuple) -> None:
     out_smem_wg.at[c][...] = sum_RN.astype(out_smem_wg.dtype)
 
 
-def _kernel_body(cfg: Fp8TileConfig, num_groups: int, scalar_sb: bool, k_splits: int,
-                 count_gmem, group_gmem, start_gmem, offset_gmem, rows_gmem,
-                 a_gmem, sa_gmem, b_gmem, sb_gmem, out_gmem):
+def _kernel_body(cfg: Fp8TileConfig, num_groups: int, scalar_sb: bool, k_splits: int, *refs):
   """Memory warpgroup: TMA ring of A, B, sa (and sb columns). Compute warpgroups: wgmma + fp32
   promotion. With scalar_sb, sb_gmem is [G, Kt, Nt] block scales read as scalars from global
   memory, one step ahead, or with cfg.b_scale_ring from each step's row of them in the ring
   (Nt padded, `ring_scale_cols`). With k_splits > 1, out_gmem is [k_splits, M, N]: unit (s, item,
   column tile) contracts the s-th k_splits-th of K into out[s]. The ring is Pallas's
-  warp-specialised pipeline, or with cfg.flat this module's own (`_flat_ring`)."""
+  warp-specialised pipeline, or with cfg.flat this module's own (`_flat_ring`), which also takes
+  `unit_table`'s rows where they fit in shared memory (table_gmem, after the schedule's
+  refs)."""
+  count_gmem, group_gmem, start_gmem, offset_gmem, rows_gmem = refs[:5]
+  table_gmem = refs[5] if len(refs) == 11 else None
+  a_gmem, sa_gmem, b_gmem, sb_gmem, out_gmem = refs[-5:]
   k_steps = a_gmem.shape[1] // TILE_K // k_splits  # a unit's K steps
   k_len = k_steps * TILE_K
   tm, tn, cta_n, acc_n = cfg.tile_m, cfg.tile_n, cfg.cta_n, cfg.acc_n
@@ -492,21 +515,25 @@ def _kernel_body(cfg: Fp8TileConfig, num_groups: int, scalar_sb: bool, k_splits:
   wg_rows, wg_cols = cfg.wg_shape
   split_m = wg_rows != tm
 
-  def unit_work(index, local_index, wg, out_smem):
+  def unit_work(index, local_index, wg, out_smem, row=None):
     """The unit of grid index `index` (the SM's local_index-th): where it lies, and the compute
-    warpgroup wg's K step and epilogue for it."""
+    warpgroup wg's K step and epilogue for it. `row`, a ref to the unit's row of `unit_table`
+    in shared memory, gives where it lies without the schedule's chain of global reads."""
     row0, col0 = (wg * wg_rows, 0) if split_m else (0, 0 if cfg.wg_split == "p" else wg * tn)
-    # Splits outermost: concurrent units share the split's K range of A and B in L2.
-    split, unit = jax.lax.div(index, count_gmem[0] * n_tiles), jax.lax.rem(
-        index, count_gmem[0] * n_tiles)
-    out_split = out_gmem if k_splits == 1 else out_gmem.at[split]
-    if cfg.grid_minor == "m":
-      item, ni = plgpu.planar_snake(unit, (count_gmem[0], n_tiles), 0, cfg.grid_width)
+    if row is not None:
+      group, start, offset, rows, ni, split = (row[f] for f in range(_UNIT_FIELDS))
     else:
-      item, ni = unit // n_tiles, unit % n_tiles
-    group = group_gmem[item]
-    start = pl.multiple_of(start_gmem[item], _ROW_ALIGN)
-    offset, rows = offset_gmem[item], rows_gmem[item]
+      # Splits outermost: concurrent units share the split's K range of A and B in L2.
+      split, unit = jax.lax.div(index, count_gmem[0] * n_tiles), jax.lax.rem(
+          index, count_gmem[0] * n_tiles)
+      if cfg.grid_minor == "m":
+        item, ni = plgpu.planar_snake(unit, (count_gmem[0], n_tiles), 0, cfg.grid_width)
+      else:
+        item, ni = unit // n_tiles, unit % n_tiles
+      group, start = group_gmem[item], start_gmem[item]
+      offset, rows = offset_gmem[item], rows_gmem[item]
+    start = pl.multiple_of(start, _ROW_ALIGN)
+    out_split = out_gmem if k_splits == 1 else out_gmem.at[split]
 
     def store(sums):
       # Every unit commits one store group per accumulator. One slot: the last unit's stores
@@ -539,15 +566,22 @@ def _kernel_body(cfg: Fp8TileConfig, num_groups: int, scalar_sb: bool, k_splits:
       return tuple(sb_gmem[g, split * k_steps + k, (ni * cta_n + col0 + c * acc_n) // TILE_K]
                    for c in range(wg_cols // acc_n))
 
-    def mma_step(idx, a_smem, b_smem, sa_smem, *rest):
+    def mma_step(idx, a_smem, b_smem, sa_smem, *rest, release=None):
+      """One K step; release() (the flat ring's) frees the step's ring slot once its wgmmas
+      are done, before the promotion: its scales are in registers by then."""
       *sb_smem, carry = rest
       a_wg = a_smem.at[pl.ds(row0, wg_rows)] if split_m else a_smem
       b_wg = b_smem.at[pl.ds(col0, wg_cols)]
+      if release is not None and sb_operand:
+        raise ValueError("mma_step: release() needs B's block scales in registers "
+                         "(scalar_b_scale without b_scale_ring), as the flat ring runs.")
       if cfg.probe == "no_promote":  # carry is the accumulator; keep one wgmma in flight
         plgpu.wgmma(carry, a_wg, b_wg.transpose((1, 0)))
         plgpu.wgmma_wait(1)
         return carry
       if cfg.probe == "no_mma":
+        if release is not None:
+          release()
         return carry
       sums, sb = carry
       # The next step's block scales: their global-memory latency hides behind this step.
@@ -566,7 +600,7 @@ def _kernel_body(cfg: Fp8TileConfig, num_groups: int, scalar_sb: bool, k_splits:
         return (jax.lax.broadcast_in_dim(sa_R, (wg_rows, acc_n), [0])
                 * jax.lax.broadcast_in_dim(sb_N, (wg_rows, acc_n), [1]))
 
-      return mma_promote(cfg, a_wg, b_wg, sums, scale_of), sb_next
+      return mma_promote(cfg, a_wg, b_wg, sums, scale_of, release), sb_next
 
     def finish(sums):
       """The epilogue after the pipeline: tail units (which ran it too) store zeros."""
@@ -583,8 +617,8 @@ def _kernel_body(cfg: Fp8TileConfig, num_groups: int, scalar_sb: bool, k_splits:
                              transforms=() if split_m and not cfg.swizzle_rows_out else
                              swizzled((wg_rows, acc_n), out_gmem.dtype, tile_rows=1))
   if cfg.flat:
-    _flat_ring(cfg, k_steps, n_tiles * k_splits, count_gmem, unit_work, out_smem_type,
-               a_gmem, sa_gmem, b_gmem, operands)
+    _flat_ring(cfg, k_steps, n_tiles * k_splits, count_gmem, table_gmem, unit_work,
+               out_smem_type, a_gmem, sa_gmem, b_gmem, operands)
     return
 
   ignore = lambda *_, **__: None
@@ -639,8 +673,8 @@ def _kernel_body(cfg: Fp8TileConfig, num_groups: int, scalar_sb: bool, k_splits:
   plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
 
-def _flat_ring(cfg: Fp8TileConfig, k_steps: int, units_per_item: int, count_gmem, unit_work,
-               out_smem_type, a_gmem, sa_gmem, b_gmem, operands):
+def _flat_ring(cfg: Fp8TileConfig, k_steps: int, units_per_item: int, count_gmem, table_gmem,
+               unit_work, out_smem_type, a_gmem, sa_gmem, b_gmem, operands):
   """cfg.flat: one ring of cfg.stages slots across all of an SM's (unit, K step) pairs, any
   stage count. The SM's local unit j's step k is step t = j * k_steps + k of the ring, in slot
   t % stages. The memory warpgroup waits until step t - stages is consumed (both compute
@@ -654,12 +688,26 @@ def _flat_ring(cfg: Fp8TileConfig, k_steps: int, units_per_item: int, count_gmem
   wg_split "p" (ping-pong): compute warpgroup w takes local units w, w + 2, ... whole; each has
   its own "loaded" barriers ([w * stages + slot]) and alone releases its steps' slots.
 
+  Where each unit lies comes from this SM's rows of `unit_table` (table_gmem), which the memory
+  warpgroup TMA-loads into shared memory first: a unit then starts with shared-memory reads, not
+  with the schedule's chain of dependent global reads (count, then item, then its group, then
+  B's block scale). On the down projection (session 21's profiles) that chain, "unit_head", took
+  14% of a compute warpgroup's time and takes 3% with the table: 4,925 -> 4,337 cycles a unit.
+  Without the table (too large for shared memory, or `unit_table` off) the kernel reads the
+  schedule as before.
+
   Each side's phases are named scopes: "wait_consumed" and "issue_loads" (memory warpgroup),
-  "wait_loaded", "mma_promote" and "epilogue" (compute warpgroups). `gmm_fp8(profile_dir=...)`
-  records them per warpgroup with Mosaic GPU's on-device profiler; without it they cost
-  nothing."""
+  "unit_head", "wait_loaded", "mma_promote" and "epilogue" (compute warpgroups).
+  `gmm_fp8(profile_dir=...)` records them per warpgroup with Mosaic GPU's on-device profiler;
+  without it they cost nothing."""
   tm, cta_n, stages = cfg.tile_m, cfg.cta_n, cfg.stages
   ping_pong = cfg.wg_split == "p"
+  # TMA boxes are at most 256 rows: the SM's rows of the table in pieces of 256.
+  max_local = 0 if table_gmem is None else table_gmem.shape[1]
+  table_chunks = [(lo, min(256, max_local - lo)) for lo in range(0, max_local, 256)]
+  table_allocs = {} if table_gmem is None else dict(
+      table_smem=plgpu.SMEM(table_gmem.shape[1:], table_gmem.dtype),
+      table_loaded=plgpu.Barrier(num_arrivals=len(table_chunks)))
   sm, num_sms = jax.lax.axis_index("sm"), jax.lax.axis_size("sm")
   num_local = jnp.maximum(count_gmem[0] * units_per_item - sm + num_sms - 1, 0) // num_sms
 
@@ -676,10 +724,22 @@ def _flat_ring(cfg: Fp8TileConfig, k_steps: int, units_per_item: int, count_gmem
       # Released by both compute warpgroups, or with ping-pong by the step's one.
       consumed=plgpu.Barrier(num_arrivals=1 if ping_pong else 2, num_barriers=stages),
       collective_axes="wg",
+      **table_allocs,
   )
-  def _scope(a_smem, b_smem, sa_smem, out_smem, loaded, consumed):
+  def _scope(a_smem, b_smem, sa_smem, out_smem, loaded, consumed, table_smem=None,
+             table_loaded=None):
     wg = jax.lax.axis_index("wg")
     loaded_of = lambda j, slot: loaded.at[(j % 2) * stages + slot if ping_pong else slot]
+    row_of = lambda j: None if table_smem is None else table_smem.at[j]
+
+    if table_smem is not None:
+      @pl.when(wg == 2)
+      def _load_table():
+        for lo, size in table_chunks:
+          plgpu.copy_gmem_to_smem(table_gmem.at[sm, pl.ds(lo, size)],
+                                  table_smem.at[pl.ds(lo, size)], table_loaded)
+
+      plgpu.barrier_wait(table_loaded)
 
     @pl.when(wg == 2)
     def _memory():
@@ -687,7 +747,7 @@ def _flat_ring(cfg: Fp8TileConfig, k_steps: int, units_per_item: int, count_gmem
 
       @pl.loop(0, num_local)
       def _unit(j):
-        u = unit_work(j * num_sms + sm, j, wg, out_smem)
+        u = unit_work(j * num_sms + sm, j, wg, out_smem, row_of(j))
         a_src, b_src, sa_src = operands(u.start, u.group, u.split)[:3]
         b_src = b_src.at[pl.ds(u.ni * cta_n, cta_n)]
 
@@ -713,23 +773,76 @@ def _flat_ring(cfg: Fp8TileConfig, k_steps: int, units_per_item: int, count_gmem
       @pl.loop(0, (num_local - wg + 1) // 2 if ping_pong else num_local)
       def _unit(i):
         j = 2 * i + wg if ping_pong else i
-        u = unit_work(j * num_sms + sm, j, wg, out_smem)
+        with jax.named_scope("unit_head"):
+          u = unit_work(j * num_sms + sm, j, wg, out_smem, row_of(j))
+          init = (zero_sums(cfg), u.block_scales(0))
 
         def step(k, carry):
           slot = (j * k_steps + k) % stages
           with jax.named_scope("wait_loaded"):
             plgpu.barrier_wait(loaded_of(j, slot))
+          release = lambda: plgpu.barrier_arrive(consumed.at[slot])
           with jax.named_scope("mma_promote"):
-            carry = u.mma_step((k,), a_smem.at[slot], b_smem.at[slot], sa_smem.at[slot], carry)
-          plgpu.barrier_arrive(consumed.at[slot])  # mma_step waited for its wgmmas
+            # cfg.release_early: the slot is freed as soon as the step's wgmmas are done,
+            # before the promotion, so that the memory warpgroup refills it that much sooner.
+            carry = u.mma_step((k,), a_smem.at[slot], b_smem.at[slot], sa_smem.at[slot], carry,
+                               release=release if cfg.release_early else None)
+          if not cfg.release_early:
+            release()  # mma_step waited for its wgmmas
           return carry
 
         # A loop, not unrolled: unrolled, the steps ran 3-7x slower on the GPU (session 19).
-        sums, _ = jax.lax.fori_loop(0, k_steps, step, (zero_sums(cfg), u.block_scales(0)))
+        sums, _ = jax.lax.fori_loop(0, k_steps, step, init)
         with jax.named_scope("epilogue"):
           u.finish(sums)
 
       plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+
+_UNIT_FIELDS = 6  # group, read start, owned offset, owned rows, column tile, K split
+_UNIT_WORDS = 8  # a row of `unit_table`: the fields, padded to 32 bytes (TMA wants 16s)
+
+
+def unit_table(schedule, cfg: Fp8TileConfig, n_tiles: int, k_splits: int,
+               num_sms: int) -> jax.Array:
+  """Where each SM's units lie, for the flat ring: [num_sms, max_local, _UNIT_WORDS] int32.
+
+  Row [sm, j] is the SM's j-th unit, grid index j * num_sms + sm (the persistent grid's
+  order), as `_kernel_body`'s unit_work derives it from the schedule: its group, first read
+  row, owned rows' offset and count (the schedule's item), column tile and K split. Rows past
+  an SM's units are never read. Computed by XLA before the kernel, so that the kernel reads
+  each unit's fields from shared memory.
+  """
+  max_items = schedule.group_I.shape[0]
+  max_local = pl.cdiv(max_items * n_tiles * k_splits, num_sms)
+  index = (jnp.arange(max_local, dtype=jnp.int32)[None, :] * num_sms
+           + jnp.arange(num_sms, dtype=jnp.int32)[:, None])
+  count = schedule.num_items[0]
+  split, unit = index // (count * n_tiles), index % (count * n_tiles)
+  if cfg.grid_minor == "m":
+    snake = lambda u: plgpu.planar_snake(u, (count, n_tiles), 0, cfg.grid_width)
+    item, ni = jax.vmap(jax.vmap(snake))(unit)
+  else:
+    item, ni = unit // n_tiles, unit % n_tiles
+  item = jnp.clip(item, 0, max_items - 1)  # rows past the SM's units: any valid item
+  fields = (schedule.group_I[item], schedule.read_start_I[item], schedule.own_offset_I[item],
+            schedule.own_rows_I[item], ni, split)
+  pad = (jnp.zeros_like(index),) * (_UNIT_WORDS - _UNIT_FIELDS)
+  return jnp.stack([f.astype(jnp.int32) for f in fields] + list(pad), axis=-1)
+
+
+def flat_unit_table(schedule, cfg: Fp8TileConfig, n_dim: int, k_splits: int, num_sms: int,
+                    out_itemsize: int, reserved_bytes: int = 0) -> jax.Array | None:
+  """`unit_table` for a flat tiling that asks for it, if one SM's rows fit in shared memory
+  beside the tiling's buffers and reserved_bytes (the profiler's); else None (the kernel then
+  derives each unit from the schedule in global memory)."""
+  if not (cfg.flat and cfg.unit_table):
+    return None
+  table = unit_table(schedule, cfg, n_dim // cfg.cta_n, k_splits, num_sms)
+  sm_bytes = table[0].size * table.dtype.itemsize
+  if cfg.smem_bytes(out_itemsize) + sm_bytes + reserved_bytes > _SMEM_BUDGET:
+    return None
+  return table
 
 
 def expand_block_scales(sb_GKtNt: jax.Array, n_dim: int) -> jax.Array:
@@ -833,9 +946,12 @@ def gmm_fp8(a_q_MK: jax.Array, sa_KtM: jax.Array, b_q_GNK: jax.Array, sb_GKtX: j
           lowering_semantics=plgpu.LoweringSemantics.Warpgroup, **profile),
       interpret=interpret,
   )
+  table = flat_unit_table(schedule, cfg, n_dim, k_splits, num_sms or device_num_sms(),
+                          store_dtype.itemsize, 3 * profile_ranges * 16 if profile_dir else 0)
+  tables = () if table is None else (table,)
   out_MN = kernel(schedule.num_items, schedule.group_I, schedule.read_start_I,
-                  schedule.own_offset_I, schedule.own_rows_I, a_q_MK, sa_KtM.astype(jnp.float32),
-                  b_q_GNK, sb_GKtX.astype(jnp.float32))
+                  schedule.own_offset_I, schedule.own_rows_I, *tables, a_q_MK,
+                  sa_KtM.astype(jnp.float32), b_q_GNK, sb_GKtX.astype(jnp.float32))
   if k_splits > 1:
     out_MN = jnp.sum(out_MN, axis=0).astype(out_dtype)
   return out_MN[:num_rows] if padded_rows != num_rows else out_MN

@@ -24,6 +24,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from kernels import fp8_gemm
 from kernels import fp8_gemm_mgpu as mgpu
 from kernels import fp8_quant as fq
+from kernels import grouped_matmul_mgpu as gmm_mgpu
 
 _INTERPRET = plgpu.InterpretGPUParams()
 _SMALL = mgpu.INTERPRET_CONFIG
@@ -172,15 +173,20 @@ def test_chained_and_overlapped_bodies_match_fp64(variant):
   np.testing.assert_array_equal(np.asarray(out)[sum(sizes):], 0.0)
 
 
-@pytest.mark.parametrize("variant", ["rows", "cols_5_stages", "ping_pong", "ping_pong_split_acc",
-                                     "rows_split_k"])
+@pytest.mark.parametrize("variant", ["rows", "rows_no_table", "cols_5_stages", "ping_pong",
+                                     "ping_pong_split_acc", "rows_split_k"])
 def test_flat_ring_matches_fp64(variant):
   """`flat`, the module's own ring across an SM's (unit, K step) pairs: stage counts that do not
   divide K's 4 steps (3, 5), ping-pong warpgroups ("p": each takes whole units in turn, its
   own "loaded" barriers, one or two accumulators), and split-K (K's range per split offset in
-  the ring's loads). Three SMs for 5+ units each, empty and tiny groups and tail rows."""
+  the ring's loads). Three SMs for 5+ units each, empty and tiny groups and tail rows. Each SM
+  reads its units from `unit_table` in shared memory (snake order in "rows", K splits in
+  "rows_split_k"), or without it from the schedule in global memory ("rows_no_table")."""
   cfg = {"rows": mgpu.Fp8TileConfig(tile_m=128, tile_n=64, stages=3, grid_minor="m",
                                     grid_width=2, wg_split="m", acc_cols=64, flat=True),
+         "rows_no_table": mgpu.Fp8TileConfig(tile_m=128, tile_n=64, stages=3, grid_minor="m",
+                                             grid_width=2, wg_split="m", acc_cols=64,
+                                             flat=True, unit_table=False),
          "cols_5_stages": mgpu.Fp8TileConfig(tile_m=64, tile_n=64, stages=5, flat=True),
          "ping_pong": mgpu.Fp8TileConfig(tile_m=64, tile_n=64, stages=3, grid_minor="m",
                                          grid_width=2, wg_split="p", flat=True),
@@ -199,6 +205,38 @@ def test_flat_ring_matches_fp64(variant):
                      k_splits=k_splits)
   _assert_close(out, _np_grouped(a_MK, b_GNK, sizes), 1e-5)
   np.testing.assert_array_equal(np.asarray(out)[sum(sizes):], 0.0)
+
+
+def test_flat_unit_table_lists_each_sms_units_and_fits_the_down_projection():
+  """`unit_table`'s row [sm, j] is the unit of grid index j * num_sms + sm, as the schedule and
+  the snake order give it (a NumPy walk of the same order), and one SM's rows fit beside the
+  Ling-mini down projection's flat tiling (131,072 rows, 256 experts) but not beside a
+  profile buffer that leaves no room."""
+  sizes = np.array([300, 0, 5, 129, 40], np.int32)
+  cfg = mgpu.Fp8TileConfig(tile_m=128, tile_n=64, grid_minor="m", grid_width=2, flat=True)
+  n_tiles, num_sms, rows = 3, 4, 640
+  schedule = gmm_mgpu.make_tile_schedule(jnp.asarray(sizes), rows, cfg.tile_m)
+  table = np.asarray(mgpu.unit_table(schedule, cfg, n_tiles, 2, num_sms))
+  count = int(schedule.num_items[0])
+  group, start, offset, own = (np.asarray(x) for x in (
+      schedule.group_I, schedule.read_start_I, schedule.own_offset_I, schedule.own_rows_I))
+  for index in range(2 * count * n_tiles):
+    split, unit = divmod(index, count * n_tiles)
+    band, within = divmod(unit, 2 * n_tiles)  # bands of 2 items, snaking down the columns
+    width = min(2, count - 2 * band)
+    col, item = divmod(within, width)
+    col = col if band % 2 == 0 else n_tiles - 1 - col
+    item += 2 * band
+    want = [group[item], start[item], offset[item], own[item], col, split, 0, 0]
+    np.testing.assert_array_equal(table[index % num_sms, index // num_sms], want, str(index))
+
+  down = mgpu.TILE_CONFIGS[512, 2048, "bfloat16"]
+  big = gmm_mgpu.make_tile_schedule(jnp.full((256,), 512, jnp.int32), 131072, down.tile_m)
+  table = mgpu.flat_unit_table(big, down, 2048, 1, 132, 2)
+  assert table is not None and table.shape[0] == 132, None if table is None else table.shape
+  assert mgpu.flat_unit_table(big, down, 2048, 1, 132, 2, reserved_bytes=60_000) is None
+  assert mgpu.flat_unit_table(big, dataclasses.replace(down, unit_table=False), 2048, 1, 132,
+                              2) is None
 
 
 def test_flat_ring_takes_block_scaled_b_only():
@@ -384,6 +422,23 @@ def test_bench_fp8_sums_a_ring_trace_per_warpgroup_role():
     assert got[role].keys() == want[role].keys()
     for name, share in want[role].items():
       assert abs(got[role][name] - share) < 1e-12, (role, name, got[role])
+
+
+def test_bench_fp8_names_the_gaps_between_a_tracks_ranges():
+  """`ring_trace_gaps` splits "other" by the ranges either side of each gap: the crafted trace's
+  two compute gaps (on tid 1, 40 -> 45 and 75 -> 80, each 5 of the 200 summed), none on the
+  memory track, and ranges that abut leave none."""
+  trace = {"traceEvents": [
+      dict(name=n, ph=ph, ts=float(t), pid=2, tid=tid)
+      for tid, n, b, e in ((1, "wait_loaded", 0, 10), (1, "mma_promote", 10, 40),
+                           (1, "mma_promote", 45, 75), (1, "epilogue", 80, 100),
+                           (2, "wait_loaded", 0, 20), (2, "epilogue", 20, 100),
+                           (3, "wait_consumed", 0, 30), (3, "issue_loads", 30, 100))
+      for ph, t in (("B", b), ("E", e))]}
+  got = _bench_fp8_stdout(f"print(sorted(b.ring_trace_gaps({trace!r}).items()))")[-1]
+  got = dict(eval(got))  # noqa: S307 (our own subprocess's repr of floats and strs)
+  assert got == {"compute": {"mma_promote>epilogue": 0.025, "mma_promote>mma_promote": 0.025},
+                 "memory": {}}, got
 
 
 def test_fp8_wgrad_runs_the_bf16_kernel_on_dequantised_operands():
