@@ -52,8 +52,10 @@ ring of TMA slots across all of an SM's (unit, K step) pairs, with "loaded" and 
 barriers per slot, as the bf16 ping-pong body of kernels/grouped_matmul_mgpu.py runs. It takes
 any stage count and, with `wg_split="p"`, ping-pong warpgroups; neither won (BENCHMARKS.md), but
 at 4 stages it is 1-6% ahead of `chain` on the down projection and level to 3% on the input
-gradients, which the table's `_EXPERTS_WIDE` runs. Its K steps must stay a loop: unrolled, they
-ran 3-7x slower on the GPU.
+gradients, which the table's `_EXPERTS_WIDE` runs. Since session 21 it also reads where each
+unit lies from a per-SM table in shared memory (`unit_table`) and frees each slot before the
+promotion (`release_early`): the down projection 735-761 -> 784-819 TFLOP/s. Its K steps must
+stay a loop: unrolled, they ran 3-7x slower on the GPU.
 
 `double_staging` gives each accumulator two output tiles in shared memory, used by alternate
 units, so that a unit's epilogue need not wait for the previous unit's stores to read theirs
@@ -222,11 +224,11 @@ class Fp8TileConfig:
 # / 5 stages ran the down projection at 655 / 752-762 / 718 TFLOP/s, its loads and stores alone
 # (probe "no_mma") at 811 / 926 / 960; ptxas reports no spills and no serialised wgmmas.
 # Session 21 (calls 4-6, one machine each): the flat ring's unit table (`unit_table`) took the
-# down projection from 735-761 to 784-819 and the up projection's input gradient from 869-896
-# to 895-915, and cost the down projection's input gradient 2-3% (867-890 against 891-900),
+# down projection from 735-761 to 784-819 and the up projection's input gradient from 869-905
+# to 891-930, and cost the down projection's input gradient 2-3% (867-890 against 891-900),
 # whose units are 16 K steps long: there it is off. Freeing each ring slot before the
 # promotion (`release_early`): down 795 / 819 against 782 / 810, the input gradients level.
-# The up projection on the flat ring with the table: 945-947 against 953-965 chained.
+# The up projection on the flat ring with the table: 943-967 against 953-965 chained.
 # Absent shapes take the default, narrowed by `fit_smem` and by N.
 _EXPERTS_FWD = Fp8TileConfig(tile_n=64, stages=4, grid_minor="m", grid_width=4, wg_split="m",
                              acc_cols=128, chain=True)
