@@ -177,12 +177,13 @@ def _write_json() -> None:
 
 def _config(spec: str) -> mgpu.Fp8TileConfig:
   """tm:tn:stages:grid_minor:grid_width:scalar_b_scale[:wg_split[:acc_cols[:probe]]], then
-  optional tokens `chain`, `overlap`, `d`, `r`, `s` and `f` (Fp8TileConfig's flags chain,
-  overlap, double_staging, b_scale_ring, swizzle_rows_out and flat), `nt` (unit_table off) and
-  `late` (release_early off)."""
+  optional tokens `chain`, `overlap`, `d`, `r`, `s`, `f` and `e` (Fp8TileConfig's flags chain,
+  overlap, double_staging, b_scale_ring, swizzle_rows_out, flat and shadow_epilogue), `nt`
+  (unit_table off) and `late` (release_early off)."""
   tokens = spec.split(":")
   flag_names = {"chain": "chain", "overlap": "overlap", "d": "double_staging",
-                "r": "b_scale_ring", "s": "swizzle_rows_out", "f": "flat"}
+                "r": "b_scale_ring", "s": "swizzle_rows_out", "f": "flat",
+                "e": "shadow_epilogue"}
   flags_on = {t for t in tokens if t in flag_names}
   tm, tn, stages, minor, width, scalar, *rest = [
       t for t in tokens if t not in flags_on and t not in ("nt", "late")]

@@ -163,6 +163,10 @@ class Fp8TileConfig:
   # `flat` only: a compute warpgroup frees a step's ring slot as soon as the step's wgmmas are
   # done, before it promotes their partial sums (spec token "late" frees it after).
   release_early: bool = True
+  # `flat`, wg_split "m" or "n" only (spec token "e"): the compute warpgroups take an SM's units
+  # in pairs and run the first unit's epilogue in the shadow of the second unit's first wgmma,
+  # between its issue and its wait, so that the tensor core is busy while they store.
+  shadow_epilogue: bool = False
 
   @property
   def out_slots(self) -> int:
@@ -228,7 +232,9 @@ class Fp8TileConfig:
 # to 891-930, and cost the down projection's input gradient 2-3% (867-890 against 891-900),
 # whose units are 16 K steps long: there it is off. Freeing each ring slot before the
 # promotion (`release_early`): down 795 / 819 against 782 / 810, the input gradients level.
-# The up projection on the flat ring with the table: 943-967 against 953-965 chained.
+# The up projection on the flat ring with the table: 943-967 against 953-965 chained. The
+# epilogue in the next unit's first wgmma (`shadow_epilogue`, call 9): down level (779 / 787
+# against 791), up dgrad 933 / 929 against 921 / 917; one call, so no entry takes it yet.
 # Absent shapes take the default, narrowed by `fit_smem` and by N.
 _EXPERTS_FWD = Fp8TileConfig(tile_n=64, stages=4, grid_minor="m", grid_width=4, wg_split="m",
                              acc_cols=128, chain=True)
@@ -330,7 +336,9 @@ def supports(k_dim: int, n_dim: int, out_dtype, cfg: Fp8TileConfig | None = None
   flat_ok = not cfg.flat or (cfg.scalar_b_scale and not cfg.b_scale_ring and not cfg.chain
                              and cfg.probe not in ("no_promote", "const_sb"))
   ping_pong_ok = cfg.wg_split != "p" or (cfg.flat and not cfg.double_staging)
+  shadow_ok = not cfg.shadow_epilogue or (cfg.flat and cfg.wg_split != "p")
   return (cfg.probe in _PROBES and cfg.wg_split in ("n", "m", "p") and flat_ok and ping_pong_ok
+          and shadow_ok
           and cfg.smem_bytes(out_dtype.itemsize) <= _SMEM_BUDGET
           # chunks of whole 128-byte swizzle rows of the output tile (its stores slice them)
           and wg_cols % cfg.acc_n == 0 and cfg.acc_n * out_dtype.itemsize % 128 == 0
@@ -386,7 +394,7 @@ def zero_sums(cfg: Fp8TileConfig) -> tuple:
 
 
 def mma_promote(cfg: Fp8TileConfig, a_smem, b_smem_NK, sums: tuple, scale_of,
-                release=None) -> tuple:
+                release=None, shadow=None) -> tuple:
   """One K step of a warpgroup: sums[c] += (A @ B[cols of c]^T) * scale_of(c).
 
   a_smem holds the warpgroup's rows of A, b_smem_NK its rows of B (output columns). Per
@@ -394,7 +402,8 @@ def mma_promote(cfg: Fp8TileConfig, a_smem, b_smem_NK, sums: tuple, scale_of,
   the promotion; with cfg.overlap the wgmma of c + 1 runs while c is promoted. scale_of(c) gives
   a rows x acc_n scale. release(), if given, runs as soon as the step's last wgmma is waited
   for, before its promotion: the step's operands in shared memory are free from then on (so
-  scale_of must not read them).
+  scale_of must not read them). shadow(), if given, runs between the first wgmma's issue and its
+  wait (`Fp8TileConfig.shadow_epilogue`: the previous unit's epilogue).
   """
   def issue(acc_ref, c):
     b_cols = b_smem_NK.at[pl.ds(c * cfg.acc_n, cfg.acc_n)]
@@ -421,6 +430,8 @@ def mma_promote(cfg: Fp8TileConfig, a_smem, b_smem_NK, sums: tuple, scale_of,
 
     def first_scope(acc_ref):
       issue(acc_ref, 0)
+      if shadow is not None:
+        shadow()
       return promote_from(0, acc_ref, ())
     return pl.run_scoped(first_scope, plgpu.ACC(shape, jnp.float32))
 
@@ -428,6 +439,8 @@ def mma_promote(cfg: Fp8TileConfig, a_smem, b_smem_NK, sums: tuple, scale_of,
   for c, sum_RN in enumerate(sums):
     def partial(acc_ref, c=c):
       issue(acc_ref, c)
+      if shadow is not None and c == 0:
+        shadow()
       return acc_ref[...]  # waits for the wgmma
 
     part_RN = pl.run_scoped(partial, plgpu.ACC(sum_RN.shape, jnp.float32))
@@ -568,7 +581,7 @@ def _kernel_body(cfg: Fp8TileConfig, num_groups: int, scalar_sb: bool, k_splits:
       return tuple(sb_gmem[g, split * k_steps + k, (ni * cta_n + col0 + c * acc_n) // TILE_K]
                    for c in range(wg_cols // acc_n))
 
-    def mma_step(idx, a_smem, b_smem, sa_smem, *rest, release=None):
+    def mma_step(idx, a_smem, b_smem, sa_smem, *rest, release=None, shadow=None):
       """One K step; release() (the flat ring's) frees the step's ring slot once its wgmmas
       are done, before the promotion: its scales are in registers by then."""
       *sb_smem, carry = rest
@@ -582,6 +595,8 @@ def _kernel_body(cfg: Fp8TileConfig, num_groups: int, scalar_sb: bool, k_splits:
         plgpu.wgmma_wait(1)
         return carry
       if cfg.probe == "no_mma":
+        if shadow is not None:
+          shadow()
         if release is not None:
           release()
         return carry
@@ -602,7 +617,7 @@ def _kernel_body(cfg: Fp8TileConfig, num_groups: int, scalar_sb: bool, k_splits:
         return (jax.lax.broadcast_in_dim(sa_R, (wg_rows, acc_n), [0])
                 * jax.lax.broadcast_in_dim(sb_N, (wg_rows, acc_n), [1]))
 
-      return mma_promote(cfg, a_wg, b_wg, sums, scale_of, release), sb_next
+      return mma_promote(cfg, a_wg, b_wg, sums, scale_of, release, shadow), sb_next
 
     def finish(sums):
       """The epilogue after the pipeline: tail units (which ran it too) store zeros."""
@@ -772,14 +787,14 @@ def _flat_ring(cfg: Fp8TileConfig, k_steps: int, units_per_item: int, count_gmem
     def _compute():
       plgpu.set_max_registers(232, action="increase")
 
-      @pl.loop(0, (num_local - wg + 1) // 2 if ping_pong else num_local)
-      def _unit(i):
-        j = 2 * i + wg if ping_pong else i
+      def run_unit(j, shadow=None):
+        """The SM's local unit j's K steps; shadow() runs in its first wgmma's shadow.
+        Returns the unit and its sums."""
         with jax.named_scope("unit_head"):
           u = unit_work(j * num_sms + sm, j, wg, out_smem, row_of(j))
           init = (zero_sums(cfg), u.block_scales(0))
 
-        def step(k, carry):
+        def step(k, carry, shadow=None):
           slot = (j * k_steps + k) % stages
           with jax.named_scope("wait_loaded"):
             plgpu.barrier_wait(loaded_of(j, slot))
@@ -788,15 +803,35 @@ def _flat_ring(cfg: Fp8TileConfig, k_steps: int, units_per_item: int, count_gmem
             # cfg.release_early: the slot is freed as soon as the step's wgmmas are done,
             # before the promotion, so that the memory warpgroup refills it that much sooner.
             carry = u.mma_step((k,), a_smem.at[slot], b_smem.at[slot], sa_smem.at[slot], carry,
-                               release=release if cfg.release_early else None)
+                               release=release if cfg.release_early else None, shadow=shadow)
           if not cfg.release_early:
             release()  # mma_step waited for its wgmmas
           return carry
 
+        first = 0
+        if shadow is not None:
+          init, first = step(0, init, shadow), 1
         # A loop, not unrolled: unrolled, the steps ran 3-7x slower on the GPU (session 19).
-        sums, _ = jax.lax.fori_loop(0, k_steps, step, init)
+        sums, _ = jax.lax.fori_loop(first, k_steps, step, init)
+        return u, sums
+
+      def finish(u, sums):
         with jax.named_scope("epilogue"):
           u.finish(sums)
+
+      if cfg.shadow_epilogue:
+        @pl.loop(0, num_local // 2)
+        def _pair(p):
+          u0, sums0 = run_unit(2 * p)
+          finish(*run_unit(2 * p + 1, shadow=lambda: u0.finish(sums0)))
+
+        @pl.when(num_local % 2 == 1)
+        def _last():
+          finish(*run_unit(num_local - 1))
+      else:
+        @pl.loop(0, (num_local - wg + 1) // 2 if ping_pong else num_local)
+        def _unit(i):
+          finish(*run_unit(2 * i + wg if ping_pong else i))
 
       plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 

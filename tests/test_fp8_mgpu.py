@@ -173,20 +173,25 @@ def test_chained_and_overlapped_bodies_match_fp64(variant):
   np.testing.assert_array_equal(np.asarray(out)[sum(sizes):], 0.0)
 
 
-@pytest.mark.parametrize("variant", ["rows", "rows_no_table", "cols_5_stages", "ping_pong",
-                                     "ping_pong_split_acc", "rows_split_k"])
+@pytest.mark.parametrize("variant", ["rows", "rows_no_table", "rows_shadow", "cols_5_stages",
+                                     "ping_pong", "ping_pong_split_acc", "rows_split_k"])
 def test_flat_ring_matches_fp64(variant):
   """`flat`, the module's own ring across an SM's (unit, K step) pairs: stage counts that do not
   divide K's 4 steps (3, 5), ping-pong warpgroups ("p": each takes whole units in turn, its
   own "loaded" barriers, one or two accumulators), and split-K (K's range per split offset in
   the ring's loads). Three SMs for 5+ units each, empty and tiny groups and tail rows. Each SM
   reads its units from `unit_table` in shared memory (snake order in "rows", K splits in
-  "rows_split_k"), or without it from the schedule in global memory ("rows_no_table")."""
+  "rows_split_k"), or without it from the schedule in global memory ("rows_no_table"). With
+  `shadow_epilogue` ("rows_shadow") the units run in pairs, the first one's epilogue inside the
+  second one's first step, and an SM's odd last unit alone (3 SMs of 2-3 units)."""
   cfg = {"rows": mgpu.Fp8TileConfig(tile_m=128, tile_n=64, stages=3, grid_minor="m",
                                     grid_width=2, wg_split="m", acc_cols=64, flat=True),
          "rows_no_table": mgpu.Fp8TileConfig(tile_m=128, tile_n=64, stages=3, grid_minor="m",
                                              grid_width=2, wg_split="m", acc_cols=64,
                                              flat=True, unit_table=False),
+         "rows_shadow": mgpu.Fp8TileConfig(tile_m=128, tile_n=64, stages=3, grid_minor="m",
+                                           grid_width=2, wg_split="m", acc_cols=64, flat=True,
+                                           shadow_epilogue=True),
          "cols_5_stages": mgpu.Fp8TileConfig(tile_m=64, tile_n=64, stages=5, flat=True),
          "ping_pong": mgpu.Fp8TileConfig(tile_m=64, tile_n=64, stages=3, grid_minor="m",
                                          grid_width=2, wg_split="p", flat=True),
