@@ -227,7 +227,7 @@ class Fp8TileConfig:
 # promotion beside the next step's wgmma all lost (BENCHMARKS.md). Session 20 (one machine): 3 / 4
 # / 5 stages ran the down projection at 655 / 752-762 / 718 TFLOP/s, its loads and stores alone
 # (probe "no_mma") at 811 / 926 / 960; ptxas reports no spills and no serialised wgmmas.
-# Session 21 (calls 4-6, one machine each): the flat ring's unit table (`unit_table`) took the
+# Session 21 (calls 5-9, three machines): the flat ring's unit table (`unit_table`) took the
 # down projection from 735-761 to 784-819 and the up projection's input gradient from 869-905
 # to 891-930, and cost the down projection's input gradient 2-3% (867-890 against 891-900),
 # whose units are 16 K steps long: there it is off. Freeing each ring slot before the
