@@ -550,11 +550,13 @@ def _bench_fp8_stdout(script: str) -> list[str]:
 
 def test_bench_fp8_spec_tokens_map_to_config_flags():
   """experiments/bench_fp8's tiling specs: the six fields, the optional ones, and the flag tokens
-  `chain`, `overlap`, `d`, `r`, `s` and `f` anywhere after them."""
+  `chain`, `overlap`, `d`, `r`, `s`, `f` and `e`, and `nt` and `late` (which turn flat-ring
+  defaults off), anywhere after them."""
   got = _bench_fp8_stdout(
       "print(repr(b._config('128:64:4:m:16:1:m:128:chain:d')))\n"
       "print(repr(b._config('128:128:3:m:4:1:n:64:overlap:r:s')))\n"
-      "print(repr(b._config('64:64:6:m:32:1:p:128:f')))\n")[-3:]
+      "print(repr(b._config('64:64:6:m:32:1:p:128:f')))\n"
+      "print(repr(b._config('128:64:4:m:16:1:m:128:f:nt:e:late')))\n")[-4:]
   assert got == [repr(mgpu.Fp8TileConfig(tile_m=128, tile_n=64, stages=4, grid_minor="m",
                                          grid_width=16, wg_split="m", acc_cols=128, chain=True,
                                          double_staging=True)),
@@ -563,7 +565,11 @@ def test_bench_fp8_spec_tokens_map_to_config_flags():
                                          b_scale_ring=True, swizzle_rows_out=True)),
                  repr(mgpu.Fp8TileConfig(tile_m=64, tile_n=64, stages=6, grid_minor="m",
                                          grid_width=32, wg_split="p", acc_cols=128,
-                                         flat=True))]
+                                         flat=True)),
+                 repr(mgpu.Fp8TileConfig(tile_m=128, tile_n=64, stages=4, grid_minor="m",
+                                         grid_width=16, wg_split="m", acc_cols=128, flat=True,
+                                         unit_table=False, release_early=False,
+                                         shadow_epilogue=True))]
 
 
 def test_bench_fp8_gemm_stream_reads_and_writes_a_gemms_bytes():
