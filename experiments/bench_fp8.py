@@ -742,6 +742,22 @@ def _ring_role(tid: int) -> str:
   return "memory" if (tid - 1) % 3 == 2 else "compute"
 
 
+def _role_tracks(trace: dict) -> tuple[list[tuple[str, list[dict]]], dict[str, float]]:
+  """A profile's tracks as (role, events in time order), and each role's summed span (a track's
+  first event to its last). At equal times an end sorts before a begin: a range that ends as
+  the next begins leaves no gap, and one name's abutting ranges pair up in order."""
+  tracks: dict[int, list[dict]] = {}
+  for event in trace["traceEvents"]:
+    tracks.setdefault(event["tid"], []).append(event)
+  spans = {"compute": 0.0, "memory": 0.0}
+  out = []
+  for tid, events in tracks.items():
+    events = sorted(events, key=lambda e: (e["ts"], e["ph"] == "B"))
+    spans[_ring_role(tid)] += events[-1]["ts"] - events[0]["ts"]
+    out.append((_ring_role(tid), events))
+  return out, spans
+
+
 def summarize_ring_trace(trace: dict) -> dict[str, dict[str, float]]:
   """Shares of time per named phase of a `gmm_fp8(profile_dir=...)` trace, per warpgroup role.
 
@@ -751,15 +767,9 @@ def summarize_ring_trace(trace: dict) -> dict[str, dict[str, float]]:
   role's tracks, and "other" is what no phase covers (loop control, the barrier arrivals).
   Returns {"compute": {phase: share, ...}, "memory": {...}}.
   """
-  tracks: dict[int, list[dict]] = {}
-  for event in trace["traceEvents"]:
-    tracks.setdefault(event["tid"], []).append(event)
+  tracks, spans = _role_tracks(trace)
   totals = {"compute": {}, "memory": {}}
-  spans = {"compute": 0.0, "memory": 0.0}
-  for tid, events in tracks.items():
-    role = _ring_role(tid)
-    events.sort(key=lambda e: e["ts"])
-    spans[role] += events[-1]["ts"] - events[0]["ts"]
+  for role, events in tracks:
     open_at: dict[str, list[float]] = {}
     for event in events:
       if event["ph"] == "B":
@@ -780,16 +790,9 @@ def ring_trace_gaps(trace: dict) -> dict[str, dict[str, float]]:
   """Where `summarize_ring_trace`'s "other" lies: each gap between a range's end and the next
   range's begin on one track, keyed "previous>next" by the two ranges' names and summed as a
   share of the role's summed spans (as there). The gaps of a role add up to its "other"."""
+  tracks, spans = _role_tracks(trace)
   gaps = {"compute": {}, "memory": {}}
-  spans = {"compute": 0.0, "memory": 0.0}
-  tracks: dict[int, list[dict]] = {}
-  for event in trace["traceEvents"]:
-    tracks.setdefault(event["tid"], []).append(event)
-  for tid, events in tracks.items():
-    role = _ring_role(tid)
-    # Ends before begins at equal times: a range that ends as the next begins leaves no gap.
-    events.sort(key=lambda e: (e["ts"], e["ph"] == "B"))
-    spans[role] += events[-1]["ts"] - events[0]["ts"]
+  for role, events in tracks:
     depth, last_end = 0, None
     for event in events:
       if event["ph"] == "B":

@@ -463,17 +463,18 @@ def store_sums(out_smem_wg, sums: tuple) -> None:
     out_smem_wg.at[c][...] = sum_RN.astype(out_smem_wg.dtype)
 
 
-def _kernel_body(cfg: Fp8TileConfig, num_groups: int, scalar_sb: bool, k_splits: int, *refs):
+def _kernel_body(cfg: Fp8TileConfig, num_groups: int, scalar_sb: bool, k_splits: int,
+                 has_table: bool, *refs):
   """Memory warpgroup: TMA ring of A, B, sa (and sb columns). Compute warpgroups: wgmma + fp32
   promotion. With scalar_sb, sb_gmem is [G, Kt, Nt] block scales read as scalars from global
   memory, one step ahead, or with cfg.b_scale_ring from each step's row of them in the ring
   (Nt padded, `ring_scale_cols`). With k_splits > 1, out_gmem is [k_splits, M, N]: unit (s, item,
   column tile) contracts the s-th k_splits-th of K into out[s]. The ring is Pallas's
   warp-specialised pipeline, or with cfg.flat this module's own (`_flat_ring`), which also takes
-  `unit_table`'s rows where they fit in shared memory (table_gmem, after the schedule's
-  refs)."""
+  `unit_table`'s rows where they fit in shared memory (with has_table: table_gmem, after the
+  schedule's refs)."""
   count_gmem, group_gmem, start_gmem, offset_gmem, rows_gmem = refs[:5]
-  table_gmem = refs[5] if len(refs) == 11 else None
+  table_gmem = refs[5] if has_table else None
   a_gmem, sa_gmem, b_gmem, sb_gmem, out_gmem = refs[-5:]
   k_steps = a_gmem.shape[1] // TILE_K // k_splits  # a unit's K steps
   k_len = k_steps * TILE_K
@@ -935,8 +936,9 @@ def gmm_fp8(a_q_MK: jax.Array, sa_KtM: jax.Array, b_q_GNK: jax.Array, sb_GKtX: j
   store_dtype = out_dtype if k_splits == 1 else jnp.dtype(jnp.float32)
   cfg = chained(tiling.fit_smem(store_dtype.itemsize), k_steps // k_splits)
   profile = {}
+  # 3 warpgroups, 2 events of 2 words per range.
+  profile_bytes = 3 * profile_ranges * 16 if profile_dir else 0
   if profile_dir:
-    profile_bytes = 3 * profile_ranges * 16  # 3 warpgroups, 2 events of 2 words per range
     tiling_bytes = cfg.smem_bytes(store_dtype.itemsize)
     if tiling_bytes + profile_bytes > _SMEM_BUDGET:
       raise ValueError(f"gmm_fp8: profile_ranges={profile_ranges} takes {profile_bytes} bytes "
@@ -972,10 +974,14 @@ def gmm_fp8(a_q_MK: jax.Array, sa_KtM: jax.Array, b_q_GNK: jax.Array, sb_GKtX: j
   schedule = make_tile_schedule(group_sizes_G, padded_rows, cfg.tile_m)
   out_type = jax.ShapeDtypeStruct(
       (padded_rows, n_dim) if k_splits == 1 else (k_splits, padded_rows, n_dim), store_dtype)
+  num_sms = num_sms or device_num_sms()
+  table = flat_unit_table(schedule, cfg, n_dim, k_splits, num_sms, store_dtype.itemsize,
+                          profile_bytes)
+  tables = () if table is None else (table,)
   kernel = plgpu.kernel(
-      functools.partial(_kernel_body, cfg, num_groups, scalar_sb, k_splits),
+      functools.partial(_kernel_body, cfg, num_groups, scalar_sb, k_splits, bool(tables)),
       out_type=out_type,
-      grid=(num_sms or device_num_sms(),),
+      grid=(num_sms,),
       grid_names=("sm",),
       num_threads=3,
       thread_name="wg",
@@ -983,9 +989,6 @@ def gmm_fp8(a_q_MK: jax.Array, sa_KtM: jax.Array, b_q_GNK: jax.Array, sb_GKtX: j
           lowering_semantics=plgpu.LoweringSemantics.Warpgroup, **profile),
       interpret=interpret,
   )
-  table = flat_unit_table(schedule, cfg, n_dim, k_splits, num_sms or device_num_sms(),
-                          store_dtype.itemsize, 3 * profile_ranges * 16 if profile_dir else 0)
-  tables = () if table is None else (table,)
   out_MN = kernel(schedule.num_items, schedule.group_I, schedule.read_start_I,
                   schedule.own_offset_I, schedule.own_rows_I, *tables, a_q_MK,
                   sa_KtM.astype(jnp.float32), b_q_GNK, sb_GKtX.astype(jnp.float32))
