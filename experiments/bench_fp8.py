@@ -11,6 +11,8 @@ full-size dense) ending in CORRECTNESS PASS/FAIL; then timings, each the median 
     `scaled_mm` (cuBLAS) when the image's torch has it;
   - grouped: FP8 against our bf16 grouped GEMM (kernels/grouped_matmul_mgpu.py), balanced; the
     bf16 kernel on the FP8 codes' values and on full-mantissa bf16 operands (`time_grouped`);
+    with --sustained_s, each also streamed for seconds under the board's power limit, with the
+    SM clock and power that nvidia-smi reports meanwhile;
   - quantise: kernels/fp8_quant.py, XLA against the Triton kernels (fp8_quant_triton.py, checked
     bit for bit against XLA first), in GB/s against an elementwise copy; per-expert tiles also
     over groups padded to --group_aligns rows (dispatch.permute's group_align);
@@ -130,6 +132,14 @@ _PROFILE_DIR = flags.DEFINE_string(
     "Grouped section: after timing, run each flat-ring tiling (`f`) once more under Mosaic GPU's "
     "on-device profiler (`gmm_fp8(profile_dir=...)`), write its trace under this directory and "
     "print each warpgroup role's time per phase (`summarize_ring_trace`).")
+
+_SUSTAINED_S = flags.DEFINE_float(
+    "sustained_s", 0.0,
+    "Grouped section: after the timings, run each FP8 tiling of --grouped_configs and the bf16 "
+    "kernel (full mantissas) for this many seconds each, after 2 s idle, in batches of 10 "
+    "queued calls, and record the median of the last half, with the SM clock and board power "
+    "that nvidia-smi samples meanwhile (where it is on the PATH): what a long stream of calls "
+    "settles at under the board's power limit. 0: off.")
 
 # --grouped_problems: (K, N) of each expert GEMM from (hidden, expert width)
 _GROUPED_PROBLEM_DIMS = {"up": lambda h, w: (h, 2 * w), "down": lambda h, w: (w, h),
@@ -847,6 +857,20 @@ def _profile_flat(label: str, specs, k_dim: int, n_dim: int, *args) -> None:
     RESULTS[f"{label} {spec} profile"] = shares
 
 
+def _sustained(label: str, flops: float, fn, *args) -> None:
+  """--sustained_s: `fn(*args)` streamed for that long (`profiling.sustained_rates`), its steady
+  TFLOP/s recorded as "<label>, sustained", with nvidia-smi's clock and power over the stream."""
+  with profiling.GpuSampler() as smi:
+    start, end, rates = profiling.sustained_rates(fn, *args, seconds=_SUSTAINED_S.value)
+    gpu = smi.window(start, end) or {}
+  tflops = [r * flops / 1e12 for r in rates]
+  _record(f"{label}, sustained", float(np.median(tflops[len(tflops) // 2:])), "TFLOP/s",
+          batches=len(tflops), seconds=end - start, **gpu)
+  if gpu:
+    print(f"  SM clock {gpu['clock_mhz']:.0f} MHz, board {gpu['power_w']:.0f} W, throttle "
+          f"reasons {' '.join(gpu['throttle'])} ({gpu['samples']} samples)", flush=True)
+
+
 def time_grouped() -> None:
   key = jax.random.PRNGKey(12)
   for shape in _GROUPED_SHAPES.value:
@@ -868,6 +892,12 @@ def time_grouped() -> None:
           a, s, b, t, g, backend="pallas_mosaic_gpu"))
       row["ours op"] = flops / _bench(f, a_q, sa, b_q, sb, sizes) / 1e12
       _record(f"grouped {shape} {pname} fp8 ours, fp8_grouped_matmul", row["ours op"], "TFLOP/s")
+      for spec in _GROUPED_CONFIGS.value if _SUSTAINED_S.value else ():
+        cfg = _config(spec)
+        if mgpu.supports(k_dim, n_dim, jnp.bfloat16, cfg):
+          _sustained(f"grouped {shape} {pname} fp8 ours {spec}", flops,
+                     jax.jit(functools.partial(mgpu.gmm_fp8, config=cfg)),
+                     a_q, sa.T, b_q, jnp.swapaxes(sb, 1, 2), sizes)
       if _STREAM.value:
         _time_stream(f"grouped {shape} {pname}", STREAM_FP8, a_q, b_q, n_dim, flops, row)
       bf16 = jax.jit(lambda a, b, g: bf16_mgpu.gmm(a, b, g))
@@ -888,6 +918,9 @@ def time_grouped() -> None:
           row[label] = flops / _bench(bf16, a16, w16, sizes) / 1e12
           _record(f"grouped {shape} {pname} {label} (grouped_matmul_mgpu)", row[label],
                   "TFLOP/s")
+          if _SUSTAINED_S.value and label == "bf16 ours, full mantissas":
+            _sustained(f"grouped {shape} {pname} {label} (grouped_matmul_mgpu)", flops, bf16,
+                       a16, w16, sizes)
         except Exception as e:
           print(f"bf16 gmm {shape} {pname} {label} failed: {type(e).__name__}: {str(e)[:300]}")
       if _STREAM.value:

@@ -19,6 +19,9 @@ import gzip
 import json
 import os
 import re
+import shutil
+import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -336,3 +339,97 @@ def time_queued(fn: Any, *args: Any, calls: int = 20, warmup: int = 3) -> float:
     jax.block_until_ready(out)  # One stream: the last call done means all are.
     batches.append((time.perf_counter() - start) / calls)
   return float(np.median(batches))
+
+
+def sustained_rates(fn: Any, *args: Any, seconds: float, idle_s: float = 2.0,
+                    calls: int = 10) -> tuple[float, float, list[float]]:
+  """Calls per second of `fn(*args)` in batches of `calls` queued calls, back to back for
+  `seconds` after `idle_s` idle (compiled first). Returns the wall-clock window (time.time()
+  at its start and end) and each batch's rate.
+
+  `time_queued`'s batches take milliseconds after an idle gap, when the GPU's clocks are still
+  high; a long stream (a training step) runs at what the board's power limit allows. The
+  window lets `GpuSampler.window` pick out the clock and power samples of the stream.
+  """
+  jax.block_until_ready(fn(*args))
+  time.sleep(idle_s)
+  rates, start = [], time.time()
+  while time.time() - start < seconds:
+    begin = time.perf_counter()
+    for _ in range(calls):
+      out = fn(*args)
+    jax.block_until_ready(out)
+    rates.append(calls / (time.perf_counter() - begin))
+  return start, time.time(), rates
+
+
+_SMI_QUERY = "timestamp,clocks.sm,power.draw,clocks_throttle_reasons.active"
+
+
+def parse_smi_samples(lines: list[str]) -> list[tuple[float, float, float, str]]:
+  """(time.time() seconds, SM clock MHz, board power W, throttle reasons) per line of
+  `nvidia-smi --query-gpu=<_SMI_QUERY> --format=csv,noheader,nounits`; the timestamp is local
+  time. Lines that do not parse (a "[N/A]" field, a cut last line) are skipped."""
+  samples = []
+  for line in lines:
+    fields = [f.strip() for f in line.split(",")]
+    if len(fields) != 4:
+      continue
+    try:
+      stamp = time.mktime(time.strptime(fields[0].split(".")[0], "%Y/%m/%d %H:%M:%S"))
+      fraction = float("0." + fields[0].split(".")[1]) if "." in fields[0] else 0.0
+      samples.append((stamp + fraction, float(fields[1]), float(fields[2]), fields[3]))
+    except ValueError:
+      continue
+  return samples
+
+
+def smi_window(samples: list[tuple[float, float, float, str]], start: float, end: float,
+               settle_s: float = 1.0) -> dict[str, Any] | None:
+  """Median SM clock and board power of the samples in [start + settle_s, end] (the board's
+  power reading is an average over about a second), with the throttle reasons seen; None if no
+  sample falls there."""
+  inside = [s for s in samples if start + settle_s <= s[0] <= end]
+  if not inside:
+    return None
+  return {"clock_mhz": float(np.median([s[1] for s in inside])),
+          "power_w": float(np.median([s[2] for s in inside])),
+          "throttle": sorted({s[3] for s in inside}), "samples": len(inside)}
+
+
+class GpuSampler:
+  """`nvidia-smi` sampling the SM clock, board power and throttle reasons every `period_ms`
+  while in use (a no-op where nvidia-smi is missing: `available` says which).
+
+    with GpuSampler() as smi:
+      start, end, rates = sustained_rates(f, x, seconds=4)
+    print(smi.window(start, end))
+  """
+
+  def __init__(self, period_ms: int = 100):
+    self.period_ms = period_ms
+    self.available = shutil.which("nvidia-smi") is not None
+    self._proc = self._path = None
+
+  def __enter__(self) -> "GpuSampler":
+    if self.available:
+      fd, self._path = tempfile.mkstemp(suffix=".csv")
+      with os.fdopen(fd, "w") as out:  # the child keeps its own copy of the descriptor
+        self._proc = subprocess.Popen(
+            ["nvidia-smi", f"--query-gpu={_SMI_QUERY}", "--format=csv,noheader,nounits",
+             f"--loop-ms={self.period_ms}"], stdout=out, stderr=subprocess.DEVNULL)
+    return self
+
+  def window(self, start: float, end: float) -> dict[str, Any] | None:
+    if self._path is None:
+      return None
+    with open(self._path) as f:  # read through a descriptor of our own
+      return smi_window(parse_smi_samples(f.read().splitlines()), start, end)
+
+  def __exit__(self, *exc) -> None:
+    if self._proc is not None:
+      self._proc.terminate()
+      self._proc.wait()
+    if self._path is not None:
+      os.remove(self._path)
+      self._path = None
