@@ -844,17 +844,30 @@ def _profile_flat(label: str, specs, k_dim: int, n_dim: int, *args) -> None:
       largest = sorted(found.items(), key=lambda item: -item[1])[:6]
       print(f"{label} {spec} profile {role} gaps: "
             + ", ".join(f"{key} {share:.1%}" for key, share in largest), flush=True)
-    # Clock cycles (the trace's ts is cycles / 1e3 within a track) per unit of a compute track.
-    ends: dict[int, list[float]] = {}
-    for e in trace["traceEvents"]:
-      if e["name"] == "epilogue" and e["ph"] == "E" and _ring_role(e["tid"]) == "compute":
-        ends.setdefault(e["tid"], []).append(e["ts"])
-    gaps = [b - a for ts in ends.values() for a, b in zip(sorted(ts), sorted(ts)[1:])]
-    if gaps:
-      shares["cycles_per_unit"] = statistics.median(gaps) * 1e3
-      print(f"{label} {spec} profile: {shares['cycles_per_unit']:.0f} cycles per unit (median "
-            f"between a compute warpgroup's epilogues)", flush=True)
+    cycles = unit_cycles(trace)
+    if cycles:
+      shares["cycles_per_unit"] = cycles["median"]
+      shares["unit_cycles"] = cycles
+      print(f"{label} {spec} profile: {cycles['median']:.0f} cycles per unit (median between a "
+            f"compute warpgroup's epilogues; mean {cycles['mean']:.0f}, 90th percentile "
+            f"{cycles['p90']:.0f}, max {cycles['max']:.0f}, {cycles['units']} intervals)",
+            flush=True)
     RESULTS[f"{label} {spec} profile"] = shares
+
+
+def unit_cycles(trace: dict) -> dict[str, float] | None:
+  """Clock cycles from one epilogue's end to the next on each compute track (the trace's ts is
+  cycles / 1e3 within a track): their median, mean, 90th percentile and max, and how many. The
+  median alone hides a tail of slow units; None if no track has two epilogues."""
+  ends: dict[int, list[float]] = {}
+  for e in trace["traceEvents"]:
+    if e["name"] == "epilogue" and e["ph"] == "E" and _ring_role(e["tid"]) == "compute":
+      ends.setdefault(e["tid"], []).append(e["ts"])
+  gaps = [(b - a) * 1e3 for ts in ends.values() for a, b in zip(sorted(ts), sorted(ts)[1:])]
+  if not gaps:
+    return None
+  return {"median": statistics.median(gaps), "mean": statistics.fmean(gaps),
+          "p90": float(np.percentile(gaps, 90)), "max": max(gaps), "units": len(gaps)}
 
 
 def _sustained(label: str, flops: float, fn, *args) -> None:

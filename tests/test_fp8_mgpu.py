@@ -446,6 +446,22 @@ def test_bench_fp8_names_the_gaps_between_a_tracks_ranges():
                  "memory": {}}, got
 
 
+def test_bench_fp8_unit_cycles_show_the_tail_beside_the_median():
+  """`unit_cycles`: epilogue end to epilogue end on each compute track (tids 1-2; tid 3 is the
+  memory track and its "epilogue" is ignored), in cycles (ts x 1e3): one slow unit moves the
+  mean and the max but not the median."""
+  ends = {1: [1.0, 5.0, 9.0, 13.0, 29.0], 2: [2.0, 6.0, 10.0], 3: [0.0, 100.0]}
+  trace = {"traceEvents": [dict(name="epilogue", ph=ph, ts=t - (ph == "B"), pid=2, tid=tid)
+                           for tid, ts in ends.items() for t in ts for ph in ("B", "E")]
+                          + [dict(name="mma_promote", ph="E", ts=50.0, pid=2, tid=1)]}
+  got = _bench_fp8_stdout(f"print(b.unit_cycles({trace!r}))\n"
+                          "print(b.unit_cycles({'traceEvents': []}))")[-2:]
+  got_cycles = eval(got[0])  # noqa: S307 (our own subprocess's repr of a dict of floats)
+  assert got_cycles == {"median": 4000.0, "mean": 6000.0, "p90": 10000.0, "max": 16000.0,
+                        "units": 6}, got_cycles
+  assert got[1] == "None"
+
+
 def test_fp8_wgrad_runs_the_bf16_kernel_on_dequantised_operands():
   """The FP8 experts' weight gradient on a kernel backend: both transposed operands (per-group
   1x128 tiles along M: an empty group, a group over 128 rows, rows past the groups) dequantised
