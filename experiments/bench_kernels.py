@@ -459,15 +459,8 @@ def time_sustained(tokamax) -> None:
             lambda a, b, s: tokamax.ragged_dot(a, b, s, implementation="mosaic"))
       steady = {}
       for name, f in fns.items():
-        jax.block_until_ready(f(lhs, rhs, sizes))  # compiled
-        time.sleep(2.0)
-        tf, start = [], time.perf_counter()
-        while time.perf_counter() - start < _SUSTAINED_S.value:
-          begin = time.perf_counter()
-          for _ in range(10):
-            out = f(lhs, rhs, sizes)
-          jax.block_until_ready(out)
-          tf.append(10 * flops / (time.perf_counter() - begin) / 1e12)
+        _, _, rates = profiling.sustained_rates(f, lhs, rhs, sizes, seconds=_SUSTAINED_S.value)
+        tf = [r * flops / 1e12 for r in rates]
         tenths = [float(np.median(p)) for p in np.array_split(np.array(tf), min(10, len(tf)))]
         steady[name] = float(np.median(tf[len(tf) // 2:]))
         _record(f"{shape} sustained {pname} {name}, first 10 batches", float(np.median(tf[:10])),

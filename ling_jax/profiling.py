@@ -403,13 +403,14 @@ class GpuSampler:
 
     with GpuSampler() as smi:
       start, end, rates = sustained_rates(f, x, seconds=4)
-    print(smi.window(start, end))
+    print(smi.window(start, end))  # inside the block or after it
   """
 
   def __init__(self, period_ms: int = 100):
     self.period_ms = period_ms
     self.available = shutil.which("nvidia-smi") is not None
     self._proc = self._path = None
+    self._lines: list[str] = []  # the samples, once the sampling has stopped
 
   def __enter__(self) -> "GpuSampler":
     if self.available:
@@ -420,16 +421,21 @@ class GpuSampler:
              f"--loop-ms={self.period_ms}"], stdout=out, stderr=subprocess.DEVNULL)
     return self
 
-  def window(self, start: float, end: float) -> dict[str, Any] | None:
+  def _read(self) -> list[str]:
     if self._path is None:
-      return None
-    with open(self._path) as f:  # read through a descriptor of our own
-      return smi_window(parse_smi_samples(f.read().splitlines()), start, end)
+      return self._lines
+    with open(self._path) as f:  # through a descriptor of our own, not the child's
+      return f.read().splitlines()
+
+  def window(self, start: float, end: float) -> dict[str, Any] | None:
+    """`smi_window` of the samples so far (None without nvidia-smi)."""
+    return smi_window(parse_smi_samples(self._read()), start, end) if self.available else None
 
   def __exit__(self, *exc) -> None:
     if self._proc is not None:
       self._proc.terminate()
       self._proc.wait()
     if self._path is not None:
+      self._lines = self._read()
       os.remove(self._path)
       self._path = None

@@ -30,7 +30,8 @@ def test_smi_lines_parse_and_window_medians_skip_the_settling_second():
 
 def test_gpu_sampler_reads_a_running_nvidia_smi(tmp_path, monkeypatch):
   """A stand-in nvidia-smi prints a sample every 50 ms in the queried format; the sampler's
-  window over a stretch of it gives that clock and power, and it stops the process on exit."""
+  window over a stretch of it gives that clock and power, inside the block and after it, and
+  it stops the process on exit."""
   fake = tmp_path / "nvidia-smi"
   fake.write_text("#!/bin/bash\necho \"$@\" > " + str(tmp_path / "args") + "\n"
                   "while true; do\n"
@@ -47,6 +48,8 @@ def test_gpu_sampler_reads_a_running_nvidia_smi(tmp_path, monkeypatch):
     proc = smi._proc
   assert proc.poll() is not None  # stopped
   assert got is not None and got["samples"] >= 3, got
+  after = smi.window(start, time.time())  # after the block: the samples it kept
+  assert after["clock_mhz"] == 1455.0 and after["samples"] >= got["samples"], after
   assert (got["clock_mhz"], got["power_w"], got["throttle"]) == (
       1455.0, 694.2, ["0x0000000000000004"])
   args = (tmp_path / "args").read_text()
