@@ -25,7 +25,6 @@ would be wasted.)
 All four shapes are monotone, so every coefficient is >= 0, and the coefficients telescope to 1.
 """
 
-import functools
 from collections.abc import Iterable
 from collections.abc import Sequence
 
@@ -172,7 +171,7 @@ def merge_checkpoints(config, workdir: str, *, last: int, weights: str,
   steps = steps[-last:]
   target = trainer.abstract_state(config)
   coeffs = merge_coefficients(weights, last)
-  evaluate = functools.partial(trainer.evaluate_params, config)
+  evaluate = trainer.make_evaluator(config)  # Batches read and the step jitted once.
   input_losses = []
 
   def states():

@@ -5,6 +5,7 @@ import functools
 import json
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -299,11 +300,21 @@ def abstract_state(config: Any, mesh: Any = None) -> train_lib.TrainState:
 
 def evaluate_params(config: Any, params: Any, moe_state: Any) -> dict[str, float]:
   """Returns the validation loss (nats and bits per token) of params on the config's data."""
+  return make_evaluator(config)(params, moe_state)
+
+
+def make_evaluator(config: Any) -> Callable[[Any, Any], dict[str, float]]:
+  """Returns `evaluate_params` of `config` as a function of (params, moe_state).
+
+  The validation batches are read, and the evaluation step jitted, once: evaluating several
+  sets of params (e.g. the checkpoints a merge averages) traces and compiles it once, not once
+  per call.
+  """
   t = config.train
   batches = data_lib.make_eval_batches(config.data, seq_len=t.seq_len, batch_size=t.batch_size,
                                        max_batches=t.eval_batches)
   eval_fn = jax.jit(functools.partial(train_lib.eval_step, m=config.model, t=t))
-  return _evaluate(eval_fn, params, moe_state, batches)
+  return lambda params, moe_state: _evaluate(eval_fn, params, moe_state, batches)
 
 
 def load_config(workdir: str) -> Any:

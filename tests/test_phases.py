@@ -21,7 +21,7 @@ from ling_jax import trainer
 from tests import test_trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_CACHE = os.path.join(ROOT, ".pytest_cache", "xla")
+_CACHE = test_trainer._CACHE  # The session's persistent XLA cache.
 
 
 def test_presets_set_each_phase():
