@@ -8,13 +8,13 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 
 import pytest
 
 from ling_jax import checkpoint as checkpoint_lib
 from ling_jax import metrics as metrics_lib
+from tests.conftest import XLA_CACHE_VAR
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -35,7 +35,7 @@ MICRO = [
 
 # Compiled programs are shared between the runs of this module and the other files' (and across
 # xdist workers): one fresh directory per test session (tests/conftest.py).
-_CACHE = os.environ.get("LING_TEST_XLA_CACHE") or tempfile.mkdtemp(prefix="ling-jax-xla-")
+_CACHE = os.environ[XLA_CACHE_VAR]
 NO_MTP = "--config.model.num_nextn_predict_layers=0"
 
 
