@@ -167,6 +167,12 @@ class Fp8TileConfig:
   # in pairs and run the first unit's epilogue in the shadow of the second unit's first wgmma,
   # between its issue and its wait, so that the tensor core is busy while they store.
   shadow_epilogue: bool = False
+  # `flat` with the unit table only (spec token "c"): the SMs work in pairs, 2-CTA clusters
+  # that take the two column tiles of one row tile together. Each K step's A box then leaves
+  # L2 once for both (TMA multicast, each SM loading half of it), and a slot is refilled only
+  # once both SMs' compute warpgroups have consumed it (a cluster barrier). Needs an even
+  # number of column tiles and no split K (`supports`, `gmm_fp8`).
+  cluster_a: bool = False
 
   @property
   def out_slots(self) -> int:
@@ -337,8 +343,10 @@ def supports(k_dim: int, n_dim: int, out_dtype, cfg: Fp8TileConfig | None = None
                              and cfg.probe not in ("no_promote", "const_sb"))
   ping_pong_ok = cfg.wg_split != "p" or (cfg.flat and not cfg.double_staging)
   shadow_ok = not cfg.shadow_epilogue or (cfg.flat and cfg.wg_split != "p")
+  cluster_ok = not cfg.cluster_a or (cfg.flat and cfg.unit_table
+                                     and n_dim % (2 * cfg.cta_n) == 0)
   return (cfg.probe in _PROBES and cfg.wg_split in ("n", "m", "p") and flat_ok and ping_pong_ok
-          and shadow_ok
+          and shadow_ok and cluster_ok
           and cfg.smem_bytes(out_dtype.itemsize) <= _SMEM_BUDGET
           # chunks of whole 128-byte swizzle rows of the output tile (its stores slice them)
           and wg_cols % cfg.acc_n == 0 and cfg.acc_n * out_dtype.itemsize % 128 == 0
@@ -726,8 +734,21 @@ def _flat_ring(cfg: Fp8TileConfig, k_steps: int, units_per_item: int, count_gmem
   table_allocs = {} if table_gmem is None else dict(
       table_smem=plgpu.SMEM(table_gmem.shape[1:], table_gmem.dtype),
       table_loaded=plgpu.Barrier(num_arrivals=len(table_chunks)))
-  sm, num_sms = jax.lax.axis_index("sm"), jax.lax.axis_size("sm")
-  num_local = jnp.maximum(count_gmem[0] * units_per_item - sm + num_sms - 1, 0) // num_sms
+  # The persistent grid's places: SMs, or with cfg.cluster_a pairs of them, whose SMs are rows
+  # 2 * pair + rank of the unit table and take the same number of units (`unit_table`).
+  place, num_places = jax.lax.axis_index("sm"), jax.lax.axis_size("sm")
+  if cfg.cluster_a:
+    units_per_item //= 2
+    sm, num_sms = 2 * place + jax.lax.axis_index("cluster"), 2 * num_places
+  else:
+    sm, num_sms = place, num_places
+  num_local = (jnp.maximum(count_gmem[0] * units_per_item - place + num_places - 1, 0)
+               // num_places)
+  # With cfg.cluster_a a slot is refilled once all four compute warpgroups of the pair are done
+  # with it: the peer's multicast writes into this SM's shared memory too.
+  consumed_type = (functools.partial(plgpu.ClusterBarrier, collective_axes=("cluster",))
+                   if cfg.cluster_a else plgpu.Barrier)
+  multicast = dict(collective_axes="cluster") if cfg.cluster_a else {}
 
   @functools.partial(
       pl.run_scoped,
@@ -740,7 +761,7 @@ def _flat_ring(cfg: Fp8TileConfig, k_steps: int, units_per_item: int, count_gmem
       loaded=plgpu.Barrier(num_arrivals=3,  # A, B, sa
                            num_barriers=2 * stages if ping_pong else stages),
       # Released by both compute warpgroups, or with ping-pong by the step's one.
-      consumed=plgpu.Barrier(num_arrivals=1 if ping_pong else 2, num_barriers=stages),
+      consumed=consumed_type(num_arrivals=1 if ping_pong else 2, num_barriers=stages),
       collective_axes="wg",
       **table_allocs,
   )
@@ -778,7 +799,8 @@ def _flat_ring(cfg: Fp8TileConfig, k_steps: int, units_per_item: int, count_gmem
           with jax.named_scope("issue_loads"):
             k0 = pl.multiple_of(k * TILE_K, TILE_K)
             barrier = loaded_of(j, slot)
-            plgpu.copy_gmem_to_smem(a_src.at[:, pl.ds(k0, TILE_K)], a_smem.at[slot], barrier)
+            plgpu.copy_gmem_to_smem(a_src.at[:, pl.ds(k0, TILE_K)], a_smem.at[slot], barrier,
+                                    **multicast)
             plgpu.copy_gmem_to_smem(b_src.at[:, pl.ds(k0, TILE_K)], b_smem.at[slot], barrier)
             plgpu.copy_gmem_to_smem(sa_src.at[pl.ds(k, 1)], sa_smem.at[slot], barrier)
 
@@ -849,19 +871,26 @@ def unit_table(schedule, cfg: Fp8TileConfig, n_tiles: int, k_splits: int,
   order), as `_kernel_body`'s unit_work derives it from the schedule: its group, first read
   row, owned rows' offset and count (the schedule's item), column tile and K split. Rows past
   an SM's units are never read. Computed by XLA before the kernel, so that the kernel reads
-  each unit's fields from shared memory.
+  each unit's fields from shared memory. With cfg.cluster_a, SMs 2p and 2p + 1 take the two
+  column tiles of pair unit j * num_sms / 2 + p, in the same order over pairs of tiles.
   """
   max_items = schedule.group_I.shape[0]
-  max_local = pl.cdiv(max_items * n_tiles * k_splits, num_sms)
-  index = (jnp.arange(max_local, dtype=jnp.int32)[None, :] * num_sms
-           + jnp.arange(num_sms, dtype=jnp.int32)[:, None])
+  sm = jnp.arange(num_sms, dtype=jnp.int32)
+  # With cfg.cluster_a the grid's places are pairs of SMs (2 * pair + rank), and a place's unit
+  # is a pair of column tiles, ni = 2 * pair tile + rank: both SMs read the same rows of A.
+  places, place, tiles = ((num_sms // 2, sm // 2, n_tiles // 2) if cfg.cluster_a
+                          else (num_sms, sm, n_tiles))
+  max_local = pl.cdiv(max_items * tiles * k_splits, places)
+  index = jnp.arange(max_local, dtype=jnp.int32)[None, :] * places + place[:, None]
   count = schedule.num_items[0]
-  split, unit = index // (count * n_tiles), index % (count * n_tiles)
+  split, unit = index // (count * tiles), index % (count * tiles)
   if cfg.grid_minor == "m":
-    snake = lambda u: plgpu.planar_snake(u, (count, n_tiles), 0, cfg.grid_width)
+    snake = lambda u: plgpu.planar_snake(u, (count, tiles), 0, cfg.grid_width)
     item, ni = jax.vmap(jax.vmap(snake))(unit)
   else:
-    item, ni = unit // n_tiles, unit % n_tiles
+    item, ni = unit // tiles, unit % tiles
+  if cfg.cluster_a:
+    ni = 2 * ni + (sm % 2)[:, None]
   item = jnp.clip(item, 0, max_items - 1)  # rows past the SM's units: any valid item
   fields = (schedule.group_I[item], schedule.read_start_I[item], schedule.own_offset_I[item],
             schedule.own_rows_I[item], ni, split)
@@ -975,14 +1004,25 @@ def gmm_fp8(a_q_MK: jax.Array, sa_KtM: jax.Array, b_q_GNK: jax.Array, sb_GKtX: j
   out_type = jax.ShapeDtypeStruct(
       (padded_rows, n_dim) if k_splits == 1 else (k_splits, padded_rows, n_dim), store_dtype)
   num_sms = num_sms or device_num_sms()
+  if cfg.cluster_a and (k_splits != 1 or num_sms % 2):
+    raise ValueError(f"gmm_fp8: Fp8TileConfig.cluster_a pairs SMs over whole K; got "
+                     f"k_splits={k_splits} and num_sms={num_sms}. Pass k_splits=1 and an even "
+                     f"num_sms, or a tiling without cluster_a.")
   table = flat_unit_table(schedule, cfg, n_dim, k_splits, num_sms, store_dtype.itemsize,
                           profile_bytes)
+  if cfg.cluster_a and table is None:
+    # The pairs' units come from the table only: where it does not fit, run unpaired.
+    cfg = dataclasses.replace(cfg, cluster_a=False)
+    table = flat_unit_table(schedule, cfg, n_dim, k_splits, num_sms, store_dtype.itemsize,
+                            profile_bytes)
   tables = () if table is None else (table,)
+  pairs = dict(cluster=(2,), cluster_names=("cluster",)) if cfg.cluster_a else {}
   kernel = plgpu.kernel(
       functools.partial(_kernel_body, cfg, num_groups, scalar_sb, k_splits, bool(tables)),
       out_type=out_type,
-      grid=(num_sms,),
+      grid=(num_sms // 2 if cfg.cluster_a else num_sms,),
       grid_names=("sm",),
+      **pairs,
       num_threads=3,
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(

@@ -174,7 +174,8 @@ def test_chained_and_overlapped_bodies_match_fp64(variant):
 
 
 @pytest.mark.parametrize("variant", ["rows", "rows_no_table", "rows_shadow", "cols_5_stages",
-                                     "ping_pong", "ping_pong_split_acc", "rows_split_k"])
+                                     "ping_pong", "ping_pong_split_acc", "rows_split_k",
+                                     "rows_paired"])
 def test_flat_ring_matches_fp64(variant):
   """`flat`, the module's own ring across an SM's (unit, K step) pairs: stage counts that do not
   divide K's 4 steps (3, 5), ping-pong warpgroups ("p": each takes whole units in turn, its
@@ -183,7 +184,9 @@ def test_flat_ring_matches_fp64(variant):
   reads its units from `unit_table` in shared memory (snake order in "rows", K splits in
   "rows_split_k"), or without it from the schedule in global memory ("rows_no_table"). With
   `shadow_epilogue` ("rows_shadow") the units run in pairs, the first one's epilogue inside the
-  second one's first step, and an SM's odd last unit alone (3 SMs of 2-3 units)."""
+  second one's first step, and an SM's odd last unit alone (3 SMs of 2-3 units). With
+  `cluster_a` ("rows_paired") 4 SMs run as 2 clusters of 2, each pair taking both column tiles
+  of a row tile, A multicast to both, a slot refilled once both SMs consumed it."""
   cfg = {"rows": mgpu.Fp8TileConfig(tile_m=128, tile_n=64, stages=3, grid_minor="m",
                                     grid_width=2, wg_split="m", acc_cols=64, flat=True),
          "rows_no_table": mgpu.Fp8TileConfig(tile_m=128, tile_n=64, stages=3, grid_minor="m",
@@ -198,7 +201,10 @@ def test_flat_ring_matches_fp64(variant):
          "ping_pong_split_acc": mgpu.Fp8TileConfig(tile_m=64, tile_n=64, stages=2,
                                                    wg_split="p", acc_cols=64, flat=True),
          "rows_split_k": mgpu.Fp8TileConfig(tile_m=128, tile_n=64, stages=3, wg_split="m",
-                                            flat=True)}[variant]
+                                            flat=True),
+         "rows_paired": mgpu.Fp8TileConfig(tile_m=128, tile_n=64, stages=3, grid_minor="m",
+                                           grid_width=2, wg_split="m", acc_cols=64, flat=True,
+                                           cluster_a=True)}[variant]
   k_splits = 2 if variant == "rows_split_k" else None
   m_dim, sizes = (203, [0, 70, 3, 0, 100]) if k_splits is None else (150, [150])
   rng = np.random.default_rng(11)
@@ -206,8 +212,8 @@ def test_flat_ring_matches_fp64(variant):
   assert mgpu.supports(512, 256, jnp.float32, cfg)
   assert cfg.fit_smem(4) == cfg
   out = mgpu.gmm_fp8(a_q, sa.T, b_q, jnp.swapaxes(sb, 1, 2), jnp.asarray(sizes, jnp.int32),
-                     out_dtype=jnp.float32, config=cfg, interpret=_INTERPRET, num_sms=3,
-                     k_splits=k_splits)
+                     out_dtype=jnp.float32, config=cfg, interpret=_INTERPRET,
+                     num_sms=4 if cfg.cluster_a else 3, k_splits=k_splits)
   _assert_close(out, _np_grouped(a_MK, b_GNK, sizes), 1e-5)
   np.testing.assert_array_equal(np.asarray(out)[sum(sizes):], 0.0)
 
@@ -242,6 +248,40 @@ def test_flat_unit_table_lists_each_sms_units_and_fits_the_down_projection():
   assert mgpu.flat_unit_table(big, down, 2048, 1, 132, 2, reserved_bytes=60_000) is None
   assert mgpu.flat_unit_table(big, dataclasses.replace(down, unit_table=False), 2048, 1, 132,
                               2) is None
+
+
+def test_paired_unit_table_gives_both_sms_of_a_pair_the_same_rows():
+  """With cluster_a, SMs 2p and 2p + 1 take column tiles 2q and 2q + 1 of the same item at the
+  same local index (their A is one multicast box), and every (item, column tile) is some SM's
+  unit exactly once, in the snake order over pairs of column tiles."""
+  sizes = np.array([300, 0, 5, 129, 40], np.int32)
+  cfg = mgpu.Fp8TileConfig(tile_m=128, tile_n=64, grid_minor="m", grid_width=2, flat=True,
+                           cluster_a=True)
+  n_tiles, num_sms, rows = 4, 6, 640
+  schedule = gmm_mgpu.make_tile_schedule(jnp.asarray(sizes), rows, cfg.tile_m)
+  table = np.asarray(mgpu.unit_table(schedule, cfg, n_tiles, 1, num_sms))
+  count = int(schedule.num_items[0])
+  start = np.asarray(schedule.read_start_I)
+  seen = set()
+  for index in range(count * n_tiles // 2):  # pair units
+    j, pair = divmod(index, num_sms // 2)
+    band, within = divmod(index, 2 * (n_tiles // 2))
+    width = min(2, count - 2 * band)
+    col, item = divmod(within, width)
+    col = col if band % 2 == 0 else n_tiles // 2 - 1 - col
+    item += 2 * band
+    for rank in (0, 1):
+      row = table[2 * pair + rank, j]
+      assert row[1] == start[item] and row[4] == 2 * col + rank, (index, rank, row)
+      seen.add((item, int(row[4])))
+  assert seen == {(i, c) for i in range(count) for c in range(n_tiles)}
+  with pytest.raises(ValueError, match="cluster_a.*even num_sms"):
+    mgpu.gmm_fp8(_codes(np.random.default_rng(0), (64, 256)), jnp.ones((2, 64)),
+                 _codes(np.random.default_rng(1), (1, 256, 256)), jnp.ones((1, 2, 2)),
+                 jnp.asarray([64], jnp.int32), config=cfg, interpret=_INTERPRET, num_sms=3)
+  # an odd number of column tiles leaves a tile without its pair
+  assert not mgpu.supports(512, 384, jnp.bfloat16, cfg)
+  assert not mgpu.supports(512, 256, jnp.bfloat16, dataclasses.replace(cfg, unit_table=False))
 
 
 def test_flat_ring_takes_block_scaled_b_only():
@@ -349,7 +389,8 @@ def test_supports_and_smem_fit():
                                    "mini_down_chain_overlap", "mini_down_double",
                                    "mini_down_ring", "split_k_ring", "mini_down_swizzled",
                                    "probe_no_store", "probe_no_mma", "mini_down_table",
-                                   "mini_down_ping_pong", "dense_8192_flat", "up_dgrad_table"])
+                                   "mini_down_ping_pong", "dense_8192_flat", "up_dgrad_table",
+                                   "mini_down_paired"])
 def test_kernel_lowers_for_cuda_at_full_size(shape):
   """Layout inference (WGMMA row/column scale vectors, fp8 swizzles) without a GPU."""
   dense, down = (8192, 8192, 8192, 1), (16384, 512, 2048, 256)  # (M, K, N, G)
@@ -376,6 +417,7 @@ def test_kernel_lowers_for_cuda_at_full_size(shape):
                                                    double_staging=True),
          "probe_no_store": dataclasses.replace(down_table, probe="no_store"),
          "probe_no_mma": dataclasses.replace(down_table, probe="no_mma"),
+         "mini_down_paired": dataclasses.replace(down_table, cluster_a=True),
          "mini_down_ping_pong": mgpu.Fp8TileConfig(tile_m=64, tile_n=64, stages=6,
                                                    grid_minor="m", grid_width=32, wg_split="p",
                                                    flat=True),
@@ -509,8 +551,8 @@ def test_split_k_matches_fp64(case):
     sb_GKtX, b_scaling = jnp.swapaxes(sb_GNKt, 1, 2), "tile"
   cfg = dataclasses.replace(_SMALL, chain="chain" in case, grid_minor="m", grid_width=2)
   out = mgpu.gmm_fp8(a_q, sa.T, b_q, sb_GKtX, jnp.asarray(sizes, jnp.int32), b_scaling=b_scaling,
-                     out_dtype=jnp.float32, config=cfg, interpret=_INTERPRET, num_sms=3,
-                     k_splits=k_splits)
+                     out_dtype=jnp.float32, config=cfg, interpret=_INTERPRET,
+                     num_sms=4 if cfg.cluster_a else 3, k_splits=k_splits)
   assert out.shape == (m_dim, 128) and out.dtype == jnp.float32
   _assert_close(out, _np_grouped(a_MK, b_GNK, sizes), 1e-5)
   np.testing.assert_array_equal(np.asarray(out)[sum(sizes):], 0.0)
