@@ -60,16 +60,17 @@ _DENSE_CONFIGS = flags.DEFINE_list(
     "split by rows (n: by columns, p: ping-pong, flat only), 128-column accumulators; a 9th "
     "field times a probe: const_sb, no_promote, no_store, no_smem_out or no_mma, numerically "
     "wrong); tokens 'chain', 'overlap', 'd' (double_staging), 'r' "
-    "(b_scale_ring), 's' (swizzle_rows_out) and 'f' (flat) anywhere after the 6th switch on "
+    "(b_scale_ring), 's' (swizzle_rows_out), 'f' (flat), 'e' (shadow_epilogue) and 'c' "
+    "(cluster_a) anywhere after the 6th switch on "
     "those Fp8TileConfig flags. Session 6's specs had a body "
     "field (ws) after the 6th.")
 _GROUPED_CONFIGS = flags.DEFINE_list(
-    "grouped_configs", ["128:64:4:m:4:1:m:128:chain", "128:64:4:m:16:1:m:128:f",
-                        "128:64:4:m:16:1:m:128:chain", "128:64:4:m:4:1:m:64:chain:overlap"],
+    "grouped_configs", ["128:64:4:m:4:1:m:128:f:c", "128:64:4:m:16:1:m:128:f",
+                        "128:64:4:m:4:1:m:128:chain", "128:64:4:m:4:1:m:64:chain:overlap"],
     "Tilings for the grouped GEMMs (same format); the first two are the Ling-mini experts' "
-    "up and down tunings (fp8_gemm_mgpu.TILE_CONFIGS; the second, on the flat ring since "
-    "session 19, is the input gradients' too), the third the down one before session 19, the "
-    "fourth session 10's. "
+    "up and down tunings (fp8_gemm_mgpu.TILE_CONFIGS: the up one on the flat ring in pairs of "
+    "SMs since session 23; the down one, on the flat ring since session 19, is the input "
+    "gradients' too), the third the up one before session 23, the fourth session 10's. "
     "128x128 warpgroup tiles without split accumulators (acc_cols 0) spill registers.")
 _GROUPED_SHAPES = flags.DEFINE_list("grouped_shapes", ["mini", "flash", "1t"], "Expert shapes.")
 _GROUPED_PROBLEMS = flags.DEFINE_list(

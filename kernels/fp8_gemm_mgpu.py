@@ -241,13 +241,19 @@ class Fp8TileConfig:
 # The up projection on the flat ring with the table: 943-967 against 953-965 chained. The
 # epilogue in the next unit's first wgmma (`shadow_epilogue`, call 9): down level (779 / 787
 # against 791), up dgrad 933 / 929 against 921 / 917; one call, so no entry takes it yet.
+# Session 23 (calls 1-3, one machine): SMs in pairs sharing A's boxes (`cluster_a`) take the up
+# projection from 958-980 chained (960-968 flat) to 993-1003, and 817-821 to 827-833 sustained
+# under the power cap; the down projection level (795-805 against 795-817, 677 against 681
+# sustained, at grid widths 8-32 too), its input gradients level (912 / 913 against 901 / 930).
 # Absent shapes take the default, narrowed by `fit_smem` and by N.
 _EXPERTS_FWD = Fp8TileConfig(tile_n=64, stages=4, grid_minor="m", grid_width=4, wg_split="m",
                              acc_cols=128, chain=True)
 # Bands of 16 row tiles, on the flat ring.
 _EXPERTS_WIDE = dataclasses.replace(_EXPERTS_FWD, grid_width=16, chain=False, flat=True)
 TILE_CONFIGS: dict[tuple[int, int, str], Fp8TileConfig] = {
-    (2048, 1024, "bfloat16"): _EXPERTS_FWD,  # Ling-mini expert gate+up
+    # Ling-mini expert gate+up: bands of 4 row tiles, the flat ring in pairs of SMs
+    (2048, 1024, "bfloat16"): dataclasses.replace(_EXPERTS_FWD, chain=False, flat=True,
+                                                  cluster_a=True),
     (512, 2048, "bfloat16"): _EXPERTS_WIDE,  # Ling-mini expert down
     # Their input gradients (session 10's were 836 / 841 for the default and two 64 x 64
     # accumulators with overlap; bf16 624 / 614)
@@ -325,7 +331,7 @@ def tile_config(k_dim: int, n_dim: int, out_dtype, b_scaling: str = "block") -> 
   default = TILE_SCALED_DEFAULT if b_scaling == "tile" else DEFAULT_TILE_CONFIG
   cfg = TILE_CONFIGS.get((k_dim, n_dim, out_dtype.name), default)
   if cfg.flat and b_scaling != "block":  # the flat ring takes block-scaled B only
-    cfg = dataclasses.replace(cfg, flat=False, chain=True)
+    cfg = dataclasses.replace(cfg, flat=False, chain=True, cluster_a=False)
   cfg = cfg.fit_smem(out_dtype.itemsize)
   while n_dim % cfg.cta_n and cfg.tile_n > 64:
     cfg = dataclasses.replace(cfg, tile_n=cfg.tile_n // 2)
@@ -1004,15 +1010,16 @@ def gmm_fp8(a_q_MK: jax.Array, sa_KtM: jax.Array, b_q_GNK: jax.Array, sb_GKtX: j
   out_type = jax.ShapeDtypeStruct(
       (padded_rows, n_dim) if k_splits == 1 else (k_splits, padded_rows, n_dim), store_dtype)
   num_sms = num_sms or device_num_sms()
-  if cfg.cluster_a and (k_splits != 1 or num_sms % 2):
-    raise ValueError(f"gmm_fp8: Fp8TileConfig.cluster_a pairs SMs over whole K; got "
-                     f"k_splits={k_splits} and num_sms={num_sms}. Pass k_splits=1 and an even "
-                     f"num_sms, or a tiling without cluster_a.")
   table = flat_unit_table(schedule, cfg, n_dim, k_splits, num_sms, store_dtype.itemsize,
                           profile_bytes)
-  if cfg.cluster_a and table is None:
-    # The pairs' units come from the table only: where it does not fit, run unpaired.
-    cfg = dataclasses.replace(cfg, cluster_a=False)
+  # Pairs of SMs take their units from the table only, over whole K.
+  if cfg.cluster_a and (k_splits != 1 or num_sms % 2 or table is None):
+    if config is not None:
+      raise ValueError(f"gmm_fp8: Fp8TileConfig.cluster_a pairs SMs over whole K, with the unit "
+                       f"table in shared memory; got k_splits={k_splits}, num_sms={num_sms}, "
+                       f"table {'too large' if table is None else 'fits'}. Pass k_splits=1 and "
+                       f"an even num_sms, or a tiling without cluster_a.")
+    cfg = dataclasses.replace(cfg, cluster_a=False)  # the shape's tuned tiling, unpaired
     table = flat_unit_table(schedule, cfg, n_dim, k_splits, num_sms, store_dtype.itemsize,
                             profile_bytes)
   tables = () if table is None else (table,)

@@ -275,13 +275,33 @@ def test_paired_unit_table_gives_both_sms_of_a_pair_the_same_rows():
       assert row[1] == start[item] and row[4] == 2 * col + rank, (index, rank, row)
       seen.add((item, int(row[4])))
   assert seen == {(i, c) for i in range(count) for c in range(n_tiles)}
-  with pytest.raises(ValueError, match="cluster_a.*even num_sms"):
+  with pytest.raises(ValueError, match="cluster_a.*an even num_sms"):
     mgpu.gmm_fp8(_codes(np.random.default_rng(0), (64, 256)), jnp.ones((2, 64)),
                  _codes(np.random.default_rng(1), (1, 256, 256)), jnp.ones((1, 2, 2)),
                  jnp.asarray([64], jnp.int32), config=cfg, interpret=_INTERPRET, num_sms=3)
   # an odd number of column tiles leaves a tile without its pair
   assert not mgpu.supports(512, 384, jnp.bfloat16, cfg)
   assert not mgpu.supports(512, 256, jnp.bfloat16, dataclasses.replace(cfg, unit_table=False))
+
+
+def test_the_up_projections_paired_tiling_falls_back_where_pairs_cannot_run():
+  """The Ling-mini up projection's table tiling runs in pairs of SMs; with 1x128-tiled B it
+  takes the chained pipeline unpaired, and on an odd SM count it runs unpaired (lowered for
+  CUDA), where the same tiling asked for explicitly is refused."""
+  up = mgpu.tile_config(2048, 1024, jnp.bfloat16)
+  assert up.flat and up.cluster_a and mgpu.supports(2048, 1024, jnp.bfloat16, up)
+  tiled = mgpu.tile_config(2048, 1024, jnp.bfloat16, "tile")
+  assert tiled.chain and not (tiled.flat or tiled.cluster_a)
+  assert mgpu.supports(2048, 1024, jnp.bfloat16, tiled)
+  spec = jax.ShapeDtypeStruct
+  args = (spec((4096, 2048), jnp.float8_e4m3fn), spec((16, 4096), jnp.float32),
+          spec((8, 1024, 2048), jnp.float8_e4m3fn), spec((8, 16, 8), jnp.float32),
+          spec((8,), jnp.int32))
+  lowered = jax.jit(lambda *a: mgpu.gmm_fp8(*a, num_sms=131)).trace(*args).lower(
+      lowering_platforms=("cuda",))
+  assert "mosaic_gpu" in lowered.as_text()
+  with pytest.raises(ValueError, match="cluster_a.*an even num_sms"):
+    jax.jit(lambda *a: mgpu.gmm_fp8(*a, config=up, num_sms=131)).trace(*args)
 
 
 def test_flat_ring_takes_block_scaled_b_only():
