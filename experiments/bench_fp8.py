@@ -190,8 +190,7 @@ def _config(spec: str) -> mgpu.Fp8TileConfig:
   """tm:tn:stages:grid_minor:grid_width:scalar_b_scale[:wg_split[:acc_cols[:probe]]], then
   optional tokens `chain`, `overlap`, `d`, `r`, `s`, `f`, `e` and `c` (Fp8TileConfig's flags
   chain, overlap, double_staging, b_scale_ring, swizzle_rows_out, flat, shadow_epilogue and
-  cluster_a), `nt`
-  (unit_table off) and `late` (release_early off)."""
+  cluster_a), `nt` (unit_table off) and `late` (release_early off)."""
   tokens = spec.split(":")
   flag_names = {"chain": "chain", "overlap": "overlap", "d": "double_staging",
                 "r": "b_scale_ring", "s": "swizzle_rows_out", "f": "flat",
