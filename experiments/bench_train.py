@@ -15,7 +15,8 @@ the curves of each variant are compared with the first's in `--loss_window`-step
 `--quants` entry may carry model overrides joined by '+', for a control run: e.g.
 `none+embedding_backward=scatter` does the same maths as `none` with other rounding, and shows
 how far two curves drift apart from rounding alone (at Ling-mini width, as far as bf16 and FP8:
-BENCHMARKS.md, session 9).
+BENCHMARKS.md, session 9). The same command in several processes gives each variant several
+runs; `experiments/compare_curves.py` judges them against the band of the baseline's runs.
 
 MFU convention: model FLOPs per token as `ling_jax.scaling.flops_per_token` counts them (every
 matmul, causal attention at half, LM head and MTP included, forward + backward = 3x forward),

@@ -316,6 +316,66 @@ def compare_losses(results: list[dict[str, Any]], window: int,
   return comparisons
 
 
+def loss_bands(results: list[dict[str, Any]], baseline: str | None, window: int,
+               tolerance: float) -> list[dict[str, Any]]:
+  """Compares each variant's loss curves with the band the baseline's own runs span.
+
+  Two runs of one GPU step in two processes are not bitwise equal, and at Ling-mini width the
+  difference grows into curves 2-4% apart within 100 steps (BENCHMARKS.md, sessions 9 and 24),
+  so one pair's gap says little. `results` are `experiments/bench_train.py` rows from several
+  processes (name, variant or else quant, layers, losses, input_digest), each variant run once or
+  more. Per depth and `window`-step window: the baseline variant's runs give a band (their
+  lowest and highest window mean) and a mean; another variant's window mean (over its runs)
+  overlaps when it lies inside the band widened by `tolerance`, relative. With one baseline run
+  the band is that run and the test is `compare_losses`'s. `baseline` names the variant (None:
+  the first row's). Runs are cut to the steps all of a depth's runs reached.
+  """
+  if window < 1:
+    raise ValueError(f"window={window}: average over at least one step (e.g. 20)")
+  if not results:
+    raise ValueError("no runs to compare: give bench_train results.jsonl files with rows")
+  baseline = baseline or _variant(results[0])
+  if not any(_variant(r) == baseline for r in results):
+    found = sorted({_variant(r) for r in results})
+    raise ValueError(f"baseline={baseline!r}: no run of that variant; the runs are {found}")
+  bands = []
+  for layers in dict.fromkeys(r["layers"] for r in results):
+    rows = [r for r in results if r["layers"] == layers]
+    digests = {r.get("input_digest") for r in rows}
+    if len(digests) > 1:
+      raise ValueError(f"{layers} layers: the runs saw different batches (input digests "
+                       f"{sorted(map(str, digests))}); compare runs of one config, seed and data")
+    steps = min(len(r["losses"]) for r in rows) // window * window
+    base = [r for r in rows if _variant(r) == baseline]
+    if not base or steps == 0:
+      continue
+    def means(runs: list[dict[str, Any]], steps: int = steps) -> np.ndarray:
+      return np.stack([np.asarray(r["losses"][:steps], np.float64).reshape(-1, window)
+                       .mean(axis=1) for r in runs])
+
+    ref = means(base)
+    lo, hi, mid = ref.min(axis=0), ref.max(axis=0), ref.mean(axis=0)
+    for variant in dict.fromkeys(_variant(r) for r in rows):
+      if variant == baseline:
+        continue
+      runs = [r for r in rows if _variant(r) == variant]
+      ours = means(runs)
+      mean = ours.mean(axis=0)
+      inside = (mean >= lo * (1 - tolerance)) & (mean <= hi * (1 + tolerance))
+      windows = [{"first": i * window, "last": (i + 1) * window - 1,
+                  "band": (float(lo[i]), float(hi[i])), "baseline": float(mid[i]),
+                  "runs": ours[:, i].tolist(), "loss": float(mean[i]),
+                  "rel_gap": float((mean[i] - mid[i]) / mid[i]), "inside": bool(inside[i])}
+                 for i in range(len(mid))]
+      bands.append({"variant": variant, "baseline": baseline, "layers": layers,
+                    "baseline_runs": len(base), "runs": len(runs), "window": window,
+                    "steps": steps, "windows": windows, "tolerance": tolerance,
+                    "baseline_spread": float(((hi - lo) / mid).max()),
+                    "mean_rel_gap": float(np.mean([w["rel_gap"] for w in windows])),
+                    "overlap": bool(inside.all())})
+  return bands
+
+
 def rel_error(out: Any, ref: Any) -> float:
   """The relative Frobenius error |out - ref| / |ref| in float64, as the GPU checks print it."""
   out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)

@@ -253,3 +253,73 @@ def test_loss_curves_of_one_quant_compare_by_variant():
   assert c["baseline"] == "none-L2" and c["max_rel_gap"] == pytest.approx(0.1)
   assert not c["overlap"]
   assert profiling.compare_losses(rows[:1] * 2, window=2, tolerance=0.01) == []
+
+
+def _run(variant, losses, layers=2, digest="d0"):
+  return {"name": f"{variant}-L{layers}", "variant": variant, "quant": variant.split("+")[0],
+          "layers": layers, "losses": losses, "input_digest": digest}
+
+
+def test_loss_bands_judge_a_variant_against_the_baselines_own_spread():
+  """Window means of three baseline runs give a band; the variant's mean over its runs must lie
+  in it, widened by the tolerance."""
+  rows = [_run("none", [2.0, 2.0, 1.0, 1.0, 5.0]),  # Windows of 2: 2.0, 1.0 (the 5th is cut).
+          _run("none", [2.2, 2.2, 1.1, 1.1]),
+          _run("none", [2.1, 2.1, 0.9, 0.9]),
+          _run("fp8", [2.3, 2.3, 1.0, 1.0]),  # Mean over the two FP8 runs: 2.25, 1.05.
+          _run("fp8", [2.2, 2.2, 1.1, 1.1])]
+  (b,) = profiling.loss_bands(rows, "none", window=2, tolerance=0.0)
+  assert (b["variant"], b["baseline_runs"], b["runs"], b["steps"]) == ("fp8", 3, 2, 4)
+  first, second = b["windows"]
+  assert first["band"] == pytest.approx((2.0, 2.2)) and first["baseline"] == pytest.approx(2.1)
+  assert first["runs"] == pytest.approx([2.3, 2.2]) and first["loss"] == pytest.approx(2.25)
+  assert first["rel_gap"] == pytest.approx(0.15 / 2.1)
+  assert not first["inside"] and second["inside"]  # 2.25 > 2.2; 1.05 in [0.9, 1.1].
+  assert not b["overlap"] and b["baseline_spread"] == pytest.approx(0.2 / 1.0)
+  # 2.25 is 2.3% past the band's top: inside once widened by 2.5%, not by 2%.
+  assert profiling.loss_bands(rows, "none", 2, tolerance=0.025)[0]["overlap"]
+  assert not profiling.loss_bands(rows, "none", 2, tolerance=0.02)[0]["overlap"]
+  # The baseline defaults to the first row's variant.
+  assert profiling.loss_bands(rows, None, 2, 0.0)[0]["baseline"] == "none"
+
+
+def test_loss_bands_with_one_baseline_run_agree_with_compare_losses():
+  rows = [_run("none", [3.0, 3.0, 2.0, 2.0]), _run("fp8", [3.03, 3.03, 2.0, 2.0])]
+  for tolerance in (0.0095, 0.0105):
+    (band,) = profiling.loss_bands(rows, "none", 2, tolerance)
+    (pair,) = profiling.compare_losses(rows, 2, tolerance)
+    assert band["overlap"] == pair["overlap"]
+    assert [w["rel_gap"] for w in band["windows"]] == pytest.approx(
+        [w["rel_gap"] for w in pair["windows"]])
+
+
+def test_loss_bands_refuse_runs_they_cannot_compare():
+  rows = [_run("none", [1.0, 1.0]), _run("fp8", [1.0, 1.0], digest="other")]
+  with pytest.raises(ValueError, match="different batches"):
+    profiling.loss_bands(rows, "none", 2, 0.01)
+  with pytest.raises(ValueError, match="baseline='bf16'.*'fp8', 'none'"):
+    profiling.loss_bands(rows, "bf16", 2, 0.01)
+  with pytest.raises(ValueError, match="window=0"):
+    profiling.loss_bands(rows, "none", 0, 0.01)
+  # Each depth is its own comparison; runs shorter than a window compare nothing.
+  assert profiling.loss_bands([_run("none", [1.0]), _run("fp8", [1.0])], "none", 2, 0.01) == []
+
+
+def test_compare_curves_cli(tmp_path):
+  """The command line over two processes' files: the table, exit 1 outside the band, and a clear
+  error for a file that is not bench_train's."""
+  a, b, bad = tmp_path / "a.jsonl", tmp_path / "b.jsonl", tmp_path / "bad.jsonl"
+  a.write_text("\n".join(json.dumps(r) for r in [_run("none", [2.0, 2.0]),
+                                                 _run("fp8", [2.5, 2.5])]) + "\n")
+  b.write_text(json.dumps(_run("none", [2.2, 2.2])) + "\n")
+  bad.write_text(json.dumps({"name": "x"}) + "\n")
+  cmd = [sys.executable, "-m", "experiments.compare_curves", "--window=2", "--baseline=none"]
+  out = subprocess.run([*cmd, f"--results={a},{b}", f"--out={tmp_path / 'c.md'}"],
+                       capture_output=True, text=True, check=False)
+  assert out.returncode == 1, out.stderr
+  assert "fp8 (1 run(s)) against none (2 run(s))" in out.stdout
+  assert "| 0-1 | 2.1000 [2.0000, 2.2000] | 2.5000 | 2.5000 | +19.05% | NO |" in out.stdout
+  assert (tmp_path / "c.md").read_text() + "\n" == out.stdout  # print() adds the newline.
+  out = subprocess.run([*cmd, f"--results={a},{bad}"], capture_output=True, text=True,
+                       check=False)
+  assert out.returncode != 0 and "bad.jsonl line 1 has no per-step losses" in out.stderr
