@@ -173,12 +173,16 @@ def run_variant(config: Any, source: Any, name: str, out_dir: str,
         losses.append(step_metrics["loss"])
         if "max_violation" in step_metrics:  # routing skew: what the expert kernels are fed
           violations.append(step_metrics["max_violation"])
+        fp8_metrics = {k: v for k, v in step_metrics.items() if k.startswith("fp8_")}
+        if fp8_metrics and train_lib.fp8_metrics_due(step, t):  # FP8 safeguards, if measured
+          safeguards.append((step, fp8_metrics))
         step += 1
         batch = batches.next_batch(step)
       jax.block_until_ready(state)
       return losses
 
     violations = []  # every step's, profiled ones included
+    safeguards = []  # (step, FP8 safeguard metrics) of the steps that measure them
     losses = run(_WARMUP.value)  # Every step's loss from the first: the curves compare whole.
     start = time.time()
     losses += run(_STEPS.value)
@@ -222,6 +226,9 @@ def run_variant(config: Any, source: Any, name: str, out_dir: str,
       "flops_per_token": flops, "mfu": flops * tokens / step_s / (_PEAK.value * 1e12),
       "peak_memory_gib": _peak_memory_gib(), "losses": losses, "timed_from_step": _WARMUP.value,
       "max_violations": [float(v) for v in jax.device_get(violations)],
+      # FP8 runs: underflow and cosine per kind (mean and worst op) every log_every-th step.
+      "fp8_metrics": [{"step": i, **{k: float(v) for k, v in jax.device_get(f).items()}}
+                      for i, f in safeguards],
       "breakdown": summary,
       "profiled_step_ms": profiled_step_s and profiled_step_s * 1e3,
       "input_digest": input_digest,
@@ -254,6 +261,7 @@ def markdown(results: list[dict[str, Any]], projections: list[dict[str, Any]],
                  f"| {r['tokens_per_s']:,.0f} | {r['mfu']:.1%} | {mem} | {r['compile_s']:.0f} "
                  f"| {vio} |")
   lines += profiling.failure_rows(list(failures))
+  lines += profiling.safeguard_rows(results)
   if projections:
     lines += ["", "| projected to | ms per layer | fixed ms | step (ms) | tokens/s | MFU |",
               "|---|---:|---:|---:|---:|---:|"]

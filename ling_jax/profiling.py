@@ -316,6 +316,29 @@ def compare_losses(results: list[dict[str, Any]], window: int,
   return comparisons
 
 
+def safeguard_rows(results: list[dict[str, Any]]) -> list[str]:
+  """Markdown rows of the FP8 variants' safeguard metrics (bench_train's `fp8_metrics`: every
+  measured step's `fp8_{kind}_{underflow,cos}[_max|_min]`): per variant and kind, the mean over
+  steps of the mean over ops, and the worst op's worst step. [] without FP8 variants."""
+  lines = []
+  for r in results:
+    steps = r.get("fp8_metrics") or []
+    for kind in ("act", "weight", "grad"):
+      if not steps or f"fp8_{kind}_underflow" not in steps[0]:
+        continue
+      under = np.mean([x[f"fp8_{kind}_underflow"] for x in steps])
+      cos = np.mean([x[f"fp8_{kind}_cos"] for x in steps])
+      worst_under = max(x[f"fp8_{kind}_underflow_max"] for x in steps)
+      worst_cos = min(x[f"fp8_{kind}_cos_min"] for x in steps)
+      lines.append(f"| {r['name']} | {len(steps)} | {kind} | {under:.3%} [{worst_under:.3%}] "
+                   f"| {cos:.5f} [{worst_cos:.5f}] |")
+  if not lines:
+    return []
+  return ["", "FP8 safeguards over the steps that measure them (every log_every-th): the mean "
+          "over ops, in brackets the worst op's worst step:", "",
+          "| variant | steps | kind | underflow | cosine |", "|---|---:|---|---:|---:|", *lines]
+
+
 def loss_bands(results: list[dict[str, Any]], baseline: str | None, window: int,
                tolerance: float) -> list[dict[str, Any]]:
   """Compares each variant's loss curves with the band the baseline's own runs span.

@@ -323,3 +323,17 @@ def test_compare_curves_cli(tmp_path):
   out = subprocess.run([*cmd, f"--results={a},{bad}"], capture_output=True, text=True,
                        check=False)
   assert out.returncode != 0 and "bad.jsonl line 1 has no per-step losses" in out.stderr
+
+
+def test_safeguard_rows_average_steps_and_keep_the_worst_op():
+  def step(i, under, under_max, cos, cos_min):
+    return {"step": i, "fp8_act_underflow": under, "fp8_act_underflow_max": under_max,
+            "fp8_act_cos": cos, "fp8_act_cos_min": cos_min}
+
+  rows = [{"name": "none-L2", "fp8_metrics": []},
+          {"name": "fp8-L2", "fp8_metrics": [step(9, 0.001, 0.004, 0.9990, 0.9900),
+                                             step(19, 0.003, 0.002, 0.9980, 0.9950)]}]
+  lines = profiling.safeguard_rows(rows)
+  assert lines[-1] == "| fp8-L2 | 2 | act | 0.200% [0.400%] | 0.99850 [0.99000] |"
+  assert len(lines) == 6  # The title, the header and one kind of one variant.
+  assert profiling.safeguard_rows(rows[:1]) == []
