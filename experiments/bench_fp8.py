@@ -57,13 +57,12 @@ _DENSE_CONFIGS = flags.DEFINE_list(
                       "128:128:3:m:16:1:m:64:overlap"],
     "Tilings tm:tn:stages:grid_minor:grid_width:scalar_b_scale[:wg_split[:acc_cols[:probe]]] "
     "for the dense GEMMs (Fp8TileConfig's fields; e.g. 128:128:3:m:16:1:m:128, warpgroups "
-    "split by rows (n: by columns, p: ping-pong, flat only), 128-column accumulators; a 9th "
-    "field times a probe: const_sb, no_promote, no_store, no_smem_out or no_mma, numerically "
-    "wrong); tokens 'chain', 'overlap', 'd' (double_staging), 'r' "
-    "(b_scale_ring), 's' (swizzle_rows_out), 'f' (flat), 'e' (shadow_epilogue) and 'c' "
-    "(cluster_a) anywhere after the 6th switch on "
-    "those Fp8TileConfig flags. Session 6's specs had a body "
-    "field (ws) after the 6th.")
+    "split by rows (n: by columns), 128-column accumulators; a 9th field times a probe: "
+    "const_sb, no_promote, no_store, no_smem_out or no_mma, numerically wrong); tokens "
+    "'chain', 'overlap', 'f' (flat) and 'c' (cluster_a) anywhere after the 6th switch on those "
+    "Fp8TileConfig flags, 'nt' and 'late' switch off unit_table and release_early. Session "
+    "6's specs had a body field (ws) after the 6th; sessions 17-23's tokens 'd', 'r', 's', 'e' "
+    "and the split 'p' name variants removed in session 24.")
 _GROUPED_CONFIGS = flags.DEFINE_list(
     "grouped_configs", ["128:64:4:m:4:1:m:128:f:c", "128:64:4:m:16:1:m:128:f",
                         "128:64:4:m:4:1:m:128:chain", "128:64:4:m:4:1:m:64:chain:overlap"],
@@ -186,15 +185,23 @@ def _write_json() -> None:
                "device": str(jax.devices()[0].device_kind)}, f, indent=1)
 
 
+# Spec tokens of kernel variants that lost and were removed (kernels/fp8_gemm_mgpu.py's doc).
+_REMOVED_TOKENS = {"d": "double_staging", "r": "b_scale_ring", "s": "swizzle_rows_out",
+                   "e": "shadow_epilogue"}
+
+
 def _config(spec: str) -> mgpu.Fp8TileConfig:
   """tm:tn:stages:grid_minor:grid_width:scalar_b_scale[:wg_split[:acc_cols[:probe]]], then
-  optional tokens `chain`, `overlap`, `d`, `r`, `s`, `f`, `e` and `c` (Fp8TileConfig's flags
-  chain, overlap, double_staging, b_scale_ring, swizzle_rows_out, flat, shadow_epilogue and
-  cluster_a), `nt` (unit_table off) and `late` (release_early off)."""
+  optional tokens `chain`, `overlap`, `f` and `c` (Fp8TileConfig's flags chain, overlap, flat
+  and cluster_a), `nt` (unit_table off) and `late` (release_early off)."""
   tokens = spec.split(":")
-  flag_names = {"chain": "chain", "overlap": "overlap", "d": "double_staging",
-                "r": "b_scale_ring", "s": "swizzle_rows_out", "f": "flat",
-                "e": "shadow_epilogue", "c": "cluster_a"}
+  removed = [t for t in tokens[6:] if t in _REMOVED_TOKENS] + (
+      ["p"] if tokens[6:7] == ["p"] else [])
+  if removed:
+    names = ", ".join(f"{t!r} ({_REMOVED_TOKENS.get(t, 'wg_split ping-pong')})" for t in removed)
+    raise ValueError(f"tiling spec {spec!r}: {names} lost and left the kernel in session 24 "
+                     "(BENCHMARKS.md has their timings); drop them from the spec")
+  flag_names = {"chain": "chain", "overlap": "overlap", "f": "flat", "c": "cluster_a"}
   flags_on = {t for t in tokens if t in flag_names}
   tm, tn, stages, minor, width, scalar, *rest = [
       t for t in tokens if t not in flags_on and t not in ("nt", "late")]

@@ -50,17 +50,18 @@ up projection's tiling only `chain` since session 17):
 `flat` replaces Pallas's pipeline by this module's own ring (`_flat_ring`, session 19): one
 ring of TMA slots across all of an SM's (unit, K step) pairs, with "loaded" and "consumed"
 barriers per slot, as the bf16 ping-pong body of kernels/grouped_matmul_mgpu.py runs. It takes
-any stage count and, with `wg_split="p"`, ping-pong warpgroups; neither won (BENCHMARKS.md), but
-at 4 stages it is 1-6% ahead of `chain` on the down projection and level to 3% on the input
-gradients, which the table's `_EXPERTS_WIDE` runs. Since session 21 it also reads where each
-unit lies from a per-SM table in shared memory (`unit_table`) and frees each slot before the
-promotion (`release_early`): the down projection 735-761 -> 784-819 TFLOP/s. Its K steps must
-stay a loop: unrolled, they ran 3-7x slower on the GPU.
+any stage count (more than 4 lost, BENCHMARKS.md), and at 4 stages it is 1-6% ahead of `chain`
+on the down projection and level to 3% on the input gradients, which the table's
+`_EXPERTS_WIDE` runs. Since session 21 it also reads where each unit lies from a per-SM table
+in shared memory (`unit_table`) and frees each slot before the promotion (`release_early`):
+the down projection 735-761 -> 784-819 TFLOP/s. Its K steps must stay a loop: unrolled, they
+ran 3-7x slower on the GPU.
 
-`double_staging` gives each accumulator two output tiles in shared memory, used by alternate
-units, so that a unit's epilogue need not wait for the previous unit's stores to read theirs
-(the bf16 ping-pong body's down projection gained 6-7% from its two slots). Here it was level or
-worse (session 17), and no tuned tiling sets it.
+Variants that lost and were removed in session 24 (their timings stay in BENCHMARKS.md, their
+code in the history): two output tiles per accumulator (`double_staging`, session 17), B's block
+scales through the TMA ring (`b_scale_ring`, 18), swizzled output tiles for the row split
+(`swizzle_rows_out`, 18), ping-pong warpgroups on the flat ring (`wg_split="p"`, 19-20) and a
+unit's epilogue in the next unit's first wgmma (`shadow_epilogue`, 21).
 
 Split-K (`gmm_fp8`'s k_splits, session 12): unit (split, item, column tile) contracts one
 k_splits-th of K into its own fp32 partial output, added after the kernel. It is for outputs with
@@ -109,9 +110,7 @@ class Fp8TileConfig:
   scalar_b_scale: bool = True
   # How a unit (tile_m x 2 tile_n) is split between the two compute warpgroups: "n",
   # each takes tile_n columns of all rows; "m", each takes tile_m / 2 rows of all 2 tile_n
-  # columns (DeepGEMM's layout: wgmmas 64 rows high and up to 256 wide); "p" (ping-pong, `flat`
-  # only), each takes whole units, the SM's units in turn, so that one's promotions and
-  # epilogue run beside the other's wgmmas.
+  # columns (DeepGEMM's layout: wgmmas 64 rows high and up to 256 wide).
   wg_split: str = "n"
   # Columns per wgmma accumulator (0: all of the warpgroup's). Each step a compute warpgroup runs
   # one wgmma per accumulator, each waited and promoted before the next, so that only one
@@ -135,25 +134,10 @@ class Fp8TileConfig:
   # current one (two accumulators of partial sums in flight), so a warpgroup's promotion
   # arithmetic overlaps its own next wgmma. Without it, each wgmma is waited before the next.
   overlap: bool = False
-  # Two output tiles per accumulator, used by alternate units (spec token "d"): a unit's
-  # epilogue then waits only for the stores of the unit before the previous one to have read
-  # their tile, not for the previous unit's.
-  double_staging: bool = False
-  # B's 128x128 block scales through the TMA ring (spec token "r"; block-scaled B with
-  # scalar_b_scale only): each K step the memory warpgroup also loads that step's row of the
-  # group's block scales (one per 128 output columns, padded to 128 bytes: `ring_scale_cols`),
-  # and a compute warpgroup reads its scalars from shared memory. Without it each compute
-  # warpgroup reads them from global memory, one step ahead. -1% to +1.4% on the Ling-mini
-  # experts' forward tilings, 1-5% behind on their input gradients (session 18): not tuned in.
-  b_scale_ring: bool = False
-  # wg_split "m": the output tiles in shared memory swizzled (spec token "s"), as those of the
-  # "n" split always are; without it they are plain row-major. Level on the Ling-mini experts
-  # (session 18), so no tuned tiling sets it.
-  swizzle_rows_out: bool = False
   # This module's own ring instead of Pallas's warp-specialised pipeline (spec token "f",
   # `_flat_ring`): one ring across all of an SM's (unit, K step) pairs with any stage count,
   # where `chain` needs the stages to divide K's steps. 128x128 block-scaled B with its scales
-  # read from global memory (scalar_b_scale, no b_scale_ring), and neither the "no_promote"
+  # read from global memory (scalar_b_scale), and neither the "no_promote"
   # nor the "const_sb" probe (`supports` says so).
   flat: bool = False
   # `flat` only: each SM reads where its units lie from its rows of `unit_table`, loaded into
@@ -163,10 +147,6 @@ class Fp8TileConfig:
   # `flat` only: a compute warpgroup frees a step's ring slot as soon as the step's wgmmas are
   # done, before it promotes their partial sums (spec token "late" frees it after).
   release_early: bool = True
-  # `flat`, wg_split "m" or "n" only (spec token "e"): the compute warpgroups take an SM's units
-  # in pairs and run the first unit's epilogue in the shadow of the second unit's first wgmma,
-  # between its issue and its wait, so that the tensor core is busy while they store.
-  shadow_epilogue: bool = False
   # `flat` with the unit table only (spec token "c"): the SMs work in pairs, 2-CTA clusters
   # that take the two column tiles of one row tile together. Each K step's A box then leaves
   # L2 once for both (TMA multicast, each SM loading half of it), and a slot is refilled only
@@ -175,17 +155,10 @@ class Fp8TileConfig:
   cluster_a: bool = False
 
   @property
-  def out_slots(self) -> int:
-    """Output tiles in shared memory per accumulator of each compute warpgroup."""
-    return 2 if self.double_staging else 1
-
-  @property
   def wg_shape(self) -> tuple[int, int]:
     """Rows and columns of one compute warpgroup's part of a unit."""
     if self.wg_split == "m":
       return self.tile_m // 2, 2 * self.tile_n
-    if self.wg_split == "p":
-      return self.tile_m, 2 * self.tile_n
     return self.tile_m, self.tile_n
 
   @property
@@ -201,7 +174,7 @@ class Fp8TileConfig:
   def smem_bytes(self, out_itemsize: int) -> int:
     operands = (self.tile_m + self.cta_n) * TILE_K  # e4m3: 1 byte each
     scales = (self.tile_m + self.cta_n) * 4  # the column vector, in case it is used
-    out = 2 * self.out_slots * self.wg_shape[0] * self.wg_shape[1] * out_itemsize
+    out = 2 * self.wg_shape[0] * self.wg_shape[1] * out_itemsize
     return self.stages * (operands + scales) + out
 
   def fit_smem(self, out_itemsize: int) -> "Fp8TileConfig":
@@ -345,31 +318,18 @@ def supports(k_dim: int, n_dim: int, out_dtype, cfg: Fp8TileConfig | None = None
     return False
   cfg = (cfg or tile_config(k_dim, n_dim, out_dtype)).fit_smem(out_dtype.itemsize)
   wg_rows, wg_cols = cfg.wg_shape
-  flat_ok = not cfg.flat or (cfg.scalar_b_scale and not cfg.b_scale_ring and not cfg.chain
+  flat_ok = not cfg.flat or (cfg.scalar_b_scale and not cfg.chain
                              and cfg.probe not in ("no_promote", "const_sb"))
-  ping_pong_ok = cfg.wg_split != "p" or (cfg.flat and not cfg.double_staging)
-  shadow_ok = not cfg.shadow_epilogue or (cfg.flat and cfg.wg_split != "p")
   cluster_ok = not cfg.cluster_a or (cfg.flat and cfg.unit_table
                                      and n_dim % (2 * cfg.cta_n) == 0)
-  return (cfg.probe in _PROBES and cfg.wg_split in ("n", "m", "p") and flat_ok and ping_pong_ok
-          and shadow_ok and cluster_ok
+  return (cfg.probe in _PROBES and cfg.wg_split in ("n", "m") and flat_ok and cluster_ok
           and cfg.smem_bytes(out_dtype.itemsize) <= _SMEM_BUDGET
           # chunks of whole 128-byte swizzle rows of the output tile (its stores slice them)
           and wg_cols % cfg.acc_n == 0 and cfg.acc_n * out_dtype.itemsize % 128 == 0
           # an accumulator's columns lie in one 128x128 block of B (one block scale)
           and (TILE_K % cfg.acc_n == 0 or cfg.probe == "no_promote") and wg_rows % 64 == 0
           and k_dim >= TILE_K
-          and k_dim % TILE_K == 0 and n_dim % cfg.cta_n == 0 and cfg.tile_m % 64 == 0
-          # a ring slot's scale row fits where smem_bytes counts a unit's column scales
-          and (not cfg.b_scale_ring or ring_scale_cols(n_dim) <= cfg.cta_n))
-
-
-def ring_scale_cols(n_dim: int) -> int:
-  """Block scales per row of B's scales in the ring (`b_scale_ring`): N's 128-column blocks,
-  padded to a multiple of 32, so that each ring slot is 128 bytes, the alignment TMA wants of
-  its shared-memory destination (slots of 64 bytes were a misaligned-address fault on the GPU,
-  session 18)."""
-  return pl.cdiv(pl.cdiv(n_dim, TILE_K), 32) * 32
+          and k_dim % TILE_K == 0 and n_dim % cfg.cta_n == 0 and cfg.tile_m % 64 == 0)
 
 
 def swizzled(block_shape, dtype, tile_rows: int = 8):
@@ -408,7 +368,7 @@ def zero_sums(cfg: Fp8TileConfig) -> tuple:
 
 
 def mma_promote(cfg: Fp8TileConfig, a_smem, b_smem_NK, sums: tuple, scale_of,
-                release=None, shadow=None) -> tuple:
+                release=None) -> tuple:
   """One K step of a warpgroup: sums[c] += (A @ B[cols of c]^T) * scale_of(c).
 
   a_smem holds the warpgroup's rows of A, b_smem_NK its rows of B (output columns). Per
@@ -416,8 +376,7 @@ def mma_promote(cfg: Fp8TileConfig, a_smem, b_smem_NK, sums: tuple, scale_of,
   the promotion; with cfg.overlap the wgmma of c + 1 runs while c is promoted. scale_of(c) gives
   a rows x acc_n scale. release(), if given, runs as soon as the step's last wgmma is waited
   for, before its promotion: the step's operands in shared memory are free from then on (so
-  scale_of must not read them). shadow(), if given, runs between the first wgmma's issue and its
-  wait (`Fp8TileConfig.shadow_epilogue`: the previous unit's epilogue).
+  scale_of must not read them).
   """
   def issue(acc_ref, c):
     b_cols = b_smem_NK.at[pl.ds(c * cfg.acc_n, cfg.acc_n)]
@@ -444,8 +403,6 @@ def mma_promote(cfg: Fp8TileConfig, a_smem, b_smem_NK, sums: tuple, scale_of,
 
     def first_scope(acc_ref):
       issue(acc_ref, 0)
-      if shadow is not None:
-        shadow()
       return promote_from(0, acc_ref, ())
     return pl.run_scoped(first_scope, plgpu.ACC(shape, jnp.float32))
 
@@ -453,8 +410,6 @@ def mma_promote(cfg: Fp8TileConfig, a_smem, b_smem_NK, sums: tuple, scale_of,
   for c, sum_RN in enumerate(sums):
     def partial(acc_ref, c=c):
       issue(acc_ref, c)
-      if shadow is not None and c == 0:
-        shadow()
       return acc_ref[...]  # waits for the wgmma
 
     part_RN = pl.run_scoped(partial, plgpu.ACC(sum_RN.shape, jnp.float32))
@@ -481,8 +436,8 @@ def _kernel_body(cfg: Fp8TileConfig, num_groups: int, scalar_sb: bool, k_splits:
                  has_table: bool, *refs):
   """Memory warpgroup: TMA ring of A, B, sa (and sb columns). Compute warpgroups: wgmma + fp32
   promotion. With scalar_sb, sb_gmem is [G, Kt, Nt] block scales read as scalars from global
-  memory, one step ahead, or with cfg.b_scale_ring from each step's row of them in the ring
-  (Nt padded, `ring_scale_cols`). With k_splits > 1, out_gmem is [k_splits, M, N]: unit (s, item,
+  memory, one step ahead; else [G, Kt, N], a column vector a step through the ring. With
+  k_splits > 1, out_gmem is [k_splits, M, N]: unit (s, item,
   column tile) contracts the s-th k_splits-th of K into out[s]. The ring is Pallas's
   warp-specialised pipeline, or with cfg.flat this module's own (`_flat_ring`), which also takes
   `unit_table`'s rows where they fit in shared memory (with has_table: table_gmem, after the
@@ -495,8 +450,7 @@ def _kernel_body(cfg: Fp8TileConfig, num_groups: int, scalar_sb: bool, k_splits:
   tm, tn, cta_n, acc_n = cfg.tile_m, cfg.tile_n, cfg.cta_n, cfg.acc_n
   n_tiles = out_gmem.shape[-1] // cta_n
   f32 = jnp.float32
-  ring_sb = scalar_sb and cfg.b_scale_ring  # B's block scales in the ring, one row a step
-  sb_operand = not scalar_sb or ring_sb  # sb goes through the ring (as columns or as rows)
+  sb_operand = not scalar_sb  # sb goes through the ring (as columns)
 
   def pipeline(mma_step, compute_context, col_tile, state=None):
     # "no_promote" keeps a wgmma in flight past its step: release each slot one step late.
@@ -512,9 +466,6 @@ def _kernel_body(cfg: Fp8TileConfig, num_groups: int, scalar_sb: bool, k_splits:
     ]
     if not scalar_sb:
       in_specs.append(plgpu.BlockSpec((1, cta_n), lambda k: (k, col_tile),
-                                      memory_space=plgpu.SMEM, **late))
-    elif ring_sb:
-      in_specs.append(plgpu.BlockSpec((1, sb_gmem.shape[-1]), lambda k: (k, 0),
                                       memory_space=plgpu.SMEM, **late))
     return plgpu.emit_pipeline_warp_specialized(
         mma_step,
@@ -545,11 +496,11 @@ def _kernel_body(cfg: Fp8TileConfig, num_groups: int, scalar_sb: bool, k_splits:
   wg_rows, wg_cols = cfg.wg_shape
   split_m = wg_rows != tm
 
-  def unit_work(index, local_index, wg, out_smem, row=None):
-    """The unit of grid index `index` (the SM's local_index-th): where it lies, and the compute
+  def unit_work(index, wg, out_smem, row=None):
+    """The unit of grid index `index`: where it lies, and the compute
     warpgroup wg's K step and epilogue for it. `row`, a ref to the unit's row of `unit_table`
     in shared memory, gives where it lies without the schedule's chain of global reads."""
-    row0, col0 = (wg * wg_rows, 0) if split_m else (0, 0 if cfg.wg_split == "p" else wg * tn)
+    row0, col0 = (wg * wg_rows, 0) if split_m else (0, wg * tn)
     if row is not None:
       group, start, offset, rows, ni, split = (row[f] for f in range(_UNIT_FIELDS))
     else:
@@ -566,16 +517,13 @@ def _kernel_body(cfg: Fp8TileConfig, num_groups: int, scalar_sb: bool, k_splits:
     out_split = out_gmem if k_splits == 1 else out_gmem.at[split]
 
     def store(sums):
-      # Every unit commits one store group per accumulator. One slot: the last unit's stores
-      # must have read it. Two: unit i takes slot i % 2, so only the groups of the unit
-      # before (the other slot's) may still be reading.
+      # The last unit's stores must have read the output tiles before they are written again.
       num_acc = wg_cols // acc_n
-      plgpu.wait_smem_to_gmem(num_acc if cfg.out_slots == 2 else 0, wait_read_only=True)
-      slot = local_index % 2 if cfg.out_slots == 2 else 0
+      plgpu.wait_smem_to_gmem(0, wait_read_only=True)
       if cfg.probe in ("no_store", "no_smem_out"):  # rows < 0 never holds (probe doc)
-        pl.when(rows < 0)(lambda: store_sums(out_smem.at[wg, slot], sums))
+        pl.when(rows < 0)(lambda: store_sums(out_smem.at[wg], sums))
       else:
-        store_sums(out_smem.at[wg, slot], sums)
+        store_sums(out_smem.at[wg], sums)
       plgpu.commit_smem()
       if cfg.probe == "no_store":
         return
@@ -583,7 +531,7 @@ def _kernel_body(cfg: Fp8TileConfig, num_groups: int, scalar_sb: bool, k_splits:
       lo = jnp.clip(offset - row0, 0, wg_rows)
       hi = jnp.clip(offset + rows - row0, 0, wg_rows)
       for c in range(num_acc):
-        _store_owned_rows(out_smem.at[wg, slot, c], out_split, start + row0, lo, hi - lo,
+        _store_owned_rows(out_smem.at[wg, c], out_split, start + row0, lo, hi - lo,
                           ni * cta_n + col0 + c * acc_n, wg_rows)
 
     def block_scales(k):
@@ -596,7 +544,7 @@ def _kernel_body(cfg: Fp8TileConfig, num_groups: int, scalar_sb: bool, k_splits:
       return tuple(sb_gmem[g, split * k_steps + k, (ni * cta_n + col0 + c * acc_n) // TILE_K]
                    for c in range(wg_cols // acc_n))
 
-    def mma_step(idx, a_smem, b_smem, sa_smem, *rest, release=None, shadow=None):
+    def mma_step(idx, a_smem, b_smem, sa_smem, *rest, release=None):
       """One K step; release() (the flat ring's) frees the step's ring slot once its wgmmas
       are done, before the promotion: its scales are in registers by then."""
       *sb_smem, carry = rest
@@ -604,14 +552,12 @@ def _kernel_body(cfg: Fp8TileConfig, num_groups: int, scalar_sb: bool, k_splits:
       b_wg = b_smem.at[pl.ds(col0, wg_cols)]
       if release is not None and sb_operand:
         raise ValueError("mma_step: release() needs B's block scales in registers "
-                         "(scalar_b_scale without b_scale_ring), as the flat ring runs.")
+                         "(scalar_b_scale), as the flat ring runs.")
       if cfg.probe == "no_promote":  # carry is the accumulator; keep one wgmma in flight
         plgpu.wgmma(carry, a_wg, b_wg.transpose((1, 0)))
         plgpu.wgmma_wait(1)
         return carry
       if cfg.probe == "no_mma":
-        if shadow is not None:
-          shadow()
         if release is not None:
           release()
         return carry
@@ -622,9 +568,6 @@ def _kernel_body(cfg: Fp8TileConfig, num_groups: int, scalar_sb: bool, k_splits:
                         layout=plgpu.Layout.WGMMA.reduce(1))
 
       def scale_of(c):
-        if ring_sb:  # this step's row of block scales, in the ring
-          sb_c = sb_smem[0][0, (ni * cta_n + col0 + c * acc_n) // TILE_K]
-          return jax.lax.broadcast_in_dim(sa_R * sb_c, (wg_rows, acc_n), [0])
         if scalar_sb:
           return jax.lax.broadcast_in_dim(sa_R * sb[c], (wg_rows, acc_n), [0])
         sb_N = plgpu.load(sb_smem[0].at[0, pl.ds(col0 + c * acc_n, acc_n)],
@@ -632,7 +575,7 @@ def _kernel_body(cfg: Fp8TileConfig, num_groups: int, scalar_sb: bool, k_splits:
         return (jax.lax.broadcast_in_dim(sa_R, (wg_rows, acc_n), [0])
                 * jax.lax.broadcast_in_dim(sb_N, (wg_rows, acc_n), [1]))
 
-      return mma_promote(cfg, a_wg, b_wg, sums, scale_of, release, shadow), sb_next
+      return mma_promote(cfg, a_wg, b_wg, sums, scale_of, release), sb_next
 
     def finish(sums):
       """The epilogue after the pipeline: tail units (which ran it too) store zeros."""
@@ -643,10 +586,10 @@ def _kernel_body(cfg: Fp8TileConfig, num_groups: int, scalar_sb: bool, k_splits:
     return types.SimpleNamespace(split=split, ni=ni, group=group, start=start, store=store,
                                  finish=finish, block_scales=block_scales, mma_step=mma_step)
 
-  # [warpgroup, slot, accumulator]: one output tile per accumulator (`store_sums`), and
-  # per slot (`double_staging`). Row-major with wg_split "m" unless cfg.swizzle_rows_out.
-  out_smem_type = plgpu.SMEM((2, cfg.out_slots, wg_cols // acc_n, wg_rows, acc_n), out_gmem.dtype,
-                             transforms=() if split_m and not cfg.swizzle_rows_out else
+  # [warpgroup, accumulator]: one output tile per accumulator (`store_sums`). Row-major with
+  # wg_split "m" (a swizzled tile was level there, session 18).
+  out_smem_type = plgpu.SMEM((2, wg_cols // acc_n, wg_rows, acc_n), out_gmem.dtype,
+                             transforms=() if split_m else
                              swizzled((wg_rows, acc_n), out_gmem.dtype, tile_rows=1))
   if cfg.flat:
     _flat_ring(cfg, k_steps, n_tiles * k_splits, count_gmem, table_gmem, unit_work,
@@ -667,7 +610,7 @@ def _kernel_body(cfg: Fp8TileConfig, num_groups: int, scalar_sb: bool, k_splits:
 
     @plgpu.nd_loop((count_gmem[0] * n_tiles * k_splits,), collective_axes="sm")
     def _unit(info):
-      u = unit_work(info.index[0], info.local_index, wg, out_smem)
+      u = unit_work(info.index[0], wg, out_smem)
 
       def compute_context(run_pipeline):
         if cfg.probe == "no_promote":
@@ -717,9 +660,6 @@ def _flat_ring(cfg: Fp8TileConfig, k_steps: int, units_per_item: int, count_gmem
   (4 at K = 512); this ring takes any count. At the same 4 stages it ran the Ling-mini down
   projection 1-6% faster than the chained pipeline (session 19), why is not established.
 
-  wg_split "p" (ping-pong): compute warpgroup w takes local units w, w + 2, ... whole; each has
-  its own "loaded" barriers ([w * stages + slot]) and alone releases its steps' slots.
-
   Where each unit lies comes from this SM's rows of `unit_table` (table_gmem), which the memory
   warpgroup TMA-loads into shared memory first: a unit then starts with shared-memory reads, not
   with the schedule's chain of dependent global reads (count, then item, then its group, then
@@ -733,7 +673,6 @@ def _flat_ring(cfg: Fp8TileConfig, k_steps: int, units_per_item: int, count_gmem
   `gmm_fp8(profile_dir=...)` records them per warpgroup with Mosaic GPU's on-device profiler;
   without it they cost nothing."""
   tm, cta_n, stages = cfg.tile_m, cfg.cta_n, cfg.stages
-  ping_pong = cfg.wg_split == "p"
   # TMA boxes are at most 256 rows: the SM's rows of the table in pieces of 256.
   max_local = 0 if table_gmem is None else table_gmem.shape[1]
   table_chunks = [(lo, min(256, max_local - lo)) for lo in range(0, max_local, 256)]
@@ -764,17 +703,14 @@ def _flat_ring(cfg: Fp8TileConfig, k_steps: int, units_per_item: int, count_gmem
                         transforms=swizzled((cta_n, TILE_K), b_gmem.dtype)),
       sa_smem=plgpu.SMEM((stages, 1, tm), jnp.float32),
       out_smem=out_smem_type,
-      loaded=plgpu.Barrier(num_arrivals=3,  # A, B, sa
-                           num_barriers=2 * stages if ping_pong else stages),
-      # Released by both compute warpgroups, or with ping-pong by the step's one.
-      consumed=consumed_type(num_arrivals=1 if ping_pong else 2, num_barriers=stages),
+      loaded=plgpu.Barrier(num_arrivals=3, num_barriers=stages),  # A, B, sa
+      consumed=consumed_type(num_arrivals=2, num_barriers=stages),  # both compute warpgroups
       collective_axes="wg",
       **table_allocs,
   )
   def _scope(a_smem, b_smem, sa_smem, out_smem, loaded, consumed, table_smem=None,
              table_loaded=None):
     wg = jax.lax.axis_index("wg")
-    loaded_of = lambda j, slot: loaded.at[(j % 2) * stages + slot if ping_pong else slot]
     row_of = lambda j: None if table_smem is None else table_smem.at[j]
 
     if table_smem is not None:
@@ -792,7 +728,7 @@ def _flat_ring(cfg: Fp8TileConfig, k_steps: int, units_per_item: int, count_gmem
 
       @pl.loop(0, num_local)
       def _unit(j):
-        u = unit_work(j * num_sms + sm, j, wg, out_smem, row_of(j))
+        u = unit_work(j * num_sms + sm, wg, out_smem, row_of(j))
         a_src, b_src, sa_src = operands(u.start, u.group, u.split)[:3]
         b_src = b_src.at[pl.ds(u.ni * cta_n, cta_n)]
 
@@ -804,7 +740,7 @@ def _flat_ring(cfg: Fp8TileConfig, k_steps: int, units_per_item: int, count_gmem
             pl.when(t >= stages)(lambda: plgpu.barrier_wait(consumed.at[slot]))
           with jax.named_scope("issue_loads"):
             k0 = pl.multiple_of(k * TILE_K, TILE_K)
-            barrier = loaded_of(j, slot)
+            barrier = loaded.at[slot]
             plgpu.copy_gmem_to_smem(a_src.at[:, pl.ds(k0, TILE_K)], a_smem.at[slot], barrier,
                                     **multicast)
             plgpu.copy_gmem_to_smem(b_src.at[:, pl.ds(k0, TILE_K)], b_smem.at[slot], barrier)
@@ -816,51 +752,30 @@ def _flat_ring(cfg: Fp8TileConfig, k_steps: int, units_per_item: int, count_gmem
     def _compute():
       plgpu.set_max_registers(232, action="increase")
 
-      def run_unit(j, shadow=None):
-        """The SM's local unit j's K steps; shadow() runs in its first wgmma's shadow.
-        Returns the unit and its sums."""
+      @pl.loop(0, num_local)
+      def _unit(j):
         with jax.named_scope("unit_head"):
-          u = unit_work(j * num_sms + sm, j, wg, out_smem, row_of(j))
+          u = unit_work(j * num_sms + sm, wg, out_smem, row_of(j))
           init = (zero_sums(cfg), u.block_scales(0))
 
-        def step(k, carry, shadow=None):
+        def step(k, carry):
           slot = (j * k_steps + k) % stages
           with jax.named_scope("wait_loaded"):
-            plgpu.barrier_wait(loaded_of(j, slot))
+            plgpu.barrier_wait(loaded.at[slot])
           release = lambda: plgpu.barrier_arrive(consumed.at[slot])
           with jax.named_scope("mma_promote"):
             # cfg.release_early: the slot is freed as soon as the step's wgmmas are done,
             # before the promotion, so that the memory warpgroup refills it that much sooner.
             carry = u.mma_step((k,), a_smem.at[slot], b_smem.at[slot], sa_smem.at[slot], carry,
-                               release=release if cfg.release_early else None, shadow=shadow)
+                               release=release if cfg.release_early else None)
           if not cfg.release_early:
             release()  # mma_step waited for its wgmmas
           return carry
 
-        first = 0
-        if shadow is not None:
-          init, first = step(0, init, shadow), 1
         # A loop, not unrolled: unrolled, the steps ran 3-7x slower on the GPU (session 19).
-        sums, _ = jax.lax.fori_loop(first, k_steps, step, init)
-        return u, sums
-
-      def finish(u, sums):
+        sums, _ = jax.lax.fori_loop(0, k_steps, step, init)
         with jax.named_scope("epilogue"):
           u.finish(sums)
-
-      if cfg.shadow_epilogue:
-        @pl.loop(0, num_local // 2)
-        def _pair(p):
-          u0, sums0 = run_unit(2 * p)
-          finish(*run_unit(2 * p + 1, shadow=lambda: u0.finish(sums0)))
-
-        @pl.when(num_local % 2 == 1)
-        def _last():
-          finish(*run_unit(num_local - 1))
-      else:
-        @pl.loop(0, (num_local - wg + 1) // 2 if ping_pong else num_local)
-        def _unit(i):
-          finish(*run_unit(2 * i + wg if ping_pong else i))
 
       plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
@@ -999,8 +914,6 @@ def gmm_fp8(a_q_MK: jax.Array, sa_KtM: jax.Array, b_q_GNK: jax.Array, sb_GKtX: j
   scalar_sb = b_scaling == "block" and cfg.scalar_b_scale
   if b_scaling == "block" and not scalar_sb:
     sb_GKtX = expand_block_scales(sb_GKtX, n_dim)
-  elif scalar_sb and cfg.b_scale_ring and ring_scale_cols(n_dim) != nt:
-    sb_GKtX = jnp.pad(sb_GKtX, ((0, 0), (0, 0), (0, ring_scale_cols(n_dim) - nt)))
   # Row tiles start on multiples of 8 (the SMEM tiling): pad M to that, and to one tile at least.
   padded_rows = max(pl.cdiv(num_rows, _ROW_ALIGN) * _ROW_ALIGN, cfg.tile_m)
   if padded_rows != num_rows:

@@ -136,24 +136,19 @@ def test_row_split_body_matches_fp64(case):
   np.testing.assert_array_equal(np.asarray(out)[sum(sizes):], 0.0)
 
 
-@pytest.mark.parametrize("variant", ["chain", "overlap", "chain_overlap_rows", "chain_tile",
-                                     "chain_overlap_rows_double", "rows_double", "chain_ring",
-                                     "chain_overlap_rows_ring"])
+@pytest.mark.parametrize("variant", ["chain", "overlap", "chain_overlap_rows", "chain_tile"])
 def test_chained_and_overlapped_bodies_match_fp64(variant):
   """`chain` (one pipeline across an SM's units, tail units running it too) and `overlap` (the
   next accumulator's wgmma in flight while one is promoted; three accumulators per warpgroup,
   each waited for while the next runs). Three SMs for 5+ units each: START, STEADY and STOP all run.
   K = 512 is 4 steps; the 3 stages asked for drop to 2, the largest divisor (`chained`).
   "chain_tile": B scaled per row and 128 of K, as the linears' wgrads run (TILE_SCALED_DEFAULT
-  is chained). "double": output tiles in two slots that alternate between an SM's units
-  (`double_staging`), tail units (zeros) included. "ring": B's block scales through the TMA ring
-  (`b_scale_ring`), three blocks of scales padded to 32 per step."""
+  is chained)."""
   rows = "rows" in variant
   cfg = mgpu.Fp8TileConfig(
       tile_m=128 if rows else 64, tile_n=96, stages=3, grid_minor="m", grid_width=2,
       wg_split="m" if rows else "n", acc_cols=64 if rows else 32,
-      chain="chain" in variant, overlap="overlap" in variant,
-      double_staging="double" in variant, b_scale_ring="ring" in variant)
+      chain="chain" in variant, overlap="overlap" in variant)
   assert cfg.wg_shape[1] // cfg.acc_n == 3
   m_dim, sizes = 203, [0, 70, 3, 0, 100]  # 30 tail rows
   assert mgpu.chained(cfg, 4).stages == (2 if cfg.chain else 3)
@@ -164,42 +159,29 @@ def test_chained_and_overlapped_bodies_match_fp64(variant):
     sb_GNKt = _scales(rng, (len(sizes), 384, 4))
     b_GNK = _np(b_q) * np.repeat(_np(sb_GNKt), 128, axis=2)
     sb_GKtX, b_scaling = jnp.swapaxes(sb_GNKt, 1, 2), "tile"
-  # Two slots of fp32 tiles would not fit beside the ring: bf16 out there (as the experts run).
-  out_dtype, rtol = (jnp.bfloat16, 2**-8) if cfg.double_staging else (jnp.float32, 1e-5)
-  assert cfg.fit_smem(jnp.dtype(out_dtype).itemsize) == cfg
+  assert cfg.fit_smem(4) == cfg
   out = mgpu.gmm_fp8(a_q, sa.T, b_q, sb_GKtX, jnp.asarray(sizes, jnp.int32), b_scaling=b_scaling,
-                     out_dtype=out_dtype, config=cfg, interpret=_INTERPRET, num_sms=3)
-  _assert_close(out, _np_grouped(a_MK, b_GNK, sizes), rtol)
+                     out_dtype=jnp.float32, config=cfg, interpret=_INTERPRET, num_sms=3)
+  _assert_close(out, _np_grouped(a_MK, b_GNK, sizes), 1e-5)
   np.testing.assert_array_equal(np.asarray(out)[sum(sizes):], 0.0)
 
 
-@pytest.mark.parametrize("variant", ["rows", "rows_no_table", "rows_shadow", "cols_5_stages",
-                                     "ping_pong", "ping_pong_split_acc", "rows_split_k",
+@pytest.mark.parametrize("variant", ["rows", "rows_no_table", "cols_5_stages", "rows_split_k",
                                      "rows_paired"])
 def test_flat_ring_matches_fp64(variant):
   """`flat`, the module's own ring across an SM's (unit, K step) pairs: stage counts that do not
-  divide K's 4 steps (3, 5), ping-pong warpgroups ("p": each takes whole units in turn, its
-  own "loaded" barriers, one or two accumulators), and split-K (K's range per split offset in
-  the ring's loads). Three SMs for 5+ units each, empty and tiny groups and tail rows. Each SM
-  reads its units from `unit_table` in shared memory (snake order in "rows", K splits in
-  "rows_split_k"), or without it from the schedule in global memory ("rows_no_table"). With
-  `shadow_epilogue` ("rows_shadow") the units run in pairs, the first one's epilogue inside the
-  second one's first step, and an SM's odd last unit alone (3 SMs of 2-3 units). With
-  `cluster_a` ("rows_paired") 4 SMs run as 2 clusters of 2, each pair taking both column tiles
-  of a row tile, A multicast to both, a slot refilled once both SMs consumed it."""
+  divide K's 4 steps (3, 5) and split-K (K's range per split offset in the ring's loads). Three
+  SMs for 5+ units each, empty and tiny groups and tail rows. Each SM reads its units from
+  `unit_table` in shared memory (snake order in "rows", K splits in "rows_split_k"), or without
+  it from the schedule in global memory ("rows_no_table"). With `cluster_a` ("rows_paired") 4
+  SMs run as 2 clusters of 2, each pair taking both column tiles of a row tile, A multicast to
+  both, a slot refilled once both SMs consumed it."""
   cfg = {"rows": mgpu.Fp8TileConfig(tile_m=128, tile_n=64, stages=3, grid_minor="m",
                                     grid_width=2, wg_split="m", acc_cols=64, flat=True),
          "rows_no_table": mgpu.Fp8TileConfig(tile_m=128, tile_n=64, stages=3, grid_minor="m",
                                              grid_width=2, wg_split="m", acc_cols=64,
                                              flat=True, unit_table=False),
-         "rows_shadow": mgpu.Fp8TileConfig(tile_m=128, tile_n=64, stages=3, grid_minor="m",
-                                           grid_width=2, wg_split="m", acc_cols=64, flat=True,
-                                           shadow_epilogue=True),
          "cols_5_stages": mgpu.Fp8TileConfig(tile_m=64, tile_n=64, stages=5, flat=True),
-         "ping_pong": mgpu.Fp8TileConfig(tile_m=64, tile_n=64, stages=3, grid_minor="m",
-                                         grid_width=2, wg_split="p", flat=True),
-         "ping_pong_split_acc": mgpu.Fp8TileConfig(tile_m=64, tile_n=64, stages=2,
-                                                   wg_split="p", acc_cols=64, flat=True),
          "rows_split_k": mgpu.Fp8TileConfig(tile_m=128, tile_n=64, stages=3, wg_split="m",
                                             flat=True),
          "rows_paired": mgpu.Fp8TileConfig(tile_m=128, tile_n=64, stages=3, grid_minor="m",
@@ -311,8 +293,7 @@ def test_flat_ring_takes_block_scaled_b_only():
   assert flat.flat and mgpu.tile_config(512, 2048, jnp.bfloat16).flat
   tiled = mgpu.tile_config(512, 2048, jnp.bfloat16, "tile")
   assert not tiled.flat and tiled.chain
-  for bad in (dict(chain=True), dict(b_scale_ring=True), dict(probe="const_sb"),
-              dict(scalar_b_scale=False)):
+  for bad in (dict(chain=True), dict(probe="const_sb"), dict(scalar_b_scale=False)):
     assert not mgpu.supports(512, 2048, jnp.bfloat16, dataclasses.replace(flat, **bad)), bad
   assert not mgpu.supports(512, 2048, jnp.bfloat16, mgpu.Fp8TileConfig(wg_split="p"))
   rng = np.random.default_rng(0)
@@ -406,11 +387,9 @@ def test_supports_and_smem_fit():
 
 
 @pytest.mark.parametrize("shape", ["dense_8192", "mini_up", "wgrad_tile", "dense_8192_rows",
-                                   "mini_down_chain_overlap", "mini_down_double",
-                                   "mini_down_ring", "split_k_ring", "mini_down_swizzled",
+                                   "mini_down_chain_overlap", "mini_down_chained", "split_k",
                                    "probe_no_store", "probe_no_mma", "mini_down_table",
-                                   "mini_down_ping_pong", "dense_8192_flat", "up_dgrad_table",
-                                   "mini_down_paired"])
+                                   "dense_8192_flat", "up_dgrad_table", "mini_down_paired"])
 def test_kernel_lowers_for_cuda_at_full_size(shape):
   """Layout inference (WGMMA row/column scale vectors, fp8 swizzles) without a GPU."""
   dense, down = (8192, 8192, 8192, 1), (16384, 512, 2048, 256)  # (M, K, N, G)
@@ -419,7 +398,7 @@ def test_kernel_lowers_for_cuda_at_full_size(shape):
                                  "mini_up": (16384, 2048, 1024, 256),
                                  "up_dgrad_table": (16384, 1024, 2048, 256),
                                  "wgrad_tile": (2048, 16384, 2048, 1),
-                                 "split_k_ring": (512, 16384, 512, 1)}.get(shape, down)
+                                 "split_k": (512, 16384, 512, 1)}.get(shape, down)
   b_scaling = "tile" if shape == "wgrad_tile" else "block"
   # The down projection's table tiling is flat; these variants run Pallas's chained pipeline.
   down_table = mgpu.TILE_CONFIGS[512, 2048, "bfloat16"]
@@ -429,18 +408,10 @@ def test_kernel_lowers_for_cuda_at_full_size(shape):
          "mini_down_chain_overlap": mgpu.Fp8TileConfig(stages=4, grid_minor="m", grid_width=4,
                                                        wg_split="m", acc_cols=64, chain=True,
                                                        overlap=True),
-         "mini_down_double": dataclasses.replace(chained, double_staging=True),
-         "mini_down_ring": dataclasses.replace(chained, b_scale_ring=True),
-         "split_k_ring": dataclasses.replace(mgpu.DEFAULT_TILE_CONFIG,
-                                             b_scale_ring=True),
-         "mini_down_swizzled": dataclasses.replace(chained, swizzle_rows_out=True,
-                                                   double_staging=True),
+         "mini_down_chained": chained,
          "probe_no_store": dataclasses.replace(down_table, probe="no_store"),
          "probe_no_mma": dataclasses.replace(down_table, probe="no_mma"),
          "mini_down_paired": dataclasses.replace(down_table, cluster_a=True),
-         "mini_down_ping_pong": mgpu.Fp8TileConfig(tile_m=64, tile_n=64, stages=6,
-                                                   grid_minor="m", grid_width=32, wg_split="p",
-                                                   flat=True),
          # K's 64 steps in the ring's loop, two accumulators overlapped within each step
          "dense_8192_flat": dataclasses.replace(mgpu.DEFAULT_TILE_CONFIG, chain=False,
                                                 flat=True)}.get(shape)
@@ -628,26 +599,33 @@ def _bench_fp8_stdout(script: str) -> list[str]:
 
 def test_bench_fp8_spec_tokens_map_to_config_flags():
   """experiments/bench_fp8's tiling specs: the six fields, the optional ones, and the flag tokens
-  `chain`, `overlap`, `d`, `r`, `s`, `f` and `e`, and `nt` and `late` (which turn flat-ring
-  defaults off), anywhere after them."""
+  `chain`, `overlap`, `f` and `c`, and `nt` and `late` (which turn flat-ring defaults off),
+  anywhere after them; the tokens of removed variants are refused by name."""
   got = _bench_fp8_stdout(
-      "print(repr(b._config('128:64:4:m:16:1:m:128:chain:d')))\n"
-      "print(repr(b._config('128:128:3:m:4:1:n:64:overlap:r:s')))\n"
-      "print(repr(b._config('64:64:6:m:32:1:p:128:f')))\n"
-      "print(repr(b._config('128:64:4:m:16:1:m:128:f:nt:e:late')))\n")[-4:]
-  assert got == [repr(mgpu.Fp8TileConfig(tile_m=128, tile_n=64, stages=4, grid_minor="m",
-                                         grid_width=16, wg_split="m", acc_cols=128, chain=True,
-                                         double_staging=True)),
-                 repr(mgpu.Fp8TileConfig(tile_m=128, tile_n=128, stages=3, grid_minor="m",
-                                         grid_width=4, wg_split="n", acc_cols=64, overlap=True,
-                                         b_scale_ring=True, swizzle_rows_out=True)),
-                 repr(mgpu.Fp8TileConfig(tile_m=64, tile_n=64, stages=6, grid_minor="m",
-                                         grid_width=32, wg_split="p", acc_cols=128,
-                                         flat=True)),
-                 repr(mgpu.Fp8TileConfig(tile_m=128, tile_n=64, stages=4, grid_minor="m",
-                                         grid_width=16, wg_split="m", acc_cols=128, flat=True,
-                                         unit_table=False, release_early=False,
-                                         shadow_epilogue=True))]
+      "print(repr(b._config('128:64:4:m:16:1:m:128:chain')))\n"
+      "print(repr(b._config('128:128:3:m:4:1:n:64:overlap:no_mma')))\n"
+      "print(repr(b._config('128:64:4:m:4:1:m:128:f:c')))\n"
+      "print(repr(b._config('128:64:4:m:16:1:m:128:f:nt:late')))\n"
+      "for spec in ('128:64:4:m:16:1:m:128:chain:d', '64:64:6:m:32:1:p:128:f'):\n"
+      "  try:\n"
+      "    b._config(spec)\n"
+      "  except ValueError as e:\n"
+      "    print(e)\n")[-6:]
+  assert got[:4] == [repr(mgpu.Fp8TileConfig(tile_m=128, tile_n=64, stages=4, grid_minor="m",
+                                             grid_width=16, wg_split="m", acc_cols=128,
+                                             chain=True)),
+                     repr(mgpu.Fp8TileConfig(tile_m=128, tile_n=128, stages=3, grid_minor="m",
+                                             grid_width=4, wg_split="n", acc_cols=64,
+                                             probe="no_mma", overlap=True)),
+                     repr(mgpu.Fp8TileConfig(tile_m=128, tile_n=64, stages=4, grid_minor="m",
+                                             grid_width=4, wg_split="m", acc_cols=128,
+                                             flat=True, cluster_a=True)),
+                     repr(mgpu.Fp8TileConfig(tile_m=128, tile_n=64, stages=4, grid_minor="m",
+                                             grid_width=16, wg_split="m", acc_cols=128,
+                                             flat=True, unit_table=False,
+                                             release_early=False))]
+  assert "'d' (double_staging) lost and left the kernel in session 24" in got[4]
+  assert "'p' (wg_split ping-pong) lost" in got[5]
 
 
 def test_bench_fp8_gemm_stream_reads_and_writes_a_gemms_bytes():
