@@ -22,7 +22,7 @@ from absl import flags
 
 from ling_jax import profiling
 
-_RESULTS = flags.DEFINE_list("results", [], "bench_train results.jsonl files (two or more runs).")
+_RESULTS = flags.DEFINE_list("results", [], "bench_train results.jsonl files, one per process.")
 _BASELINE = flags.DEFINE_string("baseline", None,
                                 "The baseline's variant (--quants entry); default: the first "
                                 "row's.")

@@ -283,6 +283,11 @@ def project_to_depth(results: list[dict[str, Any]], full_depth: int,
   return projections
 
 
+def _window_means(losses: list[float], steps: int, window: int) -> np.ndarray:
+  """The mean of each `window` steps of the first `steps` losses (a multiple of window)."""
+  return np.asarray(losses[:steps], np.float64).reshape(-1, window).mean(axis=1)
+
+
 def compare_losses(results: list[dict[str, Any]], window: int,
                    tolerance: float) -> list[dict[str, Any]]:
   """Compares each variant's loss curve with the first variant's at the same depth.
@@ -303,8 +308,8 @@ def compare_losses(results: list[dict[str, Any]], window: int,
       steps = min(len(base["losses"]), len(row["losses"])) // window * window
       if _variant(row) == _variant(base) or steps == 0:
         continue
-      ref = np.asarray(base["losses"][:steps]).reshape(-1, window).mean(axis=1)
-      ours = np.asarray(row["losses"][:steps]).reshape(-1, window).mean(axis=1)
+      ref = _window_means(base["losses"], steps, window)
+      ours = _window_means(row["losses"], steps, window)
       gaps = (ours - ref) / ref
       windows = [{"first": i * window, "last": (i + 1) * window - 1, "baseline": float(b),
                   "loss": float(o), "rel_gap": float(g)}
@@ -372,17 +377,13 @@ def loss_bands(results: list[dict[str, Any]], baseline: str | None, window: int,
     base = [r for r in rows if _variant(r) == baseline]
     if not base or steps == 0:
       continue
-    def means(runs: list[dict[str, Any]], steps: int = steps) -> np.ndarray:
-      return np.stack([np.asarray(r["losses"][:steps], np.float64).reshape(-1, window)
-                       .mean(axis=1) for r in runs])
-
-    ref = means(base)
+    ref = np.stack([_window_means(r["losses"], steps, window) for r in base])
     lo, hi, mid = ref.min(axis=0), ref.max(axis=0), ref.mean(axis=0)
     for variant in dict.fromkeys(_variant(r) for r in rows):
       if variant == baseline:
         continue
       runs = [r for r in rows if _variant(r) == variant]
-      ours = means(runs)
+      ours = np.stack([_window_means(r["losses"], steps, window) for r in runs])
       mean = ours.mean(axis=0)
       inside = (mean >= lo * (1 - tolerance)) & (mean <= hi * (1 + tolerance))
       windows = [{"first": i * window, "last": (i + 1) * window - 1,
