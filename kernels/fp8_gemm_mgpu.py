@@ -437,11 +437,10 @@ def _kernel_body(cfg: Fp8TileConfig, num_groups: int, scalar_sb: bool, k_splits:
   """Memory warpgroup: TMA ring of A, B, sa (and sb columns). Compute warpgroups: wgmma + fp32
   promotion. With scalar_sb, sb_gmem is [G, Kt, Nt] block scales read as scalars from global
   memory, one step ahead; else [G, Kt, N], a column vector a step through the ring. With
-  k_splits > 1, out_gmem is [k_splits, M, N]: unit (s, item,
-  column tile) contracts the s-th k_splits-th of K into out[s]. The ring is Pallas's
-  warp-specialised pipeline, or with cfg.flat this module's own (`_flat_ring`), which also takes
-  `unit_table`'s rows where they fit in shared memory (with has_table: table_gmem, after the
-  schedule's refs)."""
+  k_splits > 1, out_gmem is [k_splits, M, N]: unit (s, item, column tile) contracts the s-th
+  k_splits-th of K into out[s]. The ring is Pallas's warp-specialised pipeline, or with cfg.flat
+  this module's own (`_flat_ring`), which also takes `unit_table`'s rows where they fit in
+  shared memory (with has_table: table_gmem, after the schedule's refs)."""
   count_gmem, group_gmem, start_gmem, offset_gmem, rows_gmem = refs[:5]
   table_gmem = refs[5] if has_table else None
   a_gmem, sa_gmem, b_gmem, sb_gmem, out_gmem = refs[-5:]
@@ -497,9 +496,9 @@ def _kernel_body(cfg: Fp8TileConfig, num_groups: int, scalar_sb: bool, k_splits:
   split_m = wg_rows != tm
 
   def unit_work(index, wg, out_smem, row=None):
-    """The unit of grid index `index`: where it lies, and the compute
-    warpgroup wg's K step and epilogue for it. `row`, a ref to the unit's row of `unit_table`
-    in shared memory, gives where it lies without the schedule's chain of global reads."""
+    """The unit of grid index `index`: where it lies, and the compute warpgroup wg's K step and
+    epilogue for it. `row`, a ref to the unit's row of `unit_table` in shared memory, gives
+    where it lies without the schedule's chain of global reads."""
     row0, col0 = (wg * wg_rows, 0) if split_m else (0, wg * tn)
     if row is not None:
       group, start, offset, rows, ni, split = (row[f] for f in range(_UNIT_FIELDS))
