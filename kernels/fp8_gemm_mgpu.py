@@ -449,7 +449,6 @@ def _kernel_body(cfg: Fp8TileConfig, num_groups: int, scalar_sb: bool, k_splits:
   tm, tn, cta_n, acc_n = cfg.tile_m, cfg.tile_n, cfg.cta_n, cfg.acc_n
   n_tiles = out_gmem.shape[-1] // cta_n
   f32 = jnp.float32
-  sb_operand = not scalar_sb  # sb goes through the ring (as columns)
 
   def pipeline(mma_step, compute_context, col_tile, state=None):
     # "no_promote" keeps a wgmma in flight past its step: release each slot one step late.
@@ -482,13 +481,13 @@ def _kernel_body(cfg: Fp8TileConfig, num_groups: int, scalar_sb: bool, k_splits:
     g = jnp.minimum(group, num_groups - 1)
     if k_splits == 1:
       ops = (a_gmem.at[pl.ds(start, tm)], b_gmem.at[g], sa_gmem.at[:, pl.ds(start, tm)])
-      return ops + (sb_gmem.at[g],) if sb_operand else ops
+      return ops + (sb_gmem.at[g],) if not scalar_sb else ops
     # The split's K range: byte offsets along K are multiples of 128 (TMA wants 16).
     k0 = split * k_len if isinstance(split, int) else pl.multiple_of(split * k_len, TILE_K)
     kt0 = split * k_steps
     ops = (a_gmem.at[pl.ds(start, tm), pl.ds(k0, k_len)], b_gmem.at[g, :, pl.ds(k0, k_len)],
            sa_gmem.at[pl.ds(kt0, k_steps), pl.ds(start, tm)])
-    return ops + (sb_gmem.at[g, pl.ds(kt0, k_steps)],) if sb_operand else ops
+    return ops + (sb_gmem.at[g, pl.ds(kt0, k_steps)],) if not scalar_sb else ops
 
   # This compute warpgroup's part of a unit: rows [row0, row0 + wg_rows), columns
   # [col0, col0 + wg_cols) of the CTA's tile (Fp8TileConfig.wg_split).
@@ -535,7 +534,7 @@ def _kernel_body(cfg: Fp8TileConfig, num_groups: int, scalar_sb: bool, k_splits:
 
     def block_scales(k):
       """B's 128x128 block scales of K step k, one per accumulator, from global memory."""
-      if sb_operand:
+      if not scalar_sb:  # the column vector comes through the ring
         return None
       if cfg.probe == "const_sb":
         return (jnp.float32(1.0),) * (wg_cols // acc_n)
@@ -549,7 +548,7 @@ def _kernel_body(cfg: Fp8TileConfig, num_groups: int, scalar_sb: bool, k_splits:
       *sb_smem, carry = rest
       a_wg = a_smem.at[pl.ds(row0, wg_rows)] if split_m else a_smem
       b_wg = b_smem.at[pl.ds(col0, wg_cols)]
-      if release is not None and sb_operand:
+      if release is not None and not scalar_sb:
         raise ValueError("mma_step: release() needs B's block scales in registers "
                          "(scalar_b_scale), as the flat ring runs.")
       if cfg.probe == "no_promote":  # carry is the accumulator; keep one wgmma in flight
