@@ -29,7 +29,22 @@ _BASELINE = flags.DEFINE_string("baseline", None,
 _WINDOW = flags.DEFINE_integer("window", 20, "Steps per window mean.")
 _TOLERANCE = flags.DEFINE_float("tolerance", 0.01, "How far past the band, relative, still "
                                 "counts as inside.")
+_SPAN = flags.DEFINE_string("span", "0:", "Steps FIRST:LAST (LAST left out: every compared "
+                            "step) over which each run's mean loss is also given, e.g. 40:120 "
+                            "to leave out the early fall.")
 _OUT = flags.DEFINE_string("out", None, "Also write the Markdown here.")
+
+
+def parse_span(text: str) -> tuple[int, int | None]:
+  """Returns --span's (first, last) steps; last None for every compared step."""
+  first, sep, last = text.partition(":")
+  try:
+    if not sep:
+      raise ValueError
+    return int(first), (int(last) if last.strip() else None)
+  except ValueError:
+    raise app.UsageError(f"--span={text!r}: give FIRST:LAST steps, e.g. 40:120, or FIRST: for "
+                         "every compared step from FIRST") from None
 
 
 def read_rows(paths: list[str]) -> list[dict]:
@@ -68,7 +83,12 @@ def markdown(bands: list[dict]) -> str:
       lines.append(f"| {w['first']}-{w['last']} | {w['baseline']:.4f} [{w['band'][0]:.4f}, "
                    f"{w['band'][1]:.4f}] | {runs} | {w['loss']:.4f} | {w['rel_gap']:+.2%} | "
                    f"{'yes' if w['inside'] else 'NO'} |")
-    lines.append("")
+    first, stop = b["span"]
+    base = ", ".join(f"{x:.4f}" for x in b["baseline_span_means"])
+    ours = ", ".join(f"{x:.4f} ({g:+.2%})" for x, g in zip(b["span_means"], b["span_gaps"]))
+    lines += ["", f"Each run's mean loss over steps {first}-{stop - 1}: {b['baseline']} {base}; "
+              f"{b['variant']} {ours} against the {b['baseline']} runs' mean; "
+              f"{b['runs_above']} of {b['runs']} above every {b['baseline']} run.", ""]
   return "\n".join(lines)
 
 
@@ -78,7 +98,7 @@ def main(argv: list[str]) -> None:
     raise app.UsageError("--results: give one or more bench_train results.jsonl files")
   try:
     bands = profiling.loss_bands(read_rows(_RESULTS.value), _BASELINE.value, _WINDOW.value,
-                                 _TOLERANCE.value)
+                                 _TOLERANCE.value, parse_span(_SPAN.value))
   except ValueError as e:
     raise app.UsageError(str(e)) from None
   if not bands:

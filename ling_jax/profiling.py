@@ -345,7 +345,7 @@ def safeguard_rows(results: list[dict[str, Any]]) -> list[str]:
 
 
 def loss_bands(results: list[dict[str, Any]], baseline: str | None, window: int,
-               tolerance: float) -> list[dict[str, Any]]:
+               tolerance: float, span: tuple[int, int | None] = (0, None)) -> list[dict[str, Any]]:
   """Compares each variant's loss curves with the band the baseline's own runs span.
 
   Two runs of one GPU step in two processes are not bitwise equal, and at Ling-mini width the
@@ -357,9 +357,20 @@ def loss_bands(results: list[dict[str, Any]], baseline: str | None, window: int,
   overlaps when it lies inside the band widened by `tolerance`, relative. With one baseline run
   the band is that run and the test is `compare_losses`'s. `baseline` names the variant (None:
   the first row's). Runs are cut to the steps all of a depth's runs reached.
+
+  A window's band is as wide as its most wayward baseline run, and one loss spike widens it for
+  20 steps. So each comparison also gives every run's mean loss over the steps `span` [first,
+  last) (`last` None: all compared steps; `first` past the early fall, where the runs have not
+  yet drifted apart): `baseline_span_means`, `span_means`, each run's `span_gaps` to the
+  baseline runs' mean, and `runs_above`, how many of the variant's runs lie above every
+  baseline run.
   """
   if window < 1:
     raise ValueError(f"window={window}: average over at least one step (e.g. 20)")
+  first, last = span
+  if first < 0 or (last is not None and last <= first):
+    raise ValueError(f"span={first}:{'' if last is None else last}: give steps FIRST:LAST with "
+                     "0 <= FIRST < LAST (e.g. 40:120), or FIRST: for every compared step")
   if not results:
     raise ValueError("no runs to compare: give bench_train results.jsonl files with rows")
   baseline = baseline or _variant(results[0])
@@ -377,6 +388,11 @@ def loss_bands(results: list[dict[str, Any]], baseline: str | None, window: int,
     base = [r for r in rows if _variant(r) == baseline]
     if not base or steps == 0:
       continue
+    stop = steps if last is None else last
+    if stop > steps or first >= stop:
+      raise ValueError(f"span={first}:{'' if last is None else last}: these runs compare steps "
+                       f"0-{steps - 1} ({layers} layers); give a span inside them")
+    base_span = [float(np.mean(r["losses"][first:stop])) for r in base]
     ref = np.stack([_window_means(r["losses"], steps, window) for r in base])
     lo, hi, mid = ref.min(axis=0), ref.max(axis=0), ref.mean(axis=0)
     for variant in dict.fromkeys(_variant(r) for r in rows):
@@ -385,6 +401,7 @@ def loss_bands(results: list[dict[str, Any]], baseline: str | None, window: int,
       runs = [r for r in rows if _variant(r) == variant]
       ours = np.stack([_window_means(r["losses"], steps, window) for r in runs])
       mean = ours.mean(axis=0)
+      span_means = [float(np.mean(r["losses"][first:stop])) for r in runs]
       inside = (mean >= lo * (1 - tolerance)) & (mean <= hi * (1 + tolerance))
       windows = [{"first": i * window, "last": (i + 1) * window - 1,
                   "band": (float(lo[i]), float(hi[i])), "baseline": float(mid[i]),
@@ -396,7 +413,10 @@ def loss_bands(results: list[dict[str, Any]], baseline: str | None, window: int,
                     "steps": steps, "windows": windows, "tolerance": tolerance,
                     "baseline_spread": float(((hi - lo) / mid).max()),
                     "mean_rel_gap": float(np.mean([w["rel_gap"] for w in windows])),
-                    "overlap": bool(inside.all())})
+                    "overlap": bool(inside.all()), "span": (first, stop),
+                    "baseline_span_means": base_span, "span_means": span_means,
+                    "span_gaps": [x / np.mean(base_span) - 1 for x in span_means],
+                    "runs_above": sum(x > max(base_span) for x in span_means)})
   return bands
 
 

@@ -283,6 +283,32 @@ def test_loss_bands_judge_a_variant_against_the_baselines_own_spread():
   assert profiling.loss_bands(rows, None, 2, 0.0)[0]["baseline"] == "none"
 
 
+def test_loss_bands_give_each_runs_mean_over_a_span():
+  """Per-run means over steps [first, last): the gap of each variant run to the baseline runs'
+  mean, and how many variant runs lie above every baseline run."""
+  rows = [_run("none", [9.0, 9.0, 2.0, 2.0, 1.0, 1.0]),
+          _run("none", [5.0, 5.0, 2.2, 2.2, 1.2, 1.2]),
+          _run("fp8", [9.0, 9.0, 2.4, 2.4, 1.2, 1.2]),  # Steps 2-5: 1.8 (above 1.5 and 1.7).
+          _run("fp8", [9.0, 9.0, 2.0, 2.0, 1.4, 1.4])]  # 1.7: level with the top, not above.
+  (b,) = profiling.loss_bands(rows, "none", window=2, tolerance=0.0, span=(2, None))
+  assert b["span"] == (2, 6)
+  assert b["baseline_span_means"] == pytest.approx([1.5, 1.7])
+  assert b["span_means"] == pytest.approx([1.8, 1.7])
+  assert b["span_gaps"] == pytest.approx([1.8 / 1.6 - 1, 1.7 / 1.6 - 1])
+  assert b["runs_above"] == 1
+  (b,) = profiling.loss_bands(rows, "none", 2, 0.0, span=(4, 6))
+  assert b["span_means"] == pytest.approx([1.2, 1.4]) and b["runs_above"] == 1
+  # The default span is every compared step.
+  (b,) = profiling.loss_bands(rows, "none", 2, 0.0)
+  assert b["span"] == (0, 6) and b["baseline_span_means"] == pytest.approx([4.0, 8.4 / 3])
+  for span, match in [((4, 4), "span=4:4: give steps FIRST:LAST"),
+                      ((-1, None), "span=-1:: give steps"),
+                      ((2, 8), "span=2:8: these runs compare steps 0-5"),
+                      ((6, None), "span=6:: these runs compare steps 0-5")]:
+    with pytest.raises(ValueError, match=match):
+      profiling.loss_bands(rows, "none", 2, 0.0, span=span)
+
+
 def test_loss_bands_with_one_baseline_run_agree_with_compare_losses():
   rows = [_run("none", [3.0, 3.0, 2.0, 2.0]), _run("fp8", [3.03, 3.03, 2.0, 2.0])]
   for tolerance in (0.0095, 0.0105):
@@ -320,6 +346,12 @@ def test_compare_curves_cli(tmp_path):
   assert "fp8 (1 run(s)) against none (2 run(s))" in out.stdout
   assert "| 0-1 | 2.1000 [2.0000, 2.2000] | 2.5000 | 2.5000 | +19.05% | NO |" in out.stdout
   assert (tmp_path / "c.md").read_text() + "\n" == out.stdout  # print() adds the newline.
+  assert ("over steps 0-1: none 2.0000, 2.2000; fp8 2.5000 (+19.05%) against the none runs' "
+          "mean; 1 of 1 above every none run.") in out.stdout
+  for span in ("1", "a:2"):
+    out = subprocess.run([*cmd, f"--results={a},{b}", f"--span={span}"], capture_output=True,
+                         text=True, check=False)
+    assert out.returncode != 0 and f"--span='{span}': give FIRST:LAST steps" in out.stderr
   out = subprocess.run([*cmd, f"--results={a},{bad}"], capture_output=True, text=True,
                        check=False)
   assert out.returncode != 0 and "bad.jsonl line 1 has no per-step losses" in out.stderr
