@@ -72,6 +72,7 @@ from ling_jax import data as data_lib
 from ling_jax import metrics as metrics_lib
 from ling_jax import phases
 from ling_jax import profiling
+from ling_jax import router
 from ling_jax import scaling
 from ling_jax import sharding
 from ling_jax import train as train_lib
@@ -171,8 +172,8 @@ def run_variant(config: Any, source: Any, name: str, out_dir: str,
         if losses:
           jax.block_until_ready(losses[-1])
         losses.append(step_metrics["loss"])
-        if "max_violation" in step_metrics:  # routing skew: what the expert kernels are fed
-          violations.append(step_metrics["max_violation"])
+        if step_metrics["expert_load"].size:  # routing skew: what the expert kernels are fed
+          loads.append(step_metrics["expert_load"])  # [MoE layers, experts], MTP blocks last
         fp8_metrics = {k: v for k, v in step_metrics.items() if k.startswith("fp8_")}
         if fp8_metrics and train_lib.fp8_metrics_due(step, t):  # FP8 safeguards, if measured
           safeguards.append((step, fp8_metrics))
@@ -181,7 +182,7 @@ def run_variant(config: Any, source: Any, name: str, out_dir: str,
       jax.block_until_ready(state)
       return losses
 
-    violations = []  # every step's, profiled ones included
+    loads = []  # every step's tokens per expert and MoE layer, profiled steps included
     safeguards = []  # (step, FP8 safeguard metrics) of the steps that measure them
     losses = run(_WARMUP.value)  # Every step's loss from the first: the curves compare whole.
     start = time.time()
@@ -214,6 +215,9 @@ def run_variant(config: Any, source: Any, name: str, out_dir: str,
   losses = [float(x) for x in jax.device_get(losses)]
   if not all(np.isfinite(losses)):
     raise FloatingPointError(f"[{name}] non-finite training loss: {losses}")
+  # [steps, MoE layers]: max_i(count_i) / mean(count) - 1 of each layer's experts.
+  layer_violations = np.asarray(router.max_violation(np.stack(jax.device_get(loads)))
+                                if loads else np.zeros((0, 0)))
   tokens = t.batch_size * t.seq_len
   flops = scaling.flops_per_token(m, t.seq_len)
   result = {
@@ -225,7 +229,9 @@ def run_variant(config: Any, source: Any, name: str, out_dir: str,
       "step_ms": step_s * 1e3, "tokens_per_s": tokens / step_s,
       "flops_per_token": flops, "mfu": flops * tokens / step_s / (_PEAK.value * 1e12),
       "peak_memory_gib": _peak_memory_gib(), "losses": losses, "timed_from_step": _WARMUP.value,
-      "max_violations": [float(v) for v in jax.device_get(violations)],
+      # Routing max violation per step: the largest over MoE layers, and each layer's.
+      "max_violations": [float(v.max()) for v in layer_violations],
+      "layer_violations": [[round(float(x), 3) for x in v] for v in layer_violations],
       # FP8 runs: underflow and cosine per kind (mean and worst op) every log_every-th step.
       "fp8_metrics": [{"step": i, **{k: float(v) for k, v in jax.device_get(f).items()}}
                       for i, f in safeguards],
@@ -261,6 +267,12 @@ def markdown(results: list[dict[str, Any]], projections: list[dict[str, Any]],
                  f"| {r['tokens_per_s']:,.0f} | {r['mfu']:.1%} | {mem} | {r['compile_s']:.0f} "
                  f"| {vio} |")
   lines += profiling.failure_rows(list(failures))
+  per_layer = [(r["name"], np.mean(r["layer_violations"][r["timed_from_step"]:], axis=0))
+               for r in results if r.get("layer_violations", [])[r["timed_from_step"]:]]
+  if per_layer:
+    lines += ["", "Routing max violation of each MoE layer (MTP blocks last), the mean over the "
+              "timed steps:", "", "| variant | per layer |", "|---|---|"]
+    lines += [f"| {name} | {' '.join(f'{v:.1f}' for v in means)} |" for name, means in per_layer]
   lines += profiling.safeguard_rows(results)
   if projections:
     lines += ["", "| projected to | ms per layer | fixed ms | step (ms) | tokens/s | MFU |",

@@ -186,6 +186,12 @@ def test_bench_train_end_to_end(tmp_path):
   # The routing's max violation of every step run: warm-up 1, timed 2, traced 1 (on a GPU also
   # the two of the recompiled program's timing).
   assert len(result["max_violations"]) == 4 and min(result["max_violations"]) >= 0
+  # And each MoE layer's (the trunk's, then the MTP block's): 8 experts, top-2, so at most
+  # 8 / 2 - 1 = 3, with the step's max the largest of them.
+  assert len(result["layer_violations"]) == 4
+  for row, worst in zip(result["layer_violations"], result["max_violations"]):
+    assert len(row) == result["moe_layers"] + 1 and all(0 <= v <= 3 for v in row)
+    assert max(row) == pytest.approx(worst, abs=1e-3)
   shares = result["breakdown"]["share"]
   assert sum(shares.values()) == pytest.approx(1.0)
   assert {"moe_experts", "optimizer", "attention_core"} <= set(shares)
@@ -194,6 +200,7 @@ def test_bench_train_end_to_end(tmp_path):
   summary_md = (tmp_path / "summary.md").read_text()
   assert "| none-L2 |" in summary_md and "by op kind" in summary_md
   assert "routing max violation" in summary_md
+  assert "Routing max violation of each MoE layer" in summary_md
 
 
 @pytest.mark.parametrize("flags, message", [
