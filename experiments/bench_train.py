@@ -17,6 +17,10 @@ the curves of each variant are compared with the first's in `--loss_window`-step
 how far two curves drift apart from rounding alone (at Ling-mini width, as far as bf16 and FP8:
 BENCHMARKS.md, session 9). The same command in several processes gives each variant several
 runs; `experiments/compare_curves.py` judges them against the band of the baseline's runs.
+`--repeats=N` runs every variant N times in one process instead, in turn, reusing each one's
+compiled step, and the summary makes that comparison itself (on CPU the runs are identical; on
+a GPU, runs of one process part after a few steps as runs of two processes do, or not: the band
+shows which).
 
 MFU convention: model FLOPs per token as `ling_jax.scaling.flops_per_token` counts them (every
 matmul, causal attention at half, LM head and MTP included, forward + backward = 3x forward),
@@ -100,6 +104,10 @@ _LOSS_TOLERANCE = flags.DEFINE_float("loss_tolerance", 0.01,
                                      "Largest relative gap of window means called an overlap.")
 _PROFILE_DEPTH = flags.DEFINE_integer("profile_depth", None,
                                       "Which of --depths to profile (default: the deepest).")
+_REPEATS = flags.DEFINE_integer(
+    "repeats", 1, "Runs of every variant in this process, taken in turn, each from the same "
+    "initial state and batches; the summary then judges each variant's curves against the band "
+    "of the first --quants entry's runs (experiments/compare_curves.py).")
 _DATA = flags.DEFINE_enum("data", "corpus", ["corpus", "synthetic"], "Input batches.")
 _PEAK = flags.DEFINE_float("peak_tflops", 989.0, "Per-device peak for MFU (dense bf16).")
 _TOP_OPS = flags.DEFINE_integer("top_ops", 25, "Costliest ops listed per profiled variant.")
@@ -130,11 +138,13 @@ def _peak_memory_gib() -> float | None:
 
 
 def run_variant(config: Any, source: Any, name: str, out_dir: str,
-                profile: bool = True, source_state: Any = None) -> dict[str, Any]:
+                profile: bool = True, source_state: Any = None,
+                executables: dict[str, Any] | None = None, key: str = "") -> dict[str, Any]:
   """Compiles, times and (with `profile`) profiles one variant; returns its results.
 
   `source_state` (from `source.get_state()`) rewinds the input first, so that every variant of
-  one process trains on the same batches.
+  one process trains on the same batches. `executables` keeps the compiled step under `key`
+  for a repeat of the variant (--repeats), which then runs it again without compiling.
   """
   trainer.validate_config(config)
   if source_state is not None:
@@ -158,9 +168,17 @@ def run_variant(config: Any, source: Any, name: str, out_dir: str,
     input_digest = (hashlib.sha1(np.asarray(jax.device_get(first_inputs))).hexdigest()[:12]
                     if first_inputs.is_fully_addressable else None)
     start = time.time()
-    compiled = step_fn.lower(state, batch).compile()
+    compiled = (executables or {}).get(key)
+    if compiled is not None:
+      metrics_lib.log("[%s] %.2fB params; runs %s's compiled step again", name, params / 1e9,
+                      key)
+    else:
+      compiled = step_fn.lower(state, batch).compile()
+      if executables is not None:
+        executables[key] = compiled
+      metrics_lib.log("[%s] %.2fB params; compiled in %.1f s", name, params / 1e9,
+                      time.time() - start)
     compile_s = time.time() - start
-    metrics_lib.log("[%s] %.2fB params; compiled in %.1f s", name, params / 1e9, compile_s)
 
     def run(num_steps: int) -> list[jax.Array]:
       """Steps as the trainer queues them: each dispatched before the one before it is waited
@@ -332,6 +350,9 @@ def main(argv: list[str]) -> None:
         trainer.validate_config(variant_config(base, quant, depth, overrides))
   except config_lib.ConfigError as e:
     raise app.UsageError(str(e)) from None
+  if _REPEATS.value < 1:
+    raise app.UsageError(f"--repeats={_REPEATS.value}: run each variant at least once (1, or "
+                         "2-3 to see how far one process's runs drift apart)")
   os.makedirs(_OUT_DIR.value, exist_ok=True)
   stats = jax.devices()[0].memory_stats() or {}
   if "bytes_limit" in stats:  # A smaller pool than usual: another process holds device memory.
@@ -345,39 +366,51 @@ def main(argv: list[str]) -> None:
     source = data_lib.SyntheticBatches(t.batch_size, t.seq_len, base.model.vocab_size, t.seed)
   full = variant_config(base, "none", _FULL_DEPTH.value).model
   start_state = copy.deepcopy(source.get_state())  # Every variant starts from the same batch.
-  results, failures = [], []
-  for spec, quant, overrides in variants:
-    for depth in depths:
-      gc.collect()  # The last variant's state and executables go before this one allocates.
-      config = variant_config(base, quant, depth, overrides)
-      name = f"{spec}-L{config.model.num_hidden_layers}"
-      live = jax.live_arrays()  # What earlier variants left behind, if anything.
-      metrics_lib.log("[%s] before: %d live arrays, %.2f GiB", name, len(live),
-                      sum(x.nbytes for x in live) / 2**30)
-      del live
-      try:
-        result = run_variant(config, source, name, _OUT_DIR.value,
-                             profile=(_PROFILE_STEPS.value > 0 and depth == profile_depth
-                                      and spec in (_PROFILE_QUANTS.value or [spec])),
-                             source_state=start_state)
-      except config_lib.ConfigError:
-        raise  # A bad flag: nothing else would run either.
-      except Exception as e:  # pylint: disable=broad-except  (e.g. out of memory: go on)
-        # The message, and where it was raised (a bare assert has no message).
-        where = "".join(traceback.format_exception(e)[-12:])
-        metrics_lib.log("[%s] failed: %s: %s\n%s", name, type(e).__name__, str(e)[:2000],
-                        where[-4000:])
-        failures.append((name, e))
-        continue
-      result["variant"] = spec  # The --quants entry, by which results are grouped.
-      result["_full_flops_ratio"] = (scaling.flops_per_token(full, t.seq_len)
-                                     / result["flops_per_token"])
-      results.append(result)
-      with open(os.path.join(_OUT_DIR.value, "results.jsonl"), "a") as f:
-        f.write(json.dumps({k: v for k, v in result.items() if not k.startswith("_")}) + "\n")
+  results, failures, executables = [], [], {}
+  runs = [(repeat, spec, quant, overrides, depth) for repeat in range(_REPEATS.value)
+          for spec, quant, overrides in variants for depth in depths]
+  for repeat, spec, quant, overrides, depth in runs:
+    gc.collect()  # The last variant's state goes before this one allocates.
+    config = variant_config(base, quant, depth, overrides)
+    key = f"{spec}-L{config.model.num_hidden_layers}"
+    name = key + (f"-run{repeat + 1}" if _REPEATS.value > 1 else "")
+    live = jax.live_arrays()  # What earlier variants left behind, if anything.
+    metrics_lib.log("[%s] before: %d live arrays, %.2f GiB", name, len(live),
+                    sum(x.nbytes for x in live) / 2**30)
+    del live
+    try:
+      result = run_variant(config, source, name, _OUT_DIR.value,
+                           profile=(_PROFILE_STEPS.value > 0 and depth == profile_depth
+                                    and spec in (_PROFILE_QUANTS.value or [spec])
+                                    and repeat == 0),
+                           source_state=start_state, executables=executables, key=key)
+    except config_lib.ConfigError:
+      raise  # A bad flag: nothing else would run either.
+    except Exception as e:  # pylint: disable=broad-except  (e.g. out of memory: go on)
+      # The message, and where it was raised (a bare assert has no message).
+      where = "".join(traceback.format_exception(e)[-12:])
+      metrics_lib.log("[%s] failed: %s: %s\n%s", name, type(e).__name__, str(e)[:2000],
+                      where[-4000:])
+      failures.append((name, e))
+      continue
+    result["variant"] = spec  # The --quants entry, by which results are grouped.
+    result["repeat"] = repeat
+    result["_full_flops_ratio"] = (scaling.flops_per_token(full, t.seq_len)
+                                   / result["flops_per_token"])
+    results.append(result)
+    with open(os.path.join(_OUT_DIR.value, "results.jsonl"), "a") as f:
+      f.write(json.dumps({k: v for k, v in result.items() if not k.startswith("_")}) + "\n")
   projections = profiling.project_to_depth(results, _FULL_DEPTH.value, _PEAK.value)
-  curves = profiling.compare_losses(results, _LOSS_WINDOW.value, _LOSS_TOLERANCE.value)
+  curves = profiling.compare_losses([r for r in results if r["repeat"] == 0],
+                                    _LOSS_WINDOW.value, _LOSS_TOLERANCE.value)
   table = markdown(results, projections, curves, failures)
+  if _REPEATS.value > 1:  # Each variant's runs against the band of the first entry's runs.
+    try:
+      bands = profiling.loss_bands(results, _QUANTS.value[0], _LOSS_WINDOW.value,
+                                   _LOSS_TOLERANCE.value)
+      table += "\n" + profiling.format_bands(bands) + "\n"
+    except ValueError as e:  # e.g. every run of the first entry failed
+      metrics_lib.log("No band comparison: %s", e)
   with open(os.path.join(_OUT_DIR.value, "summary.md"), "w") as f:
     f.write(table)
   print(table, flush=True)

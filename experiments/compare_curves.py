@@ -66,32 +66,6 @@ def read_rows(paths: list[str]) -> list[dict]:
   return rows
 
 
-def markdown(bands: list[dict]) -> str:
-  """Returns each comparison as a verdict line and a table of window means."""
-  lines = []
-  for b in bands:
-    verdict = "overlap" if b["overlap"] else "do NOT overlap"
-    lines += [f"{b['variant']} ({b['runs']} run(s)) against {b['baseline']} ({b['baseline_runs']} "
-              f"run(s)), {b['layers']} layers, {b['window']}-step means over {b['steps']} steps: "
-              f"the curves {verdict} (band widened by {b['tolerance']:.0%}); mean gap to the "
-              f"baseline's mean {b['mean_rel_gap']:+.2%}; the baseline's own spread up to "
-              f"{b['baseline_spread']:.2%}.", "",
-              f"| steps | {b['baseline']}: mean [band] | {b['variant']}: runs | mean | gap | "
-              "inside |", "|---|---|---|---:|---:|---|"]
-    for w in b["windows"]:
-      runs = ", ".join(f"{x:.4f}" for x in w["runs"])
-      lines.append(f"| {w['first']}-{w['last']} | {w['baseline']:.4f} [{w['band'][0]:.4f}, "
-                   f"{w['band'][1]:.4f}] | {runs} | {w['loss']:.4f} | {w['rel_gap']:+.2%} | "
-                   f"{'yes' if w['inside'] else 'NO'} |")
-    first, stop = b["span"]
-    base = ", ".join(f"{x:.4f}" for x in b["baseline_span_means"])
-    ours = ", ".join(f"{x:.4f} ({g:+.2%})" for x, g in zip(b["span_means"], b["span_gaps"]))
-    lines += ["", f"Each run's mean loss over steps {first}-{stop - 1}: {b['baseline']} {base}; "
-              f"{b['variant']} {ours} against the {b['baseline']} runs' mean; "
-              f"{b['runs_above']} of {b['runs']} above every {b['baseline']} run.", ""]
-  return "\n".join(lines)
-
-
 def main(argv: list[str]) -> None:
   del argv
   if len(_RESULTS.value) < 1:
@@ -104,7 +78,7 @@ def main(argv: list[str]) -> None:
   if not bands:
     raise app.UsageError("nothing to compare: no depth has a baseline run and another variant "
                          f"over at least --window={_WINDOW.value} steps")
-  text = markdown(bands)
+  text = profiling.format_bands(bands)
   print(text)
   if _OUT.value:
     with open(_OUT.value, "w") as f:

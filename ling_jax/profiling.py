@@ -420,6 +420,33 @@ def loss_bands(results: list[dict[str, Any]], baseline: str | None, window: int,
   return bands
 
 
+def format_bands(bands: list[dict[str, Any]]) -> str:
+  """Returns `loss_bands`' comparisons as Markdown: per comparison a verdict line, a table of
+  window means, and each run's mean over the span."""
+  lines = []
+  for b in bands:
+    verdict = "overlap" if b["overlap"] else "do NOT overlap"
+    lines += [f"{b['variant']} ({b['runs']} run(s)) against {b['baseline']} ({b['baseline_runs']} "
+              f"run(s)), {b['layers']} layers, {b['window']}-step means over {b['steps']} steps: "
+              f"the curves {verdict} (band widened by {b['tolerance']:.0%}); mean gap to the "
+              f"baseline's mean {b['mean_rel_gap']:+.2%}; the baseline's own spread up to "
+              f"{b['baseline_spread']:.2%}.", "",
+              f"| steps | {b['baseline']}: mean [band] | {b['variant']}: runs | mean | gap | "
+              "inside |", "|---|---|---|---:|---:|---|"]
+    for w in b["windows"]:
+      runs = ", ".join(f"{x:.4f}" for x in w["runs"])
+      lines.append(f"| {w['first']}-{w['last']} | {w['baseline']:.4f} [{w['band'][0]:.4f}, "
+                   f"{w['band'][1]:.4f}] | {runs} | {w['loss']:.4f} | {w['rel_gap']:+.2%} | "
+                   f"{'yes' if w['inside'] else 'NO'} |")
+    first, stop = b["span"]
+    base = ", ".join(f"{x:.4f}" for x in b["baseline_span_means"])
+    ours = ", ".join(f"{x:.4f} ({g:+.2%})" for x, g in zip(b["span_means"], b["span_gaps"]))
+    lines += ["", f"Each run's mean loss over steps {first}-{stop - 1}: {b['baseline']} {base}; "
+              f"{b['variant']} {ours} against the {b['baseline']} runs' mean; "
+              f"{b['runs_above']} of {b['runs']} above every {b['baseline']} run.", ""]
+  return "\n".join(lines)
+
+
 def rel_error(out: Any, ref: Any) -> float:
   """The relative Frobenius error |out - ref| / |ref| in float64, as the GPU checks print it."""
   out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)

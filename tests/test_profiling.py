@@ -203,11 +203,41 @@ def test_bench_train_end_to_end(tmp_path):
   assert "Routing max violation of each MoE layer" in summary_md
 
 
+def test_bench_train_repeats_rerun_each_variant_from_the_same_start(tmp_path):
+  """--repeats: every variant again in turn, with its compiled step reused, from the same initial
+  state and batches (on CPU the step is deterministic, so the runs agree exactly), and the
+  summary's band comparison over the runs."""
+  cmd = [sys.executable, "-m", "experiments.bench_train", "--config=configs/ling2.py:tiny",
+         *test_trainer.MICRO_MODEL, "--config.train.batch_size=2", "--config.train.seq_len=32",
+         f"--config.train.compilation_cache_dir={test_trainer._CACHE}",
+         f"--out_dir={tmp_path}", "--steps=2", "--warmup=1", "--profile_steps=0",
+         "--data=synthetic", "--peak_tflops=1", "--loss_window=1", "--repeats=2",
+         "--quants=none,none+router_precision=float32"]
+  proc = subprocess.run(cmd, capture_output=True, text=True, env=test_trainer._env(),
+                        timeout=600, cwd=os.path.dirname(os.path.dirname(__file__)))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows = [json.loads(line) for line in open(tmp_path / "results.jsonl")]
+  assert [(r["name"], r["variant"], r["repeat"]) for r in rows] == [
+      ("none-L2-run1", "none", 0), ("none+router_precision=float32-L2-run1",
+                                    "none+router_precision=float32", 0),
+      ("none-L2-run2", "none", 1), ("none+router_precision=float32-L2-run2",
+                                    "none+router_precision=float32", 1)]
+  assert rows[0]["losses"] == rows[2]["losses"] and rows[1]["losses"] == rows[3]["losses"]
+  assert len(rows[0]["losses"]) == 3 and rows[0]["input_digest"] == rows[3]["input_digest"]
+  summary_md = (tmp_path / "summary.md").read_text()
+  assert ("none+router_precision=float32 (2 run(s)) against none (2 run(s)), 2 layers, 1-step "
+          "means over 3 steps") in summary_md
+  # The second runs reuse the first runs' executables.
+  assert proc.stderr.count("compiled in") == 2
+  assert "[none-L2-run2] 0.00B params; runs none-L2's compiled step again" in proc.stderr
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--depths=2,4", "--profile_depth=3"], "--profile_depth=3 is not one of --depths=2,4"),
     (["--depths=1,3"], "--depths: 1 layers leave no MoE layer after the 1 dense ones. Fix: use "
                        "depths above 1."),
     (["--depths=2,four"], "--depths=2,four: give whole numbers of layers"),
+    (["--repeats=0"], "--repeats=0: run each variant at least once"),
     (["--quants=none,none+moe_backnd=reference"],
      "--quants=none+moe_backnd=reference: 'moe_backnd=reference' is not field=value"),
 ])
