@@ -76,7 +76,6 @@ from ling_jax import data as data_lib
 from ling_jax import metrics as metrics_lib
 from ling_jax import phases
 from ling_jax import profiling
-from ling_jax import router
 from ling_jax import scaling
 from ling_jax import sharding
 from ling_jax import train as train_lib
@@ -190,8 +189,8 @@ def run_variant(config: Any, source: Any, name: str, out_dir: str,
         if losses:
           jax.block_until_ready(losses[-1])
         losses.append(step_metrics["loss"])
-        if step_metrics["expert_load"].size:  # routing skew: what the expert kernels are fed
-          loads.append(step_metrics["expert_load"])  # [MoE layers, experts], MTP blocks last
+        if step_metrics["layer_violations"].size:  # routing skew: what the experts are fed
+          violations.append(step_metrics["layer_violations"])  # per MoE layer, MTP blocks last
         fp8_metrics = {k: v for k, v in step_metrics.items() if k.startswith("fp8_")}
         if fp8_metrics and train_lib.fp8_metrics_due(step, t):  # FP8 safeguards, if measured
           safeguards.append((step, fp8_metrics))
@@ -200,7 +199,7 @@ def run_variant(config: Any, source: Any, name: str, out_dir: str,
       jax.block_until_ready(state)
       return losses
 
-    loads = []  # every step's tokens per expert and MoE layer, profiled steps included
+    violations = []  # every step's, profiled ones included
     safeguards = []  # (step, FP8 safeguard metrics) of the steps that measure them
     losses = run(_WARMUP.value)  # Every step's loss from the first: the curves compare whole.
     start = time.time()
@@ -234,8 +233,7 @@ def run_variant(config: Any, source: Any, name: str, out_dir: str,
   if not all(np.isfinite(losses)):
     raise FloatingPointError(f"[{name}] non-finite training loss: {losses}")
   # [steps, MoE layers]: max_i(count_i) / mean(count) - 1 of each layer's experts.
-  layer_violations = np.asarray(router.max_violation(np.stack(jax.device_get(loads)))
-                                if loads else np.zeros((0, 0)))
+  layer_violations = np.stack(jax.device_get(violations)) if violations else np.zeros((0, 0))
   tokens = t.batch_size * t.seq_len
   flops = scaling.flops_per_token(m, t.seq_len)
   result = {

@@ -493,12 +493,14 @@ def apply_gradients(state: TrainState, loss: jax.Array, aux: dict, grads: Any, *
       moe_state=keep(new_moe_state, state.moe_state),
       nan_skips=state.nan_skips + (~finite).astype(jnp.int32),
       nan_streak=jnp.where(finite, 0, state.nan_streak + 1))
-  violations = [router.max_violation(c) for c in jax.tree.leaves(aux["counts"])]
+  # Each MoE layer's max violation, in expert_load's order (MTP blocks last).
+  violations = [router.max_violation(c).reshape(-1) for c in jax.tree.leaves(aux["counts"])]
+  layer_violations = jnp.concatenate(violations) if violations else jnp.zeros((0,))
   metrics = {
       "loss": loss, "ce": aux["ce"], "mtp_ce": aux["mtp_ce"], "z_loss": aux["z_loss"],
       "grad_norm": grad_norm, "lr": make_schedule(t)(state.step),
-      "max_violation": (jnp.max(jnp.concatenate([jnp.atleast_1d(v) for v in violations]))
-                        if violations else jnp.zeros(())),
+      "max_violation": jnp.max(layer_violations) if violations else jnp.zeros(()),
+      "layer_violations": layer_violations,
       "skipped": (~finite).astype(jnp.int32), "nan_streak": new_state.nan_streak,
       "tokens": aux["tokens"],
       **aux.get("fp8", {}),  # FP8 safeguards: fp8_{act,weight,grad}_{underflow,cos}[_max|_min]

@@ -96,6 +96,12 @@ def test_step_updates_params_and_expert_bias(setup):
   assert np.max(np.abs(bias)) <= 2 * c.train.expert_bias_update_rate
   changed = jax.tree.map(lambda a, b: bool(np.any(a != b)), new.params, state.params)
   assert all(jax.tree.leaves(changed))
+  # Each MoE layer's load balance, from its tokens per expert: max / mean - 1 (numpy).
+  load = np.asarray(metrics["expert_load"], np.float64)
+  expected = load.max(-1) / load.mean(-1) - 1
+  assert load.shape[0] >= 2  # the trunk's MoE layer and the MTP block's
+  np.testing.assert_allclose(metrics["layer_violations"], expected, rtol=1e-6)
+  np.testing.assert_allclose(metrics["max_violation"], expected.max(), rtol=1e-6)
 
 
 def test_non_finite_step_is_skipped(setup):
