@@ -146,13 +146,17 @@ def init_from_previous(config: Any, target: train_lib.TrainState, state_sharding
   return fresh.replace(params=params, moe_state=moe_state)
 
 
-def evaluate_run(workdir: str, *, step: int | None = None,
-                 eval_batches: int | None = None) -> dict[str, Any]:
+def evaluate_run(workdir: str, *, step: int | None = None, eval_batches: int | None = None,
+                 quant: str | None = None) -> dict[str, Any]:
   """Returns the validation loss of a phase's checkpoint (newest, or `step`) on its own data.
 
   For chat data the loss covers assistant tokens only (the batches carry `loss_mask`); for a
   mixture, each source's loss is reported too (`val_loss/<name>`). Keys: step, val_loss,
-  val_bits_per_token, val_tokens, assistant_only, and val_mtp_loss for models with MTP.
+  val_bits_per_token, val_tokens, assistant_only, quant, and val_mtp_loss for models with MTP.
+  `quant` evaluates the weights in another precision than the run trained in ("none": an
+  FP8-trained checkpoint in the model dtype; "fp8_blockwise": a bf16 one through FP8 linears,
+  Ling's full recipe), so that the cost of FP8's forward pass and that of its training can be
+  told apart; the checkpoint is the same either way.
   """
   from ling_jax import sharding  # pylint: disable=g-import-not-at-top
   from ling_jax import trainer  # pylint: disable=g-import-not-at-top
@@ -160,6 +164,9 @@ def evaluate_run(workdir: str, *, step: int | None = None,
   config = trainer._with_mesh(trainer.load_config(workdir))  # pylint: disable=protected-access
   if eval_batches is not None:
     config.train.eval_batches = eval_batches
+  if quant is not None and quant != config.model.quant:
+    config.model.quant = quant
+    config.model.fp8_recipe = "full"  # The run's ablation, if any, was of its training.
   trainer.validate_config(config)
   mesh = sharding.make_mesh(config.mesh)
   target = trainer.abstract_state(config, mesh)
@@ -181,7 +188,7 @@ def evaluate_run(workdir: str, *, step: int | None = None,
   eval_fn = jax.jit(functools.partial(train_lib.eval_step, m=config.model, t=config.train),
                     in_shardings=(shardings.params, shardings.moe_state, batch_sharding),
                     out_shardings=replicated)
-  result: dict[str, Any] = {"step": step,
+  result: dict[str, Any] = {"step": step, "quant": config.model.quant,
                             "assistant_only": data_lib.has_loss_mask(config.data)}
   with jax.set_mesh(mesh):
     result.update(trainer._evaluate(  # pylint: disable=protected-access

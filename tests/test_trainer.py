@@ -5,6 +5,7 @@ These run `python -m experiments.train` as a user would, on a micro model so tha
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -103,6 +104,32 @@ def test_main_job_leaves_a_checkpoint_and_clean_console(reference_run):
   assert any(f.startswith("events") for f in os.listdir(os.path.join(workdir, "tb")))
   # Libraries stay quiet: every stdout line is the job's own.
   assert "orbax" not in result.stdout.lower()
+
+
+def test_evaluate_in_another_precision_than_the_run_trained_in(reference_run, tmp_path):
+  """`experiments.evaluate --quant` puts the same checkpoint through FP8 linears: the loss
+  equals that of a run whose saved config asks for FP8 (the reference), and differs from
+  bf16's by about E4M3's rounding."""
+  workdir, _ = reference_run
+
+  def evaluate(path, *extra):
+    out = subprocess.run([sys.executable, "-m", "experiments.evaluate", f"--workdir={path}",
+                          "--eval_batches=1", "--json", *extra], cwd=ROOT, env=_cached_env(),
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+  bf16, fp8 = evaluate(workdir), evaluate(workdir, "--quant=fp8_blockwise")
+  assert (bf16["quant"], fp8["quant"], fp8["step"]) == ("none", "fp8_blockwise", 16)
+  copy = tmp_path / "as_fp8"
+  shutil.copytree(os.path.join(workdir, "checkpoints"), copy / "checkpoints")
+  with open(os.path.join(workdir, "config.json")) as f:
+    config = json.load(f)
+  config["model"]["quant"] = "fp8_blockwise"
+  (copy / "config.json").write_text(json.dumps(config))
+  assert fp8["val_loss"] == evaluate(copy)["val_loss"]
+  assert fp8["val_loss"] != bf16["val_loss"]
+  assert abs(fp8["val_loss"] / bf16["val_loss"] - 1) < 0.02
 
 
 def test_finished_run_started_again_reports_and_exits(reference_run, corpus):
