@@ -108,8 +108,8 @@ def test_main_job_leaves_a_checkpoint_and_clean_console(reference_run):
 
 def test_evaluate_in_another_precision_than_the_run_trained_in(reference_run, tmp_path):
   """`experiments.evaluate --quant` puts the same checkpoint through FP8 linears: the loss
-  equals that of a run whose saved config asks for FP8 (the reference), and differs from
-  bf16's by about E4M3's rounding."""
+  equals that of a run whose saved config asks for FP8 (the reference), and differs from the
+  model dtype's (tiny's fp32) by about E4M3's rounding."""
   workdir, _ = reference_run
 
   def evaluate(path, *extra):
