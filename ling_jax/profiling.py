@@ -368,9 +368,10 @@ def loss_bands(results: list[dict[str, Any]], baseline: str | None, window: int,
   if window < 1:
     raise ValueError(f"window={window}: average over at least one step (e.g. 20)")
   first, last = span
+  shown = f"span={first}:{'' if last is None else last}"  # as --span spells it
   if first < 0 or (last is not None and last <= first):
-    raise ValueError(f"span={first}:{'' if last is None else last}: give steps FIRST:LAST with "
-                     "0 <= FIRST < LAST (e.g. 40:120), or FIRST: for every compared step")
+    raise ValueError(f"{shown}: give steps FIRST:LAST with 0 <= FIRST < LAST (e.g. 40:120), "
+                     "or FIRST: for every compared step")
   if not results:
     raise ValueError("no runs to compare: give bench_train results.jsonl files with rows")
   baseline = baseline or _variant(results[0])
@@ -390,8 +391,8 @@ def loss_bands(results: list[dict[str, Any]], baseline: str | None, window: int,
       continue
     stop = steps if last is None else last
     if stop > steps or first >= stop:
-      raise ValueError(f"span={first}:{'' if last is None else last}: these runs compare steps "
-                       f"0-{steps - 1} ({layers} layers); give a span inside them")
+      raise ValueError(f"{shown}: these runs compare steps 0-{steps - 1} ({layers} layers); "
+                       "give a span inside them")
     base_span = [float(np.mean(r["losses"][first:stop])) for r in base]
     ref = np.stack([_window_means(r["losses"], steps, window) for r in base])
     lo, hi, mid = ref.min(axis=0), ref.max(axis=0), ref.mean(axis=0)
