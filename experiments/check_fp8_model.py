@@ -15,7 +15,9 @@ kernels on the GPU at the shapes a config actually feeds them, which the tests c
    see the same E4M3 codes, so they should agree to bf16 rounding (~1e-3); the product in bf16
    without quantisation is printed beside as the scale of FP8's own error (~3-5%). Grouped ops
    get expert sizes drawn as a router would (multinomial), each padded to the op's row alignment;
-   the fused experts get random top-k routing (dw: the worse of its two weights).
+   the fused experts get random top-k routing (dw: the worse of its two weights). With
+   `--routing=collapsed` both route as Ling's init does real text: nearly every token to one
+   set of top-k experts, so a few groups hold tens of thousands of rows.
    The fused experts quantise intermediates (the SwiGLU's output, its gradient) made from a
    GEMM's bf16 output, so a one-step difference there moves some of their codes: they take
    --requant_tolerance, and two more numbers say what that noise is: their forward against the
@@ -78,6 +80,14 @@ _OP_KIND_NAMES = ("experts", "grouped", "linear")
 _OP_KINDS = flags.DEFINE_list(
     "op_kinds", list(_OP_KIND_NAMES), "Which recorded ops to check, in this order: experts (the "
     "fused expert FFN), grouped, linear.")
+_ROUTING = flags.DEFINE_enum(
+    "routing", "uniform", ["uniform", "collapsed"], "How the grouped ops' and the fused "
+    "experts' rows spread over the experts: uniform (each token's top-k at random), or "
+    "collapsed, as Ling's init routes real text (BENCHMARKS.md, session 24): all tokens but one "
+    "in 64 go to one set of top-k experts, so a few groups of tens of thousands of rows stand "
+    "beside many small and empty ones.")
+# Collapsed routing: one token in this many picks its own top-k experts.
+_STRAY = 64
 _KERNEL_BACKEND = flags.DEFINE_string(
     "kernel_backend", "auto", "FP8 GEMM backend of the ops' kernel runs (kernels/fp8_gemm.py); "
     "pallas_mosaic_gpu_interpret checks the wiring on a CPU.")
@@ -102,7 +112,8 @@ def record_ops(config: Any) -> list[dict[str, Any]]:
     key = ("grouped", x_MK.shape, w_GKN.shape, str(x_MK.dtype), str(w_GKN.dtype), row_align)
     seen.setdefault(key, {"op": "grouped", "x": list(x_MK.shape), "w": list(w_GKN.shape),
                           "dtype": str(x_MK.dtype), "w_dtype": str(w_GKN.dtype),
-                          "row_align": row_align, "calls": 0, "recipe": recipe})["calls"] += 1
+                          "row_align": row_align, "top_k": m.num_experts_per_tok, "calls": 0,
+                          "recipe": recipe})["calls"] += 1
     return real["grouped"](x_MK, w_GKN, group_sizes_G, probe_2, backend, recipe, row_align)
 
   def experts(x_TD, copy_M, rows_TK, weights_TK, w1, w2, sizes, probe_up, probe_down,
@@ -154,16 +165,36 @@ def _loss_and_grads(state: Any, batch: dict, *, m: Any, t: Any) -> tuple[jax.Arr
   return loss, grads
 
 
-def _group_sizes(rows: int, groups: int, align: int, key: jax.Array) -> jax.Array:
-  """Router-like expert sizes: the real rows (all but the padding room) spread multinomially,
-  each padded up to `align`; their sum fits `rows`."""
+def _group_sizes(rows: int, groups: int, align: int, top_k: int, routing: str,
+                 key: jax.Array) -> jax.Array:
+  """Router-like expert sizes: the real rows (all but the padding room) spread multinomially
+  over the groups as `routing` spreads tokens (see `_top_k_ids`), each padded up to `align`;
+  their sum fits `rows`."""
   real = rows - groups * (align - 1) if align > 1 else rows
   real -= real % max(align, 1)
+  k_hot, k_draw = jax.random.split(key)
   p = np.full(groups, 1.0 / groups)
-  sizes = np.random.default_rng(int(jax.random.randint(key, (), 0, 2**30))).multinomial(real, p)
+  if routing == "collapsed":
+    p /= _STRAY
+    p[np.asarray(jax.random.permutation(k_hot, groups)[:top_k])] += (1 - 1 / _STRAY) / top_k
+  sizes = np.random.default_rng(int(jax.random.randint(k_draw, (), 0, 2**30))).multinomial(real, p)
   sizes = -(-sizes // align) * align
   assert sizes.sum() <= rows, (sizes.sum(), rows)
   return jnp.asarray(sizes, jnp.int32)
+
+
+def _top_k_ids(key: jax.Array, num_tokens: int, num_experts: int, top_k: int,
+               routing: str) -> jax.Array:
+  """Each token's top-k experts [T, K]: distinct and at random ("uniform"), or ("collapsed")
+  one random set shared by every token but each `_STRAY`-th, which keeps its own."""
+  k_own, k_hot = jax.random.split(key)
+  ids_TK = jax.vmap(lambda k: jax.random.permutation(k, num_experts)[:top_k])(
+      jax.random.split(k_own, num_tokens))
+  if routing == "collapsed":
+    hot_K = jax.random.permutation(k_hot, num_experts)[:top_k]
+    stray_T = jnp.arange(num_tokens) % _STRAY == 0
+    ids_TK = jnp.where(stray_T[:, None], ids_TK, hot_K[None])
+  return ids_TK.astype(jnp.int32)
 
 
 def _weight(key: jax.Array, shape, dtype) -> jax.Array:
@@ -171,11 +202,14 @@ def _weight(key: jax.Array, shape, dtype) -> jax.Array:
   return (jax.random.normal(key, shape, jnp.float32) / np.sqrt(shape[-2])).astype(dtype)
 
 
-def check_op(op: dict[str, Any], key: jax.Array,
-             kernel_backend: str = "auto") -> dict[str, Any]:
-  """Forward and backward of one FP8 op: kernels against the reference, and against bf16."""
+def check_op(op: dict[str, Any], key: jax.Array, kernel_backend: str = "auto",
+             routing: str = "uniform") -> dict[str, Any]:
+  """Forward and backward of one FP8 op: kernels against the reference, and against bf16.
+  `routing` ("uniform" or "collapsed", as --routing) spreads a grouped op's rows."""
+  if routing not in ("uniform", "collapsed"):
+    raise ValueError(f"routing must be 'uniform' or 'collapsed', got {routing!r}.")
   if op["op"] == "experts":
-    return _check_experts(op, key, kernel_backend)
+    return _check_experts(op, key, kernel_backend, routing)
   kx, kw, kd, kg = jax.random.split(key, 4)
   x = jax.random.normal(kx, op["x"], jnp.float32).astype(op["dtype"])
   w = _weight(kw, op["w"], op["w_dtype"])
@@ -184,13 +218,16 @@ def check_op(op: dict[str, Any], key: jax.Array,
     fn = lambda backend: (lambda x, w: fp8_gemm.fp8_linear(x, w, probe, backend, op["recipe"]))
     plain = lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
   else:
-    sizes = _group_sizes(op["x"][0], op["w"][0], op["row_align"], kg)
+    sizes = _group_sizes(op["x"][0], op["w"][0], op["row_align"], op["top_k"], routing, kg)
     fn = lambda backend: (lambda x, w: fp8_gemm.fp8_grouped_linear(
         x, w, sizes, probe, backend, op["recipe"], op["row_align"]))
     plain = lambda x, w: gmm_lib.grouped_matmul(x, w, sizes)
   dy = jax.random.normal(kd, (op["x"][0], op["w"][-1]), jnp.float32).astype(op["dtype"])
 
-  return _compare(op, fn(kernel_backend), fn("reference"), plain, (x, w), dy)[0]
+  result = _compare(op, fn(kernel_backend), fn("reference"), plain, (x, w), dy)[0]
+  if op["op"] == "grouped":
+    result["largest_group"] = int(sizes.max())
+  return result
 
 
 def _compare(op, kernel, reference, plain, args, dy) -> tuple[dict[str, Any], tuple]:
@@ -216,15 +253,15 @@ def _compare(op, kernel, reference, plain, args, dy) -> tuple[dict[str, Any], tu
   return result, (got[0], ref[0])
 
 
-def _check_experts(op: dict[str, Any], key: jax.Array, kernel_backend: str) -> dict[str, Any]:
-  """The fused expert FFN on random top-k routing, against its reference and bf16's."""
+def _check_experts(op: dict[str, Any], key: jax.Array, kernel_backend: str,
+                   routing: str) -> dict[str, Any]:
+  """The fused expert FFN on `routing`'s top-k choices, against its reference and bf16's."""
   kx, kw, kw2, kd, kr, kp = jax.random.split(key, 6)
   num_tokens = op["x"][0]
   num_experts, top_k = op["w"][0], op["top_k"]
   x = jax.random.normal(kx, op["x"], jnp.float32).astype(op["dtype"])
   w1, w2 = _weight(kw, op["w"], op["w_dtype"]), _weight(kw2, op["w_down"], op["w_dtype"])
-  ids_TK = jax.vmap(lambda k: jax.random.permutation(k, num_experts)[:top_k])(
-      jax.random.split(kr, num_tokens)).astype(jnp.int32)
+  ids_TK = _top_k_ids(kr, num_tokens, num_experts, top_k, routing)
   weights_TK = jax.random.uniform(kp, (num_tokens, top_k), jnp.float32, 0.1, 1.0)
   sizes_E, copy_M, rows_TK = dispatch.route_with_rows(ids_TK, num_experts, op["row_align"])
   assert copy_M.shape[0] == op["rows"], (copy_M.shape, op["rows"])
@@ -251,6 +288,7 @@ def _check_experts(op: dict[str, Any], key: jax.Array, kernel_backend: str) -> d
   # ops against the reference (each of their GEMMs matches it as the "grouped" rows do).
   result["y_ref_vs_ref_in_vjp"] = profiling.rel_error(y_ref, y_ref_in_vjp)
   result["y_separate_vs_ref"] = profiling.rel_error(y_separate, y_ref)
+  result["largest_group"] = int(sizes_E.max())
   return result
 
 
@@ -319,12 +357,14 @@ def _markdown(ops: list[dict[str, Any]], model: list[dict[str, Any]], tol: float
   if ops:
     lines += [f"FP8 ops, kernels against the reference (relative Frobenius error; tolerance "
               f"{tol:g}, the fused experts {requant_tol:g}); FP8 against bf16 for scale:", "",
-              "| op | x | w | align | traced | y | dx | dw | y fp8/bf16 | dx fp8/bf16 "
-              "| dw fp8/bf16 |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "| op | x | w | align | largest group | traced | y | dx | dw | y fp8/bf16 "
+              "| dx fp8/bf16 | dw fp8/bf16 |",
+              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for o in ops:
       lines.append(
           f"| {o['op']} | {o['x']} {o['dtype']} | {o['w']} {o['w_dtype']} "
-          f"| {o.get('row_align', '-')} | {o['calls']} | {o['y_kernel_vs_ref']:.2e} "
+          f"| {o.get('row_align', '-')} | {o.get('largest_group', '-')} | {o['calls']} "
+          f"| {o['y_kernel_vs_ref']:.2e} "
           f"| {o['dx_kernel_vs_ref']:.2e} | {o['dw_kernel_vs_ref']:.2e} "
           f"| {o['y_fp8_vs_bf16']:.2e} | {o['dx_fp8_vs_bf16']:.2e} | {o['dw_fp8_vs_bf16']:.2e} |")
     lines += ["", *(f"Fused experts x{o['x']}: y against the separate ops' (same kernels, same "
@@ -377,11 +417,12 @@ def main(argv: list[str]) -> None:
                     len(recorded), ", ".join(kinds))
     recorded = select_ops(recorded, kinds)
     for i, op in enumerate(recorded):
-      ops.append(check_op(op, jax.random.key(i), _KERNEL_BACKEND.value))
+      ops.append(check_op(op, jax.random.key(i), _KERNEL_BACKEND.value, _ROUTING.value))
       o = ops[-1]
-      metrics_lib.log("%s x%s w%s align %s: kernel/ref y %.2e dx %.2e dw %.2e (%.0f s)", o["op"],
-                      o["x"], o["w"], o.get("row_align", "-"), o["y_kernel_vs_ref"],
-                      o["dx_kernel_vs_ref"], o["dw_kernel_vs_ref"], o["seconds"])
+      metrics_lib.log("%s x%s w%s align %s largest group %s: kernel/ref y %.2e dx %.2e dw %.2e "
+                      "(%.0f s)", o["op"], o["x"], o["w"], o.get("row_align", "-"),
+                      o.get("largest_group", "-"), o["y_kernel_vs_ref"], o["dx_kernel_vs_ref"],
+                      o["dw_kernel_vs_ref"], o["seconds"])
       write()
   if "model" in _PARTS.value:
     model = check_model(config)
