@@ -363,7 +363,9 @@ def loss_bands(results: list[dict[str, Any]], baseline: str | None, window: int,
   last) (`last` None: all compared steps; `first` past the early fall, where the runs have not
   yet drifted apart): `baseline_span_means`, `span_means`, each run's `span_gaps` to the
   baseline runs' mean, and `runs_above`, how many of the variant's runs lie above every
-  baseline run.
+  baseline run; `span_gap`, the variant runs' mean against the baseline runs' mean, with
+  `span_gap_se`, its standard error (Welch's, both sides' sample variances; None unless each
+  side has two runs or more).
   """
   if window < 1:
     raise ValueError(f"window={window}: average over at least one step (e.g. 20)")
@@ -417,8 +419,18 @@ def loss_bands(results: list[dict[str, Any]], baseline: str | None, window: int,
                     "overlap": bool(inside.all()), "span": (first, stop),
                     "baseline_span_means": base_span, "span_means": span_means,
                     "span_gaps": [x / np.mean(base_span) - 1 for x in span_means],
-                    "runs_above": sum(x > max(base_span) for x in span_means)})
+                    "runs_above": sum(x > max(base_span) for x in span_means),
+                    "span_gap": float(np.mean(span_means) / np.mean(base_span) - 1),
+                    "span_gap_se": _gap_se(base_span, span_means)})
   return bands
+
+
+def _gap_se(base: list[float], ours: list[float]) -> float | None:
+  """The standard error of mean(ours) - mean(base), relative to mean(base) (Welch's)."""
+  if min(len(base), len(ours)) < 2:
+    return None
+  var = np.var(base, ddof=1) / len(base) + np.var(ours, ddof=1) / len(ours)
+  return float(np.sqrt(var) / np.mean(base))
 
 
 def format_bands(bands: list[dict[str, Any]]) -> str:
@@ -444,7 +456,9 @@ def format_bands(bands: list[dict[str, Any]]) -> str:
     ours = ", ".join(f"{x:.4f} ({g:+.2%})" for x, g in zip(b["span_means"], b["span_gaps"]))
     lines += ["", f"Each run's mean loss over steps {first}-{stop - 1}: {b['baseline']} {base}; "
               f"{b['variant']} {ours} against the {b['baseline']} runs' mean; "
-              f"{b['runs_above']} of {b['runs']} above every {b['baseline']} run.", ""]
+              f"{b['runs_above']} of {b['runs']} above every {b['baseline']} run. Their mean "
+              f"{b['span_gap']:+.2%}" + ("" if b["span_gap_se"] is None else
+                                         f" (standard error {b['span_gap_se']:.2%})") + ".", ""]
   return "\n".join(lines)
 
 

@@ -333,8 +333,17 @@ def test_loss_bands_give_each_runs_mean_over_a_span():
   assert b["span_means"] == pytest.approx([1.8, 1.7])
   assert b["span_gaps"] == pytest.approx([1.8 / 1.6 - 1, 1.7 / 1.6 - 1])
   assert b["runs_above"] == 1
+  # The variants' mean gap, 1.75 / 1.6 - 1, and its standard error (Welch): the sample
+  # variances are 0.02 and 0.005, so sqrt(0.02 / 2 + 0.005 / 2) / 1.6.
+  assert b["span_gap"] == pytest.approx(1.75 / 1.6 - 1)
+  assert b["span_gap_se"] == pytest.approx((0.02 / 2 + 0.005 / 2) ** 0.5 / 1.6)
+  assert "Their mean +9.38% (standard error 6.99%)." in profiling.format_bands([b])
   (b,) = profiling.loss_bands(rows, "none", 2, 0.0, span=(4, 6))
   assert b["span_means"] == pytest.approx([1.2, 1.4]) and b["runs_above"] == 1
+  # One run a side has no spread to take a standard error from.
+  (b,) = profiling.loss_bands(rows[1:3], "none", 2, 0.0, span=(2, None))
+  assert b["span_gap"] == pytest.approx(1.8 / 1.7 - 1) and b["span_gap_se"] is None
+  assert "Their mean +5.88%.\n" in profiling.format_bands([b])
   # The default span is every compared step.
   (b,) = profiling.loss_bands(rows, "none", 2, 0.0)
   assert b["span"] == (0, 6) and b["baseline_span_means"] == pytest.approx([4.0, 8.4 / 3])
