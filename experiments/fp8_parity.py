@@ -199,14 +199,6 @@ def _report_seed(seed: int | None, recipes: list[str]) -> dict | None:
   return result
 
 
-def verdict(gap: float, tolerance: float, over: str = "") -> str:
-  """The closing line: PASS where |gap| <= tolerance, and which way the gap goes (a FAIL may be
-  in FP8's favour)."""
-  side = f"{abs(gap):.2%} {'above' if gap > 0 else 'below'}" if gap else "equal to"
-  return (f"PARITY {'PASS' if abs(gap) <= tolerance else 'FAIL'}: FP8's final loss is {side} "
-          f"the baseline's{over} (tolerance {tolerance:.1%})")
-
-
 def main(argv: list[str]) -> None:
   del argv
   os.makedirs(_OUT_DIR.value, exist_ok=True)
@@ -221,7 +213,7 @@ def main(argv: list[str]) -> None:
   results = {seed: r for seed, r in results.items() if r is not None}
   if seeds == [None]:
     if results:
-      print(verdict(results[None]["relative_difference"], _TOLERANCE.value))
+      print(fp8.parity_verdict(results[None]["relative_difference"], _TOLERANCE.value))
   elif results:
     summary = fp8.seed_summary(results)
     summary["passed"] = abs(summary["mean_relative_difference"]) <= _TOLERANCE.value
@@ -229,8 +221,8 @@ def main(argv: list[str]) -> None:
     table = fp8.seed_markdown(summary, _BASELINE_DTYPE.value)
     _write("seeds.md", table)
     print(table)
-    print(verdict(summary["mean_relative_difference"], _TOLERANCE.value,
-                  f" on the mean over seeds {summary['seeds']}"))
+    print(fp8.parity_verdict(summary["mean_relative_difference"], _TOLERANCE.value,
+                             f" on the mean over seeds {summary['seeds']}"))
   if failed:
     raise RuntimeError(f"Training failed: {failed}; see their logs beside the workdirs.")
   if not results:

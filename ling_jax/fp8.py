@@ -283,6 +283,14 @@ def seed_summary(results: dict[int, dict[str, Any]]) -> dict[str, Any]:
   }
 
 
+def parity_verdict(gap: float, tolerance: float, over: str = "") -> str:
+  """fp8_parity's closing line: PASS where |gap| <= tolerance, and which way the gap goes (a
+  FAIL may be in FP8's favour)."""
+  side = f"{abs(gap):.2%} {'above' if gap > 0 else 'below'}" if gap else "equal to"
+  return (f"PARITY {'PASS' if abs(gap) <= tolerance else 'FAIL'}: FP8's final loss is {side} "
+          f"the baseline's{over} (tolerance {tolerance:.1%})")
+
+
 def seed_markdown(summary: dict[str, Any], baseline_name: str) -> str:
   """Returns `seed_summary` as Markdown: one row per seed, then the mean."""
   w = summary["window"]

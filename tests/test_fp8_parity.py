@@ -70,14 +70,13 @@ def test_seed_summary_is_the_mean_and_spread_of_the_per_seed_gaps():
 
 
 def test_verdict_says_which_way_the_gap_goes():
-  from experiments import fp8_parity
-  assert fp8_parity.verdict(-0.0162, 0.01, " on the mean over seeds [0, 1]") == (
+  assert fp8.parity_verdict(-0.0162, 0.01, " on the mean over seeds [0, 1]") == (
       "PARITY FAIL: FP8's final loss is 1.62% below the baseline's on the mean over seeds "
       "[0, 1] (tolerance 1.0%)")
-  assert fp8_parity.verdict(0.0023, 0.01) == (
+  assert fp8.parity_verdict(0.0023, 0.01) == (
       "PARITY PASS: FP8's final loss is 0.23% above the baseline's (tolerance 1.0%)")
-  assert fp8_parity.verdict(0.0, 0.01).startswith("PARITY PASS: FP8's final loss is equal to")
-  assert fp8_parity.verdict(0.01, 0.01).startswith("PARITY PASS")  # The bound is inclusive.
+  assert fp8.parity_verdict(0.0, 0.01).startswith("PARITY PASS: FP8's final loss is equal to")
+  assert fp8.parity_verdict(0.01, 0.01).startswith("PARITY PASS")  # The bound is inclusive.
 
 
 _DRIVER = """
