@@ -1,5 +1,5 @@
-"""Shared test setup: 8 fake CPU devices, strict rank promotion, repo root on the path, and the
-files longest first for `make test`'s workers.
+"""Shared test setup: 8 fake CPU devices, strict rank promotion, inline CPU dispatch, repo root on
+the path, and the files longest first for `make test`'s workers.
 
 XLA's CPU code generation runs at its cheapest level: the tests compile far more than they
 execute, and it roughly halves their compile time (measured: 152 s -> 100 s of CPU time for
@@ -22,6 +22,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
+# One-device computations run inline, not queued. Queued, the eager ops dispatched behind an
+# interpreted Pallas GPU kernel (whose simulated threads each execute a program from inside the
+# kernel's callback) could fill the CPU client's in-flight slots, and the kernel's last thread
+# then waited at xla::Semaphore::Acquire forever: test_fp8_mgpu.py's eager value_and_grad of
+# the interpreted fp8_linear hung a whole test run once in four, and in a loop of that test
+# under load 2 runs in 2 (after 10 and 38 iterations), against none in 100 inline.
+jax.config.update("jax_cpu_enable_async_dispatch", False)
 
 
 # The persistent XLA cache that the test session's training subprocesses share (programs one run
