@@ -61,17 +61,19 @@ def test_cached_logits_match_full_pass(variables):
   ids_BL = np.concatenate([ids_BP, extra_B3], 1)
   positions_BL = np.concatenate([positions_BP, positions_BP[:, -1:] + 1 + np.arange(3)], 1)
   segment_ids_BL = np.concatenate([segment_ids_BP, np.ones_like(extra_B3)], 1)
-  full, _ = model.apply(m, variables, ids_BL, positions_BL, segment_ids_BL)
+  # Jitted: op by op, each pass compiles its many small ops alone.
+  apply = jax.jit(lambda *args: model.apply(m, *args))
+  apply_cached = jax.jit(lambda *args: model.apply_cached(m, *args))
+  full, _ = apply(variables, ids_BL, positions_BL, segment_ids_BL)
   cache = model.init_cache(m, 3, ids_BL.shape[1])
-  got, cache = model.apply_cached(m, variables, ids_BP, positions_BP, segment_ids_BP, cache)
+  got, cache = apply_cached(variables, ids_BP, positions_BP, segment_ids_BP, cache)
   want = np.asarray(full.logits_BLV)
   scale = np.abs(want).max()
   np.testing.assert_allclose(got, want[:, ids_BP.shape[1] - 1], atol=1e-5 * scale)
   for t in range(3):
     col = ids_BP.shape[1] + t
-    got, cache = model.apply_cached(m, variables, ids_BL[:, col:col + 1],
-                                    positions_BL[:, col:col + 1], segment_ids_BL[:, col:col + 1],
-                                    cache)
+    got, cache = apply_cached(variables, ids_BL[:, col:col + 1], positions_BL[:, col:col + 1],
+                              segment_ids_BL[:, col:col + 1], cache)
     np.testing.assert_allclose(got, want[:, col], atol=1e-5 * scale)
   assert int(cache["index"]) == ids_BL.shape[1]
 
