@@ -241,9 +241,11 @@ def test_fp8_grouped_matmuls_match_per_group_loop():
   x, w = _rng_matrix(rng, (200, 160), False), _rng_matrix(rng, (4, 160, 72), False) * 0.05
   dy = _rng_matrix(rng, (200, 72), False)
   starts = np.r_[0, np.cumsum(sizes)]
-  y = np.asarray(fp8_gemm.fp8_grouped_linear(x, w, jnp.asarray(sizes), jnp.zeros(2)))
-  dx, dw = jax.vjp(lambda a, b: fp8_gemm.fp8_grouped_linear(a, b, jnp.asarray(sizes),
-                                                             jnp.zeros(2)), x, w)[1](dy)
+  # Jitted: op by op, the forward and its VJP compile ~150 small programs.
+  linear = jax.jit(lambda a, b: fp8_gemm.fp8_grouped_linear(a, b, jnp.asarray(sizes),
+                                                            jnp.zeros(2)))
+  y = np.asarray(linear(x, w))
+  dx, dw = jax.vjp(linear, x, w)[1](dy)
   want_y, want_dx = np.zeros((200, 72)), np.zeros((200, 160))
   want_dw = np.zeros((4, 160, 72))
   for g in range(4):
@@ -317,7 +319,9 @@ def test_recipe_quantises_only_its_gemms(fp8_gemms):
   fp8_want = {"fprop": _np_quant_tiles(x, 1) @ wd, "dgrad": _np_quant_tiles(dy, 1) @ wd.T,
               "wgrad": _np_quant_tiles(x, 0).T @ _np_quant_tiles(dy, 0)}
   plain_want = {"fprop": x64 @ w, "dgrad": dy64 @ w.T, "wgrad": x64.T @ dy64}
-  y, vjp = jax.vjp(lambda a, b: fp8_gemm.fp8_linear(a, b, jnp.zeros(2), "auto", recipe), x, w)
+  # Jitted: op by op, each op and its VJP compile ~100 small programs.
+  y, vjp = jax.vjp(jax.jit(lambda a, b: fp8_gemm.fp8_linear(a, b, jnp.zeros(2), "auto", recipe)),
+                   x, w)
   got = {"fprop": y, "dgrad": vjp(dy)[0], "wgrad": vjp(dy)[1]}
   for name in ("fprop", "dgrad", "wgrad"):
     want = fp8_want[name] if name in fp8_gemms else plain_want[name]
@@ -325,8 +329,8 @@ def test_recipe_quantises_only_its_gemms(fp8_gemms):
                                err_msg=name)
   # The grouped op, per group: the same switch (its wgrad tiles restart per group).
   starts = np.r_[0, np.cumsum(sizes)]
-  y, vjp = jax.vjp(lambda a, b: fp8_gemm.fp8_grouped_linear(a, b, jnp.asarray(sizes),
-                                                            jnp.zeros(2), "auto", recipe), x, wg)
+  y, vjp = jax.vjp(jax.jit(lambda a, b: fp8_gemm.fp8_grouped_linear(
+      a, b, jnp.asarray(sizes), jnp.zeros(2), "auto", recipe)), x, wg)
   dx, dwg = vjp(dy)
   for g in (0, 2):
     r = slice(starts[g], starts[g + 1])
