@@ -2,6 +2,7 @@
 with the interpreted Mosaic GPU kernels, and shown to catch a kernel that writes wrong outputs."""
 
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from experiments import check_fp8_model
@@ -110,3 +111,32 @@ def test_op_kinds_pick_and_order_the_ops():
   assert [o["i"] for o in picked] == [1, 0, 2]
   with pytest.raises(ValueError, match=r"--op_kinds: unknown \['expert'\]; choose from experts"):
     check_fp8_model.select_ops(ops, ["expert"])
+
+
+def test_collapsed_routing_sends_all_but_every_64th_token_to_one_set_of_experts():
+  ids = np.asarray(check_fp8_model._top_k_ids(jax_key(0), 256, 16, 4, "collapsed"))
+  stray = np.arange(256) % 64 == 0
+  hot = set(ids[1])
+  assert len(hot) == 4 and all(set(r) == hot for r in ids[~stray])
+  assert all(len(set(r)) == 4 for r in ids)  # Each token's experts distinct, strays' too.
+  uniform = np.asarray(check_fp8_model._top_k_ids(jax_key(0), 256, 16, 4, "uniform"))
+  assert all(len(set(r)) == 4 for r in uniform)
+  assert len({tuple(sorted(r)) for r in uniform}) > 100  # Of the 1,820 sets of 4 of 16.
+  # The grouped ops' sizes: 3,856 real rows (4,096 less 15 of padding room per group), the
+  # hot four groups holding 63/64 of them, each group padded to 16 rows.
+  sizes = np.asarray(check_fp8_model._group_sizes(4096, 16, 16, 4, "collapsed", jax_key(1)))
+  assert sizes.sum() <= 4096 and not (sizes % 16).any()
+  assert np.sort(sizes)[-4:].sum() >= 0.95 * 3856 and np.sort(sizes)[-5] < 0.01 * 3856
+  with pytest.raises(ValueError, match="routing must be 'uniform' or 'collapsed'"):
+    check_fp8_model.check_op({"op": "linear"}, jax_key(0), _INTERPRET, "balanced")
+
+
+def test_fused_experts_interpreted_match_the_reference_on_collapsed_routing(ops):
+  """126 of the 128 tokens on the same two experts: one group of 128 rows (126, padded to 16)
+  beside small and empty ones, where the kernels still give the reference's codes."""
+  result = check_fp8_model.check_op(_op(ops, "experts", (8, 256, 256)), jax_key(1), _INTERPRET,
+                                    "collapsed")
+  assert result["largest_group"] == 128, result
+  assert not check_fp8_model.failures([result], 1e-2), result
+  assert max(result["y_kernel_vs_ref"], result["dx_kernel_vs_ref"]) < 1e-3, result
+  assert result["dw_kernel_vs_ref"] < 5e-3, result
