@@ -205,7 +205,8 @@ def _weight(key: jax.Array, shape, dtype) -> jax.Array:
 def check_op(op: dict[str, Any], key: jax.Array, kernel_backend: str = "auto",
              routing: str = "uniform") -> dict[str, Any]:
   """Forward and backward of one FP8 op: kernels against the reference, and against bf16.
-  `routing` ("uniform" or "collapsed", as --routing) spreads a grouped op's rows."""
+  `routing` ("uniform" or "collapsed", as --routing) spreads the rows of a grouped op or of the
+  fused experts over the experts."""
   if routing not in ("uniform", "collapsed"):
     raise ValueError(f"routing must be 'uniform' or 'collapsed', got {routing!r}.")
   if op["op"] == "experts":
