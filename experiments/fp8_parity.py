@@ -185,7 +185,7 @@ def _report_seed(seed: int | None, recipes: list[str]) -> dict | None:
   except ValueError as e:
     metrics_lib.log("Seed %s: no report (%s).", seed, e)
     return None
-  result["passed"] = abs(result["relative_difference"]) <= _TOLERANCE.value
+  result["passed"] = fp8.parity_passed(result["relative_difference"], _TOLERANCE.value)
   _write("parity.json", json.dumps(result, indent=1), seed_dir)
   report = fp8.parity_markdown(result, _BASELINE_DTYPE.value)
   _write("parity.md", report, seed_dir)
@@ -216,7 +216,7 @@ def main(argv: list[str]) -> None:
       print(fp8.parity_verdict(results[None]["relative_difference"], _TOLERANCE.value))
   elif results:
     summary = fp8.seed_summary(results)
-    summary["passed"] = abs(summary["mean_relative_difference"]) <= _TOLERANCE.value
+    summary["passed"] = fp8.parity_passed(summary["mean_relative_difference"], _TOLERANCE.value)
     _write("seeds.json", json.dumps(summary, indent=1))
     table = fp8.seed_markdown(summary, _BASELINE_DTYPE.value)
     _write("seeds.md", table)

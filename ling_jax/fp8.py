@@ -283,12 +283,18 @@ def seed_summary(results: dict[int, dict[str, Any]]) -> dict[str, Any]:
   }
 
 
+def parity_passed(gap: float, tolerance: float) -> bool:
+  """fp8_parity's rule: FP8's relative final-loss gap lies within the tolerance, either way."""
+  return abs(gap) <= tolerance
+
+
 def parity_verdict(gap: float, tolerance: float, over: str = "") -> str:
-  """fp8_parity's closing line: PASS where |gap| <= tolerance, and which way the gap goes (a
-  FAIL may be in FP8's favour)."""
+  """fp8_parity's closing line: PASS by `parity_passed`, and which way the gap goes (a FAIL
+  may be in FP8's favour)."""
   side = f"{abs(gap):.2%} {'above' if gap > 0 else 'below'}" if gap else "equal to"
-  return (f"PARITY {'PASS' if abs(gap) <= tolerance else 'FAIL'}: FP8's final loss is {side} "
-          f"the baseline's{over} (tolerance {tolerance:.1%})")
+  verdict = "PASS" if parity_passed(gap, tolerance) else "FAIL"
+  return (f"PARITY {verdict}: FP8's final loss is {side} the baseline's{over} "
+          f"(tolerance {tolerance:.1%})")
 
 
 def seed_markdown(summary: dict[str, Any], baseline_name: str) -> str:
