@@ -13,7 +13,7 @@ kernels on the GPU at the shapes a config actually feeds them, which the tests c
    ("auto": Mosaic GPU GEMMs, Triton quantisation) and with the reference backend (XLA
    dequantise-then-multiply in fp32), and y, dx and dw are compared. Both
    see the same E4M3 codes, so they should agree to bf16 rounding (~1e-3); the product in bf16
-   without quantisation is printed beside as the scale of FP8's own error (~3-5%). Grouped ops
+   without quantisation is printed beside as the scale of FP8's own error (~3-5%%). Grouped ops
    get expert sizes drawn as a router would (multinomial), each padded to the op's row alignment;
    the fused experts get random top-k routing (dw: the worse of its two weights). With
    `--routing=collapsed` both route as Ling's init does real text: nearly every token to one

@@ -4,7 +4,7 @@
       --baseline=none --window=20
 
 `experiments/bench_train.py` compares its variants' curves with its first variant's, one run
-each. On a GPU that pair is not enough: the same bf16 step run in two processes drifts 2-4% apart
+each. On a GPU that pair is not enough: the same bf16 step run in two processes drifts 2-4%% apart
 within 100 steps at Ling-mini width (BENCHMARKS.md, sessions 9 and 24), so a gap of that size
 says nothing about FP8. Run the same bench_train command (same config, seed and data) in several
 processes and hand their results.jsonl files here. Every run of the `--baseline` variant (a

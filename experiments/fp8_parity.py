@@ -6,7 +6,7 @@ Trains `--config` twice with the same seed and data order through `experiments.t
 the baseline activations (`--baseline_dtype`, bf16 by default; the tiny config otherwise runs
 fp32) and once in FP8 with the same dtype around it. Every step's loss is logged. The final
 training loss of each is the mean over the last `--window` steps (one step's loss on a small
-batch is too noisy to compare at 1%); `parity.md` holds that comparison, the validation losses
+batch is too noisy to compare at 1%%); `parity.md` holds that comparison, the validation losses
 and both curves in `--window`-step means, and `parity.json` the numbers.
 
 Ablations of the recipe (`model.fp8_recipe`, ling_jax/fp8.py RECIPES) run beside it:
@@ -21,7 +21,7 @@ then ran ~10x slower each, the GPU time-slicing between processes (BENCHMARKS.md
 `--report_only` rebuilds the reports from the workdirs, e.g. after `--time_limit_s` cut the
 runs (they are compared over the steps all of them reached).
 
-One pair's gap moves by about +-2% with the seed at the tiny config (trajectories drift apart), so
+One pair's gap moves by about +-2%% with the seed at the tiny config (trajectories drift apart), so
 the parity is best judged over several seeds:
 
   python -m experiments.fp8_parity --out_dir=/tmp/parity --steps=1000 --seeds=0,1,2
