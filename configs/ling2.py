@@ -85,6 +85,11 @@ def model_config(variant: str) -> ml_collections.ConfigDict:
   # the SwiGLU from the first GEMM's output: those exist only as E4M3 codes
   # (kernels/fp8_experts.py). false: permute, FP8 GEMMs and SwiGLU, un-permute, as separate ops.
   m.fp8_fused_dispatch = True
+  # The FP8 GEMMs' backend (kernels/fp8_gemm.py): "auto" runs the FP8 kernels on Hopper GPUs (XLA's
+  # fp32 reference elsewhere). "dequantize_bf16" quantises as "auto" does, then multiplies the
+  # dequantised bf16 operands with the bf16 GEMMs: FP8's rounding without the FP8 kernels, to
+  # tell which of the two moves a loss curve. Slower and larger than either quant; a diagnostic.
+  m.fp8_backend = "auto"
 
   if variant == "mini":
     m.num_hidden_layers, m.hidden_size = 20, 2048

@@ -299,6 +299,7 @@ def expert_ffn(
     fp8_recipe=None,
     fp8_group_align: int = FP8_GROUP_ALIGN,
     fp8_fused_dispatch: bool = True,
+    fp8_backend: str = "auto",
 ) -> jax.Array:
   """Runs the routed SwiGLU experts of a Ling 2.0 MoE layer and sums them with the router weights.
 
@@ -325,6 +326,8 @@ def expert_ffn(
       whose quantise kernels make the token copies, the SwiGLU's output, the output gradient's
       rows and the SwiGLU's gradient as they read their inputs: those exist only as E4M3 codes.
       False (or another recipe): `permute`, the FP8 GEMMs and SwiGLU, `unpermute`.
+    fp8_backend: with FP8, the FP8 GEMMs' backend (`fp8_gemm`'s module doc): "auto" (the FP8
+      kernels on Hopper GPUs), or e.g. "dequantize_bf16" (the same codes, bf16 GEMMs).
 
   Returns:
     y_TD = sum_k weights[t, k] * down_e(silu(gate_e(x_t)) * up_e(x_t)), e = expert_ids[t, k],
@@ -353,10 +356,10 @@ def expert_ffn(
     recipe = fp8_recipe or fp8_gemm.FULL_RECIPE
     if fp8_fused_dispatch and recipe.fprop and recipe.dgrad and recipe.wgrad:
       return _fp8_fused_expert_ffn(x_TD, expert_ids_TK, weights_TK, w_gate_up_EDF2, w_down_EFD,
-                                   probe_up, probe_down, recipe, group_align)
+                                   probe_up, probe_down, recipe, group_align, fp8_backend)
 
     def matmul(x, w, sizes, probe):
-      return fp8_gemm.fp8_grouped_linear(x, w, sizes, probe, "auto",
+      return fp8_gemm.fp8_grouped_linear(x, w, sizes, probe, fp8_backend,
                                          fp8_recipe or fp8_gemm.FULL_RECIPE, group_align)
   else:
     probe_up = probe_down = None
@@ -379,7 +382,7 @@ def expert_ffn(
 
 
 def _fp8_fused_expert_ffn(x_TD, expert_ids_TK, weights_TK, w_gate_up_EDF2, w_down_EFD, probe_up,
-                          probe_down, recipe, group_align):
+                          probe_down, recipe, group_align, fp8_backend):
   """`expert_ffn`'s FP8 path as `fp8_experts.fused_expert_ffn` (its docstring)."""
   from kernels import fp8_experts
 
@@ -387,5 +390,5 @@ def _fp8_fused_expert_ffn(x_TD, expert_ids_TK, weights_TK, w_gate_up_EDF2, w_dow
     group_sizes_E, sort_idx_M, rows_TK = route_with_rows(expert_ids_TK, w_gate_up_EDF2.shape[0],
                                                          group_align)
   return fp8_experts.fused_expert_ffn(x_TD, sort_idx_M, rows_TK, weights_TK, w_gate_up_EDF2,
-                                      w_down_EFD, group_sizes_E, probe_up, probe_down, "auto",
-                                      recipe, group_align)
+                                      w_down_EFD, group_sizes_E, probe_up, probe_down,
+                                      fp8_backend, recipe, group_align)

@@ -19,6 +19,12 @@ summation order. Backends:
     for CPU tests; strict: a shape they do not cover raises instead of falling back.
   - "auto": "pallas_mosaic_gpu" on Hopper GPUs (`_AUTO_USES_KERNEL`: the measurement), else
     "reference".
+  - "dequantize_bf16": no FP8 GEMM. The operands are quantised as on "auto" (the same E4M3 codes
+    and scales), dequantised to bf16 (code x scale in fp32, rounded once: 2^-9 relative, far
+    inside E4M3's own 2^-4) and multiplied by the bf16 GEMMs of the unquantised model (XLA's dot,
+    `grouped_matmul`'s "auto" backend) with fp32 accumulation. A training run on it has the FP8
+    recipe's rounding without the FP8 kernels, which tells the two apart where FP8's loss curve
+    strays from bf16's (`config.model.fp8_backend`).
 
 `fp8_linear` and `fp8_grouped_linear` are the training ops (and `kernels/fp8_experts.py`'s
 fused expert FFN, built from this module's GEMMs): custom VJPs whose forward (fprop),
@@ -49,7 +55,8 @@ from jax.experimental import pallas as pl
 from kernels import fp8_quant as fq
 from kernels import grouped_matmul as gmm_lib
 
-_BACKENDS = ("reference", "pallas_mosaic_gpu", "pallas_mosaic_gpu_interpret")
+_BACKENDS = ("reference", "pallas_mosaic_gpu", "pallas_mosaic_gpu_interpret", "dequantize_bf16")
+_DEQUANTIZED = ("reference", "dequantize_bf16")  # no FP8 GEMM: they dequantise, then multiply
 
 
 def _is_hopper_gpu() -> bool:
@@ -107,7 +114,7 @@ def _kernel_gmm(backend: str, fn: str, k_dim: int, n_dim: int, out_dtype):
 
   The returned callable takes `fp8_gemm_mgpu.gmm_fp8`'s operands and b_scaling.
   """
-  if backend == "reference":
+  if backend in _DEQUANTIZED:
     return None
   from kernels import fp8_gemm_mgpu as mgpu
   out_dtype = jnp.dtype(out_dtype)
@@ -138,9 +145,18 @@ def _check_e4m3(fn: str, **operands: jax.Array) -> None:
 
 
 def _dot_t(a_MK: jax.Array, b_NK: jax.Array) -> jax.Array:
-  return jax.lax.dot_general(a_MK, b_NK, (((1,), (1,)), ((), ())),
-                             precision=jax.lax.Precision.HIGHEST,
+  """A @ B^T accumulated in fp32; fp32 operands at full precision (the reference)."""
+  precision = jax.lax.Precision.HIGHEST if a_MK.dtype == jnp.float32 else None
+  return jax.lax.dot_general(a_MK, b_NK, (((1,), (1,)), ((), ())), precision=precision,
                              preferred_element_type=jnp.float32)
+
+
+def _dequantized(backend: str) -> tuple[jnp.dtype, str]:
+  """Where a GEMM runs on dequantised operands (the reference, "dequantize_bf16", or a shape the
+  kernels do not cover): the dtype to dequantise to and the `grouped_matmul` backend."""
+  if backend == "dequantize_bf16":
+    return jnp.bfloat16, "auto"
+  return jnp.float32, "reference"
 
 
 def fp8_matmul(a_q_MK: jax.Array, a_scale_MKt: jax.Array, b_q_NK: jax.Array,
@@ -153,8 +169,8 @@ def fp8_matmul(a_q_MK: jax.Array, a_scale_MKt: jax.Array, b_q_NK: jax.Array,
     b_q_NK, b_scale: B in E4M3; scales [Nt, Kt] for b_scaling="block" (a weight), [N, Kt] for
       "tile" (an activation or gradient, transposed, for wgrad).
     out_dtype: the output dtype (bf16 in the Ling recipe).
-    backend: "auto", "reference", "pallas_mosaic_gpu" or "pallas_mosaic_gpu_interpret" (module
-      doc).
+    backend: "auto", "reference", "pallas_mosaic_gpu", "pallas_mosaic_gpu_interpret" or
+      "dequantize_bf16" (module doc).
   """
   fn = "fp8_matmul"
   _check_e4m3(fn, a_q=a_q_MK, b_q=b_q_NK)
@@ -173,11 +189,12 @@ def fp8_matmul(a_q_MK: jax.Array, a_scale_MKt: jax.Array, b_q_NK: jax.Array,
   if kernel is not None:
     return kernel(a_q_MK, a_scale_MKt.T, b_q_NK[None], b_scale.T[None],
                   jnp.full((1,), m_dim, jnp.int32), b_scaling=b_scaling)
-  a_MK = fq.dequantize_tiles(a_q_MK, a_scale_MKt)
+  dtype, _ = _dequantized(backend)
+  a_MK = fq.dequantize_tiles(a_q_MK, a_scale_MKt, dtype)
   if b_scaling == "block":
-    b_NK = fq.dequantize_blocks(b_q_NK, b_scale)
+    b_NK = fq.dequantize_blocks(b_q_NK, b_scale, dtype)
   else:
-    b_NK = fq.dequantize_tiles(b_q_NK, b_scale)
+    b_NK = fq.dequantize_tiles(b_q_NK, b_scale, dtype)
   return _dot_t(a_MK, b_NK).astype(out_dtype)
 
 
@@ -204,10 +221,11 @@ def fp8_grouped_matmul(a_q_MK: jax.Array, a_scale_MKt: jax.Array, b_q_GNK: jax.A
   if kernel is not None:
     return kernel(a_q_MK, a_scale_MKt.T, b_q_GNK, jnp.swapaxes(b_scale_GNtKt, 1, 2),
                   gmm_lib.fit_group_sizes(group_sizes_G, m_dim), b_scaling="block")
-  a_MK = fq.dequantize_tiles(a_q_MK, a_scale_MKt)
-  b_GKN = jnp.swapaxes(fq.dequantize_blocks(b_q_GNK, b_scale_GNtKt), 1, 2)
+  dtype, gmm_backend = _dequantized(backend)
+  a_MK = fq.dequantize_tiles(a_q_MK, a_scale_MKt, dtype)
+  b_GKN = jnp.swapaxes(fq.dequantize_blocks(b_q_GNK, b_scale_GNtKt, dtype), 1, 2)
   return gmm_lib.grouped_matmul(a_MK, b_GKN, group_sizes_G, preferred_element_type=out_dtype,
-                                backend="reference")
+                                backend=gmm_backend)
 
 
 # "pallas_mosaic_gpu" runs the FP8 wgrad kernel (`fp8_tgmm_mgpu.tgmm_fp8`) while this is True;
@@ -225,7 +243,7 @@ def _kernel_tgmm(backend: str, fn: str, k_dim: int, n_dim: int, out_dtype, row_a
 
   The returned callable takes `fp8_tgmm_mgpu.tgmm_fp8`'s operands.
   """
-  if backend == "reference":
+  if backend in _DEQUANTIZED:
     return None
   from kernels import fp8_tgmm_mgpu as tgmm
   out_dtype = jnp.dtype(out_dtype)
@@ -274,10 +292,10 @@ def fp8_transposed_grouped_matmul(
   the interpret backend, and on "pallas_mosaic_gpu" while `_WGRAD_KERNEL_ON_GPU` is set (below
   128-row alignment with fp32 out, rounded to out_dtype after), for
   row_align >= `fp8_tgmm_mgpu.MIN_ROW_ALIGN` (32) and the shapes `fp8_tgmm_mgpu.supports`. Else
-  the reference dequantises to fp32 and loops over row tiles in XLA, and the kernel backends
-  dequantise to bf16 (each value an E4M3 code times its fp32 scale, rounded once: 2^-9
-  relative, far inside FP8's own error) and run the bf16 grouped weight-gradient kernel
-  (`grouped_matmul.transposed_grouped_matmul`) on tensor cores.
+  the reference dequantises to fp32 and loops over row tiles in XLA, and the kernel backends and
+  "dequantize_bf16" dequantise to bf16 (each value an E4M3 code times its fp32 scale, rounded
+  once: 2^-9 relative, far inside FP8's own error) and run the bf16 grouped weight-gradient
+  kernel (`grouped_matmul.transposed_grouped_matmul`) on tensor cores.
   """
   fn = "fp8_transposed_grouped_matmul"
   _check_e4m3(fn, a_q=a_q_KM, b_q=b_q_NM)
@@ -292,18 +310,20 @@ def fp8_transposed_grouped_matmul(
   if kernel is not None:
     return kernel(a_q_KM, a_scale_KC, b_q_NM, b_scale_NC,
                   gmm_lib.fit_group_sizes(group_sizes_G, a_q_KM.shape[1]))
-  dtype = jnp.float32 if resolved == "reference" else jnp.bfloat16
+  # The kernel backends' bf16 path runs the bf16 wgrad kernel of their own backend.
+  dtype, gmm_backend = _dequantized(resolved) if resolved in _DEQUANTIZED else (jnp.bfloat16,
+                                                                                 resolved)
   a_MK = fq.dequantize_rows_transposed(a_q_KM, a_scale_KC, tile_ids_M, dtype).T
   b_MN = fq.dequantize_rows_transposed(b_q_NM, b_scale_NC, tile_ids_M, dtype).T
   return gmm_lib.transposed_grouped_matmul(a_MK, b_MN, group_sizes_G,
-                                           preferred_element_type=out_dtype, backend=resolved)
+                                           preferred_element_type=out_dtype, backend=gmm_backend)
 
 
 # The quantisation backend (kernels/fp8_quant.py) that goes with each GEMM backend: the reference
 # stays all-XLA; the interpret backend keeps XLA quantisation too (the Triton kernels have their
 # own interpret-mode tests, and CPU tests stay cheap).
 _QUANT_BACKEND = {"auto": "auto", "reference": "xla", "pallas_mosaic_gpu": "pallas_triton",
-                  "pallas_mosaic_gpu_interpret": "xla"}
+                  "pallas_mosaic_gpu_interpret": "xla", "dequantize_bf16": "auto"}
 
 
 def _quant_backend(backend: str) -> str:

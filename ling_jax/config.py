@@ -117,6 +117,12 @@ def validate_model_config(m: Any) -> None:
   if recipe != "full" and m.get("quant", "none") != "fp8_blockwise":
     _fail("fp8_recipe", f"{recipe!r} has no effect with quant={m.get('quant', 'none')!r}",
           "set quant='fp8_blockwise', or leave fp8_recipe='full'")
+  backends = ("auto", "reference", "dequantize_bf16", "pallas_mosaic_gpu")
+  if m.get("fp8_backend", "auto") not in backends:
+    _fail("fp8_backend", f"unknown {m.fp8_backend!r}", f"use one of {backends}")
+  if m.get("fp8_backend", "auto") != "auto" and m.get("quant", "none") != "fp8_blockwise":
+    _fail("fp8_backend", f"{m.fp8_backend!r} has no effect with quant={m.get('quant', 'none')!r}",
+          "set quant='fp8_blockwise', or leave fp8_backend='auto'")
   align = m.get("fp8_group_align")  # unset: dispatch.FP8_GROUP_ALIGN
   if align is not None and (not isinstance(align, int) or not 1 <= align <= 128
                             or align & (align - 1)):

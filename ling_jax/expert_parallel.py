@@ -50,23 +50,26 @@ def expert_ffn(
     fp8_recipe=None,
     fp8_group_align: int = dispatch.FP8_GROUP_ALIGN,
     fp8_fused_dispatch: bool = True,
+    fp8_backend: str = "auto",
 ) -> jax.Array:
   """`kernels.dispatch.expert_ffn` over the mesh being traced under (see the module docstring).
 
   The inputs are global arrays; tokens are split over data x fsdp x expert and the experts over
   `expert`. Without a mesh, or on one device, this is `dispatch.expert_ffn` itself. `quant`,
-  `fp8_probes`, `fp8_recipe`, `fp8_group_align` and `fp8_fused_dispatch` go to it unchanged
-  (see there).
+  `fp8_probes`, `fp8_recipe`, `fp8_group_align`, `fp8_fused_dispatch` and `fp8_backend` go to
+  it unchanged (see there).
   """
   with jax.named_scope("experts"):  # Named for profiles (ling_jax/profiling.py).
     return _expert_ffn(x_TD, expert_ids_TK, weights_TK, w_gate_up_EDF2, w_down_EFD,
                        backend=backend, all_to_all=all_to_all, quant=quant,
                        fp8_probes=fp8_probes, fp8_recipe=fp8_recipe,
-                       fp8_group_align=fp8_group_align, fp8_fused_dispatch=fp8_fused_dispatch)
+                       fp8_group_align=fp8_group_align, fp8_fused_dispatch=fp8_fused_dispatch,
+                       fp8_backend=fp8_backend)
 
 
 def _expert_ffn(x_TD, expert_ids_TK, weights_TK, w_gate_up_EDF2, w_down_EFD, *, backend,
-                all_to_all, quant, fp8_probes, fp8_recipe, fp8_group_align, fp8_fused_dispatch):
+                all_to_all, quant, fp8_probes, fp8_recipe, fp8_group_align, fp8_fused_dispatch,
+                fp8_backend):
   mesh = jax.sharding.get_abstract_mesh()
   if fp8_probes is None:
     fp8_probes = (jnp.zeros((2,), jnp.float32),) * 2
@@ -74,7 +77,7 @@ def _expert_ffn(x_TD, expert_ids_TK, weights_TK, w_gate_up_EDF2, w_down_EFD, *, 
     return dispatch.expert_ffn(x_TD, expert_ids_TK, weights_TK, w_gate_up_EDF2, w_down_EFD,
                                backend=backend, quant=quant, fp8_probes=fp8_probes,
                                fp8_recipe=fp8_recipe, fp8_group_align=fp8_group_align,
-                               fp8_fused_dispatch=fp8_fused_dispatch)
+                               fp8_fused_dispatch=fp8_fused_dispatch, fp8_backend=fp8_backend)
   shape = dict(mesh.shape)
   num_shards = shape.get(AXIS, 1)
   num_experts = w_gate_up_EDF2.shape[0]
@@ -86,7 +89,8 @@ def _expert_ffn(x_TD, expert_ids_TK, weights_TK, w_gate_up_EDF2, w_down_EFD, *, 
   local = functools.partial(_local_expert_ffn, num_shards=num_shards, backend=backend,
                             impl=all_to_all_impl(all_to_all), quant=quant,
                             fp8_recipe=fp8_recipe, fp8_group_align=fp8_group_align,
-                            fp8_fused_dispatch=fp8_fused_dispatch, num_devices=mesh.size)
+                            fp8_fused_dispatch=fp8_fused_dispatch, fp8_backend=fp8_backend,
+                            num_devices=mesh.size)
   return jax.shard_map(
       local, mesh=mesh,
       in_specs=(token_spec, token_spec, token_spec, P(AXIS), P(AXIS), P()),
@@ -98,7 +102,7 @@ def _expert_ffn(x_TD, expert_ids_TK, weights_TK, w_gate_up_EDF2, w_down_EFD, *, 
 
 def _local_expert_ffn(x_TD, expert_ids_TK, weights_TK, w_gate_up_XDF2, w_down_XFD, fp8_probes,
                       *, num_shards, backend, impl, quant, fp8_recipe, fp8_group_align,
-                      fp8_fused_dispatch, num_devices):
+                      fp8_fused_dispatch, fp8_backend, num_devices):
   """The per-device body: dispatch, exchange, local experts, exchange back, combine."""
   # The transpose sums a replicated input's cotangent over devices; the probes' cotangents are
   # per-device metrics, so scale them to come out as the mean.
@@ -107,7 +111,7 @@ def _local_expert_ffn(x_TD, expert_ids_TK, weights_TK, w_gate_up_XDF2, w_down_XF
     return dispatch.expert_ffn(x_TD, expert_ids_TK, weights_TK, w_gate_up_XDF2, w_down_XFD,
                                backend=backend, quant=quant, fp8_probes=fp8_probes,
                                fp8_recipe=fp8_recipe, fp8_group_align=fp8_group_align,
-                               fp8_fused_dispatch=fp8_fused_dispatch)
+                               fp8_fused_dispatch=fp8_fused_dispatch, fp8_backend=fp8_backend)
   local_experts = w_gate_up_XDF2.shape[0]
   x_MD, group_sizes_E, sort_idx_M = dispatch.permute(
       x_TD, expert_ids_TK, local_experts * num_shards)
@@ -123,7 +127,7 @@ def _local_expert_ffn(x_TD, expert_ids_TK, weights_TK, w_gate_up_XDF2, w_down_XF
   y_RD = dispatch.expert_ffn(recv_RD, local_ids_R[:, None], ones_R1, w_gate_up_XDF2,
                              w_down_XFD, backend=backend, quant=quant, fp8_probes=fp8_probes,
                              fp8_recipe=fp8_recipe, fp8_group_align=fp8_group_align,
-                             fp8_fused_dispatch=fp8_fused_dispatch)
+                             fp8_fused_dispatch=fp8_fused_dispatch, fp8_backend=fp8_backend)
   with jax.named_scope("all_to_all"):
     y_MD = back(y_RD)
   return dispatch.unpermute(y_MD, sort_idx_M, weights_TK)

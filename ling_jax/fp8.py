@@ -120,12 +120,14 @@ def record(module: nn.Module, name: str, metrics_2: jax.Array) -> None:
 
 class Dense(nn.Module):
   """Bias-free FP8 projection; the same `kernel` parameter as `nn.Dense`, so checkpoints of
-  either kind load into the other. `recipe`: which of its GEMMs run in FP8."""
+  either kind load into the other. `recipe`: which of its GEMMs run in FP8; `backend`: theirs
+  (`fp8_gemm`'s module doc, `config.model.fp8_backend`)."""
   features: int
   kernel_init: Any
   dtype: Any = jnp.bfloat16
   param_dtype: Any = jnp.float32
   recipe: fp8_gemm.Fp8Recipe = fp8_gemm.FULL_RECIPE
+  backend: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -137,7 +139,7 @@ class Dense(nn.Module):
     probe_2 = probe(self)
     record(self, "fp8_act", measured(probe_2, lambda: activation_metrics(x_MK, pow2)))
     record(self, "fp8_weight", measured(probe_2, lambda: weight_metrics(w_KN, pow2)))
-    y_MN = fp8_gemm.fp8_linear(x_MK, w_KN, probe_2, "auto", self.recipe)
+    y_MN = fp8_gemm.fp8_linear(x_MK, w_KN, probe_2, self.backend, self.recipe)
     return y_MN.reshape(*x.shape[:-1], self.features)
 
 

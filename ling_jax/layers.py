@@ -58,7 +58,8 @@ def projection(m: Any, features: int, name: str, role: str = "dense") -> nn.Modu
   recipe = fp8.recipe_for(m, role)
   if recipe is not None:
     return fp8.Dense(features, kernel_init(m), config_lib.dtype_of(m.dtype),
-                     config_lib.dtype_of(m.param_dtype), recipe, name=name)
+                     config_lib.dtype_of(m.param_dtype), recipe, m.get("fp8_backend", "auto"),
+                     name=name)
   return dense(m, features, name)
 
 

@@ -104,7 +104,8 @@ class MoE(nn.Module):
         w_gate_up_EDF2.astype(dtype), w_down_EFD.astype(dtype), backend=m.moe_backend,
         all_to_all=m.get("moe_all_to_all", "auto"), quant=quant, fp8_probes=probes,
         fp8_recipe=recipe, fp8_group_align=m.get("fp8_group_align", dispatch.FP8_GROUP_ALIGN),
-        fp8_fused_dispatch=m.get("fp8_fused_dispatch", True))
+        fp8_fused_dispatch=m.get("fp8_fused_dispatch", True),
+        fp8_backend=m.get("fp8_backend", "auto"))
     y_BLD = y_TD.reshape(batch, length, d)
     if m.num_shared_experts:
       y_BLD = y_BLD + layers.SwiGLU(m, f * m.num_shared_experts, name="shared_experts")(x_BLD)
