@@ -20,7 +20,10 @@ runs; `experiments/compare_curves.py` judges them against the band of the baseli
 `--repeats=N` runs every variant N times in one process instead, in turn, reusing each one's
 compiled step, and the summary makes that comparison itself (on CPU the runs are identical; on
 a GPU, runs of one process part after a few steps as runs of two processes do, or not: the band
-shows which).
+shows which). `--eval_quants=none,fp8_blockwise` then scores each variant's final weights on
+validation batches with the linears in bf16 and in FP8: where an FP8 run's training loss lies
+above bf16's, its loss in bf16 says whether the weights learned less or FP8's forward pass costs
+the difference.
 
 MFU convention: model FLOPs per token as `ling_jax.scaling.flops_per_token` counts them (every
 matmul, causal attention at half, LM head and MTP included, forward + backward = 3x forward),
@@ -107,6 +110,11 @@ _REPEATS = flags.DEFINE_integer(
     "repeats", 1, "Runs of every variant in this process, taken in turn, each from the same "
     "initial state and batches; the summary then judges each variant's curves against the band "
     "of the first --quants entry's runs (experiments/compare_curves.py).")
+_EVAL_QUANTS = flags.DEFINE_list(
+    "eval_quants", [], "After each variant's steps, the validation loss of its final weights "
+    "(train.eval_batches batches; with --data=synthetic, random ones) with the linears in each "
+    "of these precisions, e.g. none,fp8_blockwise: an FP8 run's loss in bf16 tells the cost of "
+    "FP8's forward pass from that of its training (Ling's full recipe, kernels as 'auto').")
 _DATA = flags.DEFINE_enum("data", "corpus", ["corpus", "synthetic"], "Input batches.")
 _PEAK = flags.DEFINE_float("peak_tflops", 989.0, "Per-device peak for MFU (dense bf16).")
 _TOP_OPS = flags.DEFINE_integer("top_ops", 25, "Costliest ops listed per profiled variant.")
@@ -128,6 +136,36 @@ def variant_config(base: Any, quant: str, depth: int | None,
           f"depths above {dense}.")
     config.model.num_hidden_layers = depth
   return config
+
+
+def eval_config(config: Any, quant: str) -> Any:
+  """`config` with its linears in `quant` for --eval_quants: the full FP8 recipe and "auto"
+  kernels (a variant's recipe or backend was of its training), the same weights."""
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.model.quant, config.model.fp8_recipe, config.model.fp8_backend = quant, "full", "auto"
+  return config
+
+
+def _eval_losses(config: Any, mesh: Any, state: Any, shardings: Any) -> dict[str, float]:
+  """--eval_quants: {quant: validation loss} of `state`'s weights."""
+  t = config.train
+  if _DATA.value == "corpus":
+    batches = trainer._eval_batches(config, mesh)  # pylint: disable=protected-access
+  else:  # Other random tokens than the training batches'.
+    synthetic = data_lib.SyntheticBatches(t.batch_size, t.seq_len, config.model.vocab_size,
+                                          t.seed + 1)
+    batches = [sharding.global_batch(synthetic.next_batch(i), mesh)
+               for i in range(t.eval_batches)]
+  losses = {}
+  for quant in _EVAL_QUANTS.value:
+    m = eval_config(config, quant).model
+    eval_fn = jax.jit(functools.partial(train_lib.eval_step, m=m, t=t),
+                      in_shardings=(shardings.params, shardings.moe_state,
+                                    sharding.batch_sharding(mesh)),
+                      out_shardings=sharding.replicated(mesh))
+    losses[quant] = trainer._evaluate(  # pylint: disable=protected-access
+        eval_fn, state.params, state.moe_state, batches)["val_loss"]
+  return losses
 
 
 def _peak_memory_gib() -> float | None:
@@ -228,6 +266,7 @@ def run_variant(config: Any, source: Any, name: str, out_dir: str,
       shutil.rmtree(trace_dir)
       with gzip.open(os.path.join(out_dir, f"{name}.hlo.txt.gz"), "wt") as f:
         f.write(hlo_text)
+    eval_losses = _eval_losses(config, mesh, state, shardings) if _EVAL_QUANTS.value else {}
   batches.close()
   losses = [float(x) for x in jax.device_get(losses)]
   if not all(np.isfinite(losses)):
@@ -254,10 +293,14 @@ def run_variant(config: Any, source: Any, name: str, out_dir: str,
       "breakdown": summary,
       "profiled_step_ms": profiled_step_s and profiled_step_s * 1e3,
       "input_digest": input_digest,
+      "eval_losses": eval_losses,  # --eval_quants: {quant: validation loss of the final weights}
   }
   metrics_lib.log("[%s] %.1f ms/step, %.0f tokens/s, MFU %.1f%%, peak memory %s GiB", name,
                   result["step_ms"], result["tokens_per_s"], 100 * result["mfu"],
                   f"{result['peak_memory_gib']:.1f}" if result["peak_memory_gib"] else "n/a")
+  if eval_losses:
+    metrics_lib.log("[%s] validation loss of the final weights: %s", name,
+                    ", ".join(f"{q} {v:.4f}" for q, v in eval_losses.items()))
   if result["max_violations"]:
     metrics_lib.log("[%s] routing max violation (largest expert / mean - 1) per step: %s", name,
                     " ".join(f"{v:.1f}" for v in result["max_violations"]))
@@ -290,6 +333,13 @@ def markdown(results: list[dict[str, Any]], projections: list[dict[str, Any]],
               "timed steps:", "", "| variant | per layer |", "|---|---|"]
     lines += [f"| {name} | {' '.join(f'{v:.1f}' for v in means)} |" for name, means in per_layer]
   lines += profiling.safeguard_rows(results)
+  evaluated = [r for r in results if r.get("eval_losses")]
+  if evaluated:
+    quants = list(evaluated[0]["eval_losses"])
+    lines += ["", "Validation loss of each variant's final weights, with the linears in:", "",
+              "| variant | " + " | ".join(quants) + " |", "|---|" + "---:|" * len(quants)]
+    lines += [f"| {r['name']} | " + " | ".join(f"{r['eval_losses'][q]:.4f}" for q in quants)
+              + " |" for r in evaluated]
   if projections:
     lines += ["", "| projected to | ms per layer | fixed ms | step (ms) | tokens/s | MFU |",
               "|---|---:|---:|---:|---:|---:|"]
@@ -346,6 +396,11 @@ def main(argv: list[str]) -> None:
     for _, quant, overrides in variants:
       for depth in depths:
         trainer.validate_config(variant_config(base, quant, depth, overrides))
+    for quant in _EVAL_QUANTS.value:
+      if quant not in config_lib.QUANT_MODES:
+        raise config_lib.ConfigError(f"--eval_quants={quant}: not a model.quant value. Fix: use "
+                                     f"some of {', '.join(config_lib.QUANT_MODES)}.")
+      trainer.validate_config(eval_config(base, quant))
   except config_lib.ConfigError as e:
     raise app.UsageError(str(e)) from None
   if _REPEATS.value < 1:

@@ -232,6 +232,33 @@ def test_bench_train_repeats_rerun_each_variant_from_the_same_start(tmp_path):
   assert "[none-L2-run2] 0.00B params; runs none-L2's compiled step again" in proc.stderr
 
 
+def test_bench_train_scores_final_weights_in_each_eval_quant(tmp_path):
+  """--eval_quants: each variant's final weights on held-out batches with the linears in bf16
+  and in FP8 (the same weights: FP8's forward moves the loss by its rounding, a few percent at
+  most, never zero), in results.jsonl and the summary."""
+  cmd = [sys.executable, "-m", "experiments.bench_train", "--config=configs/ling2.py:tiny",
+         *test_trainer.MICRO_MODEL, "--config.train.batch_size=2", "--config.train.seq_len=32",
+         "--config.model.hidden_size=128", "--config.train.eval_batches=2",
+         f"--config.train.compilation_cache_dir={test_trainer._CACHE}",
+         f"--out_dir={tmp_path}", "--steps=1", "--warmup=1", "--profile_steps=0",
+         "--data=synthetic", "--peak_tflops=1", "--quants=none,fp8_blockwise+fp8_recipe=dense_only",
+         "--eval_quants=none,fp8_blockwise"]
+  proc = subprocess.run(cmd, capture_output=True, text=True, env=test_trainer._env(),
+                        timeout=600, cwd=os.path.dirname(os.path.dirname(__file__)))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows = [json.loads(line) for line in open(tmp_path / "results.jsonl")]
+  assert [list(r["eval_losses"]) for r in rows] == [["none", "fp8_blockwise"]] * 2
+  for r in rows:
+    bf16, fp8 = r["eval_losses"]["none"], r["eval_losses"]["fp8_blockwise"]
+    # Random tokens over a 512 vocabulary, two steps in: near ln(512) = 6.24.
+    assert 5.5 < bf16 < 7.0 and 0 < abs(fp8 - bf16) < 0.05 * bf16
+  # The two variants trained differently, so their weights score differently.
+  assert rows[0]["eval_losses"]["none"] != rows[1]["eval_losses"]["none"]
+  summary_md = (tmp_path / "summary.md").read_text()
+  assert "| variant | none | fp8_blockwise |" in summary_md
+  assert f"| none-L2 | {rows[0]['eval_losses']['none']:.4f} |" in summary_md
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--depths=2,4", "--profile_depth=3"], "--profile_depth=3 is not one of --depths=2,4"),
     (["--depths=1,3"], "--depths: 1 layers leave no MoE layer after the 1 dense ones. Fix: use "
@@ -240,6 +267,8 @@ def test_bench_train_repeats_rerun_each_variant_from_the_same_start(tmp_path):
     (["--repeats=0"], "--repeats=0: run each variant at least once"),
     (["--quants=none,none+moe_backnd=reference"],
      "--quants=none+moe_backnd=reference: 'moe_backnd=reference' is not field=value"),
+    (["--eval_quants=none,fp16"], "--eval_quants=fp16: not a model.quant value. Fix: use some "
+                                  "of none, fp8_blockwise."),
 ])
 def test_bench_train_refuses_bad_flags_before_it_starts(tmp_path, flags, message):
   out = tmp_path / "out"
