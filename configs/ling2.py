@@ -88,7 +88,8 @@ def model_config(variant: str) -> ml_collections.ConfigDict:
   # The FP8 GEMMs' backend (kernels/fp8_gemm.py): "auto" runs the FP8 kernels on Hopper GPUs (XLA's
   # fp32 reference elsewhere). "dequantize_bf16" quantises as "auto" does, then multiplies the
   # dequantised bf16 operands with the bf16 GEMMs: FP8's rounding without the FP8 kernels, to
-  # tell which of the two moves a loss curve. Slower and larger than either quant; a diagnostic.
+  # tell which of the two moves a loss curve; "reference_bf16" the same with XLA's quantisation
+  # (the CPU's), which tells the Triton quantisers apart too. Slower than either quant; diagnostics.
   m.fp8_backend = "auto"
 
   if variant == "mini":

@@ -25,6 +25,8 @@ summation order. Backends:
     `grouped_matmul`'s "auto" backend) with fp32 accumulation. A training run on it has the FP8
     recipe's rounding without the FP8 kernels, which tells the two apart where FP8's loss curve
     strays from bf16's (`config.model.fp8_backend`).
+  - "reference_bf16": the same, but quantised as the reference is (XLA), so that on a GPU it
+    runs the CPU's quantisation: between the two, the Triton quantisers are told apart too.
 
 `fp8_linear` and `fp8_grouped_linear` are the training ops (and `kernels/fp8_experts.py`'s
 fused expert FFN, built from this module's GEMMs): custom VJPs whose forward (fprop),
@@ -55,8 +57,10 @@ from jax.experimental import pallas as pl
 from kernels import fp8_quant as fq
 from kernels import grouped_matmul as gmm_lib
 
-_BACKENDS = ("reference", "pallas_mosaic_gpu", "pallas_mosaic_gpu_interpret", "dequantize_bf16")
-_DEQUANTIZED = ("reference", "dequantize_bf16")  # no FP8 GEMM: they dequantise, then multiply
+_BACKENDS = ("reference", "pallas_mosaic_gpu", "pallas_mosaic_gpu_interpret", "dequantize_bf16",
+             "reference_bf16")
+# No FP8 GEMM: they dequantise, then multiply.
+_DEQUANTIZED = ("reference", "dequantize_bf16", "reference_bf16")
 
 
 def _is_hopper_gpu() -> bool:
@@ -154,7 +158,7 @@ def _dot_t(a_MK: jax.Array, b_NK: jax.Array) -> jax.Array:
 def _dequantized(backend: str) -> tuple[jnp.dtype, str]:
   """Where a GEMM runs on dequantised operands (the reference, "dequantize_bf16", or a shape the
   kernels do not cover): the dtype to dequantise to and the `grouped_matmul` backend."""
-  if backend == "dequantize_bf16":
+  if backend in ("dequantize_bf16", "reference_bf16"):
     return jnp.bfloat16, "auto"
   return jnp.float32, "reference"
 
@@ -169,8 +173,8 @@ def fp8_matmul(a_q_MK: jax.Array, a_scale_MKt: jax.Array, b_q_NK: jax.Array,
     b_q_NK, b_scale: B in E4M3; scales [Nt, Kt] for b_scaling="block" (a weight), [N, Kt] for
       "tile" (an activation or gradient, transposed, for wgrad).
     out_dtype: the output dtype (bf16 in the Ling recipe).
-    backend: "auto", "reference", "pallas_mosaic_gpu", "pallas_mosaic_gpu_interpret" or
-      "dequantize_bf16" (module doc).
+    backend: "auto", "reference", "pallas_mosaic_gpu", "pallas_mosaic_gpu_interpret",
+      "dequantize_bf16" or "reference_bf16" (module doc).
   """
   fn = "fp8_matmul"
   _check_e4m3(fn, a_q=a_q_MK, b_q=b_q_NK)
@@ -293,7 +297,7 @@ def fp8_transposed_grouped_matmul(
   128-row alignment with fp32 out, rounded to out_dtype after), for
   row_align >= `fp8_tgmm_mgpu.MIN_ROW_ALIGN` (32) and the shapes `fp8_tgmm_mgpu.supports`. Else
   the reference dequantises to fp32 and loops over row tiles in XLA, and the kernel backends and
-  "dequantize_bf16" dequantise to bf16 (each value an E4M3 code times its fp32 scale, rounded
+  the "_bf16" ones dequantise to bf16 (each value an E4M3 code times its fp32 scale, rounded
   once: 2^-9 relative, far inside FP8's own error) and run the bf16 grouped weight-gradient
   kernel (`grouped_matmul.transposed_grouped_matmul`) on tensor cores.
   """
@@ -323,7 +327,8 @@ def fp8_transposed_grouped_matmul(
 # stays all-XLA; the interpret backend keeps XLA quantisation too (the Triton kernels have their
 # own interpret-mode tests, and CPU tests stay cheap).
 _QUANT_BACKEND = {"auto": "auto", "reference": "xla", "pallas_mosaic_gpu": "pallas_triton",
-                  "pallas_mosaic_gpu_interpret": "xla", "dequantize_bf16": "auto"}
+                  "pallas_mosaic_gpu_interpret": "xla", "dequantize_bf16": "auto",
+                  "reference_bf16": "xla"}
 
 
 def _quant_backend(backend: str) -> str:

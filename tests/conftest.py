@@ -69,7 +69,7 @@ FILE_COST_S = {
     "test_trainer.py": 90, "test_grouped_matmul_mgpu.py": 80, "test_fp8_mgpu.py": 75,
     "test_fp8.py": 75, "test_sharding.py": 60, "test_multihost.py": 55, "test_train.py": 55,
     "test_profiling.py": 55, "test_check_fp8_model.py": 35, "test_phases.py": 35,
-    "test_fp8_dequantize_backend.py": 25,
+    "test_fp8_dequantize_backend.py": 30,
     "test_notebooks.py": 30, "test_moe_backends.py": 30, "test_fp8_quant_kernel.py": 30,
     "test_rl.py": 25, "test_scaling.py": 25, "test_model.py": 25, "test_expert_parallel.py": 20,
     "test_hf.py": 20, "test_dispatch.py": 15, "test_generate.py": 15, "test_grouped_matmul.py": 15,

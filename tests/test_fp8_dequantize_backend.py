@@ -1,5 +1,7 @@
-"""The "dequantize_bf16" FP8 backend (`kernels/fp8_gemm.py`, `config.model.fp8_backend`): the
-recipe's E4M3 codes and scales, multiplied as bf16 operands by the unquantised model's GEMMs."""
+"""The "dequantize_bf16" and "reference_bf16" FP8 backends (`kernels/fp8_gemm.py`,
+`config.model.fp8_backend`): the recipe's E4M3 codes and scales, multiplied as bf16 operands by
+the unquantised model's GEMMs; quantised as "auto" (the Triton kernels on a GPU) or as the
+reference (XLA)."""
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +17,7 @@ from ling_jax import model as model_lib
 from ling_jax import sharding
 
 BF16 = "dequantize_bf16"
+BACKENDS = (BF16, "reference_bf16")
 
 
 def _bf16(a):
@@ -27,7 +30,15 @@ def _rel(a, b):
   return np.linalg.norm(a - b) / np.linalg.norm(b)
 
 
-def test_gemms_multiply_the_codes_dequantised_to_bf16():
+def test_quantisation_follows_auto_or_the_reference():
+  assert fp8_gemm._quant_backend(BF16) == fp8_gemm._quant_backend("auto") == "auto"
+  assert fp8_gemm._quant_backend("reference_bf16") == fp8_gemm._quant_backend("reference")
+  with pytest.raises(ValueError, match="Unknown FP8 GEMM backend 'bf16'"):
+    fp8_gemm._quant_backend("bf16")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gemms_multiply_the_codes_dequantised_to_bf16(backend):
   """Each GEMM equals NumPy's product of the same codes times their scales rounded once to bf16
   (fp32 accumulation: ~1e-6), and so differs from the fp32 reference by that rounding (2^-9
   an element; the test fails if the backend kept fp32 operands or took other codes)."""
@@ -45,7 +56,7 @@ def test_gemms_multiply_the_codes_dequantised_to_bf16():
   xtd, dytd = _bf16(fq.dequantize_tiles(xtq, xts)), _bf16(fq.dequantize_tiles(dytq, dyts))
 
   def both(fn, **kw):
-    return (np.asarray(fn(backend=BF16, out_dtype=jnp.float32, **kw)),
+    return (np.asarray(fn(backend=backend, out_dtype=jnp.float32, **kw)),
             np.asarray(fn(backend="reference", out_dtype=jnp.float32, **kw)))
 
   # Dense: a weight's 128x128 blocks, and the wgrad form (both operands 1x128-tiled).
@@ -105,7 +116,10 @@ def _tiny(**fields):
 
 def test_model_config_reaches_every_fp8_gemm(monkeypatch):
   """model.fp8_backend goes to the FP8 linears and the routed experts (fused and separate
-  paths, and under an expert-parallel mesh); the model's loss moves by bf16's rounding only."""
+  paths, and under an expert-parallel mesh); the model's loss moves by bf16's rounding only.
+  (The threading is the same for every backend name; "reference_bf16" differs from this one in
+  its quantisation only, `test_quantisation_follows_auto_or_the_reference`.)"""
+  backend = BF16
   seen = []
   for name in ("fp8_matmul", "fp8_grouped_matmul", "fp8_transposed_grouped_matmul"):
     real = getattr(fp8_gemm, name)
@@ -136,8 +150,8 @@ def test_model_config_reaches_every_fp8_gemm(monkeypatch):
   kinds = {"fp8_matmul", "fp8_grouped_matmul", "fp8_transposed_grouped_matmul"}
   assert {n for n, _ in seen_auto} == kinds and {b for _, b in seen_auto} == {"auto"}
   for fields in ({}, {"fp8_fused_dispatch": False}):
-    got, g_got, seen_bf16 = loss(_tiny(fp8_backend=BF16, **fields))
-    assert {n for n, _ in seen_bf16} == kinds and {b for _, b in seen_bf16} == {BF16}
+    got, g_got, seen_bf16 = loss(_tiny(fp8_backend=backend, **fields))
+    assert {n for n, _ in seen_bf16} == kinds and {b for _, b in seen_bf16} == {backend}
     assert abs(got - want) < 1e-3 * abs(want)
     # bf16's rounding moves a few codes of the quantised intermediates by one step, so the
     # gradients differ by a share of FP8's error, not by 2^-9.
@@ -145,8 +159,8 @@ def test_model_config_reaches_every_fp8_gemm(monkeypatch):
   cfg = sharding.default_mesh_config()
   cfg.data, cfg.expert = 2, 4
   with jax.set_mesh(sharding.make_mesh(cfg)):
-    _, _, seen_mesh = loss(_tiny(fp8_backend=BF16))
-  assert {n for n, _ in seen_mesh} == kinds and {b for _, b in seen_mesh} == {BF16}
+    _, _, seen_mesh = loss(_tiny(fp8_backend=backend))
+  assert {n for n, _ in seen_mesh} == kinds and {b for _, b in seen_mesh} == {backend}
 
 
 @pytest.mark.parametrize("fields,fragment", [
