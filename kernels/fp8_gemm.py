@@ -57,8 +57,8 @@ from jax.experimental import pallas as pl
 from kernels import fp8_quant as fq
 from kernels import grouped_matmul as gmm_lib
 
-_BACKENDS = ("reference", "pallas_mosaic_gpu", "pallas_mosaic_gpu_interpret", "dequantize_bf16",
-             "reference_bf16")
+BACKENDS = ("reference", "pallas_mosaic_gpu", "pallas_mosaic_gpu_interpret", "dequantize_bf16",
+            "reference_bf16")
 # No FP8 GEMM: they dequantise, then multiply.
 _DEQUANTIZED = ("reference", "dequantize_bf16", "reference_bf16")
 
@@ -96,9 +96,9 @@ FULL_RECIPE = Fp8Recipe()  # Ling 2.0: fprop, dgrad and wgrad in E4M3, exact ama
 def _resolve_backend(backend: str) -> str:
   if backend == "auto":
     return "pallas_mosaic_gpu" if _AUTO_USES_KERNEL and _is_hopper_gpu() else "reference"
-  if backend not in _BACKENDS:
+  if backend not in BACKENDS:
     raise ValueError(f"Unknown FP8 GEMM backend {backend!r}; expected 'auto' or one of "
-                     f"{list(_BACKENDS)}.")
+                     f"{list(BACKENDS)}.")
   return backend
 
 

@@ -117,7 +117,8 @@ def validate_model_config(m: Any) -> None:
   if recipe != "full" and m.get("quant", "none") != "fp8_blockwise":
     _fail("fp8_recipe", f"{recipe!r} has no effect with quant={m.get('quant', 'none')!r}",
           "set quant='fp8_blockwise', or leave fp8_recipe='full'")
-  backends = ("auto", "reference", "dequantize_bf16", "reference_bf16", "pallas_mosaic_gpu")
+  from kernels import fp8_gemm  # the same lazy import, for the backends' names
+  backends = ("auto", *fp8_gemm.BACKENDS)
   if m.get("fp8_backend", "auto") not in backends:
     _fail("fp8_backend", f"unknown {m.fp8_backend!r}", f"use one of {backends}")
   if m.get("fp8_backend", "auto") != "auto" and m.get("quant", "none") != "fp8_blockwise":
