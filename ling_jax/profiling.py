@@ -468,6 +468,21 @@ def rel_error(out: Any, ref: Any) -> float:
   return float(np.linalg.norm(out - ref) / max(np.linalg.norm(ref), 1e-30))
 
 
+def worst_row_error(out: Any, ref: Any) -> float:
+  """The largest relative error of one row (the last axis) of `out` against `ref`, in float64.
+
+  A kernel that gets a few rows wrong (a misplaced store, one tile's bad scale) moves the
+  Frobenius error of a large output by little, and this by ~1. A row that `ref` has all zero
+  (a padding row) is measured against the mean row's norm, so that garbage there counts too.
+  """
+  out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
+  out, ref = out.reshape(-1, out.shape[-1]), ref.reshape(-1, ref.shape[-1])
+  ref_norm = np.linalg.norm(ref, axis=1)
+  mean_norm = max(float(np.sqrt(np.mean(ref_norm ** 2))), 1e-30)
+  err = np.linalg.norm(out - ref, axis=1) / np.where(ref_norm > 0, ref_norm, mean_norm)
+  return float(err.max(initial=0.0))
+
+
 def time_queued(fn: Any, *args: Any, calls: int = 20, warmup: int = 3) -> float:
   """Returns seconds per call of `fn(*args)`: `calls` calls queued back to back and synchronised
   once, the median of 3 such batches, after `warmup` synchronised calls.
