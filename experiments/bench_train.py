@@ -266,7 +266,14 @@ def run_variant(config: Any, source: Any, name: str, out_dir: str,
       shutil.rmtree(trace_dir)
       with gzip.open(os.path.join(out_dir, f"{name}.hlo.txt.gz"), "wt") as f:
         f.write(hlo_text)
-    eval_losses = _eval_losses(config, mesh, state, shardings) if _EVAL_QUANTS.value else {}
+    eval_losses, eval_error = {}, None
+    if _EVAL_QUANTS.value:
+      try:
+        eval_losses = _eval_losses(config, mesh, state, shardings)
+      except Exception as e:  # pylint: disable=broad-except  (the timed steps' results stand)
+        eval_error = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+        metrics_lib.log("[%s] --eval_quants failed, the step's results are kept: %s", name,
+                        eval_error)
   batches.close()
   losses = [float(x) for x in jax.device_get(losses)]
   if not all(np.isfinite(losses)):
@@ -294,6 +301,7 @@ def run_variant(config: Any, source: Any, name: str, out_dir: str,
       "profiled_step_ms": profiled_step_s and profiled_step_s * 1e3,
       "input_digest": input_digest,
       "eval_losses": eval_losses,  # --eval_quants: {quant: validation loss of the final weights}
+      "eval_error": eval_error,  # why they are missing, if they are
   }
   metrics_lib.log("[%s] %.1f ms/step, %.0f tokens/s, MFU %.1f%%, peak memory %s GiB", name,
                   result["step_ms"], result["tokens_per_s"], 100 * result["mfu"],
@@ -340,6 +348,8 @@ def markdown(results: list[dict[str, Any]], projections: list[dict[str, Any]],
               "| variant | " + " | ".join(quants) + " |", "|---|" + "---:|" * len(quants)]
     lines += [f"| {r['name']} | " + " | ".join(f"{r['eval_losses'][q]:.4f}" for q in quants)
               + " |" for r in evaluated]
+  lines += [f"\n--eval_quants failed for {r['name']}: {r['eval_error']}" for r in results
+            if r.get("eval_error")]
   if projections:
     lines += ["", "| projected to | ms per layer | fixed ms | step (ms) | tokens/s | MFU |",
               "|---|---:|---:|---:|---:|---:|"]
@@ -401,6 +411,10 @@ def main(argv: list[str]) -> None:
         raise config_lib.ConfigError(f"--eval_quants={quant}: not a model.quant value. Fix: use "
                                      f"some of {', '.join(config_lib.QUANT_MODES)}.")
       trainer.validate_config(eval_config(base, quant))
+    if _EVAL_QUANTS.value and base.train.eval_batches < 1:
+      raise config_lib.ConfigError(
+          f"--eval_quants needs validation batches, but config.train.eval_batches is "
+          f"{base.train.eval_batches}. Fix: set it to 1 or more.")
   except config_lib.ConfigError as e:
     raise app.UsageError(str(e)) from None
   if _REPEATS.value < 1:

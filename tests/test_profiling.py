@@ -269,6 +269,8 @@ def test_bench_train_scores_final_weights_in_each_eval_quant(tmp_path):
      "--quants=none+moe_backnd=reference: 'moe_backnd=reference' is not field=value"),
     (["--eval_quants=none,fp16"], "--eval_quants=fp16: not a model.quant value. Fix: use some "
                                   "of none, fp8_blockwise."),
+    (["--eval_quants=none", "--config.train.eval_batches=0"],
+     "config.train.eval_batches is 0. Fix: set it to 1 or more."),
 ])
 def test_bench_train_refuses_bad_flags_before_it_starts(tmp_path, flags, message):
   out = tmp_path / "out"
