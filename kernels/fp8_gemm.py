@@ -59,8 +59,9 @@ from kernels import grouped_matmul as gmm_lib
 
 BACKENDS = ("reference", "pallas_mosaic_gpu", "pallas_mosaic_gpu_interpret", "dequantize_bf16",
             "reference_bf16")
-# No FP8 GEMM: they dequantise, then multiply.
-_DEQUANTIZED = ("reference", "dequantize_bf16", "reference_bf16")
+# No FP8 GEMM: they dequantise (in bf16 / in fp32), then multiply.
+_BF16_GEMMS = ("dequantize_bf16", "reference_bf16")
+_DEQUANTIZED = ("reference", *_BF16_GEMMS)
 
 
 def _is_hopper_gpu() -> bool:
@@ -156,9 +157,9 @@ def _dot_t(a_MK: jax.Array, b_NK: jax.Array) -> jax.Array:
 
 
 def _dequantized(backend: str) -> tuple[jnp.dtype, str]:
-  """Where a GEMM runs on dequantised operands (the reference, "dequantize_bf16", or a shape the
-  kernels do not cover): the dtype to dequantise to and the `grouped_matmul` backend."""
-  if backend in ("dequantize_bf16", "reference_bf16"):
+  """Where a GEMM runs on dequantised operands (`_DEQUANTIZED`, or a shape the kernels do not
+  cover): the dtype to dequantise to and the `grouped_matmul` backend."""
+  if backend in _BF16_GEMMS:
     return jnp.bfloat16, "auto"
   return jnp.float32, "reference"
 
