@@ -14,6 +14,7 @@ from kernels import fp8_gemm
 from kernels import fp8_quant as fq
 from ling_jax import config as config_lib
 from ling_jax import model as model_lib
+from ling_jax import profiling
 from ling_jax import sharding
 
 BF16 = "dequantize_bf16"
@@ -23,11 +24,6 @@ BACKENDS = (BF16, "reference_bf16")
 def _bf16(a):
   """fp32 values rounded to bf16 (round to nearest even, as XLA converts), back in float64."""
   return np.asarray(a, np.float32).astype(ml_dtypes.bfloat16).astype(np.float64)
-
-
-def _rel(a, b):
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return np.linalg.norm(a - b) / np.linalg.norm(b)
 
 
 def test_quantisation_follows_auto_or_the_reference():
@@ -82,7 +78,7 @@ def test_gemms_multiply_the_codes_dequantised_to_bf16(backend):
                                      gx[:, 24:] @ gd[:, 24:].T])))
   for got, ref, want in checks:
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
-    assert 1e-5 < _rel(got, ref) < 4e-3
+    assert 1e-5 < profiling.rel_error(got, ref) < 4e-3
 
 
 def test_linear_ops_and_their_gradients_stay_on_the_backend():
@@ -103,7 +99,7 @@ def test_linear_ops_and_their_gradients_stay_on_the_backend():
 
   for got, want in zip(jax.tree.leaves(grads(BF16)), jax.tree.leaves(grads("reference")),
                        strict=True):
-    assert 1e-5 < _rel(got, want) < 4e-3
+    assert 1e-5 < profiling.rel_error(got, want) < 4e-3
 
 
 def _tiny(**fields):
@@ -146,7 +142,7 @@ def test_model_config_reaches_every_fp8_gemm(monkeypatch):
   flat = lambda g: jnp.concatenate([a.ravel() for a in jax.tree.leaves(g)])
   _, g_fp32, _ = loss(_tiny(quant="none"))
   want, g_want, seen_auto = loss(_tiny())
-  fp8_error = _rel(flat(g_want), flat(g_fp32))  # FP8's own error in the gradients
+  fp8_error = profiling.rel_error(flat(g_want), flat(g_fp32))  # FP8's own error in the gradients
   kinds = {"fp8_matmul", "fp8_grouped_matmul", "fp8_transposed_grouped_matmul"}
   assert {n for n, _ in seen_auto} == kinds and {b for _, b in seen_auto} == {"auto"}
   for fields in ({}, {"fp8_fused_dispatch": False}):
@@ -155,7 +151,7 @@ def test_model_config_reaches_every_fp8_gemm(monkeypatch):
     assert abs(got - want) < 1e-3 * abs(want)
     # bf16's rounding moves a few codes of the quantised intermediates by one step, so the
     # gradients differ by a share of FP8's error, not by 2^-9.
-    assert _rel(flat(g_got), flat(g_want)) < 0.5 * fp8_error
+    assert profiling.rel_error(flat(g_got), flat(g_want)) < 0.5 * fp8_error
   cfg = sharding.default_mesh_config()
   cfg.data, cfg.expert = 2, 4
   with jax.set_mesh(sharding.make_mesh(cfg)):
